@@ -1,0 +1,5 @@
+"""``python -m tokenproxy``."""
+
+from tokenproxy.cli import main
+
+raise SystemExit(main())

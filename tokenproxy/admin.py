@@ -1,0 +1,45 @@
+"""The admin listener: /healthz, /readyz and /metrics, apart from every proxied path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from tokenproxy.tokens.model import TokenSource
+
+
+def _json(status: int, doc: object) -> web.Response:
+    return web.Response(status=status, body=json.dumps(doc).encode(),
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+class AdminHandler:
+    """A low-level handler: three fixed paths, GET and HEAD only."""
+
+    def __init__(
+        self, registry: CollectorRegistry, sources: Callable[[], Mapping[str, TokenSource]]
+    ) -> None:
+        self._registry = registry
+        self._sources = sources
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return _json(405, {"error": "method not allowed"})
+        path = request.raw_path.split("?", 1)[0]
+        if path == "/healthz":
+            return _json(200, {"status": "ok"})
+        if path == "/readyz":
+            sources = self._sources()
+            states = {name: src.describe() for name, src in sources.items()}
+            ready = all(src.ready() for src in sources.values())
+            return _json(200 if ready else 503,
+                         {"status": "ready" if ready else "not ready", "providers": states})
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+            return web.Response(body=encoder(self._registry),
+                                headers={"Content-Type": content_type})
+        return _json(404, {"error": "not found", "paths": ["/healthz", "/readyz", "/metrics"]})

@@ -1,0 +1,125 @@
+"""Command line: run, check-config, --version. Exit 2 for any config problem, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TextIO
+
+from aiohttp import http_parser
+
+from tokenproxy import __version__, log
+from tokenproxy.app import config_secrets, serve
+from tokenproxy.config import Config, find_config_file, load_config
+from tokenproxy.errors import ConfigError, TokenProxyError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def llhttp_parser_loaded() -> bool:
+    """True when aiohttp's C parser is active; several smuggling advisories hit only the other."""
+    return http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenproxy",
+        description="A local authenticating reverse proxy: plain HTTP in, fresh tokens attached.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokenproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", metavar="FILE", help="config file")
+    check = sub.add_parser("check-config", help="validate the config and print a summary")
+    check.add_argument("-c", "--config", metavar="FILE", help="config file")
+    return parser
+
+
+def _load(path_arg: str | None) -> Config:
+    return load_config(find_config_file(path_arg, os.environ))
+
+
+def summary(cfg: Config) -> list[str]:
+    """What check-config prints: structure, never secrets."""
+    lines = [f"config: {cfg.source}" if cfg.source else "config: (built in)"]
+    lines.append("listen: " + ", ".join(str(li) for li in cfg.listen))
+    lines.append(f"admin_listen: {cfg.admin_listen if cfg.admin_listen else 'disabled'}")
+    hosts = cfg.security.allowed_hosts
+    lines.append("security: allowed_hosts="
+                 + ("*" if hosts is None else ",".join(sorted(hosts)))
+                 + f" reject_cross_site={str(cfg.security.reject_cross_site).lower()}"
+                 + f" reject_forwarded={str(cfg.security.reject_forwarded).lower()}"
+                 + f" require_header={'set' if cfg.security.require_header else 'off'}"
+                 + f" client_key={'set' if cfg.security.client_key else 'off'}")
+    lines.append(f"state_path: {cfg.state_path}")
+    lines.append(f"providers ({len(cfg.providers)}):")
+    for name, p in cfg.providers.items():
+        ident = {k: v for k, v in p.identity().items() if k != "type" and v}
+        detail = " ".join(f"{k}={v}" for k, v in ident.items() if "\x00" not in v)
+        lines.append(f"  {name}: {p.type_name()}" + (f" {detail}" if detail else ""))
+    lines.append(f"routes ({len(cfg.routes)}):")
+    for r in cfg.routes:
+        lines.append(f"  {r.prefix} -> {r.upstream.url} (provider {r.provider}, "
+                     f"header {r.header}, retry_on {sorted(r.retry_on)})")
+    return lines
+
+
+def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    cfg = _load(args.config)
+    redactor = log.Redactor(config_secrets(cfg))
+    for line in summary(cfg):
+        out.write(redactor.scrub(line) + "\n")
+    out.write("ok\n")
+    return EXIT_OK
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(main)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if not llhttp_parser_loaded() and os.environ.get("TOKENPROXY_ALLOW_PY_PARSER") != "1":
+        sys.stderr.write(
+            "tokenproxy: aiohttp's C HTTP parser is not available; the pure-Python parser has "
+            "had request-smuggling advisories. Install a binary aiohttp wheel, or set "
+            "TOKENPROXY_ALLOW_PY_PARSER=1 to run anyway.\n"
+        )
+        return EXIT_FAILURE
+    os.umask(0o077)   # state files and sockets are ours alone
+    redactor = log.Redactor(config_secrets(cfg))
+    log.configure(cfg.log.level, cfg.log.format, redactor=redactor)
+    return run_async(serve(cfg, redactor=redactor))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.command == "check-config":
+            return _check_config(args, sys.stdout)
+        return _run(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"tokenproxy: {exc}\n")
+        return EXIT_CONFIG
+    except TokenProxyError as exc:
+        sys.stderr.write(f"tokenproxy: {exc}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # pragma: no cover - a signal before the handlers were installed
+        return EXIT_OK

@@ -1,0 +1,38 @@
+"""Configuration: the YAML schema of SPEC.md section 3, validated into frozen dataclasses."""
+
+from tokenproxy.config.load import build_config, find_config_file, load_config, parse_yaml
+from tokenproxy.config.model import (
+    CommandProvider,
+    Config,
+    JsonCall,
+    JsonProvider,
+    LimitsConfig,
+    LogConfig,
+    OAuth2Provider,
+    Provider,
+    Route,
+    SecurityConfig,
+    StaticProvider,
+)
+from tokenproxy.config.values import HttpUrl, Listener, Secret
+
+__all__ = [
+    "CommandProvider",
+    "Config",
+    "HttpUrl",
+    "JsonCall",
+    "JsonProvider",
+    "LimitsConfig",
+    "Listener",
+    "LogConfig",
+    "OAuth2Provider",
+    "Provider",
+    "Route",
+    "Secret",
+    "SecurityConfig",
+    "StaticProvider",
+    "build_config",
+    "find_config_file",
+    "load_config",
+    "parse_yaml",
+]

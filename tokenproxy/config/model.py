@@ -1,0 +1,175 @@
+"""The validated configuration: frozen dataclasses, built only by ``config.load``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tokenproxy.config.values import HttpUrl, Listener, Secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityConfig:
+    # None means "*": the Host check is off.
+    allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "::1"})
+    allowed_hosts_explicit: bool = False
+    reject_cross_site: bool = True
+    reject_forwarded: bool = True
+    require_header: tuple[str, str] | None = None
+    client_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_replay_body: int = 1024 * 1024
+    max_header_size: int = 16 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderBase:
+    name: str
+    refresh_margin: float = 60.0
+
+    def identity(self) -> dict[str, str]:
+        """What makes a provider the same one across reloads and restarts (no secrets)."""
+        return {"type": self.type_name()}
+
+    def type_name(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaticProvider(ProviderBase):
+    token: Secret | None = None
+    token_file: Path | None = None
+
+    def type_name(self) -> str:
+        return "static"
+
+    def identity(self) -> dict[str, str]:
+        return {"type": "static", "token_file": str(self.token_file or "")}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuth2Provider(ProviderBase):
+    token_url: HttpUrl | None = None
+    issuer: HttpUrl | None = None
+    grant_type: Literal["client_credentials", "password", "refresh_token"] = "client_credentials"
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    client_auth: Literal["basic", "post", "none"] = "basic"
+    scope: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    username: str | None = None
+    password: Secret | None = None
+    refresh_token: Secret | None = None
+    timeout: float = 10.0
+    ca_file: Path | None = None
+
+    def type_name(self) -> str:
+        return "oauth2"
+
+    def identity(self) -> dict[str, str]:
+        where = self.token_url or self.issuer
+        return {
+            "type": "oauth2",
+            "endpoint": where.url if where else "",
+            "client_id": self.client_id or "",
+            "user": self.username or "",
+            "grant_type": self.grant_type,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JsonCall:
+    url: HttpUrl
+    method: str = "POST"
+    json: Any = None
+    headers: tuple[tuple[str, str], ...] = ()
+    access_token: str = "/access_token"
+    refresh_token: str | None = None
+    expires_in: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JsonProvider(ProviderBase):
+    login: JsonCall
+    refresh: JsonCall | None = None
+    timeout: float = 10.0
+    ca_file: Path | None = None
+
+    def type_name(self) -> str:
+        return "json"
+
+    def identity(self) -> dict[str, str]:
+        user = ""
+        if isinstance(self.login.json, dict):
+            for key in ("username", "user", "email", "login", "client_id"):
+                if isinstance(self.login.json.get(key), str):
+                    user = self.login.json[key]
+                    break
+        return {"type": "json", "endpoint": self.login.url.url, "user": user}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandProvider(ProviderBase):
+    command: tuple[str, ...]
+    output: Literal["text", "json"] = "text"
+    access_token: str = "/access_token"
+    expires_in: str | None = "/expires_in"
+    cache_for: float = 300.0
+    timeout: float = 30.0
+
+    def type_name(self) -> str:
+        return "command"
+
+    def identity(self) -> dict[str, str]:
+        return {"type": "command", "command": "\x00".join(self.command)}
+
+
+Provider = StaticProvider | OAuth2Provider | JsonProvider | CommandProvider
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    prefix: str                 # as configured, starts with "/"
+    match: str                  # prefix without a trailing "/" ("" for the root route)
+    upstream: HttpUrl
+    provider: str
+    header: str = "Authorization"
+    value: str = "Bearer {token}"
+    retry_on: frozenset[int] = frozenset({401})
+    client_authorization: Literal["replace", "keep"] = "replace"
+    preserve_host: bool = False
+    timeout: float = 60.0
+    ca_file: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """The route's name in metrics and logs: its prefix, which is bounded by the config."""
+        return self.prefix
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    listen: tuple[Listener, ...] = (Listener(kind="tcp", host="127.0.0.1", port=8080),)
+    admin_listen: Listener | None = Listener(kind="tcp", host="127.0.0.1", port=9100)  # noqa: RUF009
+    socket_group: str | None = None
+    log: LogConfig = field(default_factory=LogConfig)
+    state_path: Path | None = None
+    shutdown_grace: float = 10.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    providers: dict[str, Provider] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    source: Path | None = None

@@ -1,0 +1,165 @@
+"""structlog set-up: one JSON object per line on stderr, with redaction before rendering.
+
+Redaction has three layers, because a single missed call site must not leak a token:
+values under sensitive keys are masked, ``Bearer ...`` inside any string is masked, and every
+secret the process knows (config secrets, current tokens) registered with the Redactor is
+replaced wherever it appears. Query strings are cut from ``path`` and ``url`` fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Final, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+# The event names of SPEC.md section 6; a rename here is a visible, reviewed change.
+REQUEST: Final = "request"
+TOKEN_REFRESHED: Final = "token_refreshed"
+TOKEN_REFRESH_FAILED: Final = "token_refresh_failed"
+PROVIDER_UNAUTHENTICATED: Final = "provider_unauthenticated"
+CONFIG_RELOADED: Final = "config_reloaded"
+CONFIG_RELOAD_FAILED: Final = "config_reload_failed"
+LISTENING: Final = "listening"
+
+MASK: Final = "***"
+SENSITIVE_KEYS: Final = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "tokenproxy-key",
+    "access_token", "refresh_token", "id_token", "client_secret", "password", "token",
+    "client_key", "secret", "query",
+})
+_BEARER: Final = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=:-]+")
+_QUERY_KEYS: Final = frozenset({"path", "url", "target", "location"})
+_MIN_SECRET: Final = 4
+_MAX_SECRETS: Final = 512
+
+_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
+                  "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Redactor:
+    """A structlog processor that masks secrets; knows the secret values it was given."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: dict[str, None] = {}
+        for s in secrets:
+            self.add(s)
+
+    def add(self, secret: str) -> None:
+        """Mask *secret* wherever it appears from now on (short values would mask noise)."""
+        if len(secret) < _MIN_SECRET or secret in self._secrets:
+            return
+        self._secrets[secret] = None
+        if len(self._secrets) > _MAX_SECRETS:   # bounded: forget the oldest tokens first
+            del self._secrets[next(iter(self._secrets))]
+
+    def scrub(self, text: str) -> str:
+        text = _BEARER.sub(lambda m: m[1] + m[2] + MASK, text)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+    def _clean(self, key: str, value: Any, depth: int = 0) -> Any:
+        low = key.lower()
+        if low in SENSITIVE_KEYS:
+            return MASK
+        if isinstance(value, str):
+            if low in _QUERY_KEYS:
+                value = value.split("?", 1)[0]
+            return self.scrub(value)
+        if depth > 8:
+            return MASK
+        if isinstance(value, dict):
+            return {k: self._clean(str(k), v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            if len(value) == 2 and all(isinstance(v, str) for v in value):
+                # header pairs: mask by the pair's own name
+                return [value[0], self._clean(value[0], value[1], depth + 1)]
+            return [self._clean(key, v, depth + 1) for v in value]
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.scrub(str(value))
+
+    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if key == "event" and isinstance(value, str):
+                event[key] = self.scrub(value)
+            else:
+                event[key] = self._clean(key, value)
+        return event
+
+
+class _StdlibBridge(logging.Handler):
+    """Send records of stdlib loggers (aiohttp, asyncio) through the same redacting pipeline."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            # The exception type only: messages and tracebacks can carry request bytes.
+            fields["error"] = type(record.exc_info[1]).__name__
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        structlog.get_logger().log(record.levelno, message, **fields)
+
+
+def _drop_color_message(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    event.pop("color_message", None)
+    return event
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "json",
+    *,
+    redactor: Redactor,
+    stream: TextIO | None = None,
+) -> None:
+    """Set up structlog (and the stdlib bridge) once per process, before anything logs."""
+    out = stream if stream is not None else sys.stderr
+    renderer: Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_color_message,
+        structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        ),
+        redactor,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibBridge):
+            root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(max(_LEVELS[level], logging.INFO))
+    # aiohttp.access would duplicate our own request event.
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def get_logger(**bound: Any) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**bound)
+    return logger
+
+
+def mask_mapping(values: MutableMapping[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """A redacted copy of a mapping, for summaries printed outside the log pipeline."""
+    return {k: redactor._clean(k, v) for k, v in values.items()}

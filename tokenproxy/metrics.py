@@ -1,0 +1,72 @@
+"""Every tokenproxy collector, bound to one injected registry (SPEC.md section 6)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+)
+# Request latencies through a local proxy: sub-millisecond to long streams.
+_REQUEST_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)
+
+
+def method_label(method: str) -> str:
+    """Label values stay bounded: unknown methods share one series."""
+    return method if method in _KNOWN_METHODS else "OTHER"
+
+
+class Metrics:
+    """The SPEC.md collectors; one instance per daemon (and per test)."""
+
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "tokenproxy_requests_total", "Requests answered, by route, method and status code.",
+            ("route", "method", "code"), registry=registry)
+        self.request_duration = Histogram(
+            "tokenproxy_request_duration_seconds",
+            "Time from the request head to the end of the response, by route.",
+            ("route",), buckets=_REQUEST_BUCKETS, registry=registry)
+        self.upstream_errors = Counter(
+            "tokenproxy_upstream_errors_total",
+            "Upstream failures, by route and kind (connect, timeout, reset, tls).",
+            ("route", "kind"), registry=registry)
+        self.auth_retries = Counter(
+            "tokenproxy_auth_retries_total",
+            "Requests retried after a retry_on status, by outcome (success, failure, skipped).",
+            ("route", "outcome"), registry=registry)
+        self.token_refresh = Counter(
+            "tokenproxy_token_refresh_total", "Token-endpoint calls, by trigger and result.",
+            ("provider", "trigger", "result"), registry=registry)
+        self.token_refresh_duration = Histogram(
+            "tokenproxy_token_refresh_duration_seconds", "Duration of token-endpoint calls.",
+            ("provider",), registry=registry)
+        self.token_refresh_coalesced = Counter(
+            "tokenproxy_token_refresh_coalesced_total",
+            "Requests that waited on a refresh already in flight.",
+            ("provider",), registry=registry)
+        self.token_expiry = Gauge(
+            "tokenproxy_token_expiry_timestamp_seconds",
+            "Unix time at which the current token expires (0 when unknown or never).",
+            ("provider",), registry=registry)
+        self.provider_authenticated = Gauge(
+            "tokenproxy_provider_authenticated",
+            "1 while the provider holds or can get a token, 0 when credentials were rejected.",
+            ("provider",), registry=registry)
+        self.inflight = Gauge(
+            "tokenproxy_inflight_requests", "Requests being proxied now.", registry=registry)
+        self.connections = Gauge(
+            "tokenproxy_client_connections", "Open client connections on proxy listeners.",
+            registry=registry)
+        self.rejected = Counter(
+            "tokenproxy_rejected_requests_total",
+            "Requests answered locally without contacting an upstream, by cause.",
+            ("cause",), registry=registry)
+        Gauge("tokenproxy_build_info", "tokenproxy version.", ("version",),
+              registry=registry).labels(version).set(1)

@@ -1,0 +1,306 @@
+"""The proxy handler: check, route, attach the token, send, retry once on 401, relay the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+from tokenproxy import log
+from tokenproxy.config import Config
+from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
+from tokenproxy.metrics import Metrics, method_label
+from tokenproxy.proxy.body import ReplayableBody
+from tokenproxy.proxy.headers import forward_request_headers, forward_response_headers
+from tokenproxy.proxy.problem import problem_response
+from tokenproxy.proxy.security import SecurityPolicy
+from tokenproxy.proxy.target import CompiledRoute, RouteTable, split_target
+from tokenproxy.proxy.upstream import error_kind, ssl_contexts, upstream_error
+from tokenproxy.proxy.websocket import is_websocket_upgrade, proxy_websocket
+from tokenproxy.tokens.model import Token, TokenSource
+
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+# A 401 body read before retrying, so the pooled connection can be reused; larger ones close it.
+DISCARD_LIMIT: Final = 64 * 1024
+CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection first"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the access log and metrics report about one request."""
+
+    route: str = "-"
+    status: int = CLIENT_GONE
+    bytes: int = 0
+    retried: bool = False
+
+
+class Proxy:
+    """Everything the request path needs, built once per config (start or reload)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        sources: Mapping[str, TokenSource],
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+    ) -> None:
+        self._table = RouteTable(cfg.routes)
+        self._policy = SecurityPolicy(cfg.security, cfg.limits)
+        self._local_headers = self._policy.local_headers
+        self._sources = sources
+        self._session = session
+        self._metrics = metrics
+        self._max_replay = cfg.limits.max_replay_body
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        contexts = ssl_contexts(r.ca_file for r in cfg.routes)
+        for r in cfg.routes:
+            self._ssl[r.prefix] = contexts[r.ca_file] if r.ca_file else True
+        self._log = log.get_logger()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._count_cache: dict[tuple[str, str, int], Any] = {}
+        self._duration_cache: dict[str, Any] = {}
+
+    # -- entry point -------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()   # uvloop's loop.time() ticks in whole milliseconds
+        outcome = _Outcome()
+        self._metrics.inflight.inc()
+        try:
+            resp = await self._dispatch(request, outcome)
+            outcome.status = resp.status
+            return resp
+        finally:
+            self._metrics.inflight.dec()
+            self._record(request, outcome, time.perf_counter() - started)
+
+    def _record(self, request: web.BaseRequest, outcome: _Outcome, duration: float) -> None:
+        method = method_label(request.method)
+        key = (outcome.route, method, outcome.status)
+        counter = self._count_cache.get(key)
+        if counter is None:
+            counter = self._metrics.requests.labels(outcome.route, method, str(outcome.status))
+            self._count_cache[key] = counter
+        counter.inc()
+        if outcome.route != "-":
+            hist = self._duration_cache.get(outcome.route)
+            if hist is None:
+                hist = self._metrics.request_duration.labels(outcome.route)
+                self._duration_cache[outcome.route] = hist
+            hist.observe(duration)
+        self._log.info(
+            log.REQUEST,
+            route=outcome.route,
+            method=method,
+            path=request.raw_path.split("?", 1)[0],
+            status=outcome.status,
+            duration_ms=round(duration * 1000, 3),
+            bytes=outcome.bytes,
+            retried=outcome.retried,
+        )
+
+    async def _dispatch(self, request: web.BaseRequest, outcome: _Outcome) -> web.StreamResponse:
+        try:
+            path, query = split_target(request.method, request.raw_path)
+            self._policy.check(
+                request.headers, request.raw_headers,
+                len(request.method) + len(request.raw_path) + 12,
+            )
+            compiled = self._table.match(path)
+            if compiled is None:
+                raise RequestRejected(404, "not_found", "no route matches this path")
+            outcome.route = compiled.route.label
+            if is_websocket_upgrade(request):
+                return await proxy_websocket(self, request, compiled, path, query, outcome)
+            return await self._forward(request, compiled, path, query, outcome)
+        except RequestRejected as exc:
+            self._metrics.rejected.labels(exc.cause).inc()
+            # Framing and size errors leave the connection in doubt: close it.
+            return problem_response(exc.status, exc.cause, exc.detail,
+                                    close=exc.status in (400, 431))
+        except UpstreamError as exc:
+            self._metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
+            return problem_response(exc.status, exc.cause, exc.detail)
+        except TokenUnavailable as exc:
+            return problem_response(exc.status, exc.cause, exc.detail,
+                                    retry_after=exc.retry_after)
+        except TokenError as exc:
+            return problem_response(exc.status, exc.cause, exc.detail)
+
+    # -- plain HTTP --------------------------------------------------------------------------
+
+    def request_headers(
+        self, request: web.BaseRequest, compiled: CompiledRoute
+    ) -> tuple[Any, bool]:
+        route = compiled.route
+        return forward_request_headers(
+            request.headers,
+            drop=self._local_headers,
+            auth_header=route.header,
+            keep_client_auth=route.client_authorization == "keep",
+            preserve_host=route.preserve_host,
+        )
+
+    def ssl_for(self, compiled: CompiledRoute) -> ssl.SSLContext | bool:
+        return self._ssl[compiled.route.prefix]
+
+    def source_for(self, compiled: CompiledRoute) -> TokenSource:
+        return self._sources[compiled.route.provider]
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session
+
+    async def _read_body(
+        self, request: web.BaseRequest, compiled: CompiledRoute
+    ) -> ReplayableBody:
+        if not request.body_exists:
+            return ReplayableBody.empty()
+        expect = request.headers.get("Expect")
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                raise RequestRejected(417, "expectation_failed",
+                                      "only Expect: 100-continue is supported")
+            if request.version >= aiohttp.HttpVersion11:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not compiled.route.retry_on:
+            return ReplayableBody.streaming(request.content)
+        return await ReplayableBody.read(request.content, request.content_length,
+                                         self._max_replay)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        compiled: CompiledRoute,
+        path: str,
+        query: str | None,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
+        route = compiled.route
+        source = self.source_for(compiled)
+        token = await source.current()
+        body = await self._read_body(request, compiled)
+        url = compiled.upstream_url(path, query)
+        headers, client_auth = self.request_headers(request, compiled)
+        retried = False
+        while True:
+            if not client_auth:
+                headers[route.header] = compiled.header_value(token.value)
+            up = await self.send(compiled, request.method, url, headers, body.payload())
+            if up.status not in route.retry_on or client_auth:
+                if retried:
+                    self._retry_outcome(compiled, "success")
+                break
+            if retried:
+                self._retry_outcome(compiled, "failure")
+                break
+            if not body.replayable:
+                # The body is gone upstream: pass the 401 back, and let a refresh run so the
+                # client's own retry finds a fresh token.
+                self._retry_outcome(compiled, "skipped")
+                self._spawn(source.renew(token, "unauthorized"))
+                break
+            fresh = await source.renew(token, "unauthorized")
+            if fresh is None:
+                self._retry_outcome(compiled, "failure")
+                break
+            await _discard(up)
+            token, retried = fresh, True
+            outcome.retried = True
+        return await self._relay(request, compiled, up, token, outcome)
+
+    def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
+        self._metrics.auth_retries.labels(compiled.route.label, outcome).inc()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def send(
+        self,
+        compiled: CompiledRoute,
+        method: str,
+        url: Any,
+        headers: Any,
+        data: Any,
+    ) -> aiohttp.ClientResponse:
+        """Send upstream; the route timeout runs until the response head has arrived."""
+        try:
+            async with asyncio.timeout(compiled.route.timeout):
+                return await self._session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False,
+                    ssl=self.ssl_for(compiled),
+                )
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+            raise upstream_error(exc) from None
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        compiled: CompiledRoute,
+        up: aiohttp.ClientResponse,
+        token: Token,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
+        headers = forward_response_headers(
+            up.headers,
+            token=token.value,
+            rewrite_location=lambda loc: self._table.rewrite_location(loc, compiled),
+        )
+        out = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        complete = False
+        try:
+            outcome.status = up.status
+            try:
+                await out.prepare(request)
+                if request.method == "HEAD" or up.status in NO_BODY_STATUSES:
+                    complete = True
+                    await out.write_eof()
+                    return out
+                async for chunk in up.content.iter_any():
+                    outcome.bytes += len(chunk)
+                    await out.write(chunk)
+            except ConnectionResetError:
+                return out   # the client left; closing `up` below aborts the upstream side
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+                    TimeoutError) as exc:
+                # The upstream broke mid-body. Never finish the response: a truncated body
+                # must look truncated to the client, so close its connection instead.
+                self._metrics.upstream_errors.labels(compiled.route.label,
+                                                     error_kind(exc)).inc()
+                self._log.warning("upstream_body_failed", route=compiled.route.label,
+                                  error=type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            complete = True
+            await out.write_eof()
+            return out
+        finally:
+            if complete:
+                up.release()
+            else:
+                up.close()
+
+
+async def _discard(up: aiohttp.ClientResponse) -> None:
+    """Finish a response we will not relay: read a small body so the connection is reused."""
+    try:
+        length = up.content_length
+        if length is not None and length <= DISCARD_LIMIT:
+            await up.read()
+            up.release()
+        else:
+            up.close()
+    except (aiohttp.ClientError, TimeoutError):
+        up.close()
+

@@ -1,0 +1,166 @@
+"""Request-target checks, route matching and upstream URL building: pure functions.
+
+The upstream URL is the route's fixed origin plus raw path bytes; nothing the client sends can
+change the origin, so the token only ever goes where the route points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote_to_bytes
+
+from yarl import URL
+
+from tokenproxy.config import Route
+from tokenproxy.errors import RequestRejected
+
+REFUSED_METHODS: Final = frozenset({"CONNECT", "TRACE", "TRACK"})
+# Overlong UTF-8 forms of "." and "/" that lenient decoders upstream turn into the real thing.
+_OVERLONG: Final = ((b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."),
+                    (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"))
+_DECODE_ROUNDS: Final = 3
+
+
+def _bad(detail: str) -> RequestRejected:
+    return RequestRejected(400, "bad_request", detail)
+
+
+def split_target(method: str, raw_target: str) -> tuple[str, str | None]:
+    """Check the request target and split it into raw path and raw query (None if no '?')."""
+    if method in REFUSED_METHODS:
+        raise _bad(f"the {method} method is not proxied")
+    if not raw_target.startswith("/"):
+        raise _bad("only origin-form request targets (/path?query) are proxied")
+    if raw_target.startswith("//"):
+        raise _bad("a request path may not start with //")
+    if "#" in raw_target:
+        raise _bad("a request target may not carry a fragment")
+    path, sep, query = raw_target.partition("?")
+    check_path(path)
+    return path, (query if sep else None)
+
+
+def check_path(path: str) -> None:
+    """Refuse dot segments in any encoding, and encoded NUL: they could escape a route prefix.
+
+    Every decoding layer an upstream might apply is applied here (percent-decoding up to three
+    times, overlong UTF-8, backslash as slash, ';' parameters), and any "." or ".." segment in
+    any of them is refused, whether or not it would climb above the prefix.
+    """
+    if "%" not in path and "." not in path and "\\" not in path:
+        return  # the common case costs three scans
+    raw = path.encode("utf-8", "surrogateescape")
+    for _ in range(_DECODE_ROUNDS + 1):
+        probe = raw
+        for bad, good in _OVERLONG:
+            probe = probe.replace(bad, good)
+        probe = probe.replace(b"\\", b"/")
+        if b"\x00" in probe:
+            raise _bad("the request path contains an encoded NUL")
+        for segment in probe.split(b"/"):
+            if segment.split(b";", 1)[0] in (b".", b".."):
+                raise _bad("the request path contains a dot segment")
+        if b"%" not in raw:
+            return
+        raw = unquote_to_bytes(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A route with everything per-request work needs, computed once at start or reload."""
+
+    route: Route
+    match: str              # "" for the root route
+    match_slash: str        # match + "/"
+    origin: str             # scheme://host[:port]
+    base_path: str          # upstream path without a trailing slash
+    origin_url: URL
+    header_prefix: str      # the header value before and after {token}
+    header_suffix: str
+
+    @classmethod
+    def build(cls, route: Route) -> CompiledRoute:
+        before, _, after = route.value.partition("{token}")
+        return cls(
+            route=route,
+            match=route.match,
+            match_slash=route.match + "/",
+            origin=route.upstream.origin,
+            base_path=route.upstream.path.rstrip("/"),
+            origin_url=URL(route.upstream.origin),
+            header_prefix=before,
+            header_suffix=after,
+        )
+
+    def header_value(self, token: str) -> str:
+        return self.header_prefix + token + self.header_suffix
+
+    def upstream_url(self, path: str, query: str | None) -> URL:
+        """Origin + upstream path + the remainder of the raw path, + the raw query, unchanged."""
+        rest = path[len(self.match):]
+        up_path = self.route.upstream.path if not rest else self.base_path + rest
+        text = self.origin + up_path + ("" if query is None else "?" + query)
+        url = URL(text, encoded=True)
+        if url.origin() != self.origin_url:   # last check before a token goes on the request
+            raise _bad("the request would leave the route's upstream")
+        return url
+
+    def proxy_location(self, up_path_and_query: str) -> str | None:
+        """The proxy path for an upstream path inside this route's upstream path, else None."""
+        path, sep, query = up_path_and_query.partition("?")
+        base = self.base_path
+        if path == self.route.upstream.path or path == base:
+            rest = ""
+        elif path.startswith(base + "/"):
+            rest = path[len(base):]
+        else:
+            return None
+        proxy_path = (self.match + rest) if rest else self.route.prefix
+        return proxy_path + (sep + query if sep else "")
+
+
+class RouteTable:
+    """Longest-prefix matching on path segments: /api matches /api and /api/x, not /apix."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        compiled = [CompiledRoute.build(r) for r in routes]
+        self.routes: tuple[CompiledRoute, ...] = tuple(
+            sorted(compiled, key=lambda c: len(c.match), reverse=True)
+        )
+        # For Location rewriting: the most specific upstream path first.
+        self._by_upstream = tuple(
+            sorted(compiled, key=lambda c: len(c.base_path), reverse=True)
+        )
+
+    def match(self, path: str) -> CompiledRoute | None:
+        for c in self.routes:
+            if not c.match or path == c.match or path.startswith(c.match_slash):
+                return c
+        return None
+
+    def rewrite_location(self, location: str, current: CompiledRoute) -> str:
+        """Point a Location inside a route's upstream at the proxy; leave others unchanged."""
+        if location.startswith("//"):
+            return location  # scheme-relative: another host as far as we can tell
+        if location.startswith("/"):
+            origin, rest = current.origin, location
+        else:
+            try:
+                url = URL(location, encoded=True)
+            except ValueError:
+                return location
+            if not url.absolute or url.scheme not in ("http", "https"):
+                return location
+            origin = str(url.origin())
+            rest = location[len(origin):] if location.startswith(origin) else url.raw_path_qs
+            if not rest.startswith("/"):
+                rest = "/" + rest
+        candidates = (current, *self._by_upstream)
+        for c in candidates:
+            if c.origin == origin:
+                rewritten = c.proxy_location(rest)
+                if rewritten is not None:
+                    return rewritten
+        return location

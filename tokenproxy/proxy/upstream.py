@@ -1,0 +1,74 @@
+"""The outgoing HTTP client for upstreams, and the mapping of its failures to error kinds."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+
+from tokenproxy.errors import UpstreamError, UpstreamErrorKind
+
+# The proxy sends what the client sent: no invented Accept, Accept-Encoding, User-Agent or
+# Content-Type (an invented Accept-Encoding would get compressed bodies the client never asked for).
+SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# Upstream header lines up to 64 KiB: large cookies are legitimate, gigantic blocks are not.
+MAX_UPSTREAM_FIELD: Final = 64 * 1024
+
+
+def make_upstream_session(max_connections: int) -> aiohttp.ClientSession:
+    """One pooled client for all upstreams; never per request."""
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=0,
+        keepalive_timeout=15.0,   # below common upstream idle timeouts (nginx 75 s, ALB 60 s)
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,                 # Content-Encoding passes through untouched
+        cookie_jar=aiohttp.DummyCookieJar(),   # one client's cookies must not reach another
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        trust_env=False,                       # HTTPS_PROXY must not reroute a token
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
+        max_line_size=MAX_UPSTREAM_FIELD,
+        max_field_size=MAX_UPSTREAM_FIELD,
+        raise_for_status=False,
+    )
+
+
+def ssl_contexts(ca_files: Iterable[Path | None]) -> dict[Path, ssl.SSLContext]:
+    """One context per extra CA file, built once. The system roots stay trusted too."""
+    out: dict[Path, ssl.SSLContext] = {}
+    for path in ca_files:
+        if path is not None and path not in out:
+            ctx = ssl.create_default_context()
+            ctx.load_verify_locations(cafile=str(path))
+            out[path] = ctx
+    return out
+
+
+def error_kind(exc: BaseException) -> UpstreamErrorKind:
+    """Classify a client failure; TLS first, since TLS errors are also connector errors."""
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError |
+                  ssl.SSLError):
+        return "tls"
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    return "reset"
+
+
+def upstream_error(exc: BaseException) -> UpstreamError:
+    kind = error_kind(exc)
+    detail = {
+        "tls": "the upstream's TLS certificate could not be verified",
+        "timeout": "the upstream did not answer in time",
+        "connect": "the upstream could not be reached",
+        "reset": "the upstream closed the connection or sent a malformed response",
+    }[kind]
+    return UpstreamError(kind, detail)

@@ -1,0 +1,138 @@
+"""WebSocket upgrades: handshake upstream first (token attached, one retry), then pump frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from tokenproxy.errors import UpstreamError
+from tokenproxy.proxy.problem import problem_response
+from tokenproxy.proxy.upstream import upstream_error
+
+if TYPE_CHECKING:
+    from tokenproxy.proxy.forward import Proxy, _Outcome
+    from tokenproxy.proxy.target import CompiledRoute
+
+MAX_MESSAGE: Final = 4 * 1024 * 1024
+# Handshake fields the client library sets itself for the upstream leg.
+_HANDSHAKE: Final = frozenset({
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol",
+})
+# Close codes that must not be sent on the wire (RFC 6455 section 7.4.1).
+_UNSENDABLE: Final = frozenset({1005, 1006, 1015})
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    if request.method != "GET":
+        return False
+    upgrade = request.headers.get("Upgrade", "")
+    if "websocket" not in upgrade.lower():
+        return False
+    return "upgrade" in request.headers.get("Connection", "").lower()
+
+
+def _close_code(code: Any) -> int:
+    if not isinstance(code, int) or code in _UNSENDABLE or not 1000 <= code <= 4999:
+        return 1011 if code in _UNSENDABLE else 1000
+    return code
+
+
+async def _pump(
+    src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+    dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+) -> None:
+    while True:
+        msg = await src.receive()
+        if msg.type == WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type == WSMsgType.PING:
+            await dst.ping(msg.data)        # payload kept: some peers check it
+        elif msg.type == WSMsgType.PONG:
+            await dst.pong(msg.data)
+        elif msg.type == WSMsgType.CLOSE:
+            await dst.close(code=_close_code(msg.data), message=(msg.extra or "").encode()[:123])
+            return
+        else:   # CLOSING, CLOSED, ERROR
+            return
+
+
+async def proxy_websocket(
+    proxy: Proxy,
+    request: web.BaseRequest,
+    compiled: CompiledRoute,
+    path: str,
+    query: str | None,
+    outcome: _Outcome,
+) -> web.StreamResponse:
+    route = compiled.route
+    source = proxy.source_for(compiled)
+    token = await source.current()
+    url = compiled.upstream_url(path, query)
+    base, client_auth = proxy.request_headers(request, compiled)
+    for name in list(base.keys()):
+        if name.lower() in _HANDSHAKE:
+            del base[name]
+    protocols = [
+        p.strip()
+        for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in value.split(",")
+        if p.strip()
+    ]
+    upstream: aiohttp.ClientWebSocketResponse | None = None
+    for attempt in (0, 1):
+        headers = base.copy()
+        if not client_auth:
+            headers[route.header] = compiled.header_value(token.value)
+        try:
+            async with asyncio.timeout(route.timeout):
+                upstream = await proxy.session.ws_connect(
+                    url, headers=headers, protocols=protocols, autoping=False,
+                    autoclose=False, max_msg_size=MAX_MESSAGE, ssl=proxy.ssl_for(compiled),
+                    compress=0,
+                )
+            break
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in route.retry_on and attempt == 0 and not client_auth:
+                fresh = await source.renew(token, "unauthorized")
+                if fresh is not None:
+                    token = fresh
+                    outcome.retried = True
+                    continue
+            if 400 <= exc.status <= 599:
+                # The upstream's refusal, passed back (its body is not available here).
+                return web.Response(status=exc.status)
+            raise UpstreamError("reset", "the upstream refused the WebSocket upgrade") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_error(exc) from None
+    if upstream is None:   # pragma: no cover - the loop either breaks or returns
+        return problem_response(502, "upstream_unreachable", "no WebSocket connection")
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE, compress=False,
+    )
+    try:
+        await client.prepare(request)
+        outcome.status = 101
+        tasks = [asyncio.create_task(_pump(client, upstream)),
+                 asyncio.create_task(_pump(upstream, client))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    finally:
+        with contextlib.suppress(Exception):
+            await upstream.close()
+        with contextlib.suppress(Exception):
+            await client.close()
+    return client

@@ -1,0 +1,308 @@
+"""Listening sockets, the connection cap, and the HTTP protocol with a request-head deadline.
+
+aiohttp has neither a header timeout (its keep-alive timer alone lets a slowloris client hold a
+connection for keepalive_timeout) nor a connection cap (sites only take a backlog). Both live
+here: each listener runs its own accept loop that takes a slot before accepting, so excess
+clients wait in the kernel's listen backlog; and the protocol arms a deadline whenever it is
+waiting for a request head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any, Final
+
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from tokenproxy import log
+from tokenproxy.config import Listener
+from tokenproxy.errors import TokenProxyError
+from tokenproxy.proxy.problem import problem_response
+
+BACKLOG: Final = 1024
+
+
+class ListenError(TokenProxyError):
+    """A listener could not be opened (address in use, permission, bad path)."""
+
+    cause = "listen"
+
+
+class GuardedRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's protocol plus a head deadline, a connection slot, and problem+json errors."""
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        header_timeout: float,
+        on_close: Callable[[], None] | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._tp_header_timeout = header_timeout
+        self._tp_timer: asyncio.TimerHandle | None = None
+        self._tp_on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._tp_arm()
+
+    def data_received(self, data: bytes) -> None:
+        # Waiting for a head: the first byte starts the clock (an idle keep-alive connection
+        # is the keep-alive timer's business, not this one's).
+        if self._tp_timer is None and not self._request_in_progress and not self._messages:
+            self._tp_arm()
+        super().data_received(data)
+        if self._messages and self._tp_timer is not None:
+            self._tp_timer.cancel()
+            self._tp_timer = None
+
+    def _tp_arm(self) -> None:
+        self._tp_timer = self._loop.call_later(self._tp_header_timeout, self._tp_expire)
+
+    def _tp_expire(self) -> None:
+        self._tp_timer = None
+        if self._request_in_progress or self._messages:
+            return
+        log.get_logger().info("header_timeout", timeout_s=self._tp_header_timeout)
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._tp_timer is not None:
+            self._tp_timer.cancel()
+            self._tp_timer = None
+        try:
+            super().connection_lost(exc)
+        finally:
+            callback, self._tp_on_close = self._tp_on_close, None
+            if callback is not None:
+                callback()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Malformed requests and handler crashes: problem+json, connection closed.
+
+        aiohttp's default logs the exception with its message, which can quote request bytes;
+        only the exception type is logged here.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if isinstance(exc, LineTooLong) or (
+            isinstance(exc, BadHttpMessage) and "too long" in str(exc).lower()
+        ):
+            status, cause, detail = 431, "header_too_large", "a request header line is too long"
+        elif status == 500:
+            cause, detail = "internal", "tokenproxy failed to handle the request"
+            log.get_logger().error("internal_error", error=type(exc).__name__)
+        elif status == 504:
+            cause, detail = "upstream_timeout", "the request timed out"
+        else:
+            cause, detail = "bad_request", "the request is malformed"
+        if status != 500:
+            log.get_logger().info("bad_request", status=status,
+                                  error=type(exc).__name__ if exc else None)
+        return problem_response(status, cause, detail, close=True)
+
+
+class ConnectionGate:
+    """At most *limit* open connections across the listeners that share this gate."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+        self._sem = asyncio.Semaphore(limit)
+        self._open = 0
+        self._on_change = on_change
+
+    async def acquire(self) -> None:
+        await self._sem.acquire()
+        self._open += 1
+        if self._on_change:
+            self._on_change(self._open)
+
+    def release(self) -> None:
+        self._open -= 1
+        self._sem.release()
+        if self._on_change:
+            self._on_change(self._open)
+
+
+def _bind_tcp(listener: Listener) -> list[socket.socket]:
+    try:
+        infos = socket.getaddrinfo(listener.host, listener.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"listen {listener}: cannot resolve host ({exc.strerror})") from None
+    socks: list[socket.socket] = []
+    seen: set[Any] = set()
+    port = listener.port
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # "localhost:0" on two families: the second must take the port the first got.
+            sock.bind((addr[0], port, *addr[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise ListenError(f"listen {listener}: {exc.strerror or exc}") from None
+    return socks
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"listen unix:{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)   # nobody answers: left over from a crash
+        return
+    finally:
+        probe.close()
+    raise ListenError(f"listen unix:{path}: another process is serving this socket")
+
+
+def _bind_unix(listener: Listener, group: str | None) -> socket.socket:
+    path = listener.path
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ListenError(f"socket_group: no group named {group!r}") from None
+    _remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)   # the socket is never world-accessible, not even for an instant
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"listen unix:{path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    try:
+        if gid != -1:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise ListenError(f"listen unix:{path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def bind(listener: Listener, socket_group: str | None = None) -> list[socket.socket]:
+    """Open the listening sockets for one configured address."""
+    if listener.kind == "unix":
+        return [_bind_unix(listener, socket_group)]
+    return _bind_tcp(listener)
+
+
+class _Slot:
+    """One connection's place under the cap, released exactly once."""
+
+    __slots__ = ("_gate", "_held")
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self._gate = gate
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._gate.release()
+
+
+ProtocolFactory = Callable[[Callable[[], None]], asyncio.Protocol]
+
+
+class ListeningSocket:
+    """One bound socket and its accept loop."""
+
+    def __init__(self, sock: socket.socket, listener: Listener) -> None:
+        self.sock = sock
+        self.listener = listener
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        if self.listener.kind == "unix":
+            return f"unix:{self.listener.path}"
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1]) if self.listener.kind == "tcp" else 0
+
+    def start(self, factory: ProtocolFactory, gate: ConnectionGate) -> None:
+        self._task = asyncio.create_task(self._accept(factory, gate))
+
+    async def _accept(self, factory: ProtocolFactory, gate: ConnectionGate) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await gate.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                gate.release()
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.get_logger().warning("accept_failed", error=errno.errorcode[exc.errno])
+                    await asyncio.sleep(0.1)   # out of descriptors: back off, do not spin
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            except BaseException:
+                gate.release()
+                raise
+            slot = _Slot(gate)
+            try:
+                conn.setblocking(False)
+                await loop.connect_accepted_socket(lambda s=slot: factory(s.release), conn)
+            except OSError:
+                conn.close()
+                slot.release()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.sock.close()
+        if self.listener.kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.listener.path)
