@@ -1,0 +1,171 @@
+"""Real in-process fakes: an upstream that records what it receives, a controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+# Secrets used across the suite; the log sweep in conftest fails any test whose logs show one.
+TOKEN = "tp-test-token-7f3a9c41e8"
+TOKEN_2 = "tp-test-token-2b6d0f93aa"
+CLIENT_KEY = "tp-client-key-0123456789abcdef"
+CLIENT_SECRET = "tp-client-secret-55aa77bb"
+PASSWORD = "tp-password-c0ffee"
+REFRESH_TOKEN = "tp-refresh-token-91d2"
+SECRETS = (TOKEN, TOKEN_2, CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN)
+
+
+class FakeClock:
+    """A clock tests move by hand: monotonic and wall time advance together."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._mono = start
+        self._wall = 1_800_000_000.0
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def time(self) -> float:
+        return self._wall
+
+    def advance(self, seconds: float) -> None:
+        self._mono += seconds
+        self._wall += seconds
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@dataclass
+class FakeUpstream:
+    """Records every request; endpoints script the behaviours the proxy must relay."""
+
+    seen: list[Seen] = field(default_factory=list)
+    ws_headers: list[list[tuple[str, str]]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record], client_max_size=2**40)
+        r = app.router
+        r.add_route("*", "/echo{tail:.*}", self.echo)
+        r.add_route("*", "/status/{code}", self.status)
+        r.add_get("/big", self.big)
+        r.add_route("*", "/upload", self.upload)
+        r.add_get("/sse", self.sse)
+        r.add_get("/redirect", self.redirect)
+        r.add_get("/gzip", self.gzip)
+        r.add_get("/cookies", self.cookies)
+        r.add_get("/slow", self.slow)
+        r.add_get("/truncate", self.truncate)
+        r.add_get("/echo-token", self.echo_token)
+        r.add_get("/ws", self.ws)
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = b""
+        if request.path not in ("/upload",) and request.can_read_body:
+            body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
+                              body))
+        return await handler(request)
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response({
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_len": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        })
+
+    async def status(self, request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        if code in (204, 304):
+            return web.Response(status=code)
+        return web.Response(status=code, text=f"status {code}\n")
+
+    async def big(self, request: web.Request) -> web.StreamResponse:
+        n = int(request.query.get("n", "1048576"))
+        chunk = b"x" * 65536
+        resp = web.StreamResponse(headers={"Content-Length": str(n)})
+        await resp.prepare(request)
+        left = n
+        while left > 0:
+            part = chunk if left >= len(chunk) else chunk[:left]
+            await resp.write(part)
+            left -= len(part)
+        await resp.write_eof()
+        return resp
+
+    async def upload(self, request: web.Request) -> web.Response:
+        total = 0
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+        return web.json_response({"received": total})
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f"data: event {i}\n\n".encode())
+            await asyncio.sleep(float(request.query.get("gap", "0.3")))
+        await resp.write_eof()
+        return resp
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+    async def gzip(self, request: web.Request) -> web.Response:
+        data = gzip.compress(b"hello gzip " * 100)
+        return web.Response(body=data, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "text/plain"})
+
+    async def cookies(self, request: web.Request) -> web.Response:
+        resp = web.Response(text="cookies")
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; Path=/")
+        return resp
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "5")))
+        return web.Response(text="slow")
+
+    async def truncate(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b"y" * 100)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def echo_token(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={
+            "X-Echo": request.headers.get("Authorization", ""), "X-Other": "kept"})
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.ws_headers.append(list(request.headers.items()))
+        ws = web.WebSocketResponse(protocols=("chat",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws

@@ -1,0 +1,25 @@
+"""The shortest path through the product: a request goes out with the token and comes back."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
+from tests.fakes import TOKEN, FakeUpstream
+
+
+async def test_request_gets_token_and_answer(
+    make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream, logs: CapturedLogs
+) -> None:
+    """A plain GET reaches the upstream with the bearer token and the answer streams back."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{daemon.port()}/echo/x?q=1") as resp:
+            assert 200 == resp.status
+            doc = await resp.json()
+    assert "/echo/x?q=1" == doc["raw_path"]
+    assert [f"Bearer {TOKEN}"] == fake_upstream.seen[-1].header("Authorization")
+    [event] = logs.events("request")
+    assert "/echo/x" == event["path"]
+    assert 200 == event["status"]
