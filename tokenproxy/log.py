@@ -32,7 +32,7 @@ SENSITIVE_KEYS: Final = frozenset({
     "access_token", "refresh_token", "id_token", "client_secret", "password", "token",
     "client_key", "secret", "query",
 })
-_BEARER: Final = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=:-]+")
+_BEARER: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=:-]+")
 _QUERY_KEYS: Final = frozenset({"path", "url", "target", "location"})
 _MIN_SECRET: Final = 4
 _MAX_SECRETS: Final = 512

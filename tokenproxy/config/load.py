@@ -206,6 +206,7 @@ def _security(raw: object) -> SecurityConfig:
     else:
         m.get("allowed_hosts")
     require: tuple[str, str] | None = None
+    m.get("require_header")
     if m.has("require_header"):
         text = m.string("require_header") or ""
         name, sep, value = text.partition(":")
