@@ -21,11 +21,13 @@ SECRETS = (TOKEN, TOKEN_2, CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN)
 
 
 class FakeClock:
-    """A clock tests move by hand: monotonic and wall time advance together."""
+    """A clock tests move by hand: monotonic and wall time advance together, and sleepers on
+    it wake only when the test advances it past their deadline."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self._mono = start
         self._wall = 1_800_000_000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def monotonic(self) -> float:
         return self._mono
@@ -33,9 +35,28 @@ class FakeClock:
     def time(self) -> float:
         return self._wall
 
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._mono + seconds, fut))
+        await fut
+
     def advance(self, seconds: float) -> None:
         self._mono += seconds
         self._wall += seconds
+        due = [(t, f) for t, f in self._sleepers if t <= self._mono]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self._mono]
+        for _, fut in due:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def tick(self, seconds: float, settle: int = 20) -> None:
+        """Advance, then let woken tasks run (bounded number of loop turns)."""
+        self.advance(seconds)
+        for _ in range(settle):
+            await asyncio.sleep(0)
 
 
 @dataclass

@@ -15,14 +15,19 @@ from prometheus_client import CollectorRegistry
 from tokenproxy import __version__, log
 from tokenproxy.admin import AdminHandler
 from tokenproxy.clock import Clock, SystemClock
-from tokenproxy.config import Config, Provider, StaticProvider
-from tokenproxy.errors import ConfigError
+from tokenproxy.config import Config, JsonProvider, OAuth2Provider, Provider, StaticProvider
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.proxy.forward import Proxy
-from tokenproxy.proxy.upstream import make_upstream_session
+from tokenproxy.proxy.upstream import make_upstream_session, ssl_contexts
 from tokenproxy.server import ConnectionGate, GuardedRequestHandler, ListeningSocket, bind
+from tokenproxy.tokens.command import CommandGrantor
+from tokenproxy.tokens.http import make_token_session
+from tokenproxy.tokens.json_login import JsonGrantor
+from tokenproxy.tokens.manager import Grantor, TokenManager
 from tokenproxy.tokens.model import TokenSource
+from tokenproxy.tokens.oauth2 import OAuth2Grantor
+from tokenproxy.tokens.state import StateStore
 from tokenproxy.tokens.static import StaticSource
 
 # The admin listener serves a few scrapers and probes, not traffic.
@@ -42,15 +47,46 @@ def config_secrets(cfg: Config) -> list[str]:
     return out
 
 
-def build_source(
-    cfg: Provider, *, clock: Clock, metrics: Metrics, redactor: Redactor
-) -> TokenSource:
-    if isinstance(cfg, StaticProvider):
-        return StaticSource(cfg, clock=clock, metrics=metrics, redactor=redactor)
-    raise ConfigError(
-        f"providers.{cfg.name}.type: {cfg.type_name()} providers are not available yet "
-        "in this version; use type static"
-    )
+class SourceFactory:
+    """Builds one token source per provider, sharing the token client and the state file."""
+
+    def __init__(
+        self, *, clock: Clock, metrics: Metrics, redactor: Redactor,
+        session: aiohttp.ClientSession, store: StateStore | None,
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._redactor = redactor
+        self._session = session
+        self._store = store
+        self._ssl = ssl_contexts([])
+
+    def _ssl_for(self, ca_file: Any) -> Any:
+        if ca_file is None:
+            return True
+        if ca_file not in self._ssl:
+            self._ssl.update(ssl_contexts([ca_file]))
+        return self._ssl[ca_file]
+
+    def build(self, cfg: Provider) -> TokenSource:
+        common: dict[str, Any] = {"clock": self._clock, "metrics": self._metrics,
+                                  "redactor": self._redactor}
+        if isinstance(cfg, StaticProvider):
+            return StaticSource(cfg, **common)
+        grantor: Grantor
+        lifetime: float | None = None
+        if isinstance(cfg, OAuth2Provider):
+            grantor = OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        elif isinstance(cfg, JsonProvider):
+            grantor = JsonGrantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        else:
+            grantor = CommandGrantor(cfg, self._redactor)
+            lifetime = cfg.cache_for
+        return TokenManager(
+            cfg.name, cfg.type_name(), grantor, identity=cfg.identity(),
+            refresh_margin=cfg.refresh_margin, store=self._store, default_lifetime=lifetime,
+            **common,
+        )
 
 
 class Daemon:
@@ -73,6 +109,7 @@ class Daemon:
         self.listeners: list[ListeningSocket] = []
         self.admin_listeners: list[ListeningSocket] = []
         self._session: aiohttp.ClientSession | None = None
+        self._token_session: aiohttp.ClientSession | None = None
         self._server: web.Server | None = None
         self._admin_server: web.Server | None = None
         self._log = log.get_logger()
@@ -105,21 +142,26 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         try:
+            self._token_session = make_token_session()
+            factory = SourceFactory(
+                clock=self.clock, metrics=self.metrics, redactor=self.redactor,
+                session=self._token_session,
+                store=StateStore(cfg.state_path) if cfg.state_path is not None else None,
+            )
             for name, provider in cfg.providers.items():
-                self.sources[name] = build_source(provider, clock=self.clock,
-                                                  metrics=self.metrics, redactor=self.redactor)
+                self.sources[name] = factory.build(provider)
             self._session = make_upstream_session(cfg.limits.max_connections)
             proxy = Proxy(cfg, sources=self.sources, session=self._session, metrics=self.metrics)
             # handler_cancellation: a client that hangs up cancels its upstream request.
             self._server = web.Server(proxy.handle, handler_cancellation=True)
             gate = ConnectionGate(cfg.limits.max_connections,
                                   on_change=self.metrics.connections.set)
-            factory = self._factory(self._server)
+            protocol = self._factory(self._server)
             for listener in cfg.listen:
                 for sock in bind(listener, cfg.socket_group):
                     ls = ListeningSocket(sock, listener)
                     self.listeners.append(ls)
-                    ls.start(factory, gate)
+                    ls.start(protocol, gate)
             if cfg.admin_listen is not None:
                 admin = AdminHandler(self.registry, lambda: self.sources)
                 self._admin_server = web.Server(admin.handle, handler_cancellation=True)
@@ -146,6 +188,9 @@ class Daemon:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish within *grace*, then close."""
         grace = self.config.shutdown_grace if grace is None else grace
+        # aiohttp reads a shutdown timeout of 0 as "no timeout" (helpers.ceil_timeout), which
+        # would wait for every in-flight request: cut at once with a tiny positive one instead.
+        grace = max(grace, 0.001)
         for ls in self.listeners + self.admin_listeners:
             await ls.close()
         self.listeners.clear()
@@ -161,9 +206,10 @@ class Daemon:
         for source in self.sources.values():
             with contextlib.suppress(Exception):
                 await source.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._token_session):
+            if session is not None:
+                await session.close()
+        self._session = self._token_session = None
 
     # -- for tests and the CLI ---------------------------------------------------------------
 
@@ -215,3 +261,21 @@ async def serve(cfg: Config, *, redactor: Redactor) -> int:
             loop.remove_signal_handler(sig)
     log.get_logger().info("stopped")
     return 0
+
+
+async def obtain_token(cfg: Config, name: str, *, redactor: Redactor) -> str:
+    """The current token of one provider for ``tokenproxy token``: a valid one from the state
+    file (the daemon's, when one runs) if there is one, else a new one, persisted."""
+    metrics = Metrics(CollectorRegistry(), __version__)
+    async with make_token_session() as session:
+        factory = SourceFactory(
+            clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
+            store=StateStore(cfg.state_path) if cfg.state_path is not None else None,
+        )
+        source = factory.build(cfg.providers[name])
+        if isinstance(source, TokenManager):
+            source.load()
+        try:
+            return (await source.current()).value
+        finally:
+            await source.close()

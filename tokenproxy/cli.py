@@ -1,4 +1,4 @@
-"""Command line: run, check-config, --version. Exit 2 for any config problem, no traceback."""
+"""Command line: run, check-config, token, demo, --version. Exit 2 for config problems."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
-from tokenproxy.app import config_secrets, serve
+from tokenproxy.app import config_secrets, obtain_token, serve
 from tokenproxy.config import Config, find_config_file, load_config
-from tokenproxy.errors import ConfigError, TokenProxyError
+from tokenproxy.demo import run_demo
+from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -37,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE", help="config file")
     check = sub.add_parser("check-config", help="validate the config and print a summary")
     check.add_argument("-c", "--config", metavar="FILE", help="config file")
+    token = sub.add_parser("token", help="print a provider's current token")
+    token.add_argument("-c", "--config", metavar="FILE", help="config file")
+    token.add_argument("provider", nargs="?", help="provider name (optional with one provider)")
+    demo = sub.add_parser("demo", help="run a self-contained demo with short-lived tokens")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     return parser
 
 
@@ -86,7 +94,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_async(main: Coroutine[Any, Any, int]) -> int:
+def run_async(main: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(main)
 
@@ -106,6 +114,33 @@ def _run(args: argparse.Namespace) -> int:
     return run_async(serve(cfg, redactor=redactor))
 
 
+def _token(args: argparse.Namespace, out: TextIO) -> int:
+    cfg = _load(args.config)
+    names = list(cfg.providers)
+    name = args.provider
+    if name is None:
+        if len(names) != 1:
+            raise ConfigError(f"token: name a provider ({', '.join(names)})")
+        name = names[0]
+    if name not in cfg.providers:
+        raise ConfigError(f"token: no provider named {name!r} ({', '.join(names)})")
+    redactor = log.Redactor(config_secrets(cfg))
+    log.configure("warning", "console", redactor=redactor)
+    try:
+        value = run_async(obtain_token(cfg, name, redactor=redactor))
+    except TokenError as exc:
+        sys.stderr.write(f"tokenproxy: {exc.detail}\n")
+        return EXIT_FAILURE
+    out.write(value + "\n")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    redactor = log.Redactor()
+    log.configure("info", "console", redactor=redactor)
+    return run_async(run_demo(args.port, redactor))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -114,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args, sys.stdout)
+        if args.command == "token":
+            return _token(args, sys.stdout)
+        if args.command == "demo":
+            return _demo(args)
         return _run(args)
     except ConfigError as exc:
         sys.stderr.write(f"tokenproxy: {exc}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -10,6 +11,9 @@ class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     def time(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait *seconds* of this clock's time (tests advance a fake clock by hand)."""
 
 
 class SystemClock:
@@ -20,3 +24,6 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)

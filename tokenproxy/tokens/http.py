@@ -1,0 +1,99 @@
+"""The outgoing client for token endpoints: bounded in time and size, never redirected."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from tokenproxy.tokens.grant import MAX_RESPONSE, GrantFailed, GrantRejected, strict_json
+
+# RFC 6749 section 5.2 error codes that mean "these credentials will not work": no retry helps.
+REJECTING_ERRORS: Final = frozenset({
+    "invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type",
+    "invalid_scope", "access_denied",
+})
+
+
+def make_token_session() -> aiohttp.ClientSession:
+    """One client for all token endpoints of a daemon: decompression on, no cookies, no proxy."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=15.0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return strict_json(self.body)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return min(float(value), 3600.0)
+    return None
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    within: float,
+    ssl_context: ssl.SSLContext | bool = True,
+    **kwargs: Any,
+) -> Answer:
+    """One token-endpoint exchange within *timeout*; a redirect or an oversize body fails it."""
+    try:
+        async with asyncio.timeout(within):
+            async with session.request(method, url, allow_redirects=False, ssl=ssl_context,
+                                       **kwargs) as resp:
+                body = await resp.content.read(MAX_RESPONSE + 1)
+                if len(body) > MAX_RESPONSE:
+                    raise GrantFailed(f"the answer is larger than {MAX_RESPONSE} bytes")
+                answer = Answer(resp.status, resp.headers, body)
+    except TimeoutError:
+        raise GrantFailed(f"no answer within {within:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise GrantFailed(f"request failed ({type(exc).__name__})") from None
+    except ssl.SSLError:
+        raise GrantFailed("TLS failure") from None
+    if 300 <= answer.status < 400:
+        raise GrantFailed(f"the endpoint redirected (status {answer.status}); not followed")
+    return answer
+
+
+def error_code(answer: Answer) -> str | None:
+    """The RFC 6749 ``error`` of an error answer, if it is a short plain code."""
+    try:
+        doc = answer.json()
+    except GrantFailed:
+        return None
+    code = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) <= 64:
+        return code
+    return None
+
+
+def raise_for_answer(answer: Answer, what: str) -> None:
+    """Map a non-2xx answer: credential rejections vs. failures worth retrying later."""
+    if 200 <= answer.status < 300:
+        return
+    code = error_code(answer)
+    reason = f"{what}: status {answer.status}" + (f" ({code})" if code else "")
+    if code in REJECTING_ERRORS or answer.status in (400, 401, 403):
+        raise GrantRejected(reason, code)
+    raise GrantFailed(reason, retry_after(answer.headers))

@@ -1,0 +1,427 @@
+"""The token lifecycle of SPEC.md section 5 for providers that talk to a token endpoint.
+
+One TokenManager per provider. Invariants:
+- at most one token-endpoint call in flight (``_inflight``), shared by every waiter through
+  ``asyncio.shield``, so a client hanging up cancels only its own wait;
+- a 401 for a token that was already replaced just retries with the current one;
+- a failed call starts a jittered backoff (1 s doubling to 60 s); meanwhile requests without a
+  valid token get TokenUnavailable at once, so no storm reaches the endpoint;
+- the refresh token is written to the state file (under its lock, after re-reading it) before
+  the new access token is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from tokenproxy import log
+from tokenproxy.clock import Clock
+from tokenproxy.errors import TokenUnavailable, Unauthenticated
+from tokenproxy.log import Redactor
+from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.expiry import lifetime, refresh_delay
+from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
+from tokenproxy.tokens.model import Token, Trigger
+from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key
+
+BACKOFF_START: Final = 1.0
+BACKOFF_MAX: Final = 60.0
+# A second 401-triggered refresh within this window is not started: a token that is fresh and
+# still refused is a scope or permission problem, and refreshing per request would be a storm.
+UNAUTHORIZED_REFRESH_GAP: Final = 5.0
+
+
+class Grantor(Protocol):
+    @property
+    def can_login(self) -> bool: ...
+
+    @property
+    def can_refresh(self) -> bool: ...
+
+    @property
+    def initial_refresh_token(self) -> str | None: ...
+
+    async def login(self) -> Grant: ...
+
+    async def refresh(self, refresh_token: str) -> Grant: ...
+
+
+def _seed(refresh_token: str | None) -> str | None:
+    """A fingerprint of the configured refresh token: a new one in the config beats the file."""
+    if refresh_token is None:
+        return None
+    return hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
+
+
+class TokenManager:
+    """Implements TokenSource for oauth2, json and command providers."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        grantor: Grantor,
+        *,
+        identity: Mapping[str, str],
+        refresh_margin: float,
+        clock: Clock,
+        metrics: Metrics,
+        redactor: Redactor,
+        store: StateStore | None = None,
+        default_lifetime: float | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self._kind = kind
+        self._grantor = grantor
+        self._key = identity_key(name, identity)
+        self._margin = refresh_margin
+        self._clock = clock
+        self._metrics = metrics
+        self._redactor = redactor
+        self._store = store
+        self._default_lifetime = default_lifetime
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._log = log.get_logger(provider=name)
+
+        self._token: Token | None = None
+        self._lifetime: float | None = None
+        self._obtained_mono = 0.0
+        self._obtained_wall = 0.0
+        self._generation = 0
+        self._refresh_token = grantor.initial_refresh_token
+        self._config_seed = _seed(grantor.initial_refresh_token)
+        self._inflight: asyncio.Task[Token] | None = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._unauthenticated = False
+        self._last_error: str | None = None
+        self._last_unauthorized_refresh = -1e18
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._coalesced = metrics.token_refresh_coalesced.labels(name)
+        metrics.provider_authenticated.labels(name).set(1)
+        metrics.token_expiry.labels(name).set(0)
+        for secret in (grantor.initial_refresh_token,):
+            if secret:
+                redactor.add(secret)
+
+    # -- TokenSource -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Take persisted tokens from the state file, if it has usable ones for us."""
+        if self._store is not None:
+            stored = self._store.read(self._key)
+            if stored is not None:
+                self._adopt_stored(stored, take_access=True)
+
+    async def start(self) -> None:
+        """Load persisted tokens, then fetch or refresh in the background (trigger initial)."""
+        self.load()
+        self._loop_task = asyncio.create_task(self._run(), name=f"tokens:{self.name}")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        inflight = self._inflight
+        if inflight is not None:
+            # A call in flight finishes (within its own timeout) and persists its result.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(inflight)
+
+    async def current(self) -> Token:
+        tok = self._token
+        if tok is not None and not self._unauthenticated and (
+            tok.expires_at is None or self._clock.monotonic() < tok.expires_at
+        ):
+            return tok
+        if self._unauthenticated:
+            raise self._unauthenticated_error()
+        self._raise_if_backing_off()
+        return await self._refresh("initial" if tok is None else "expiry", waiter=True)
+
+    async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
+        if self._unauthenticated:
+            raise self._unauthenticated_error()
+        now = self._clock.monotonic()
+        cur = self._token
+        if cur is not None and cur.generation != stale.generation and not cur.expired(now):
+            return cur   # someone already replaced the refused token: just retry
+        if self._inflight is None:
+            if now - self._last_unauthorized_refresh < UNAUTHORIZED_REFRESH_GAP:
+                return None
+            self._raise_if_backing_off()
+            self._last_unauthorized_refresh = now
+        fresh = await self._refresh(trigger, waiter=True)
+        return fresh if fresh.generation != stale.generation else None
+
+    def ready(self) -> bool:
+        if self._unauthenticated:
+            return False
+        tok = self._token
+        if tok is None:
+            return False
+        if not tok.expired(self._clock.monotonic()):
+            return True
+        return self._clock.monotonic() >= self._next_attempt   # expired but can get one
+
+    def describe(self) -> dict[str, Any]:
+        now = self._clock.monotonic()
+        tok = self._token
+        if self._unauthenticated:
+            state = "unauthenticated"
+        elif tok is not None and not tok.expired(now):
+            state = "valid"
+        elif now < self._next_attempt:
+            state = "backoff"
+        elif self._inflight is not None:
+            state = "fetching"
+        else:
+            state = "expired" if tok is not None else "none"
+        out: dict[str, Any] = {"type": self._kind, "state": state}
+        out["expires_in"] = (
+            round(tok.expires_at - now, 1) if tok is not None and tok.expires_at is not None
+            else None
+        )
+        if self._failures:
+            out["failures"] = self._failures
+            out["retry_in"] = round(max(0.0, self._next_attempt - now), 1)
+        if self._last_error:
+            out["error"] = self._last_error
+        return out
+
+    # -- single flight -----------------------------------------------------------------------
+
+    def _unauthenticated_error(self) -> Unauthenticated:
+        return Unauthenticated(self.name, f"provider {self.name!r}: credentials were rejected")
+
+    def _raise_if_backing_off(self) -> None:
+        wait = self._next_attempt - self._clock.monotonic()
+        if wait > 0 and self._inflight is None:
+            raise TokenUnavailable(
+                self.name, f"provider {self.name!r}: token endpoint failing, retrying later", wait
+            )
+
+    async def _refresh(self, trigger: Trigger, *, waiter: bool) -> Token:
+        task = self._inflight
+        if task is None:
+            task = asyncio.create_task(self._fetch(trigger), name=f"refresh:{self.name}")
+            task.add_done_callback(_consume)
+            self._inflight = task
+        elif waiter:
+            self._coalesced.inc()
+        return await asyncio.shield(task)
+
+    async def _fetch(self, trigger: Trigger) -> Token:
+        started = time.perf_counter()
+        result = "failure"
+        try:
+            token = await self._obtain(trigger)
+            result = "success"
+            self._failures = 0
+            self._next_attempt = 0.0
+            self._last_error = None
+            return token
+        except GrantRejected as exc:
+            self._become_unauthenticated(exc.reason)
+            raise self._unauthenticated_error() from None
+        except GrantFailed as exc:
+            self._failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (self._failures - 1))
+            delay *= self._rng.uniform(0.8, 1.0)
+            delay = max(delay, exc.retry_after or 0.0)
+            self._next_attempt = self._clock.monotonic() + delay
+            self._last_error = exc.reason
+            self._log.warning(log.TOKEN_REFRESH_FAILED, trigger=trigger, error=exc.reason,
+                              retry_in_s=round(delay, 2), failures=self._failures)
+            raise TokenUnavailable(
+                self.name, f"provider {self.name!r}: token endpoint failing", delay
+            ) from None
+        finally:
+            self._inflight = None
+            self._metrics.token_refresh.labels(self.name, trigger, result).inc()
+            self._metrics.token_refresh_duration.labels(self.name).observe(
+                time.perf_counter() - started)
+            self._wake.set()
+
+    def _become_unauthenticated(self, reason: str) -> None:
+        self._unauthenticated = True
+        self._token = None
+        self._last_error = reason
+        self._metrics.provider_authenticated.labels(self.name).set(0)
+        self._metrics.token_expiry.labels(self.name).set(0)
+        self._log.warning(log.TOKEN_REFRESH_FAILED, error=reason, failures=self._failures + 1)
+        self._log.error(log.PROVIDER_UNAUTHENTICATED, error=reason)
+
+    # -- one exchange ------------------------------------------------------------------------
+
+    async def _obtain(self, trigger: Trigger) -> Token:
+        stale = self._token
+        lock = self._store.locked() if self._store is not None else contextlib.nullcontext()
+        async with lock:
+            if self._store is not None:
+                stored = self._store.read(self._key)
+                if stored is not None:
+                    adopted = self._adopt_stored(stored, take_access=True, stale=stale)
+                    if adopted is not None:
+                        self._log.info(log.TOKEN_REFRESHED, trigger=trigger, source="state_file",
+                                       expires_in=self._rounded_lifetime())
+                        return adopted
+            grant, used_refresh = await self._exchange()
+            # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
+            refresh_token = grant.refresh_token or used_refresh
+            token = self._install(grant, refresh_token)
+            self._persist(token, refresh_token)
+        if grant.expires_in_ignored:
+            self._log.warning("expires_in_ignored", reason="not a finite positive number")
+        self._log.info(log.TOKEN_REFRESHED, trigger=trigger, expires_in=self._rounded_lifetime())
+        return token
+
+    def _rounded_lifetime(self) -> float | None:
+        return None if self._lifetime is None else round(self._lifetime, 1)
+
+    async def _exchange(self) -> tuple[Grant, str | None]:
+        """Refresh grant when we hold a refresh token; on rejection a fresh login if possible."""
+        rt = self._refresh_token
+        if rt and self._grantor.can_refresh:
+            try:
+                return await self._grantor.refresh(rt), rt
+            except GrantRejected as exc:
+                if not self._grantor.can_login:
+                    raise
+                self._log.warning(log.TOKEN_REFRESH_FAILED, error=exc.reason,
+                                  next_step="login")
+                self._refresh_token = None
+        return await self._grantor.login(), None
+
+    def _install(self, grant: Grant, refresh_token: str | None) -> Token:
+        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
+        life = lifetime(grant.expires_in, grant.access_token, now_wall)
+        if life is None:
+            life = self._default_lifetime
+        self._redactor.add(grant.access_token)
+        if refresh_token:
+            self._redactor.add(refresh_token)
+        self._generation += 1
+        token = Token(grant.access_token, None if life is None else now_mono + life,
+                      self._generation)
+        self._token = token
+        self._lifetime = life
+        self._obtained_mono, self._obtained_wall = now_mono, now_wall
+        self._refresh_token = refresh_token
+        self._metrics.token_expiry.labels(self.name).set(0 if life is None else now_wall + life)
+        self._metrics.provider_authenticated.labels(self.name).set(1)
+        return token
+
+    def _persist(self, token: Token, refresh_token: str | None) -> None:
+        if self._store is None:
+            return
+        expires_wall = (None if token.expires_at is None
+                        else self._obtained_wall + (token.expires_at - self._obtained_mono))
+        entry = StoredTokens(token.value, expires_wall, refresh_token, self._obtained_wall,
+                             self._config_seed)
+        try:
+            self._store.write(self._key, entry)
+        except StateFileError as exc:
+            # The new refresh token lives on in memory; the next refresh writes again.
+            self._log.error("state_write_failed", path=str(self._store.path), error=str(exc))
+
+    def _adopt_stored(
+        self, stored: StoredTokens, *, take_access: bool, stale: Token | None = None
+    ) -> Token | None:
+        """Take what another process (or our previous life) wrote. Returns the adopted access
+        token when it is newer than *stale* and not itself due for a refresh."""
+        if stored.seed != self._config_seed and self._config_seed is not None:
+            return None   # the config carries a new refresh token: it wins over the file
+        newer = stored.obtained_at >= self._obtained_wall
+        if stored.refresh_token and newer:
+            self._refresh_token = stored.refresh_token
+            self._redactor.add(stored.refresh_token)
+        if not take_access or not newer or not stored.access_token:
+            return None
+        if stale is not None and stored.access_token == stale.value:
+            return None
+        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
+        if stored.expires_at is None:
+            remaining: float | None = self._default_lifetime
+        else:
+            remaining = stored.expires_at - now_wall
+            life = stored.expires_at - stored.obtained_at
+            if remaining <= 0 or (self._margin > 0 and remaining <= min(self._margin, life / 2)):
+                return None
+        self._redactor.add(stored.access_token)
+        self._generation += 1
+        token = Token(stored.access_token,
+                      None if remaining is None else now_mono + remaining, self._generation)
+        self._token = token
+        self._lifetime = (None if stored.expires_at is None
+                          else stored.expires_at - stored.obtained_at)
+        self._obtained_mono = now_mono - (now_wall - stored.obtained_at)
+        self._obtained_wall = stored.obtained_at
+        self._metrics.token_expiry.labels(self.name).set(stored.expires_at or 0)
+        return token
+
+    # -- background refresh ------------------------------------------------------------------
+
+    def _due(self) -> float | None:
+        """Monotonic time of the next proactive refresh, or None when only demand refreshes."""
+        tok = self._token
+        if tok is None or tok.expires_at is None or self._lifetime is None or self._margin <= 0:
+            return None
+        return self._obtained_mono + refresh_delay(self._lifetime, self._margin)
+
+    async def _nap(self, seconds: float | None) -> None:
+        """Sleep on the injected clock until *seconds* pass or something changes."""
+        self._wake.clear()
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if seconds is not None:
+            waiters.append(asyncio.ensure_future(self._clock.sleep(seconds)))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            if self._unauthenticated:
+                await self._nap(None)
+                continue
+            if self._inflight is not None:
+                with contextlib.suppress(TokenUnavailable, Unauthenticated):
+                    await asyncio.shield(self._inflight)
+                continue
+            now = self._clock.monotonic()
+            if now < self._next_attempt:
+                await self._nap(self._next_attempt - now)
+                continue
+            tok = self._token
+            if tok is None or tok.expired(now):
+                if tok is not None and self._margin <= 0:
+                    await self._nap(None)   # demand-only: a request will refresh it
+                    continue
+                trigger: Trigger = "initial" if tok is None and self._generation == 0 else "expiry"
+                with contextlib.suppress(TokenUnavailable, Unauthenticated):
+                    await self._refresh(trigger, waiter=False)
+                continue
+            due = self._due()
+            if due is None or now < due:
+                await self._nap(None if due is None else due - now)
+                continue
+            with contextlib.suppress(TokenUnavailable, Unauthenticated):
+                await self._refresh("expiry", waiter=False)
+
+
+def _consume(task: asyncio.Task[Token]) -> None:
+    """Mark a refresh's exception as seen even when every waiter was cancelled."""
+    if not task.cancelled():
+        task.exception()
