@@ -65,11 +65,10 @@ class OAuth2Grantor:
         cfg = self._cfg
         form = dict(form)
         headers = {"Accept": "application/json"}
-        auth = None
         if cfg.client_auth == "basic" and cfg.client_id and cfg.client_secret:
             # RFC 6749 section 2.3.1: form-urlencode the id and secret before Basic encoding.
-            auth = aiohttp.BasicAuth(quote(cfg.client_id, safe=""),
-                                     quote(cfg.client_secret.value, safe=""))
+            headers["Authorization"] = aiohttp.encode_basic_auth(
+                quote(cfg.client_id, safe=""), quote(cfg.client_secret.value, safe=""))
         elif cfg.client_auth == "post" and cfg.client_id and cfg.client_secret:
             form["client_id"] = cfg.client_id
             form["client_secret"] = cfg.client_secret.value
@@ -81,7 +80,7 @@ class OAuth2Grantor:
             form.setdefault(key, value)
         url = await self._endpoint()
         answer = await call(self._session, "POST", url, within=cfg.timeout,
-                            ssl_context=self._ssl, data=form, headers=headers, auth=auth)
+                            ssl_context=self._ssl, data=form, headers=headers)
         raise_for_answer(answer, what)
         return grant_from(answer.json())
 
