@@ -12,9 +12,10 @@ from prometheus_client.exposition import choose_encoder
 from tokenproxy.tokens.model import TokenSource
 
 
-def _json(status: int, doc: object) -> web.Response:
+def _json(status: int, doc: object, **headers: str) -> web.Response:
     return web.Response(status=status, body=json.dumps(doc).encode(),
-                        content_type="application/json", headers={"Cache-Control": "no-store"})
+                        content_type="application/json",
+                        headers={"Cache-Control": "no-store", **headers})
 
 
 class AdminHandler:
@@ -28,7 +29,7 @@ class AdminHandler:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
-            return _json(405, {"error": "method not allowed"})
+            return _json(405, {"error": "method not allowed"}, Allow="GET, HEAD")
         path = request.raw_path.split("?", 1)[0]
         if path == "/healthz":
             return _json(200, {"status": "ok"})

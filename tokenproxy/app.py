@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -12,10 +13,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from tokenproxy import __version__, log
+from tokenproxy import __version__, log, systemd
 from tokenproxy.admin import AdminHandler
 from tokenproxy.clock import Clock, SystemClock
-from tokenproxy.config import Config, JsonProvider, OAuth2Provider, Provider, StaticProvider
+from tokenproxy.config import (
+    Config,
+    JsonProvider,
+    OAuth2Provider,
+    Provider,
+    StaticProvider,
+    load_config,
+)
+from tokenproxy.errors import ConfigError, TokenProxyError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.proxy.forward import Proxy
@@ -58,7 +67,7 @@ class SourceFactory:
         self._metrics = metrics
         self._redactor = redactor
         self._session = session
-        self._store = store
+        self.store = store
         self._ssl = ssl_contexts([])
 
     def _ssl_for(self, ca_file: Any) -> Any:
@@ -84,7 +93,7 @@ class SourceFactory:
             lifetime = cfg.cache_for
         return TokenManager(
             cfg.name, cfg.type_name(), grantor, identity=cfg.identity(),
-            refresh_margin=cfg.refresh_margin, store=self._store, default_lifetime=lifetime,
+            refresh_margin=cfg.refresh_margin, store=self.store, default_lifetime=lifetime,
             **common,
         )
 
@@ -112,65 +121,85 @@ class Daemon:
         self._token_session: aiohttp.ClientSession | None = None
         self._server: web.Server | None = None
         self._admin_server: web.Server | None = None
+        self._proxy: Proxy | None = None
+        self._factory_sources: SourceFactory | None = None
+        self._gate: ConnectionGate | None = None
+        self._admin_gate: ConnectionGate | None = None
+        self._reload_lock = asyncio.Lock()
         self._log = log.get_logger()
         for secret in config_secrets(cfg):
             self.redactor.add(secret)
 
     # -- start -------------------------------------------------------------------------------
 
-    def _handler_kwargs(self) -> dict[str, Any]:
-        limits = self.config.limits
-        return {
-            "keepalive_timeout": limits.keepalive_timeout,
-            "access_log": None,                 # the proxy emits its own `request` event
-            "max_line_size": limits.max_header_size,
-            "max_field_size": limits.max_header_size,
-            "auto_decompress": False,           # a gzip upload passes through as sent
-        }
-
     def _factory(self, server: web.Server) -> Any:
+        """Protocol factory; reads the limits at each connection, so a reload applies them."""
         loop = asyncio.get_running_loop()
-        kwargs = self._handler_kwargs()
-        header_timeout = self.config.limits.header_timeout
 
         def make(on_close: Any) -> GuardedRequestHandler:
-            return GuardedRequestHandler(server, loop=loop, header_timeout=header_timeout,
-                                         on_close=on_close, **kwargs)
+            limits = self.config.limits
+            return GuardedRequestHandler(
+                server, loop=loop, header_timeout=limits.header_timeout, on_close=on_close,
+                keepalive_timeout=limits.keepalive_timeout,
+                access_log=None,                  # the proxy emits its own `request` event
+                max_line_size=limits.max_header_size,
+                max_field_size=limits.max_header_size,
+                auto_decompress=False,            # a gzip upload passes through as sent
+            )
 
         return make
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # A fixed entry point whose Proxy a reload swaps: open connections see the new config.
+        assert self._proxy is not None
+        return await self._proxy.handle(request)
+
+    def _bind_all(self, listeners: Any, group: str | None, factory: Any,
+                  gate: ConnectionGate) -> list[ListeningSocket]:
+        """Bind every address or none: a failure closes what this call opened."""
+        opened: list[ListeningSocket] = []
+        try:
+            for listener in listeners:
+                for sock in bind(listener, group):
+                    opened.append(ListeningSocket(sock, listener))
+        except BaseException:
+            for ls in opened:
+                ls.sock.close()
+                if ls.listener.kind == "unix":
+                    with contextlib.suppress(OSError):
+                        os.unlink(ls.listener.path)
+            raise
+        for ls in opened:
+            ls.start(factory, gate)
+        return opened
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self._token_session = make_token_session()
-            factory = SourceFactory(
+            self._factory_sources = SourceFactory(
                 clock=self.clock, metrics=self.metrics, redactor=self.redactor,
                 session=self._token_session,
                 store=StateStore(cfg.state_path) if cfg.state_path is not None else None,
             )
             for name, provider in cfg.providers.items():
-                self.sources[name] = factory.build(provider)
+                self.sources[name] = self._factory_sources.build(provider)
             self._session = make_upstream_session(cfg.limits.max_connections)
-            proxy = Proxy(cfg, sources=self.sources, session=self._session, metrics=self.metrics)
+            self._proxy = Proxy(cfg, sources=self.sources, session=self._session,
+                                metrics=self.metrics)
             # handler_cancellation: a client that hangs up cancels its upstream request.
-            self._server = web.Server(proxy.handle, handler_cancellation=True)
-            gate = ConnectionGate(cfg.limits.max_connections,
-                                  on_change=self.metrics.connections.set)
-            protocol = self._factory(self._server)
-            for listener in cfg.listen:
-                for sock in bind(listener, cfg.socket_group):
-                    ls = ListeningSocket(sock, listener)
-                    self.listeners.append(ls)
-                    ls.start(protocol, gate)
+            self._server = web.Server(self._handle, handler_cancellation=True)
+            self._gate = ConnectionGate(cfg.limits.max_connections,
+                                        on_change=self.metrics.connections.set)
+            self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
+                                            self._factory(self._server), self._gate)
+            admin = AdminHandler(self.registry, lambda: self.sources)
+            self._admin_server = web.Server(admin.handle, handler_cancellation=True)
+            self._admin_gate = ConnectionGate(ADMIN_MAX_CONNECTIONS)
             if cfg.admin_listen is not None:
-                admin = AdminHandler(self.registry, lambda: self.sources)
-                self._admin_server = web.Server(admin.handle, handler_cancellation=True)
-                admin_gate = ConnectionGate(ADMIN_MAX_CONNECTIONS)
-                admin_factory = self._factory(self._admin_server)
-                for sock in bind(cfg.admin_listen, cfg.socket_group):
-                    ls = ListeningSocket(sock, cfg.admin_listen)
-                    self.admin_listeners.append(ls)
-                    ls.start(admin_factory, admin_gate)
+                self.admin_listeners = self._bind_all(
+                    [cfg.admin_listen], cfg.socket_group, self._factory(self._admin_server),
+                    self._admin_gate)
             for source in self.sources.values():
                 await source.start()
         except BaseException:
@@ -182,6 +211,86 @@ class Daemon:
             admin=[ls.address for ls in self.admin_listeners],
             version=__version__,
         )
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply *new* without dropping a connection. Listeners that did not change keep their
+        sockets; providers whose identity did not change keep their tokens. Either the whole
+        config applies or (on a bind error) nothing does. Returns what changed."""
+        async with self._reload_lock:
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> dict[str, list[str]]:
+        old = self.config
+        assert self._server is not None
+        assert self._admin_server is not None
+        assert self._gate is not None
+        assert self._admin_gate is not None
+        assert self._factory_sources is not None
+        assert self._session is not None
+        # Listeners first: the only step that can fail, and it must fail before anything moves.
+        keep = [ls for ls in self.listeners if ls.listener in new.listen]
+        kept = {ls.listener for ls in keep}
+        added = self._bind_all([li for li in new.listen if li not in kept], new.socket_group,
+                               self._factory(self._server), self._gate)
+        drop = [ls for ls in self.listeners if ls.listener not in new.listen]
+        admin_keep = [ls for ls in self.admin_listeners if ls.listener == new.admin_listen]
+        admin_added: list[ListeningSocket] = []
+        if new.admin_listen is not None and not admin_keep:
+            try:
+                admin_added = self._bind_all([new.admin_listen], new.socket_group,
+                                             self._factory(self._admin_server),
+                                             self._admin_gate)
+            except BaseException:
+                for ls in added:
+                    await ls.close()
+                raise
+        admin_drop = [ls for ls in self.admin_listeners if ls not in admin_keep]
+
+        for secret in config_secrets(new):
+            self.redactor.add(secret)
+        if new.state_path != old.state_path:
+            self._factory_sources.store = (StateStore(new.state_path)
+                                           if new.state_path is not None else None)
+        sources: dict[str, TokenSource] = {}
+        retired: list[TokenSource] = []
+        changed: list[str] = []
+        for name, provider in new.providers.items():
+            before, current = old.providers.get(name), self.sources.get(name)
+            if current is not None and before == provider and new.state_path == old.state_path:
+                sources[name] = current
+                continue
+            fresh = self._factory_sources.build(provider)
+            changed.append(name)
+            if (current is not None and before is not None and isinstance(fresh, TokenManager)
+                    and isinstance(current, TokenManager)
+                    and before.identity() == provider.identity()):
+                await current.close()   # lets a refresh in flight finish and persist first
+                fresh.inherit(current)
+            elif current is not None:
+                retired.append(current)
+            sources[name] = fresh
+            await fresh.start()
+        retired += [src for name, src in self.sources.items() if name not in new.providers]
+
+        self.config = new
+        self.sources = sources
+        self._proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics)
+        self._gate.resize(new.limits.max_connections)
+        for ls in drop + admin_drop:
+            await ls.close()
+        self.listeners = keep + added
+        self.admin_listeners = admin_keep + admin_added
+        for src in retired:
+            with contextlib.suppress(Exception):
+                await src.close()
+        return {
+            "listen_added": [ls.address for ls in added + admin_added],
+            "listen_removed": [str(ls.listener) for ls in drop + admin_drop],
+            "providers_changed": changed,
+            "providers_removed": [n for n in old.providers if n not in new.providers],
+        }
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -228,36 +337,71 @@ class Daemon:
         return self.sources
 
 
+async def _reload(daemon: Daemon, redactor: Redactor) -> None:
+    """SIGHUP: re-read the file; a bad one is logged and the running config kept."""
+    logger = log.get_logger()
+    systemd.reloading()
+    try:
+        source = daemon.config.source
+        if source is None:
+            raise ConfigError("config: this daemon was not started from a file")
+        new = load_config(source)
+        old_log = daemon.config.log
+        changes = await daemon.reload(new)
+        if new.log != old_log:
+            log.configure(new.log.level, new.log.format, redactor=redactor)
+        logger.info(log.CONFIG_RELOADED, path=str(source), **changes)
+    except TokenProxyError as exc:
+        logger.error(log.CONFIG_RELOAD_FAILED, error=str(exc))
+    finally:
+        systemd.ready()
+
+
 async def serve(cfg: Config, *, redactor: Redactor) -> int:
-    """Run until SIGTERM or SIGINT, then drain within shutdown_grace. A second signal cuts
-    the drain short."""
+    """Run until SIGTERM or SIGINT, then drain within shutdown_grace; a second signal cuts the
+    drain short. SIGHUP reloads the config file. systemd is told READY, RELOADING, STOPPING."""
     loop = asyncio.get_running_loop()
     daemon = Daemon(cfg, redactor=redactor)
     await daemon.start()
+    systemd.ready()
     stop = asyncio.Event()
     signals = 0
+    reloads: set[asyncio.Task[None]] = set()
 
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
+        if signals == 1:
+            systemd.stopping()
         log.get_logger().info("shutdown", signal=signal.Signals(signum).name,
-                              grace_s=cfg.shutdown_grace if signals == 1 else 0)
+                              grace_s=daemon.config.shutdown_grace if signals == 1 else 0)
         stop.set()
         if signals > 1 and drain is not None:
             drain.cancel()
 
+    def on_hup() -> None:
+        if stop.is_set():
+            return
+        task = asyncio.create_task(_reload(daemon, redactor))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     drain: asyncio.Task[None] | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await stop.wait()
+        for task in list(reloads):
+            with contextlib.suppress(Exception):
+                await task
         drain = asyncio.create_task(daemon.stop())
         try:
             await drain
         except asyncio.CancelledError:
             await daemon.stop(grace=0)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.get_logger().info("stopped")
     return 0

@@ -2,7 +2,7 @@
 
 TokenProxyError
 ├── ConfigError            bad file, missing env var, unreadable secret -> exit 2
-├── RequestRejected        answered locally: 400, 403, 404, 412, 431
+├── RequestRejected        answered locally: 400, 403, 404, 408, 412, 431
 ├── UpstreamError(kind)    connect | tls | reset -> 502, timeout -> 504
 └── TokenError
     ├── TokenUnavailable   endpoint unreachable, failing, bad answer, or in backoff -> 503

@@ -75,15 +75,18 @@ class Redactor:
         if depth > 8:
             return MASK
         if isinstance(value, dict):
-            return {k: self._clean(str(k), v, depth + 1) for k, v in value.items()}
+            # Keys are data too (a dict keyed by token would otherwise print it).
+            return {(self.scrub(k) if isinstance(k, str) else k): self._clean(str(k), v, depth + 1)
+                    for k, v in value.items()}
         if isinstance(value, list | tuple):
             if len(value) == 2 and all(isinstance(v, str) for v in value):
                 # header pairs: mask by the pair's own name
-                return [value[0], self._clean(value[0], value[1], depth + 1)]
+                return [self.scrub(value[0]), self._clean(value[0], value[1], depth + 1)]
             return [self._clean(key, v, depth + 1) for v in value]
         if isinstance(value, int | float | bool) or value is None:
             return value
-        return self.scrub(str(value))
+        # Other objects (yarl.URL, exceptions, ...) as text, through the same rules.
+        return self._clean(key, str(value), depth)
 
     def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
         for key, value in event.items():
@@ -106,7 +109,11 @@ class _StdlibBridge(logging.Handler):
             message = record.getMessage()
         except (TypeError, ValueError):
             message = str(record.msg)
-        structlog.get_logger().log(record.levelno, message, **fields)
+        # structlog knows only the standard levels; a custom one (25, say) would raise here.
+        level = max((n for n in _LEVELS.values() if n <= record.levelno), default=logging.DEBUG)
+        if record.levelno >= logging.CRITICAL:
+            level = logging.CRITICAL
+        structlog.get_logger().log(level, message, **fields)
 
 
 def _drop_color_message(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
@@ -124,18 +131,23 @@ def configure(
     """Set up structlog (and the stdlib bridge) once per process, before anything logs."""
     out = stream if stream is not None else sys.stderr
     renderer: Processor
+    exceptions: Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # ConsoleRenderer needs the traceback as text (a dict one makes it raise TypeError);
+        # the plain traceback module shows no locals.
+        exceptions = structlog.processors.format_exc_info
     else:
         renderer = structlog.processors.JSONRenderer()
+        exceptions = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_color_message,
-        structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ),
+        exceptions,
         redactor,
         renderer,
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import grp
 import os
 import socket
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
 from tokenproxy import log
 from tokenproxy.config import Listener
@@ -66,6 +67,20 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         if self._messages and self._tp_timer is not None:
             self._tp_timer.cancel()
             self._tp_timer = None
+        if self._messages and self._current_request is not None:
+            self._tp_fail_body(self._messages[-1][0], self._current_request)
+
+    @staticmethod
+    def _tp_fail_body(message: object, request: web.BaseRequest) -> None:
+        """A framing error in the body of the request being handled reaches its reader.
+
+        aiohttp's C parser queues the error as a next message but never tells the body stream
+        (bad chunk size after the head was dispatched), so the handler would wait on the body
+        forever with the connection held open.
+        """
+        if isinstance(message, web_protocol._ErrInfo) and not request.content.is_eof():
+            request.content.set_exception(message.exc)
+            request.content.feed_eof()   # nothing more will come: no lingering read after
 
     def _tp_arm(self) -> None:
         self._tp_timer = self._loop.call_later(self._tp_header_timeout, self._tp_expire)
@@ -106,6 +121,9 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             isinstance(exc, BadHttpMessage) and "too long" in str(exc).lower()
         ):
             status, cause, detail = 431, "header_too_large", "a request header line is too long"
+        elif isinstance(exc, HttpProcessingError):
+            # Malformed framing found while the handler read the body (see _tp_fail_body).
+            status, cause, detail = 400, "bad_request", "the request is malformed"
         elif status == 500:
             cause, detail = "internal", "tokenproxy failed to handle the request"
             log.get_logger().error("internal_error", error=type(exc).__name__)
@@ -120,24 +138,45 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
 
 
 class ConnectionGate:
-    """At most *limit* open connections across the listeners that share this gate."""
+    """At most *limit* open connections across the listeners that share this gate.
+
+    Each accept loop takes a slot before accepting, so clients beyond the limit wait in the
+    kernel's listen backlog. The limit can change on reload.
+    """
 
     def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
-        self._sem = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._taken = 0          # slots held: open connections plus loops waiting to accept
         self._open = 0
+        self._freed = asyncio.Event()
         self._on_change = on_change
 
     async def acquire(self) -> None:
-        await self._sem.acquire()
+        """Take a slot before accepting; it counts as open only once a connection comes."""
+        while self._taken >= self._limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._taken += 1
+
+    def release(self) -> None:
+        """Give back a slot that got no connection (the accept failed)."""
+        self._taken -= 1
+        self._freed.set()
+
+    def opened(self) -> None:
         self._open += 1
         if self._on_change:
             self._on_change(self._open)
 
-    def release(self) -> None:
+    def closed(self) -> None:
         self._open -= 1
-        self._sem.release()
+        self.release()
         if self._on_change:
             self._on_change(self._open)
+
+    def resize(self, limit: int) -> None:
+        self._limit = limit
+        self._freed.set()
 
 
 def _bind_tcp(listener: Listener) -> list[socket.socket]:
@@ -238,11 +277,12 @@ class _Slot:
     def __init__(self, gate: ConnectionGate) -> None:
         self._gate = gate
         self._held = True
+        gate.opened()
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._gate.release()
+            self._gate.closed()
 
 
 ProtocolFactory = Callable[[Callable[[], None]], asyncio.Protocol]
@@ -291,7 +331,7 @@ class ListeningSocket:
             slot = _Slot(gate)
             try:
                 conn.setblocking(False)
-                await loop.connect_accepted_socket(lambda s=slot: factory(s.release), conn)
+                await loop.connect_accepted_socket(functools.partial(factory, slot.release), conn)
             except OSError:
                 conn.close()
                 slot.release()

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tokenproxy import log
 from tokenproxy.config import Config
@@ -29,6 +30,7 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 # A 401 body read before retrying, so the pooled connection can be reused; larger ones close it.
 DISCARD_LIMIT: Final = 64 * 1024
 CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection first"
+MALFORMED_BODY: Final = "the request body is malformed"
 
 
 @dataclass(slots=True)
@@ -125,8 +127,16 @@ class Proxy:
             self._metrics.rejected.labels(exc.cause).inc()
             # Framing and size errors leave the connection in doubt: close it.
             return problem_response(exc.status, exc.cause, exc.detail,
-                                    close=exc.status in (400, 431))
+                                    close=exc.status in (400, 408, 431))
+        except HttpProcessingError:
+            # Bad framing in the body (a bad chunk size) found while buffering it.
+            self._metrics.rejected.labels("bad_request").inc()
+            return problem_response(400, "bad_request", MALFORMED_BODY, close=True)
         except UpstreamError as exc:
+            if isinstance(request.content.exception(), HttpProcessingError):
+                # The body's framing broke while it streamed upstream: the client's fault.
+                self._metrics.rejected.labels("bad_request").inc()
+                return problem_response(400, "bad_request", MALFORMED_BODY, close=True)
             self._metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
             return problem_response(exc.status, exc.cause, exc.detail)
         except TokenUnavailable as exc:
@@ -187,7 +197,13 @@ class Proxy:
         route = compiled.route
         source = self.source_for(compiled)
         token = await source.current()
-        body = await self._read_body(request, compiled)
+        try:
+            # A client that stops sending its body must not hold the connection forever.
+            async with asyncio.timeout(route.timeout):
+                body = await self._read_body(request, compiled)
+        except TimeoutError:
+            raise RequestRejected(408, "request_timeout",
+                                  "the request body did not arrive in time") from None
         url = compiled.upstream_url(path, query)
         headers, client_auth = self.request_headers(request, compiled)
         retried = False

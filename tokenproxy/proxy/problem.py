@@ -18,6 +18,7 @@ _TITLES: Final = {
     "require_header": "Required request header missing",
     "not_found": "No route for this path",
     "header_too_large": "Request header fields too large",
+    "request_timeout": "Request body not received in time",
     "expectation_failed": "Expectation not supported",
     "upstream_unreachable": "Upstream unreachable",
     "upstream_timeout": "Upstream timed out",

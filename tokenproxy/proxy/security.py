@@ -19,7 +19,11 @@ def host_name(value: str) -> str:
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        return value[1:end] if end > 0 else value
+        rest = value[end + 1:]
+        # Only ":port" may follow the brackets: "[::1].evil.example" is not ::1.
+        if end > 0 and (not rest or (rest[0] == ":" and rest[1:].isdigit())):
+            return value[1:end]
+        return value
     name, sep, port = value.rpartition(":")
     if sep and port.isdigit() and ":" not in name:
         return name

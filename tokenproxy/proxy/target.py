@@ -154,7 +154,11 @@ class RouteTable:
             if not url.absolute or url.scheme not in ("http", "https"):
                 return location
             origin = str(url.origin())
-            rest = location[len(origin):] if location.startswith(origin) else url.raw_path_qs
+            rest = location[len(origin):]
+            # The normalised origin drops a default port: "http://h:80/x" starts with "http://h"
+            # but its rest is the path, not ":80/x".
+            if not location.startswith(origin) or rest[:1] not in ("", "/", "?", "#"):
+                rest = url.raw_path_qs
             if not rest.startswith("/"):
                 rest = "/" + rest
         candidates = (current, *self._by_upstream)

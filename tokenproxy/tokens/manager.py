@@ -104,6 +104,7 @@ class TokenManager:
         self._last_error: str | None = None
         self._last_unauthorized_refresh = -1e18
         self._loop_task: asyncio.Task[None] | None = None
+        self._inherited = False
         self._wake = asyncio.Event()
         self._coalesced = metrics.token_refresh_coalesced.labels(name)
         metrics.provider_authenticated.labels(name).set(1)
@@ -121,9 +122,26 @@ class TokenManager:
             if stored is not None:
                 self._adopt_stored(stored, take_access=True)
 
+    def inherit(self, old: TokenManager) -> None:
+        """Take over a reloaded provider's tokens (same identity); failures start afresh, since
+        the new config may be what fixes them."""
+        if old._key != self._key:
+            return
+        self._token, self._lifetime = old._token, old._lifetime
+        self._obtained_mono, self._obtained_wall = old._obtained_mono, old._obtained_wall
+        self._generation = old._generation
+        if self._config_seed == old._config_seed and old._refresh_token:
+            self._refresh_token = old._refresh_token
+        if old._token is not None:
+            self._metrics.token_expiry.labels(self.name).set(
+                0 if old._token.expires_at is None or old._lifetime is None
+                else self._obtained_wall + old._lifetime)
+        self._inherited = True
+
     async def start(self) -> None:
         """Load persisted tokens, then fetch or refresh in the background (trigger initial)."""
-        self.load()
+        if not self._inherited:
+            self.load()
         self._loop_task = asyncio.create_task(self._run(), name=f"tokens:{self.name}")
 
     async def close(self) -> None:

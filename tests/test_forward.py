@@ -1,0 +1,887 @@
+"""SPEC.md section 4, forwarding: what goes upstream, what comes back, and what never does."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
+from yarl import URL
+
+from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
+from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen
+from tokenproxy.app import Daemon
+
+# A deterministic, non-repeating-looking payload.
+PATTERN = bytes(range(256))
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A catch-all upstream: records each request and its TCP peer port, answers with JSON.
+
+    Query switches: ``status=N`` answers N; a path ending ``/redirect`` answers 302 to ``to``;
+    ``/truncate-chunked`` sends part of a chunked body and resets; ``/hop`` answers with
+    hop-by-hop response headers; ``/stream-in`` reads the body as it arrives and sets
+    ``first_bytes`` when the first part is in.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.ports: list[int] = []
+        self.server: TestServer | None = None
+        self.first_bytes = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=2**30)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def url(self, path: str = "/") -> str:
+        assert self.server is not None
+        return upstream_url(self.server, path)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/stream-in"):
+            return await self.stream_in(request)
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
+                              body))
+        assert request.transport is not None
+        self.ports.append(request.transport.get_extra_info("peername")[1])
+        if request.path.endswith("/redirect"):
+            return web.Response(status=302, headers={"Location": request.query["to"]})
+        if request.path.endswith("/truncate-chunked"):
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(b"z" * 100)
+            await asyncio.sleep(0.05)
+            request.transport.close()
+            return resp
+        if request.path.endswith("/hop"):
+            resp = web.Response(text="hop")
+            resp.headers.add("Connection", "X-Up-Hop")
+            resp.headers.add("X-Up-Hop", "1")
+            resp.headers.add("Keep-Alive", "timeout=5")
+            resp.headers.add("Proxy-Agent", "up")
+            resp.headers.add("X-Kept", "yes")
+            return resp
+        status = int(request.query.get("status", "200"))
+        if status in (204, 304):
+            return web.Response(status=status)
+        if request.method == "HEAD":
+            return web.Response(body=b"hello")
+        return web.json_response({"raw_path": request.raw_path, "method": request.method,
+                                  "body_sha256": hashlib.sha256(body).hexdigest()},
+                                 status=status)
+
+    async def stream_in(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        async for chunk in request.content.iter_any():
+            self.first_bytes.set()
+            digest.update(chunk)
+        return web.json_response({"body_sha256": digest.hexdigest()})
+
+    @property
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+
+@pytest.fixture(name="recorder")
+async def _recorder(aiohttp_server: AiohttpServer) -> Recorder:
+    rec = Recorder()
+    rec.server = await aiohttp_server(rec.app(), auto_decompress=False)
+    return rec
+
+
+def base(daemon: Daemon) -> str:
+    return f"http://127.0.0.1:{daemon.port()}"
+
+
+def raw_url(daemon: Daemon, target: str) -> URL:
+    """A proxy URL whose path and query are sent byte for byte."""
+    return URL(base(daemon) + target, encoded=True)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait (bounded) for something the handler does after the client saw the response."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def header_names(seen: Seen) -> set[str]:
+    return {k.lower() for k, _ in seen.headers}
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+class RawConnection:
+    """A client socket for exact request bytes and for checking connection reuse."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> RawConnection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, head: str, body: bytes = b"", method: str = "GET") -> RawResponse:
+        self.writer.write(head.replace("\n", "\r\n").encode("latin-1") + body)
+        await self.writer.drain()
+        async with asyncio.timeout(5):
+            return await self._response(method)
+
+    async def _response(self, method: str) -> RawResponse:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers.add(name.strip(), value.strip())
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            return RawResponse(status, headers, b"")
+        if "Content-Length" in headers:
+            body = await self.reader.readexactly(int(headers["Content-Length"]))
+        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    break
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            body = b"".join(parts)
+        else:
+            body = await self.reader.read()
+        return RawResponse(status, headers, body)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A regression must fail fast, not hang until pytest's timeout.
+QUICK = aiohttp.ClientTimeout(total=5)
+
+
+def route(prefix: str, upstream: str, **extra: Any) -> dict[str, Any]:
+    return {"prefix": prefix, "upstream": upstream, "provider": "api", **extra}
+
+
+# -- request line: method, path, query, routing -------------------------------------------
+
+
+class TestRequestTarget:
+    @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    async def test_method_forwarded(
+        self, make_proxy: MakeProxy, recorder: Recorder, method: str
+    ) -> None:
+        """The client's method reaches the upstream unchanged."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession() as s, s.request(method, base(daemon) + "/m") as resp:
+            assert 200 == resp.status
+        assert method == recorder.last.method
+
+    @pytest.mark.parametrize(
+        ("prefix", "up_path", "target", "expected"),
+        [
+            ("/api", "/v1/", "/api/x/y", "/v1/x/y"),
+            ("/api/", "/v1/", "/api/x/y", "/v1/x/y"),
+            ("/api", "/v1", "/api/x/y", "/v1/x/y"),
+            ("/api/", "/v1", "/api/x/y", "/v1/x/y"),
+            ("/api", "/v1/", "/api", "/v1/"),
+            ("/api", "/v1", "/api", "/v1"),
+            ("/api", "/v1/", "/api/", "/v1/"),
+            ("/api/", "/v1", "/api/", "/v1/"),
+            ("/", "/v1/", "/x", "/v1/x"),
+            ("/", "/v1", "/x", "/v1/x"),
+            ("/", "/v1/", "/", "/v1/"),
+            ("/", "/", "/x/y", "/x/y"),
+        ],
+    )
+    async def test_prefix_replaced_by_upstream_path(
+        self, make_proxy: MakeProxy, recorder: Recorder,
+        prefix: str, up_path: str, target: str, expected: str,
+    ) -> None:
+        """The route prefix is replaced by the upstream path with exactly one junction slash."""
+        daemon = await make_proxy(proxy_config(
+            recorder.url("/"), TOKEN, routes=[route(prefix, recorder.url(up_path))]))
+        async with aiohttp.ClientSession() as s, s.get(raw_url(daemon, target)) as resp:
+            assert 200 == resp.status
+        assert expected == recorder.last.raw_path
+
+    async def test_raw_query_byte_for_byte(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """The query string reaches the upstream exactly as sent, invalid escapes included."""
+        daemon = await make_proxy(proxy_config(
+            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+        query = "a=%ZZ&b=;&c=%2F&d=+&e=%7e&f=a%20b&&g"
+        conn = await RawConnection.open(daemon.port())
+        try:
+            resp = await conn.request(
+                f"GET /api/q?{query} HTTP/1.1\nHost: 127.0.0.1\n\n")
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert f"/v1/q?{query}" == recorder.last.raw_path
+
+    async def test_encoded_slash_in_path_kept(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """A %2F in the path stays encoded upstream (never decoded into a separator)."""
+        daemon = await make_proxy(proxy_config(
+            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+        async with aiohttp.ClientSession() as s, \
+                s.get(raw_url(daemon, "/api/a%2Fb/c%20d?x=1")) as resp:
+            assert 200 == resp.status
+        assert "/v1/a%2Fb/c%20d?x=1" == recorder.last.raw_path
+
+    async def test_longest_prefix_wins(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+        """Of two matching routes the longer prefix wins, whatever the order in the config."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/root/")),
+            route("/api", recorder.url("/short/")),
+            route("/api/v2", recorder.url("/long/")),
+        ]))
+        async with aiohttp.ClientSession() as s:
+            for target in ("/api/v2/x", "/api/v1/x", "/api/v2", "/other"):
+                async with s.get(base(daemon) + target) as resp:
+                    assert 200 == resp.status
+        assert ["/long/x", "/short/v1/x", "/long/", "/root/other"] == [
+            seen.raw_path for seen in recorder.seen]
+
+    async def test_prefix_matches_whole_segments_only(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """Route /api does not match /apix: that falls to the root route."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/root/")),
+            route("/api", recorder.url("/v1/")),
+        ]))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/apix/y") as resp:
+            assert 200 == resp.status
+        assert "/root/apix/y" == recorder.last.raw_path
+
+    async def test_path_outside_every_route_is_404(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """With only route /api, /apix gets a 404 problem and nothing reaches the upstream."""
+        daemon = await make_proxy(proxy_config(
+            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/apix") as resp:
+            assert 404 == resp.status
+            assert "application/problem+json" == resp.content_type
+            assert "not_found" == resp.headers["Tokenproxy-Error"]
+        assert [] == recorder.seen
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        await asyncio.sleep(0)
+        yield data[i:i + size]
+
+
+class TestRequestBody:
+    async def test_small_post_body_intact(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """A small POST body reaches the upstream byte for byte."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        body = PATTERN * 4
+        async with aiohttp.ClientSession() as s, \
+                s.post(base(daemon) + "/echo", data=body) as resp:
+            doc = await resp.json()
+        assert hashlib.sha256(body).hexdigest() == doc["body_sha256"]
+        assert [str(len(body))] == fake_upstream.seen[-1].header("Content-Length")
+
+    async def test_chunked_upload_intact(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A chunked upload (no Content-Length) reaches the upstream intact."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        body = PATTERN * 1200   # 300 KiB in 10 KiB chunks
+        async with aiohttp.ClientSession() as s, \
+                s.post(base(daemon) + "/echo", data=_chunks(body, 10_240)) as resp:
+            doc = await resp.json()
+        assert len(body) == doc["body_len"]
+        assert hashlib.sha256(body).hexdigest() == doc["body_sha256"]
+
+    @pytest.mark.parametrize(
+        ("limits", "extra"),
+        [({"max_replay_body": "1KiB"}, {}), ({}, {"retry_on": []})],
+        ids=["past-max-replay-body", "no-retry-on"],
+    )
+    async def test_upload_streams_before_it_ends(
+        self, make_proxy: MakeProxy, recorder: Recorder,
+        limits: dict[str, Any], extra: dict[str, Any],
+    ) -> None:
+        """An upload that will not be replayed reaches the upstream while the client still sends."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, limits=limits,
+                                               routes=[route("/", recorder.url("/"), **extra)]))
+        sent = hashlib.sha256()
+
+        async def body() -> AsyncIterator[bytes]:
+            first = PATTERN * 16   # 4 KiB
+            sent.update(first)
+            yield first
+            # The rest only once the upstream holds the start: a buffering proxy deadlocks here.
+            async with asyncio.timeout(3):
+                await recorder.first_bytes.wait()
+            rest = PATTERN * 64
+            sent.update(rest)
+            yield rest
+
+        async with aiohttp.ClientSession(timeout=QUICK) as s, \
+                s.post(base(daemon) + "/stream-in", data=body()) as resp:
+            assert 200 == resp.status
+            doc = await resp.json()
+        assert sent.hexdigest() == doc["body_sha256"]
+
+    @pytest.mark.parametrize("chunked", [False, True])
+    async def test_body_larger_than_max_replay_body_intact(
+        self, make_proxy: MakeProxy, upstream: TestServer, chunked: bool
+    ) -> None:
+        """A body past max_replay_body streams through whole, its buffered prefix included."""
+        daemon = await make_proxy(proxy_config(
+            upstream_url(upstream), TOKEN, limits={"max_replay_body": "1KiB"}))
+        body = PATTERN * 256   # 64 KiB
+        data: Any = _chunks(body, 700) if chunked else body
+        async with aiohttp.ClientSession() as s, \
+                s.post(base(daemon) + "/echo", data=data) as resp:
+            assert 200 == resp.status
+            doc = await resp.json()
+        assert len(body) == doc["body_len"]
+        assert hashlib.sha256(body).hexdigest() == doc["body_sha256"]
+
+    async def test_gzip_request_body_not_decoded(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """A gzip request body passes through compressed, with its Content-Encoding."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        body = gzip.compress(b"compress me " * 500)
+        async with aiohttp.ClientSession() as s, s.post(
+            base(daemon) + "/echo", data=body, headers={"Content-Encoding": "gzip"}
+        ) as resp:
+            doc = await resp.json()
+        assert hashlib.sha256(body).hexdigest() == doc["body_sha256"]
+        assert ["gzip"] == fake_upstream.seen[-1].header("Content-Encoding")
+
+    async def test_expect_continue_answered_not_forwarded(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """Expect: 100-continue is answered by the proxy and not forwarded; the body arrives."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        body = b"expected body"
+        async with aiohttp.ClientSession() as s, \
+                s.post(base(daemon) + "/echo", data=body, expect100=True) as resp:
+            doc = await resp.json()
+        assert hashlib.sha256(body).hexdigest() == doc["body_sha256"]
+        assert [] == fake_upstream.seen[-1].header("Expect")
+
+
+# -- request headers ---------------------------------------------------------------------------
+
+
+class TestRequestHeaders:
+    async def test_hop_by_hop_not_forwarded(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """Connection and the names it lists, Keep-Alive, TE, Trailer, Upgrade, Proxy-* stay."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            resp = await conn.request(
+                "GET /h HTTP/1.1\nHost: 127.0.0.1\n"
+                "Connection: X-Foo\nConnection: X-Bar, keep-alive\n"
+                "X-Foo: 1\nX-Bar: 2\nKeep-Alive: timeout=5\nTE: trailers\n"
+                "Trailer: X-Checksum\nUpgrade: h2c\n"
+                "Proxy-Authorization: Basic Zm9vOmJhcg==\nProxy-Connection: keep-alive\n"
+                "X-Keep: yes\n\n")
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        names = header_names(recorder.last)
+        dropped = {"x-foo", "x-bar", "keep-alive", "te", "trailer", "upgrade",
+                   "proxy-authorization", "proxy-connection"}
+        assert set() == names & dropped
+        assert [] == [v for v in recorder.last.header("Connection") if "x-" in v.lower()]
+        assert ["yes"] == recorder.last.header("X-Keep")
+
+    async def test_connection_cannot_strip_the_token(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """`Connection: close, Authorization, X-Foo` still gets the token; X-Foo is stripped."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            resp = await conn.request(
+                "GET /c HTTP/1.1\nHost: 127.0.0.1\nConnection: close, Authorization, X-Foo\n"
+                "Authorization: Bearer client-own\nX-Foo: 1\n\n")
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+        assert [] == recorder.last.header("X-Foo")
+
+    @pytest.mark.parametrize("with_key", [False, True])
+    async def test_tokenproxy_key_never_forwarded(
+        self, make_proxy: MakeProxy, recorder: Recorder, with_key: bool
+    ) -> None:
+        """Tokenproxy-Key stays at the proxy, whether or not client_key is configured."""
+        extra: dict[str, Any] = {"security": {"client_key": CLIENT_KEY}} if with_key else {}
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, **extra))
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/k", headers={"Tokenproxy-Key": CLIENT_KEY}) as resp:
+            assert 200 == resp.status
+        assert [] == recorder.last.header("Tokenproxy-Key")
+
+    async def test_host_is_the_upstreams(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """By default the upstream sees its own host:port in Host, not the client's."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/h", headers={"Host": "localhost:4321"}) as resp:
+            assert 200 == resp.status
+        assert recorder.server is not None
+        assert [f"127.0.0.1:{recorder.server.port}"] == recorder.last.header("Host")
+
+    async def test_preserve_host(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+        """With preserve_host: true the client's Host goes upstream."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/"), preserve_host=True)]))
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/h", headers={"Host": "localhost:4321"}) as resp:
+            assert 200 == resp.status
+        assert ["localhost:4321"] == recorder.last.header("Host")
+
+    async def test_no_invented_headers(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+        """The proxy adds no Accept, Accept-Encoding, User-Agent or Content-Type of its own."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            resp = await conn.request(
+                "POST /n HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 4\n\n", b"data")
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert b"data" == recorder.last.body
+        assert set() == header_names(recorder.last) & {
+            "accept", "accept-encoding", "user-agent", "content-type"}
+
+    async def test_client_headers_pass_through(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """End-to-end headers the client sends reach the upstream, repeated ones in order."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        headers = CIMultiDict([("X-Multi", "1"), ("X-Multi", "2"),
+                               ("Accept-Encoding", "br"), ("User-Agent", "client/1.0")])
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/p", headers=headers) as resp:
+            assert 200 == resp.status
+        assert ["1", "2"] == recorder.last.header("X-Multi")
+        assert ["br"] == recorder.last.header("Accept-Encoding")
+        assert ["client/1.0"] == recorder.last.header("User-Agent")
+
+
+class TestAuthorization:
+    async def test_client_authorization_replaced_once(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """The client's two Authorization headers are replaced by exactly one proxy value."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        headers = CIMultiDict([("Authorization", "Bearer mine-1"),
+                               ("Authorization", "Basic bWluZToy")])
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/a", headers=headers) as resp:
+            assert 200 == resp.status
+        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+
+    async def test_keep_passes_client_header_untouched(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """client_authorization: keep passes the client's own header and adds no token."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/"), client_authorization="keep")]))
+        async with aiohttp.ClientSession() as s, s.get(
+            base(daemon) + "/a", headers={"Authorization": "Basic bWluZToy"}
+        ) as resp:
+            assert 200 == resp.status
+        assert ["Basic bWluZToy"] == recorder.last.header("Authorization")
+
+    async def test_keep_without_client_header_adds_token(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """client_authorization: keep still attaches the token when the client sent none."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/"), client_authorization="keep")]))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/a") as resp:
+            assert 200 == resp.status
+        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+
+    async def test_custom_header_and_value(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """header: X-Api-Key with value "Key {token}" sends that header, replacing the client's."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/", recorder.url("/"), header="X-Api-Key", value="Key {token}")]))
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/a", headers={"x-api-key": "client-key"}) as resp:
+            assert 200 == resp.status
+        assert [f"Key {TOKEN}"] == recorder.last.header("X-Api-Key")
+        assert [] == recorder.last.header("Authorization")
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+class TestResponse:
+    async def test_status_and_body_come_back(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """The upstream's status and body come back as sent."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/status/418") as resp:
+            assert 418 == resp.status
+            assert b"status 418\n" == await resp.read()
+
+    async def test_repeated_set_cookie_survive(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """Two Set-Cookie headers from the upstream both reach the client."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/cookies") as resp:
+            assert ["a=1; Path=/", "b=2; Path=/"] == resp.headers.getall("Set-Cookie")
+
+    async def test_response_hop_by_hop_not_relayed(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """Hop-by-hop response headers (and names the upstream's Connection lists) stay behind."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/hop") as resp:
+            assert 200 == resp.status
+            names = {k.lower() for k in resp.headers}
+            assert "yes" == resp.headers["X-Kept"]
+        assert set() == names & {"x-up-hop", "keep-alive", "proxy-agent"}
+
+    async def test_gzip_response_not_decoded(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A gzip response passes through compressed, with its Content-Length and -Encoding."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession(auto_decompress=False) as s, \
+                s.get(base(daemon) + "/gzip") as resp:
+            body = await resp.read()
+            assert "gzip" == resp.headers["Content-Encoding"]
+            assert str(len(body)) == resp.headers["Content-Length"]
+        assert b"hello gzip " * 100 == gzip.decompress(body)
+
+    async def test_token_echo_header_dropped(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A response header that echoes the token is dropped; the others come back."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/echo-token") as resp:
+            assert 200 == resp.status
+            assert "X-Echo" not in resp.headers
+            assert "kept" == resp.headers["X-Other"]
+            assert TOKEN not in json.dumps(list(resp.headers.items()))
+
+    async def test_head_has_headers_no_body(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """HEAD keeps the upstream's Content-Length, sends no body; the connection is reused."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            head = await conn.request("HEAD /h HTTP/1.1\nHost: 127.0.0.1\n\n", method="HEAD")
+            after = await conn.request("GET /next HTTP/1.1\nHost: 127.0.0.1\n\n")
+        finally:
+            await conn.close()
+        assert 200 == head.status
+        assert "5" == head.headers["Content-Length"]
+        assert "HEAD" == recorder.seen[0].method
+        assert 200 == after.status
+        assert "/next" == json.loads(after.body)["raw_path"]
+
+    @pytest.mark.parametrize("status", [204, 304])
+    async def test_no_body_status_and_connection_reused(
+        self, make_proxy: MakeProxy, recorder: Recorder, status: int
+    ) -> None:
+        """204 and 304 carry no body, and the same client connection serves the next request."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            first = await conn.request(f"GET /s?status={status} HTTP/1.1\nHost: 127.0.0.1\n\n")
+            after = await conn.request("GET /next HTTP/1.1\nHost: 127.0.0.1\n\n")
+        finally:
+            await conn.close()
+        assert status == first.status
+        assert "Transfer-Encoding" not in first.headers
+        assert "0" == first.headers.get("Content-Length", "0")
+        assert 200 == after.status
+        assert "/next" == json.loads(after.body)["raw_path"]
+
+
+class TestStreaming:
+    async def test_sse_events_flushed_as_sent(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """Server-sent events arrive as the upstream sends them, not all at the end."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        arrivals: list[float] = []
+        async with aiohttp.ClientSession(timeout=QUICK) as s:
+            start = time.monotonic()
+            async with s.get(base(daemon) + "/sse?gap=0.3") as resp:
+                assert "text/event-stream" == resp.headers["Content-Type"]
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        arrivals.append(time.monotonic() - start)
+            end = time.monotonic() - start
+        assert 3 == len(arrivals)
+        assert arrivals[0] < 0.25
+        assert arrivals[1] - arrivals[0] > 0.2
+        assert arrivals[2] - arrivals[1] > 0.2
+        assert end - arrivals[0] > 0.5
+
+    async def test_large_download_intact(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A 20 MiB download streams through whole, with its Content-Length."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        n = 20 * 1024 * 1024
+        digest = hashlib.sha256()
+        size = 0
+        async with aiohttp.ClientSession(timeout=QUICK) as s, \
+                s.get(base(daemon) + f"/big?n={n}") as resp:
+            assert str(n) == resp.headers["Content-Length"]
+            async for chunk in resp.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+        assert n == size
+        assert hashlib.sha256(b"x" * n).hexdigest() == digest.hexdigest()
+
+
+# -- redirects ---------------------------------------------------------------------------------
+
+
+class TestRedirects:
+    async def test_redirect_elsewhere_passed_back_unchanged(
+        self, make_proxy: MakeProxy, recorder: Recorder, aiohttp_server: AiohttpServer
+    ) -> None:
+        """A 302 to another origin comes back unchanged and nothing is fetched there."""
+        other = Recorder()
+        other.server = await aiohttp_server(other.app())
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        target = other.url("/landing?x=1")
+        async with aiohttp.ClientSession() as s, s.get(
+            base(daemon) + "/redirect", params={"to": target}, allow_redirects=False
+        ) as resp:
+            assert 302 == resp.status
+            assert target == resp.headers["Location"]
+        assert [] == other.seen
+        assert 1 == len(recorder.seen)
+
+    @pytest.mark.parametrize("absolute", [False, True])
+    async def test_redirect_inside_upstream_rewritten(
+        self, make_proxy: MakeProxy, recorder: Recorder, absolute: bool
+    ) -> None:
+        """A Location inside the route's upstream becomes the proxy path (prefix + rest + query)."""
+        daemon = await make_proxy(proxy_config(
+            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+        location = (recorder.url("/v1/next?page=2") if absolute else "/v1/next?page=2")
+        async with aiohttp.ClientSession() as s, s.get(
+            base(daemon) + "/api/redirect", params={"to": location}, allow_redirects=False
+        ) as resp:
+            assert 302 == resp.status
+            assert "/api/next?page=2" == resp.headers["Location"]
+        assert ["/v1/redirect"] == [seen.raw_path.split("?")[0] for seen in recorder.seen]
+
+
+    async def test_redirect_with_default_port_spelled_out_rewritten(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """A Location naming a route's upstream with its default port (:80) is rewritten whole."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
+            route("/api", recorder.url("/v1/")),
+            route("/ext", "http://upstream.example/"),
+        ]))
+        async with aiohttp.ClientSession() as s, s.get(
+            base(daemon) + "/api/redirect",
+            params={"to": "http://upstream.example:80/next?page=2"}, allow_redirects=False,
+        ) as resp:
+            assert 302 == resp.status
+            assert "/ext/next?page=2" == resp.headers["Location"]
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+
+class TestUpstreamErrors:
+    async def test_connection_refused_is_502(self, make_proxy: MakeProxy) -> None:
+        """An unreachable upstream gives a 502 problem (upstream_unreachable), counted connect."""
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{free_port()}/", TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/x") as resp:
+            assert 502 == resp.status
+            assert "application/problem+json" == resp.content_type
+            assert "upstream_unreachable" == resp.headers["Tokenproxy-Error"]
+            doc = await resp.json(content_type=None)
+        assert doc["type"].endswith("upstream_unreachable")
+        assert 502 == doc["status"]
+        assert 1.0 == daemon.registry.get_sample_value(
+            "tokenproxy_upstream_errors_total", {"route": "/", "kind": "connect"})
+
+    async def test_slow_upstream_is_504(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """An upstream slower than the route timeout gives a 504 problem, counted timeout."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN, routes=[
+            route("/", upstream_url(upstream), timeout=0.3)]))
+        start = time.monotonic()
+        async with aiohttp.ClientSession(timeout=QUICK) as s, \
+                s.get(base(daemon) + "/slow?delay=2") as resp:
+            assert 504 == resp.status
+            assert "application/problem+json" == resp.content_type
+            assert "upstream_timeout" == resp.headers["Tokenproxy-Error"]
+            doc = await resp.json(content_type=None)
+        assert time.monotonic() - start < 1.5
+        assert doc["type"].endswith("upstream_timeout")
+        assert 1.0 == daemon.registry.get_sample_value(
+            "tokenproxy_upstream_errors_total", {"route": "/", "kind": "timeout"})
+
+    async def test_truncated_upstream_body_looks_truncated(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """An upstream reset mid-body (Content-Length) reaches the client as a failed body."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession(timeout=QUICK) as s, \
+                s.get(base(daemon) + "/truncate") as resp:
+            assert 200 == resp.status
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        await eventually(lambda: daemon.registry.get_sample_value(
+            "tokenproxy_upstream_errors_total", {"route": "/", "kind": "reset"}) == 1.0)
+
+    async def test_truncated_chunked_body_looks_truncated(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """An upstream reset mid-way through a chunked body never looks like a complete body."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession(timeout=QUICK) as s, \
+                s.get(base(daemon) + "/truncate-chunked") as resp:
+            assert 200 == resp.status
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+
+    async def test_environment_proxy_ignored(
+        self, make_proxy: MakeProxy, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """HTTP_PROXY / HTTPS_PROXY in the environment do not reroute upstream requests."""
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
+                     "all_proxy"):
+            monkeypatch.setenv(name, "http://127.0.0.1:9")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/env") as resp:
+            assert 200 == resp.status
+        assert "/env" == recorder.last.raw_path
+
+
+# -- observability and pooling -------------------------------------------------------------
+
+
+class TestObservability:
+    async def test_request_metrics(self, make_proxy: MakeProxy, upstream: TestServer) -> None:
+        """Requests are counted by route, method and code, timed by route; inflight returns to 0."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.get(base(daemon) + "/echo") as resp:
+                    await resp.read()
+            async with s.post(base(daemon) + "/status/404", data=b"x") as resp:
+                await resp.read()
+        reg = daemon.registry
+
+        def counted() -> bool:
+            return 1.0 == reg.get_sample_value(
+                "tokenproxy_requests_total", {"route": "/", "method": "POST", "code": "404"})
+
+        await eventually(counted)
+        assert 2.0 == reg.get_sample_value(
+            "tokenproxy_requests_total", {"route": "/", "method": "GET", "code": "200"})
+        assert 3.0 == reg.get_sample_value(
+            "tokenproxy_request_duration_seconds_count", {"route": "/"})
+        assert 0.0 == reg.get_sample_value("tokenproxy_inflight_requests")
+
+    async def test_request_log_event(
+        self, make_proxy: MakeProxy, upstream: TestServer, logs: CapturedLogs
+    ) -> None:
+        """One `request` event: route, method, path without query, status, duration, bytes."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+        async with aiohttp.ClientSession() as s, \
+                s.get(base(daemon) + "/status/201?secretquery=v") as resp:
+            body = await resp.read()
+        await eventually(lambda: bool(logs.events("request")))
+        [event] = logs.events("request")
+        assert {"route": "/", "method": "GET", "path": "/status/201", "status": 201,
+                "bytes": len(body), "retried": False} == {
+            k: event[k] for k in ("route", "method", "path", "status", "bytes", "retried")}
+        assert isinstance(event["duration_ms"], int | float)
+        assert event["duration_ms"] >= 0
+        assert "secretquery" not in logs.text
+
+    @pytest.mark.parametrize(
+        ("method", "first"),
+        [("GET", "/one"), ("HEAD", "/one"), ("GET", "/one?status=204"),
+         ("GET", "/one?status=304")],
+    )
+    async def test_upstream_connection_pooled(
+        self, make_proxy: MakeProxy, recorder: Recorder, method: str, first: str
+    ) -> None:
+        """Two sequential requests reach the upstream over one pooled TCP connection."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, base(daemon) + first) as resp:
+                await resp.read()
+            async with s.get(base(daemon) + "/two") as resp:
+                await resp.read()
+        assert 2 == len(recorder.ports)
+        assert recorder.ports[0] == recorder.ports[1]

@@ -1,0 +1,467 @@
+"""Connection-level limits: head size, header and keep-alive timeouts, the connection cap,
+unix socket listeners, and the refusal of exposed listeners without protection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from tests.conftest import MakeProxy, proxy_config, upstream_url
+from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream
+from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
+from tokenproxy.app import Daemon
+from tokenproxy.config import build_config
+from tokenproxy.errors import ConfigError
+from tokenproxy.server import ListenError
+
+
+async def start(make_proxy: MakeProxy, upstream: TestServer, **overrides: Any) -> Daemon:
+    """A daemon with the one-route config to *upstream*, top-level keys replaced."""
+    return await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, **overrides))
+
+
+def headers(count: int, value_size: int) -> list[str]:
+    return [f"X-H{i}: {'v' * value_size}" for i in range(count)]
+
+
+SMALL_HEAD = {"max_header_size": "4KiB"}
+
+
+class TestHeaderSize:
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            pytest.param(get("/status/200?" + "q" * 5000), id="request-line"),
+            pytest.param(get("/status/200", "localhost", "X-Big: " + "b" * 5000),
+                         id="header-line"),
+            pytest.param(get("/status/200", "localhost", "X-" + "n" * 5000 + ": v"),
+                         id="header-name"),
+            pytest.param(get("/status/200", "localhost", *headers(10, 500)),
+                         id="head-total"),
+            pytest.param(get("/status/200", "localhost", *headers(60, 60)),
+                         id="head-total-many-small"),
+        ],
+    )
+    async def test_head_over_limit_431(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
+        request_bytes: bytes,
+    ) -> None:
+        """A line or the whole head over max_header_size gets 431 problem+json and a close."""
+        daemon = await start(make_proxy, upstream, limits=SMALL_HEAD)
+        resp, closed = await exchange(daemon.port(), request_bytes)
+        assert_problem(resp, 431, "header_too_large")
+        assert closed
+        assert [] == fake_upstream.seen
+
+    async def test_head_under_limit_passes(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """A head just under max_header_size, with one long line, is forwarded."""
+        daemon = await start(make_proxy, upstream, limits=SMALL_HEAD)
+        resp, _ = await exchange(daemon.port(),
+                                 get("/status/200", "localhost", "X-Big: " + "b" * 3500))
+        assert 200 == resp.status
+        [seen] = fake_upstream.seen
+        assert ["b" * 3500] == seen.header("X-Big")
+
+    async def test_too_many_headers_refused(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """200 small header lines get a 4xx and a close, never an upstream request."""
+        daemon = await start(make_proxy, upstream)
+        resp, closed = await exchange(daemon.port(), get("/status/200", "localhost",
+                                                         *headers(200, 1)))
+        assert 400 <= resp.status < 500
+        assert resp.get("Tokenproxy-Error") is not None
+        assert closed
+        assert [] == fake_upstream.seen
+
+    async def test_default_limit_is_16k_not_aiohttps_8k(
+        self, make_proxy: MakeProxy, aiohttp_server: AiohttpServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """By default a 9000-byte header passes (aiohttp alone stops at 8190); 17000 is 431."""
+        # An upstream that itself takes long lines, so only the proxy's limit is tested.
+        upstream = await aiohttp_server(fake_upstream.app(), max_line_size=32768,
+                                        max_field_size=32768)
+        daemon = await start(make_proxy, upstream)
+        resp, _ = await exchange(daemon.port(),
+                                 get("/status/200", "localhost", "X-Big: " + "b" * 9000))
+        assert 200 == resp.status
+        resp, _ = await exchange(daemon.port(),
+                                 get("/status/200", "localhost", "X-Big: " + "b" * 17000))
+        assert_problem(resp, 431, "header_too_large")
+        assert 1 == len(fake_upstream.seen)
+
+
+TIMEOUTS = {"header_timeout": "300ms", "keepalive_timeout": "5s"}
+
+
+async def dribble(conn: RawConnection, first: bytes, every: float) -> None:
+    """Send *first*, then one header line every *every* seconds, never ending the head."""
+    with contextlib.suppress(ConnectionError):
+        await conn.send(first)
+        for i in range(100):
+            await asyncio.sleep(every)
+            await conn.send(f"X-Slow-{i}: v\r\n".encode())
+
+
+class TestHeaderTimeout:
+    async def test_slowloris_cut_at_header_timeout(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """A client sending a header line every 0.1 s is cut at header_timeout, not keep-alive."""
+        daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
+        conn = await RawConnection.open(daemon.port())
+        task = asyncio.create_task(dribble(conn, b"GET /status/200 HTTP/1.1\r\n", 0.1))
+        try:
+            closed_at = await conn.wait_closed(2.0)
+        finally:
+            task.cancel()
+            await conn.close()
+        assert closed_at is not None
+        assert 0.25 <= closed_at < 0.9
+        assert b"" == conn.trailing
+        assert [] == fake_upstream.seen
+
+    async def test_silent_connection_cut_at_header_timeout(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A connection that never sends a byte is closed at header_timeout."""
+        daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
+        conn = await RawConnection.open(daemon.port())
+        try:
+            closed_at = await conn.wait_closed(2.0)
+        finally:
+            await conn.close()
+        assert closed_at is not None
+        assert 0.25 <= closed_at < 0.9
+
+    async def test_slow_but_complete_head_succeeds(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """A head sent in pieces that completes within header_timeout is served."""
+        daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
+        conn = await RawConnection.open(daemon.port())
+        try:
+            for piece in (b"GET /status/200 HTTP/1.1\r\n", b"Host: localhost\r\n",
+                          b"X-A: 1\r\n", b"\r\n"):
+                await conn.send(piece)
+                await asyncio.sleep(0.05)
+            resp = await conn.response()
+            assert_no_secret(resp.raw)
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert 1 == len(fake_upstream.seen)
+
+    async def test_slowloris_on_second_request_cut(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """After a served request, a dribbled next head is cut at header_timeout too."""
+        daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
+        conn = await RawConnection.open(daemon.port())
+        task: asyncio.Task[None] | None = None
+        try:
+            await conn.send(get("/status/200"))
+            assert 200 == (await conn.response()).status
+            started = time.monotonic()
+            task = asyncio.create_task(dribble(conn, b"GET /status/201 HTTP/1.1\r\n", 0.1))
+            assert await conn.wait_closed(2.0) is not None
+            elapsed = time.monotonic() - started
+        finally:
+            if task is not None:
+                task.cancel()
+            await conn.close()
+        assert 0.25 <= elapsed < 0.9
+        assert ["/status/200"] == [s.raw_path for s in fake_upstream.seen]
+
+    async def test_idle_keepalive_closed_at_keepalive_timeout(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """An idle kept-alive connection outlives header_timeout; keepalive_timeout ends it."""
+        daemon = await start(make_proxy, upstream,
+                             limits={"header_timeout": "300ms", "keepalive_timeout": "1s"})
+        conn = await RawConnection.open(daemon.port())
+        try:
+            await conn.send(get("/status/200"))
+            assert 200 == (await conn.response()).status
+            started = time.monotonic()
+            assert await conn.wait_closed(0.6) is None     # past header_timeout: still open
+            assert await conn.wait_closed(1.5) is not None
+            elapsed = time.monotonic() - started
+        finally:
+            await conn.close()
+        assert 0.9 <= elapsed < 1.6
+        assert b"" == conn.trailing
+
+    async def test_request_in_progress_not_cut(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A slow upstream answer is not a slow head: the request outlives header_timeout."""
+        daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
+        conn = await RawConnection.open(daemon.port())
+        try:
+            await conn.send(get("/slow?delay=0.6"))
+            resp = await conn.response()
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert b"slow" == resp.body
+
+
+class TestBodyTimeout:
+    @pytest.mark.parametrize(
+        ("retry_on", "content_length", "status", "cause", "upstream_saw"),
+        [
+            ([401], "100", 408, "request_timeout", []),
+            ([], "100", 504, "upstream_timeout", ["/upload"]),
+            ([401], "2147483648", 504, "upstream_timeout", ["/upload"]),
+        ],
+        ids=["buffered", "streamed", "over-replay-limit"],
+    )
+    async def test_stalled_body_cut_at_route_timeout(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
+        retry_on: list[int], content_length: str, status: int, cause: str,
+        upstream_saw: list[str],
+    ) -> None:
+        """A client that stops sending its body is answered at the route timeout at the latest."""
+        daemon = await start(make_proxy, upstream, routes=[
+            {"prefix": "/", "upstream": upstream_url(upstream, "/"), "provider": "api",
+             "retry_on": retry_on, "timeout": "500ms"}])
+        conn = await RawConnection.open(daemon.port())
+        try:
+            await conn.send(get("/upload", "localhost", f"Content-Length: {content_length}",
+                                method="POST") + b"abc")
+            started = time.monotonic()
+            resp = await conn.response()
+            elapsed = time.monotonic() - started
+            assert_no_secret(resp.raw)
+        finally:
+            await conn.close()
+        assert_problem(resp, status, cause)
+        assert 0.4 <= elapsed < 1.5
+        assert upstream_saw == [s.raw_path for s in fake_upstream.seen]
+
+
+def gauge(daemon: Daemon) -> float | None:
+    return daemon.registry.get_sample_value("tokenproxy_client_connections")
+
+
+async def eventually(check: Any, timeout: float = 2.0) -> None:
+    """Wait until *check()* is true."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+class TestConnectionCap:
+    async def test_excess_connection_waits_in_backlog(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
+        """Beyond max_connections a client waits, unrefused, until a slot frees up."""
+        daemon = await start(make_proxy, upstream,
+                             limits={"max_connections": 2, "keepalive_timeout": "5s"})
+        first = await RawConnection.open(daemon.port())
+        second = await RawConnection.open(daemon.port())
+        third: RawConnection | None = None
+        try:
+            for conn in (first, second):
+                await conn.send(get("/status/200"))
+                assert 200 == (await conn.response()).status
+            assert 2 == gauge(daemon)
+            third = await RawConnection.open(daemon.port())
+            await third.send(get("/status/201"))
+            with pytest.raises(TimeoutError):
+                await third.response(timeout=0.5)
+            assert 2 == len(fake_upstream.seen)
+            await first.close()
+            resp = await third.response()
+            assert 201 == resp.status
+            assert 2 == gauge(daemon)
+        finally:
+            for conn in (first, second, third):
+                if conn is not None:
+                    await conn.close()
+        assert ["/status/200", "/status/200", "/status/201"] == [
+            s.raw_path for s in fake_upstream.seen]
+        await eventually(lambda: gauge(daemon) == 0)
+
+    async def test_gauge_counts_open_connections(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """tokenproxy_client_connections follows connections opening and closing."""
+        daemon = await start(make_proxy, upstream, listen=["127.0.0.1:0", "localhost:0"])
+        await asyncio.sleep(0.05)   # the accept loops wait with a slot each: not a connection
+        assert 0 == gauge(daemon)
+        conns = [await RawConnection.open(daemon.port()) for _ in range(3)]
+        try:
+            await eventually(lambda: gauge(daemon) == 3)
+            await conns[0].close()
+            await eventually(lambda: gauge(daemon) == 2)
+        finally:
+            for conn in conns:
+                await conn.close()
+        await eventually(lambda: gauge(daemon) == 0)
+
+
+def unix_config(upstream: TestServer, path: Path, **overrides: Any) -> dict[str, Any]:
+    return proxy_config(upstream_url(upstream, "/"), TOKEN,
+                        listen=["127.0.0.1:0", f"unix:{path}"], **overrides)
+
+
+async def get_over_unix(path: Path, url_path: str = "/status/200") -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as s,
+        s.get(f"http://localhost{url_path}") as resp,
+    ):
+        body = await resp.read()
+        assert_no_secret(body + str(resp.headers).encode())
+        return resp.status, body
+
+
+class TestUnixSocket:
+    async def test_socket_is_0600_and_serves(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
+        tmp_path: Path,
+    ) -> None:
+        """A unix listener is a socket of mode 0600 that proxies like the TCP one."""
+        sock_path = tmp_path / "tp.sock"
+        await make_proxy(unix_config(upstream, sock_path))
+        mode = os.stat(sock_path).st_mode
+        assert stat.S_ISSOCK(mode)
+        assert 0o600 == stat.S_IMODE(mode)
+        assert 200 == (await get_over_unix(sock_path))[0]
+        assert ["/status/200"] == [s.raw_path for s in fake_upstream.seen]
+
+    async def test_socket_group_makes_it_0660(
+        self, make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+    ) -> None:
+        """With socket_group the socket is 0660 and owned by that group."""
+        group = grp.getgrgid(os.getgid()).gr_name
+        sock_path = tmp_path / "tp.sock"
+        await make_proxy(unix_config(upstream, sock_path, socket_group=group))
+        st = os.stat(sock_path)
+        assert 0o660 == stat.S_IMODE(st.st_mode)
+        assert os.getgid() == st.st_gid
+
+    async def test_unix_requests_still_checked(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
+        tmp_path: Path,
+    ) -> None:
+        """The security policy applies on the unix listener as well."""
+        sock_path = tmp_path / "tp.sock"
+        await make_proxy(unix_config(upstream, sock_path))
+        conn = await RawConnection.open_unix(str(sock_path))
+        try:
+            await conn.send(get("/status/200", "evil.example"))
+            resp = await conn.response()
+        finally:
+            await conn.close()
+        assert_problem(resp, 403, "forbidden_host")
+        assert [] == fake_upstream.seen
+
+    async def test_stale_socket_replaced(
+        self, make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+    ) -> None:
+        """A socket file left by a crashed run, with nobody listening, is replaced."""
+        sock_path = tmp_path / "tp.sock"
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(sock_path))
+        stale.close()
+        assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+        await make_proxy(unix_config(upstream, sock_path))
+        assert 0o600 == stat.S_IMODE(os.stat(sock_path).st_mode)
+        assert 200 == (await get_over_unix(sock_path))[0]
+
+    async def test_regular_file_refused(
+        self, make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+    ) -> None:
+        """A non-socket file at the path is neither removed nor listened on: ListenError."""
+        sock_path = tmp_path / "tp.sock"
+        sock_path.write_text("precious")
+        with pytest.raises(ListenError, match="not a socket"):
+            await make_proxy(unix_config(upstream, sock_path))
+        assert "precious" == sock_path.read_text()
+
+    async def test_live_socket_refused(
+        self, make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+    ) -> None:
+        """A socket another process still serves is left alone: ListenError."""
+        sock_path = tmp_path / "tp.sock"
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            other.bind(str(sock_path))
+            other.listen(1)
+            with pytest.raises(ListenError, match="another process"):
+                await make_proxy(unix_config(upstream, sock_path))
+            assert sock_path.exists()
+        finally:
+            other.close()
+
+    async def test_socket_removed_on_stop(
+        self, make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+    ) -> None:
+        """Stopping the daemon removes its socket file."""
+        sock_path = tmp_path / "tp.sock"
+        daemon = await make_proxy(unix_config(upstream, sock_path))
+        await daemon.stop(grace=0)
+        assert not sock_path.exists()
+
+
+def base_config(listen: Any, **security: Any) -> dict[str, Any]:
+    raw = proxy_config("http://127.0.0.1:1/", TOKEN, listen=listen, admin_listen=None)
+    if security:
+        raw["security"] = security
+    return raw
+
+
+class TestExposedListener:
+    @pytest.mark.parametrize(
+        "listen",
+        ["0.0.0.0:0", "[::]:0", "192.0.2.1:8080", "example.com:8080",
+         ["127.0.0.1:0", "0.0.0.0:0"]],
+    )
+    def test_refused_without_key_or_hosts(self, listen: Any) -> None:
+        """A listener other hosts can reach needs client_key or explicit allowed_hosts."""
+        with pytest.raises(ConfigError, match="listen"):
+            build_config(base_config(listen), {})
+
+    @pytest.mark.parametrize(
+        "security",
+        [{"client_key": CLIENT_KEY}, {"allowed_hosts": ["proxy.internal"]},
+         {"allowed_hosts": ["localhost", "127.0.0.1"]}],
+    )
+    def test_accepted_with_key_or_hosts(self, security: dict[str, Any]) -> None:
+        """Either protection makes an exposed listener acceptable."""
+        cfg = build_config(base_config("0.0.0.0:0", **security), {})
+        assert ["0.0.0.0:0"] == [str(li) for li in cfg.listen]
+
+    @pytest.mark.parametrize(
+        "listen", ["127.0.0.1:0", "127.0.0.2:0", "localhost:0", "[::1]:0", "unix:/run/tp.sock"],
+    )
+    def test_loopback_needs_nothing(self, listen: str) -> None:
+        """Loopback addresses and unix sockets are accepted with the defaults."""
+        cfg = build_config(base_config(listen), {})
+        assert 1 == len(cfg.listen)
+
+    def test_error_names_no_secret(self) -> None:
+        """The refusal message names the listener and the fix, and no secret."""
+        with pytest.raises(ConfigError) as info:
+            build_config(base_config("0.0.0.0:0"), {})
+        message = str(info.value)
+        assert "0.0.0.0" in message
+        assert "client_key" in message
+        assert_no_secret(message)
