@@ -1,0 +1,155 @@
+"""Reload: a new config applies without dropping connections or tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from tests.conftest import MakeProxy, proxy_config, upstream_url
+from tests.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeClock, FakeUpstream
+from tests.test_lifecycle_core import oauth2_config, start_issuer, wait_ready
+from tokenproxy.config import build_config
+from tokenproxy.errors import TokenProxyError
+
+
+async def _traffic(url: str, stop: asyncio.Event, results: list[int], workers: int = 8) -> None:
+    """Keep *workers* clients busy on *url* until *stop*; record every status (bounded)."""
+    deadline = time.monotonic() + 20
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set() and time.monotonic() < deadline and len(results) < 20000:
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    results.append(resp.status)
+            except aiohttp.ClientError:
+                results.append(-1)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(workers)))
+
+
+def _two_routes(upstream: str, token: str, **extra: Any) -> dict[str, Any]:
+    raw = proxy_config(upstream, token, **extra)
+    raw["routes"] = [
+        {"prefix": "/a", "upstream": upstream + "echo/a", "provider": "api"},
+        {"prefix": "/b", "upstream": upstream + "echo/b", "provider": "api"},
+    ]
+    return raw
+
+
+async def test_reload_under_load_fails_no_request(
+    make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+) -> None:
+    """Routes and the provider's token change under concurrent traffic; every request succeeds
+    and new requests see the new config at once."""
+    base = upstream_url(upstream, "/")
+    daemon = await make_proxy(_two_routes(base, TOKEN))
+    stop, results = asyncio.Event(), []
+    load = asyncio.create_task(_traffic(f"http://127.0.0.1:{daemon.port()}/a/x", stop, results))
+    await asyncio.sleep(0.2)
+    for i in range(6):
+        token = TOKEN_2 if i % 2 == 0 else TOKEN
+        raw = _two_routes(base, token)
+        if i % 2 == 0:
+            raw["routes"].append({"prefix": "/c", "upstream": base + "echo/c", "provider": "api"})
+        await daemon.reload(build_config(raw, {}))
+        await asyncio.sleep(0.1)
+    await daemon.reload(build_config(_two_routes(base, TOKEN_2), {}))
+    stop.set()
+    await load
+    assert len(results) > 50
+    assert [] == [s for s in results if s != 200]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{daemon.port()}/a/y") as resp:
+            assert 200 == resp.status
+        async with s.get(f"http://127.0.0.1:{daemon.port()}/c/y") as resp:
+            assert 404 == resp.status   # the last config has no /c
+    assert [f"Bearer {TOKEN_2}"] == fake_upstream.seen[-1].header("Authorization")
+
+
+async def test_reload_keeps_unchanged_listener_and_swaps_others(
+    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+) -> None:
+    """An unchanged listener keeps its socket (open keep-alive connections keep working); a
+    new unix listener opens, a removed one closes and its file goes."""
+    base = upstream_url(upstream, "/")
+    daemon = await make_proxy(proxy_config(base, TOKEN))
+    port = daemon.port()
+    sock = str(tmp_path / "tp.sock")
+    async with aiohttp.ClientSession() as kept:
+        async with kept.get(f"http://127.0.0.1:{port}/echo/1") as resp:
+            assert 200 == resp.status
+        await daemon.reload(build_config(
+            proxy_config(base, TOKEN, listen=["127.0.0.1:0", f"unix:{sock}"]), {}))
+        assert port == daemon.port()
+        assert os.path.exists(sock)
+        async with kept.get(f"http://127.0.0.1:{port}/echo/2") as resp:   # same connection
+            assert 200 == resp.status
+        unix = aiohttp.UnixConnector(path=sock)
+        async with aiohttp.ClientSession(connector=unix) as s, s.get(
+            "http://localhost/echo/3"
+        ) as resp:
+            assert 200 == resp.status
+        await daemon.reload(build_config(proxy_config(base, TOKEN), {}))
+        assert not os.path.exists(sock)
+        assert port == daemon.port()
+
+
+async def test_reload_with_a_busy_address_changes_nothing(
+    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+) -> None:
+    """A new listener that cannot bind fails the whole reload; the old config keeps serving."""
+    base = upstream_url(upstream, "/")
+    daemon = await make_proxy(proxy_config(base, TOKEN))
+    busy = tmp_path / "not-a-socket"
+    busy.write_text("x")
+    raw = proxy_config(base, TOKEN_2, listen=["127.0.0.1:0", f"unix:{busy}"])
+    try:
+        await daemon.reload(build_config(raw, {}))
+        raise AssertionError("reload should have failed")
+    except TokenProxyError:
+        pass
+    assert "x" == busy.read_text()
+    assert 1 == len(daemon.listeners)
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/echo/x"
+    ) as resp:
+        assert 200 == resp.status
+        doc = await resp.json()
+    assert ["Authorization", f"Bearer {TOKEN}"] in doc["headers"]
+
+
+async def test_provider_with_same_identity_keeps_its_token(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Changing a provider's refresh_margin keeps its token (no token call); changing its
+    client (identity) logs in anew."""
+    issuer, _ = await start_issuer(aiohttp_server, clock)
+    raw = oauth2_config(issuer, tmp_path, refresh_margin="2s")
+    daemon = await make_proxy(raw)
+    await wait_ready(daemon.admin_port)
+    assert 1 == issuer.stats.calls
+    raw2 = oauth2_config(issuer, tmp_path, refresh_margin="3s")
+    await daemon.reload(build_config(raw2, {}))
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/x"
+    ) as resp:
+        assert 200 == resp.status
+    assert 1 == issuer.stats.calls
+    issuer.client_id = "other-client"
+    raw3 = oauth2_config(issuer, tmp_path, refresh_margin="3s", client_id="other-client")
+    await daemon.reload(build_config(raw3, {}))
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/x"
+    ) as resp:
+        assert 200 == resp.status
+    assert 2 == issuer.stats.calls
+    assert CLIENT_SECRET not in str(daemon.config)
