@@ -1,0 +1,113 @@
+"""The README's commands and configs, run as a newcomer would, so the README cannot rot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import child_env, free_port, wait_until
+from tokenproxy.config import build_config, load_config, parse_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def _section(title: str) -> str:
+    start = README.index(f"## {title}")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end != -1 else None]
+
+
+def test_two_commands_come_first() -> None:
+    """The first command block installs and runs the demo; the second installs and tests."""
+    first = _blocks("sh")[0]
+    commands = [line for line in first.splitlines() if line and not line.startswith("#")]
+    assert ["pip install . && tokenproxy demo", "pip install -e '.[test]' && pytest"] == commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[test]'" in ci
+    assert re.search(r"^pytest\b", ci, re.M)
+
+
+def test_six_line_config_loads(tmp_path: Path) -> None:
+    """The first config is six lines and validates with only API_TOKEN set."""
+    block = re.search(r"```yaml\n(.*?)```", _section("A first config"), re.S)
+    assert block is not None
+    text = block[1]
+    assert 6 == len(text.strip().splitlines())
+    cfg = build_config(parse_yaml(text, "README"), {"API_TOKEN": "x" * 20})
+    assert "api" == cfg.routes[0].provider
+
+
+def test_provider_examples_validate(tmp_path: Path) -> None:
+    """Every provider type shown in the README validates (secrets filled in for the test)."""
+    block = re.search(r"```yaml\n(.*?)```", _section("Providers"), re.S)
+    assert block is not None
+    secret = tmp_path / "client_secret"
+    secret.write_text("s3cret")
+    text = block[1].replace("/run/secrets/client_secret", str(secret))
+    raw = parse_yaml(text, "README")
+    assert isinstance(raw, dict)
+    raw["routes"] = [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "fixed"}]
+    env = {"API_TOKEN": "t" * 20, "API_USER": "me", "API_PASSWORD": "pw"}
+    cfg = build_config(raw, env)
+    assert {"static", "oauth2", "json", "command"} == {
+        p.type_name() for p in cfg.providers.values()}
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    """`tokenproxy check-config` on the six-line config in the current directory exits 0."""
+    block = re.search(r"```yaml\n(.*?)```", _section("A first config"), re.S)
+    assert block is not None
+    (tmp_path / "tokenproxy.yaml").write_text(block[1])
+    env = child_env(tmp_path)
+    env["API_TOKEN"] = "readme-token-value"
+    result = subprocess.run([sys.executable, "-m", "tokenproxy", "check-config"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert 0 == result.returncode, result.stderr
+    assert "readme-token-value" not in result.stdout
+
+
+def test_github_example_loads() -> None:
+    """examples/github.yaml, named in the README, validates with API_TOKEN set."""
+    assert "examples/github.yaml" in README
+    cfg = load_config(ROOT / "examples" / "github.yaml", {"API_TOKEN": "ghp_" + "x" * 20})
+    assert "https://api.github.com/" == cfg.routes[0].upstream.url
+
+
+@pytest.mark.slow
+async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
+    """`tokenproxy demo` prints the curl line the README shows, and that curl line works."""
+    readme_curl = re.search(r"`(curl http://127\.0\.0\.1:8080/\S+)`", _section("Two commands"))
+    assert readme_curl is not None
+    port = free_port()
+    out = tmp_path / "demo.out"
+    with out.open("wb") as fh, (tmp_path / "demo.err").open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tokenproxy", "demo", "--port", str(port)],
+                                stdin=subprocess.DEVNULL, stdout=fh, stderr=err,
+                                env=child_env(tmp_path))
+    try:
+        await wait_until(lambda: "Try:" in out.read_text(), 15, "the demo banner")
+        line = readme_curl[1].replace(":8080", f":{port}")
+        assert line in out.read_text()
+        await wait_until(lambda: "token_refreshed" in (tmp_path / "demo.err").read_text(), 15,
+                         "the first token")
+        curl = shutil.which("curl")
+        assert curl is not None
+        result = await asyncio.to_thread(subprocess.run, [curl, "-s", *line.split()[1:]],
+                                         capture_output=True, text=True, timeout=30)
+        assert "demo" == json.loads(result.stdout)["hello"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert 0 == proc.returncode
