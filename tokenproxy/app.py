@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -53,7 +54,26 @@ def config_secrets(cfg: Config) -> list[str]:
             secret = getattr(p, name, None)
             if secret is not None:
                 out.append(secret.value)
+        if isinstance(p, JsonProvider):
+            for call in (p.login, p.refresh):
+                if call is not None:
+                    out.extend(_secret_leaves(call.json))
+                    out.extend(v for k, v in call.headers if _SECRET_NAME.search(k))
     return out
+
+
+_SECRET_NAME = re.compile(r"(?i)pass|secret|token|key|auth|credential")
+
+
+def _secret_leaves(node: Any, key: str = "") -> list[str]:
+    """String values under secret-sounding keys of a JSON login body (passwords, API keys)."""
+    if isinstance(node, dict):
+        return [v for k, item in node.items() for v in _secret_leaves(item, str(k))]
+    if isinstance(node, list):
+        return [v for item in node for v in _secret_leaves(item, key)]
+    if isinstance(node, str) and _SECRET_NAME.search(key) and "{refresh_token}" not in node:
+        return [node]
+    return []
 
 
 class SourceFactory:

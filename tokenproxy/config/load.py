@@ -47,13 +47,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    # Only the mapping's own keys: one that overrides a key merged in with "<<" is not a duplicate.
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:   # unhashable; construct_mapping reports it with its line
+            continue
+        if duplicate:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
         seen.add(key)
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node)
 
 
@@ -105,6 +112,8 @@ class _Map:
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.get(key, default)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"   # "${FLAG:-false}" arrives as a string
         if not isinstance(value, bool):
             raise ConfigError(f"{self.path(key)}: expected true or false")
         return value
@@ -123,14 +132,22 @@ class _Map:
         if inline and from_file:
             raise ConfigError(f"{self.path(key)}: give {key} or {file_key}, not both")
         if inline:
-            value = self.string(key)
-            assert value is not None
-            return Secret(value)
+            if not isinstance(self.raw[key], str):
+                # YAML reads `token: 0123` as 83 and `12:30` as 750: refuse, do not guess.
+                raise ConfigError(f"{self.path(key)}: quote the value (YAML read it as a "
+                                  f"{type(self.raw[key]).__name__}, not text)")
+            return Secret(self.raw[key])
         if from_file:
             path = self.string(file_key)
             assert path is not None
             return Secret(_read_secret_file(Path(path), self.path(file_key)))
         return None
+
+    def reject_unknown(self, known: tuple[str, ...]) -> None:
+        """Report a typo first, before the "required" error it would otherwise cause."""
+        for key in self.raw:
+            if key not in known:
+                raise ConfigError(f"{self.path(key)}: unknown key")
 
     def done(self) -> None:
         for key in self.raw:
@@ -232,6 +249,8 @@ def _security(raw: object) -> SecurityConfig:
 
 
 def _positive_int(raw: object, where: str) -> int:
+    if isinstance(raw, str) and raw.strip().isdigit() and len(raw.strip()) < 10:
+        raw = int(raw.strip())   # "${MAX:-1024}" arrives as a string
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise ConfigError(f"{where}: expected a positive whole number")
     return raw
@@ -346,8 +365,14 @@ def _oauth2(name: str, m: _Map) -> OAuth2Provider:
 _METHODS: Final = ("GET", "POST", "PUT", "PATCH")
 
 
+_JSON_CALL_KEYS: Final = (
+    "url", "method", "json", "headers", "access_token", "refresh_token", "expires_in",
+)
+
+
 def _json_call(raw: object, where: str, *, default_access: str) -> JsonCall:
     m = _Map(raw, where)
+    m.reject_unknown(_JSON_CALL_KEYS)
     if not m.has("url"):
         raise ConfigError(f"{m.path('url')}: required")
     method = str(m.get("method", "POST")).upper()
@@ -423,6 +448,19 @@ _PROVIDER_TYPES: Final[dict[str, Callable[[str, _Map], Provider]]] = {
 }
 
 
+# The keys each provider type reads (besides type and refresh_margin); see reject_unknown.
+_PROVIDER_KEYS: Final = {
+    "static": ("token", "token_file"),
+    "oauth2": (
+        "token_url", "issuer", "grant_type", "client_id", "client_secret", "client_secret_file",
+        "client_auth", "scope", "params", "username", "password", "password_file",
+        "refresh_token", "refresh_token_file", "timeout", "ca_file",
+    ),
+    "json": ("login", "refresh", "timeout", "ca_file"),
+    "command": ("command", "output", "access_token", "expires_in", "cache_for", "timeout"),
+}
+
+
 def _providers(raw: object) -> dict[str, Provider]:
     top = _Map(raw, "providers")
     out: dict[str, Provider] = {}
@@ -435,6 +473,7 @@ def _providers(raw: object) -> dict[str, Provider]:
         kind = m.get("type")
         if kind not in _PROVIDER_TYPES:
             raise ConfigError(f"{m.path('type')}: expected one of {', '.join(_PROVIDER_TYPES)}")
+        m.reject_unknown(("type", "refresh_margin", *_PROVIDER_KEYS[kind]))
         out[name] = _PROVIDER_TYPES[kind](name, m)
         m.done()
     return out
@@ -456,6 +495,12 @@ def _status_list(raw: object, where: str) -> frozenset[int]:
     return frozenset(items)
 
 
+_ROUTE_KEYS: Final = (
+    "prefix", "upstream", "provider", "header", "value", "retry_on", "client_authorization",
+    "preserve_host", "timeout", "ca_file",
+)
+
+
 def _routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("routes: at least one route is needed")
@@ -463,6 +508,7 @@ def _routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, ...]
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         m = _Map(item, f"routes[{i}]")
+        m.reject_unknown(_ROUTE_KEYS)
         if not m.has("prefix"):
             raise ConfigError(f"{m.path('prefix')}: required")
         if not m.has("upstream"):
@@ -508,10 +554,17 @@ def _default_state_path(env: Mapping[str, str]) -> Path:
     return Path(base) / "tokenproxy" / "state.json"
 
 
+_TOP_KEYS: Final = (
+    "listen", "admin_listen", "socket_group", "log", "state_path", "shutdown_grace", "security",
+    "limits", "providers", "routes",
+)
+
+
 def build_config(raw: object, env: Mapping[str, str], source: Path | None = None) -> Config:
     """Validate an already parsed YAML document."""
     tree = _expand_tree(raw, env, "")
     top = _Map(tree, "")
+    top.reject_unknown(_TOP_KEYS)
     listen = top.parse("listen", _listeners, Config().listen)
     admin = top.parse("admin_listen", parse_listener, None) if "admin_listen" in top.raw else (
         Config().admin_listen
@@ -550,11 +603,26 @@ def parse_yaml(text: str, where: str) -> object:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
-        # Only the position and the problem: the snippet could show a secret.
+        # Only the position and the problem: the snippet could show a secret, and so could a
+        # quoted name in the problem (an unquoted password "*x" is an undefined alias 'x').
         line = exc.problem_mark.line + 1 if exc.problem_mark else 0
-        raise ConfigError(f"{where}: line {line}: invalid YAML ({exc.problem})") from None
+        problem = _QUOTED.sub(_mask_quoted, exc.problem or "syntax error")
+        raise ConfigError(f"{where}: line {line}: invalid YAML ({problem})") from None
     except yaml.YAMLError:
         raise ConfigError(f"{where}: invalid YAML") from None
+    except ValueError:   # an impossible date or time such as 2024-13-45
+        raise ConfigError(f"{where}: invalid YAML (a date or time that does not exist)") from None
+
+
+_QUOTED: Final = re.compile(r"'([^']*)'")
+
+
+def _mask_quoted(m: re.Match[str]) -> str:
+    """Keep YAML's token names ('<scalar>') and single, maybe escaped, characters; mask the rest."""
+    text = m[1]
+    keep = (text.startswith("<") and text.endswith(">")) or len(text) <= 1 or (
+        len(text) == 2 and text.startswith("\\"))
+    return m[0] if keep else "'...'"
 
 
 def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path:

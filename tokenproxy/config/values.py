@@ -30,7 +30,7 @@ class Secret:
 
 
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _SIZE_UNITS: Final = {
     "": 1, "b": 1,
     "kb": 1000, "mb": 1000**2, "gb": 1000**3,
@@ -43,15 +43,22 @@ def _is_number(raw: object) -> bool:
     return isinstance(raw, int | float) and not isinstance(raw, bool)
 
 
+def _as_float(raw: object) -> float:
+    try:
+        return float(raw)  # type: ignore[arg-type]
+    except OverflowError:   # an int too large for a float
+        return math.inf
+
+
 def parse_duration(raw: object, where: str, *, allow_zero: bool = True) -> float:
-    """Accept 30, 2.5, "500ms", "30s", "5m", "1h" and return seconds."""
+    """Accept 30, 2.5, "30" (from ${VAR}), "500ms", "30s", "5m", "1h" and return seconds."""
     value: float | None = None
     if _is_number(raw):
-        value = float(raw)  # type: ignore[arg-type]
+        value = _as_float(raw)
     elif isinstance(raw, str):
         m = _DURATION_RE.fullmatch(raw.strip())
         if m:
-            value = float(m[1]) * _DURATION_UNITS[m[2]]
+            value = float(m[1]) * _DURATION_UNITS[m[2] or "s"]
     if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         floor = "a non-negative" if allow_zero else "a positive"
         raise ConfigError(f"{where}: not {floor} duration (like 500ms, 30s, 5m, 1h)")
@@ -62,7 +69,7 @@ def parse_size(raw: object, where: str) -> int:
     """Accept 1024, "64KiB", "1MiB", "2GB" and return bytes."""
     value: float | None = None
     if _is_number(raw):
-        value = float(raw)  # type: ignore[arg-type]
+        value = _as_float(raw)
     elif isinstance(raw, str):
         m = _SIZE_RE.fullmatch(raw.strip())
         if m:

@@ -1,0 +1,370 @@
+"""The command line of SPEC.md section 2: --version, check-config, exit codes, no secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fakes import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PASSWORD,
+    REFRESH_TOKEN,
+    SECRETS,
+    TOKEN,
+    TOKEN_2,
+)
+from tokenproxy import __version__
+from tokenproxy.cli import main, summary
+from tokenproxy.config import load_config
+
+ROUTES = [
+    {"prefix": "/", "upstream": "https://api.example.com/v1/", "provider": "fixed"},
+    {"prefix": "/other", "upstream": "https://other.example.com/", "provider": "filed",
+     "header": "X-Api-Key", "value": "{token}", "retry_on": [401, 403]},
+    {"prefix": "/corp", "upstream": "https://corp.example.com/", "provider": "corp"},
+    {"prefix": "/rt", "upstream": "https://rt.example.com/", "provider": "rt"},
+    {"prefix": "/legacy", "upstream": "https://legacy.example.com/", "provider": "legacy"},
+]
+
+
+def secret_config(tmp_path: Path, mode: str) -> tuple[Path, dict[str, str]]:
+    """A config carrying every secret of tests/fakes.py, each inline, in a *_file or in ${ENV}.
+
+    Returns the file and the environment it needs.
+    """
+    env: dict[str, str] = {}
+
+    def put(key: str, var: str, value: str) -> dict[str, str]:
+        if mode == "inline":
+            return {key: value}
+        if mode == "env":
+            env[var] = value
+            return {key: f"${{{var}}}"}
+        path = tmp_path / var.lower()
+        path.write_text(value + "\n", encoding="utf-8")
+        return {f"{key}_file": str(path)}
+
+    token_2 = tmp_path / "token_2"
+    token_2.write_text(TOKEN_2 + "\n", encoding="utf-8")
+    env["TP_LOGIN_PASSWORD"] = PASSWORD
+    raw: dict[str, Any] = {
+        "listen": ["127.0.0.1:8080", "[::1]:8081", "0.0.0.0:8082"],
+        "security": put("client_key", "TP_CLIENT_KEY", CLIENT_KEY),
+        "providers": {
+            "fixed": {"type": "static", **put("token", "TP_TOKEN", TOKEN)},
+            "filed": {"type": "static", "token_file": str(token_2)},
+            "corp": {
+                "type": "oauth2",
+                "token_url": "https://auth.example.com/oauth2/token",
+                "grant_type": "password",
+                "client_id": "my-app",
+                **put("client_secret", "TP_CLIENT_SECRET", CLIENT_SECRET),
+                "username": "alice",
+                **put("password", "TP_PASSWORD", PASSWORD),
+            },
+            "rt": {
+                "type": "oauth2",
+                "issuer": "https://auth.example.com",
+                "grant_type": "refresh_token",
+                "client_auth": "none",
+                **put("refresh_token", "TP_REFRESH_TOKEN", REFRESH_TOKEN),
+            },
+            "legacy": {
+                "type": "json",
+                "login": {
+                    "url": "https://legacy.example.com/auth/login",
+                    "json": {"username": "bob", "password": "${TP_LOGIN_PASSWORD}"},
+                    "headers": {"X-Client-Secret": CLIENT_SECRET},
+                    "refresh_token": "/refreshToken",
+                },
+                "refresh": {
+                    "url": "https://legacy.example.com/auth/refresh",
+                    "json": {"refreshToken": "{refresh_token}"},
+                },
+            },
+        },
+        "routes": ROUTES,
+    }
+    path = tmp_path / "tokenproxy.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path, env
+
+
+SIX_LINES = """\
+providers:
+  api: {type: static, token: "${API_TOKEN}"}
+routes:
+  - prefix: /
+    upstream: https://api.example.com/
+    provider: api
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No config is found by accident: no $TOKENPROXY_CONFIG, an empty cwd and XDG dir."""
+    monkeypatch.delenv("TOKENPROXY_CONFIG", raising=False)
+    monkeypatch.delenv("API_TOKEN", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(empty))
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.chdir(empty)
+
+
+def assert_no_secret(*texts: str) -> None:
+    leaked = [s for s in SECRETS if any(s in t for t in texts)]
+    assert [] == leaked
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the package version and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert 0 == info.value.code
+    assert f"tokenproxy {__version__}\n" == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["inline", "file", "env"])
+def test_check_config_prints_summary_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    mode: str,
+) -> None:
+    """check-config prints listeners, providers, routes and ok, exits 0, and shows no secret."""
+    path, env = secret_config(tmp_path, mode)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert 0 == main(["check-config", "-c", str(path)])
+    out, err = capsys.readouterr()
+    assert_no_secret(out, err)
+    assert "" == err
+    lines = out.splitlines()
+    assert f"config: {path}" == lines[0]
+    assert "listen: 127.0.0.1:8080, [::1]:8081, 0.0.0.0:8082" in lines
+    assert "admin_listen: 127.0.0.1:9100" in lines
+    assert "providers (5):" in lines
+    assert "routes (5):" in lines
+    for name, kind in [("fixed", "static"), ("filed", "static"), ("corp", "oauth2"),
+                       ("rt", "oauth2"), ("legacy", "json")]:
+        assert any(line.startswith(f"  {name}: {kind}") for line in lines), name
+    assert ("  /other -> https://other.example.com/ (provider filed, header X-Api-Key, "
+            "retry_on [401, 403])") in lines
+    assert any("client_key=set" in line for line in lines)
+    assert "ok" == lines[-1]
+
+
+def test_summary_lists_structure() -> None:
+    """summary() names every listener, provider and route; admin null shows disabled."""
+    path = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    cfg = load_config(path, {"STATE_DIRECTORY": "/var/lib/tp"})
+    lines = summary(cfg)
+    assert [f"config: {path}", "listen: 127.0.0.1:8080", "admin_listen: 127.0.0.1:9100"] == (
+        lines[:3])
+    assert "state_path: /var/lib/tp/state.json" in lines
+    assert ("  corp: oauth2 endpoint=https://auth.example.com/oauth2/token client_id=my-app "
+            "grant_type=client_credentials") in lines
+    assert ("  / -> https://api.example.com/v1/ (provider fixed, header Authorization, "
+            "retry_on [401])") in lines
+    assert ("  /corp -> https://corp-api.example.com/ (provider corp, header Authorization, "
+            "retry_on [401])") in lines
+
+
+def test_summary_shows_disabled_admin(tmp_path: Path) -> None:
+    """admin_listen: null is reported as disabled."""
+    path = tmp_path / "tp.yaml"
+    path.write_text("admin_listen: null\n" + SIX_LINES, encoding="utf-8")
+    assert "admin_listen: disabled" in summary(load_config(path, {"API_TOKEN": TOKEN}))
+
+
+def test_check_config_finds_file_from_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without -c, check-config uses $TOKENPROXY_CONFIG."""
+    path = tmp_path / "from-env.yaml"
+    path.write_text(SIX_LINES, encoding="utf-8")
+    monkeypatch.setenv("TOKENPROXY_CONFIG", str(path))
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    assert 0 == main(["check-config"])
+    out = capsys.readouterr().out
+    assert f"config: {path}" == out.splitlines()[0]
+    assert TOKEN not in out
+
+
+def test_check_config_finds_file_in_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without -c or $TOKENPROXY_CONFIG, check-config uses ./tokenproxy.yaml."""
+    (tmp_path / "empty" / "tokenproxy.yaml").write_text(SIX_LINES, encoding="utf-8")
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    assert 0 == main(["check-config"])
+    assert "config: tokenproxy.yaml" == capsys.readouterr().out.splitlines()[0]
+
+
+def test_check_config_finds_file_in_xdg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failing all else, check-config uses $XDG_CONFIG_HOME/tokenproxy/config.yaml."""
+    path = tmp_path / "xdg" / "tokenproxy" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(SIX_LINES, encoding="utf-8")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    assert 0 == main(["check-config"])
+    assert f"config: {path}" == capsys.readouterr().out.splitlines()[0]
+
+
+def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Config problems: the -c arguments and the message that must follow 'tokenproxy: '."""
+    def write(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    def swap(text: str, old: str, new: str) -> str:
+        # A replacement that silently did nothing would leave a valid config, and `run` on a
+        # valid config serves forever.
+        assert old in text
+        return text.replace(old, new)
+
+    six = swap(SIX_LINES, '"${API_TOKEN}"', TOKEN)
+    return {
+        "bad-upstream": (
+            ["-c", write("up.yaml", six + "  - {prefix: /b, upstream: ftp://x/, provider: api}\n")],
+            "routes[1].upstream: not an absolute http(s) URL",
+        ),
+        "unknown-key": (
+            ["-c", write("typo.yaml", swap(six, "upstream:", "upstrem:"))],
+            "routes[0].upstrem: unknown key",
+        ),
+        "missing-env": (
+            ["-c", write("env.yaml", SIX_LINES)],
+            "providers.api.token: environment variable API_TOKEN is not set",
+        ),
+        "unreadable-secret-file": (
+            ["-c", write("file.yaml", swap(six, f"token: {TOKEN}",
+                                            f"token_file: {tmp_path}/nope"))],
+            f"providers.api.token_file: cannot read {tmp_path}/nope: No such file or directory",
+        ),
+        "missing-config": (
+            ["-c", f"{tmp_path}/missing.yaml"],
+            f"config: cannot read {tmp_path}/missing.yaml: No such file or directory",
+        ),
+        "yaml-syntax": (
+            ["-c", write("syntax.yaml", swap(six, f"token: {TOKEN}}}",
+                                              f"token: {TOKEN}, password: *{PASSWORD}"))],
+            f"{tmp_path}/syntax.yaml: line 2: invalid YAML (",
+        ),
+        "not-found": (
+            [],
+            "config: no file found (tried -c, $TOKENPROXY_CONFIG, tokenproxy.yaml, ",
+        ),
+    }
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("case", ["bad-upstream", "unknown-key", "missing-env",
+                                  "unreadable-secret-file", "missing-config", "yaml-syntax",
+                                  "not-found"])
+def test_config_problem_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, case: str
+) -> None:
+    """A config problem exits 2 with one stderr line naming the key path, no traceback."""
+    args, message = bad_cases(tmp_path)[case]
+    assert 2 == main([command, *args])
+    out, err = capsys.readouterr()
+    assert "" == out
+    assert 1 == len(err.splitlines())
+    assert err.startswith(f"tokenproxy: {message}")
+    assert "Traceback" not in err
+    assert_no_secret(out, err)
+
+
+def test_no_subcommand_exits_2_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    """tokenproxy without a command prints usage on stderr and exits 2."""
+    assert 2 == main([])
+    out, err = capsys.readouterr()
+    assert "" == out
+    assert err.startswith("usage: tokenproxy")
+    assert "check-config" in err
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["check-config", "--bogus"],
+                                  ["check-config", "-c"]])
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown commands and options are usage errors: exit 2."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert 2 == info.value.code
+    assert "usage: tokenproxy" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def child_env(extra: dict[str, str], cwd: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENPROXY_", "TP_"))}
+    env.update(XDG_CONFIG_HOME=str(cwd), STATE_DIRECTORY=str(cwd / "state"), **extra)
+    env.pop("API_TOKEN", None)
+    return env
+
+
+def run_cli(argv: list[str], cwd: Path, extra: dict[str, str] | None = None,
+            script: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run tokenproxy as `python -m tokenproxy` or as the installed console script."""
+    exe = [str(Path(sys.executable).parent / "tokenproxy")] if script else [
+        sys.executable, "-m", "tokenproxy"]
+    return subprocess.run([*exe, *argv], cwd=cwd, env=child_env(extra or {}, cwd),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_module_version_subprocess(tmp_path: Path) -> None:
+    """python -m tokenproxy --version prints the version and exits 0."""
+    proc = run_cli(["--version"], tmp_path)
+    assert (0, f"tokenproxy {__version__}\n") == (proc.returncode, proc.stdout)
+
+
+def test_module_bad_config_subprocess(tmp_path: Path) -> None:
+    """python -m tokenproxy check-config on a bad file exits 2 with one line, no traceback."""
+    args, message = bad_cases(tmp_path)["bad-upstream"]
+    proc = run_cli(["check-config", *args], tmp_path)
+    assert 2 == proc.returncode
+    assert [f"tokenproxy: {message}"] == proc.stderr.splitlines()
+    assert "" == proc.stdout
+
+
+def test_module_without_command_subprocess(tmp_path: Path) -> None:
+    """python -m tokenproxy alone exits 2 with usage on stderr."""
+    proc = run_cli([], tmp_path)
+    assert 2 == proc.returncode
+    assert proc.stderr.startswith("usage: tokenproxy")
+
+
+def test_script_check_config_subprocess(tmp_path: Path) -> None:
+    """The tokenproxy script's check-config exits 0 and no secret reaches stdout or stderr."""
+    path, env = secret_config(tmp_path, "env")
+    proc = run_cli(["check-config", "-c", str(path)], tmp_path, env, script=True)
+    assert (0, "") == (proc.returncode, proc.stderr)
+    assert "ok" == proc.stdout.splitlines()[-1]
+    assert_no_secret(proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("case", ["missing-env", "unreadable-secret-file", "yaml-syntax"])
+def test_script_run_bad_config_subprocess(tmp_path: Path, case: str) -> None:
+    """tokenproxy run with a bad config exits 2 with one line naming the problem."""
+    args, message = bad_cases(tmp_path)[case]
+    proc = run_cli(["run", *args], tmp_path, script=True)
+    assert 2 == proc.returncode
+    assert 1 == len(proc.stderr.splitlines())
+    assert proc.stderr.startswith(f"tokenproxy: {message}")
+    assert "Traceback" not in proc.stderr
+    assert_no_secret(proc.stdout, proc.stderr)
