@@ -305,7 +305,8 @@ def _static(name: str, m: _Map) -> StaticProvider:
     token: Secret | None = None
     token_file: Path | None = None
     if inline:
-        token = Secret(m.string("token") or "")
+        token = m.secret("token")
+        assert token is not None
     else:
         token_file = _readable_file(m.get("token_file"), m.path("token_file"))
         token = Secret(_read_secret_file(token_file, m.path("token_file")))
