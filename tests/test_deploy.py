@@ -82,12 +82,14 @@ def test_dockerfile_is_non_root_with_healthcheck_and_state_volume() -> None:
     text = (ROOT / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM "):]
     assert re.search(r"^USER 65532:65532$", final, re.M)
-    assert "/healthz" in final and "HEALTHCHECK" in final
+    assert "/healthz" in final
+    assert "HEALTHCHECK" in final
     assert re.search(r"^STOPSIGNAL SIGTERM$", final, re.M)
     assert 'VOLUME ["/var/lib/tokenproxy"]' in final
     assert "STATE_DIRECTORY=/var/lib/tokenproxy" in final
     assert "/etc/tokenproxy/config.yaml" in final
-    assert "gcc" not in final and "build-essential" not in final
+    assert "gcc" not in final
+    assert "build-essential" not in final
 
 
 def _with_secret_file(raw: Any, secret_path: Path) -> Any:

@@ -14,10 +14,10 @@ async def test_request_gets_token_and_answer(
 ) -> None:
     """A plain GET reaches the upstream with the bearer token and the answer streams back."""
     daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://127.0.0.1:{daemon.port()}/echo/x?q=1") as resp:
-            assert 200 == resp.status
-            doc = await resp.json()
+    url = f"http://127.0.0.1:{daemon.port()}/echo/x?q=1"
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        assert 200 == resp.status
+        doc = await resp.json()
     assert "/echo/x?q=1" == doc["raw_path"]
     assert [f"Bearer {TOKEN}"] == fake_upstream.seen[-1].header("Authorization")
     [event] = logs.events("request")

@@ -224,7 +224,11 @@ class Proxy:
                 self._retry_outcome(compiled, "skipped")
                 self._spawn(source.renew(token, "unauthorized"))
                 break
-            fresh = await source.renew(token, "unauthorized")
+            try:
+                fresh = await source.renew(token, "unauthorized")
+            except BaseException:
+                up.close()   # the 401 will not be relayed: free its connection now
+                raise
             if fresh is None:
                 self._retry_outcome(compiled, "failure")
                 break
@@ -240,6 +244,9 @@ class Proxy:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        # A failed refresh is logged by its provider; retrieve the exception so asyncio does
+        # not log "Task exception was never retrieved" as an error besides.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def send(
         self,

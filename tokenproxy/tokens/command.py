@@ -14,6 +14,7 @@ from tokenproxy.tokens.model import is_usable_token
 
 MAX_OUTPUT: Final = 64 * 1024
 MAX_STDERR_LOGGED: Final = 2048
+REAP_TIMEOUT: Final = 5.0
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> bytes:
@@ -27,6 +28,30 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+async def _read_head(stream: asyncio.StreamReader, cap: int) -> bytes:
+    """Read to EOF keeping the first *cap* bytes, so a chatty stderr never blocks the command."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) < cap:
+            kept += chunk[:cap - len(kept)]
+    return bytes(kept)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Drain both pipes to EOF, then wait, within REAP_TIMEOUT. asyncio's wait() returns only
+    once every pipe has closed, and a pipe left unread past its buffer (output over the cap)
+    is paused and never seen closing: waiting without draining hangs forever."""
+    async def drain(stream: asyncio.StreamReader | None) -> None:
+        if stream is not None:
+            while await stream.read(65536):
+                pass
+
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(REAP_TIMEOUT):
+            await asyncio.gather(drain(proc.stdout), drain(proc.stderr))
+            await proc.wait()
 
 
 class CommandGrantor:
@@ -58,21 +83,25 @@ class CommandGrantor:
             raise GrantFailed(f"cannot run {cfg.command[0]}: {exc.strerror or exc}") from None
         assert proc.stdout is not None
         assert proc.stderr is not None
+        out_task = asyncio.ensure_future(_read_capped(proc.stdout, MAX_OUTPUT))
+        err_task = asyncio.ensure_future(_read_head(proc.stderr, MAX_OUTPUT))
         try:
             async with asyncio.timeout(cfg.timeout):
-                out, err = await asyncio.gather(_read_capped(proc.stdout, MAX_OUTPUT),
-                                                _read_capped(proc.stderr, MAX_OUTPUT))
-                if len(out) > MAX_OUTPUT:
+                out = await out_task
+                if len(out) > MAX_OUTPUT:   # fail at the cap, not at the timeout
                     raise GrantFailed(f"the command printed more than {MAX_OUTPUT} bytes")
+                err = await err_task
                 code = await proc.wait()
         except TimeoutError:
             raise GrantFailed(f"the command did not finish within {cfg.timeout:g}s") from None
         finally:
+            for task in (out_task, err_task):
+                task.cancel()
+            await asyncio.gather(out_task, err_task, return_exceptions=True)
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 9)
-                with contextlib.suppress(Exception):
-                    await proc.wait()
+            await _reap(proc)
         grant = self._parse(out) if code == 0 else None
         if err.strip():
             text = err[:MAX_STDERR_LOGGED].decode("utf-8", "replace")

@@ -27,7 +27,10 @@ def jwt_exp(token: str) -> float | None:
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
-    return float(exp)
+    try:
+        return float(exp)
+    except OverflowError:   # an integer beyond float range
+        return None
 
 
 def lifetime(expires_in: float | None, token: str, now_wall: float) -> float | None:

@@ -99,12 +99,16 @@ def parse_expires_in(value: Any) -> float | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit() or len(text) > 12:
+        # ASCII only: str.isdigit() is also true for "²", which int() refuses.
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
             return None
         value = int(text)
     if not isinstance(value, int | float):
         return None
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:   # an integer beyond float range: as unusable as 1e999
+        return None
     if not math.isfinite(seconds) or seconds <= 0:
         return None
     return min(seconds, MAX_LIFETIME)

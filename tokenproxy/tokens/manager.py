@@ -239,11 +239,22 @@ class TokenManager:
             self._coalesced.inc()
         return await asyncio.shield(task)
 
+    async def _obtain_guarded(self, trigger: Trigger) -> Token:
+        """A provider bug (any unexpected exception) is a failed call with backoff, never a
+        dead refresh loop."""
+        try:
+            return await self._obtain(trigger)
+        except (GrantFailed, GrantRejected, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            self._log.error("token_provider_error", error=type(exc).__name__)
+            raise GrantFailed(f"internal error ({type(exc).__name__})") from None
+
     async def _fetch(self, trigger: Trigger) -> Token:
         started = time.perf_counter()
         result = "failure"
         try:
-            token = await self._obtain(trigger)
+            token = await self._obtain_guarded(trigger)
             result = "success"
             self._failures = 0
             self._next_attempt = 0.0

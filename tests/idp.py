@@ -1,0 +1,306 @@
+"""Helpers for the token tests: the real Issuer with a recording fault hook and a tap on its
+protected API, a clock that can also jump its wall time, waits, configs and metric reads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from tests.fakes import CLIENT_SECRET, PASSWORD, FakeClock
+from tokenproxy.app import Daemon
+from tokenproxy.issuer import Issuer, _Family
+
+Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
+web_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class JumpClock(FakeClock):
+    """The FakeClock plus what these tests need: counting live sleepers, moving wall time
+    alone (a clock jump), and starting at a chosen wall time."""
+
+    def napping(self) -> int:
+        return sum(1 for _, fut in self._sleepers if not fut.done())
+
+    def jump_wall(self, seconds: float) -> None:
+        self._wall += seconds
+
+    def set_wall(self, wall: float) -> None:
+        self._wall = wall
+
+
+async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll *pred* (real time, bounded) until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def advance(clock: JumpClock, seconds: float, *, napping: int = 1) -> None:
+    """Advance once the token loops sleep on the clock (so their deadline is registered
+    before time moves), then let woken tasks run."""
+    await wait_for(lambda: clock.napping() >= napping, f"{napping} sleeper(s) on the clock")
+    await clock.tick(seconds)
+
+
+def jwt(claims: Any) -> str:
+    """A JWT-shaped token (header.payload.signature) carrying *claims*; not signed."""
+    def part(doc: Any) -> str:
+        raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+
+
+# -- the issuer ------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenCall:
+    """One token-endpoint call as the issuer received it."""
+
+    grant: str
+    headers: dict[str, str]
+    form: dict[str, str]
+    json: Any
+
+
+@dataclass
+class Calls:
+    """The issuer's fault hook: records every call, then lets a queued or default handler
+    answer instead of the issuer (None lets the issuer answer)."""
+
+    seen: list[TokenCall] = field(default_factory=list)
+    queue: list[Handler] = field(default_factory=list)
+    default: Handler | None = None
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, request: web.Request, grant: str) -> web.StreamResponse | None:
+        body = await request.read()
+        form: dict[str, str] = {}
+        doc: Any = None
+        if grant.startswith("json_"):
+            doc = json.loads(body) if body else None
+        else:
+            form = {k: str(v) for k, v in (await request.post()).items()}
+        self.seen.append(TokenCall(grant, {k.lower(): v for k, v in request.headers.items()},
+                                   form, doc))
+        self.entered.set()
+        handler = self.queue.pop(0) if self.queue else self.default
+        if handler is None:
+            return None
+        return await handler(request, grant)
+
+    def grants(self) -> list[str]:
+        return [c.grant for c in self.seen]
+
+
+def respond(status: int = 200, body: bytes | str = b"", *, content_type: str = "application/json",
+            headers: dict[str, str] | None = None) -> Handler:
+    """A fault answering with fixed bytes (raw text, so NaN or 1e999 go out as written)."""
+    data = body.encode() if isinstance(body, str) else body
+
+    async def handler(request: web.Request, grant: str) -> web.StreamResponse:
+        return web.Response(status=status, body=data, content_type=content_type,
+                            headers=headers)
+
+    return handler
+
+
+def respond_json(doc: Any, status: int = 200) -> Handler:
+    return respond(status, json.dumps(doc))
+
+
+def gate(event: asyncio.Event, then: Handler | None = None) -> Handler:
+    """A fault that holds the call until *event* is set, then lets *then* (or the issuer)
+    answer."""
+    async def handler(request: web.Request, grant: str) -> web.StreamResponse | None:
+        await asyncio.wait_for(event.wait(), 10)
+        return None if then is None else await then(request, grant)
+
+    return handler
+
+
+def mint(issuer: Issuer, *, refresh: bool = False, user: str | None = None) -> dict[str, Any]:
+    """A token document the issuer really issued (its API accepts the access token), for faults
+    that alter an answer's other fields."""
+    return issuer._issue(_Family(user or issuer.client_id), with_refresh=refresh)
+
+
+def minted(issuer: Issuer, change: Callable[[dict[str, Any]], str]) -> Handler:
+    """A fault that answers with a real token document rewritten by *change* into raw text."""
+    async def handler(request: web.Request, grant: str) -> web.StreamResponse:
+        return web.Response(body=change(mint(issuer)).encode(), content_type="application/json")
+
+    return handler
+
+
+@dataclass
+class ApiSeen:
+    method: str
+    path: str
+    bearer: str
+    body: bytes
+
+
+@dataclass
+class ApiTap:
+    """A middleware on the issuer's app watching its protected /api/: records each request,
+    may hold one path until an event is set, may refuse a path with 401 whatever the token,
+    and calls ``on_new_bearer`` the first time a token is presented."""
+
+    seen: list[ApiSeen] = field(default_factory=list)
+    hold: dict[str, asyncio.Event] = field(default_factory=dict)
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    deny: set[str] = field(default_factory=set)
+    on_new_bearer: Callable[[str], None] | None = None
+    _bearers: set[str] = field(default_factory=set)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: web_Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        body = await request.read()
+        auth = request.headers.get("Authorization", "")
+        bearer = auth[7:] if auth.startswith("Bearer ") else ""
+        if bearer and bearer not in self._bearers:
+            self._bearers.add(bearer)
+            if self.on_new_bearer is not None:
+                self.on_new_bearer(bearer)
+        self.seen.append(ApiSeen(request.method, request.path, bearer, body))
+        hold = self.hold.get(request.path)
+        if hold is not None:
+            self.held.set()
+            await asyncio.wait_for(hold.wait(), 10)
+        if request.path in self.deny:
+            return web.Response(status=401, text="denied-by-upstream",
+                                headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'})
+        return await handler(request)
+
+    def bearers(self, path: str | None = None) -> list[str]:
+        return [s.bearer for s in self.seen if path is None or s.path == path]
+
+
+@dataclass
+class Idp:
+    issuer: Issuer
+    calls: Calls
+    tap: ApiTap
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return self.issuer.base_url
+
+    @property
+    def token_url(self) -> str:
+        return self.url + "/oauth/token"
+
+
+async def start_idp(aiohttp_server: AiohttpServer, clock: FakeClock, **kw: Any) -> Idp:
+    """The real Issuer on 127.0.0.1 with the test clock, CLIENT_SECRET and the user
+    demo/PASSWORD; every token call recorded."""
+    kw.setdefault("client_secret", CLIENT_SECRET)
+    kw.setdefault("users", {"demo": PASSWORD})
+    issuer = Issuer(clock=clock, **kw)
+    calls, tap = Calls(), ApiTap()
+    issuer.fault = calls
+    app = issuer.app()
+    app.middlewares.append(tap.middleware)
+    server = await aiohttp_server(app)
+    issuer.base_url = f"http://127.0.0.1:{server.port}"
+    return Idp(issuer, calls, tap, server)
+
+
+async def password_grant(idp: Idp) -> dict[str, Any]:
+    """Log in directly at the issuer (as a user would have before configuring tokenproxy)."""
+    async with aiohttp.ClientSession() as s, s.post(idp.token_url, data={
+        "grant_type": "password", "username": "demo", "password": PASSWORD,
+        "client_id": idp.issuer.client_id, "client_secret": idp.issuer.client_secret,
+    }) as r:
+        assert 200 == r.status
+        doc: dict[str, Any] = await r.json()
+    return doc
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+def config(provider: dict[str, Any], upstream: str, tmp_path: Path, **top: Any) -> dict[str, Any]:
+    """One provider ``idp`` and a route / to *upstream*, on ephemeral loopback ports."""
+    raw: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "state_path": str(tmp_path / "state.json"),
+        "providers": {"idp": provider},
+        "routes": [{"prefix": "/", "upstream": upstream, "provider": "idp"}],
+    }
+    raw.update(top)
+    return raw
+
+
+def oauth2(idp: Idp, **kw: Any) -> dict[str, Any]:
+    prov: dict[str, Any] = {"type": "oauth2", "token_url": idp.token_url,
+                            "client_id": idp.issuer.client_id, "client_secret": CLIENT_SECRET}
+    prov.update(kw)
+    return prov
+
+
+def oauth2_config(idp: Idp, tmp_path: Path, *, upstream: str | None = None, top: Any = None,
+                  **provider: Any) -> dict[str, Any]:
+    return config(oauth2(idp, **provider), upstream or idp.url + "/api/", tmp_path,
+                  **(top or {}))
+
+
+# -- reading a daemon ------------------------------------------------------------------------
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float | None:
+    return daemon.registry.get_sample_value(name, labels)
+
+
+def count(daemon: Daemon, name: str, **labels: str) -> float:
+    """A counter's value; a series never touched counts 0."""
+    return metric(daemon, name, **labels) or 0.0
+
+
+def refreshes(daemon: Daemon, trigger: str, result: str = "success",
+              provider: str = "idp") -> float:
+    return count(daemon, "tokenproxy_token_refresh_total", provider=provider, trigger=trigger,
+                 result=result)
+
+
+async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.admin_port}/readyz") as r:
+        return r.status, await r.json()
+
+
+async def wait_ready(daemon: Daemon) -> None:
+    """Until /readyz answers 200 (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while (await readyz(daemon))[0] != 200:
+        if loop.time() > deadline:
+            raise AssertionError("never ready")
+        await asyncio.sleep(0.01)
+
+
+def state_entry(path: Path) -> dict[str, Any]:
+    """The single provider entry of a state file."""
+    doc = json.loads(path.read_text())
+    [value] = doc["providers"].values()
+    assert isinstance(value, dict)
+    return value
