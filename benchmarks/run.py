@@ -1,0 +1,474 @@
+"""tokenproxy's benchmark: one command, every variant measured in the same run.
+
+    python benchmarks/run.py            # about 2.5 minutes on 2 cores
+    python benchmarks/run.py --quick    # a smoke run (CI): seconds, figures meaningless
+
+Variants, each against the same upstream (nginx when installed, else a small aiohttp server):
+  direct      the load generator talks to the upstream itself
+  nginx       nginx proxy_pass adding the Authorization header (1 worker), when nginx is installed
+  static      tokenproxy with a static token
+  oauth2      tokenproxy with an oauth2 provider whose tokens expire every few seconds
+For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
+a large body, CPU per request and peak RSS of the proxy; medians of --repeat runs; ratios to
+direct and to nginx. The upstream and the load generator share one core, the proxy gets the
+other (when there are two). Installs nothing; says what is missing. Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-static-token-0123456789"
+SMALL_PATH = "/small"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def pin(pid: int, core: int | None) -> None:
+    if core is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, {core})
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def nginx_worker(master: int) -> int:
+    """nginx's single worker (the master only supervises): where its CPU and memory go."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    return master
+
+
+class Procs:
+    """Child processes, all stopped at the end whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], core: int | None, **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+        self.procs.append(proc)
+        pin(proc.pid, core)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_us: float
+    p99_us: float
+    requests: int
+    errors: int
+
+
+_UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def _latency(text: str, pct: str) -> float:
+    m = re.search(rf"^\s*{pct}%\s+([0-9.]+)(us|ms|s)\s*$", text, re.M)
+    return float(m[1]) * _UNITS[m[2]] if m else float("nan")
+
+
+def wrk(url: str, conns: int, seconds: float, core: int | None) -> Load:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", url]
+    if core is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", str(core), *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
+                         check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])  # type: ignore[index]
+    total = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m[1])
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return Load(rps, _latency(out, "50"), _latency(out, "99"), total, errors)
+
+
+async def _py_load(url: str, conns: int, seconds: float) -> Load:
+    """A Python load generator for machines without wrk (much slower than wrk)."""
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            async with session.get(url) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors += 1
+            latencies.append((time.perf_counter() - t0) * 1e6)
+
+    conn = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(conns)))
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return Load(len(latencies) / elapsed, latencies[len(latencies) // 2],
+                latencies[int(len(latencies) * 0.99)], len(latencies), errors)
+
+
+def load(url: str, conns: int, seconds: float, core: int | None) -> Load:
+    if shutil.which("wrk"):
+        return wrk(url, conns, seconds, core)
+    return asyncio.run(_py_load(url, conns, seconds))
+
+
+def curl_speed(args: list[str], core: int | None) -> float:
+    """MB/s (10^6 bytes) of one curl transfer."""
+    argv = ["curl", "-s", "-o", "/dev/null", *args]
+    if core is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", str(core), *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    return float(out) / 1e6
+
+
+# -- the variants ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    rps: list[float] = field(default_factory=list)
+    p50_us: list[float] = field(default_factory=list)
+    p99_us: list[float] = field(default_factory=list)
+    p50_1c_us: list[float] = field(default_factory=list)
+    down_mbs: list[float] = field(default_factory=list)
+    up_mbs: list[float] = field(default_factory=list)
+    cpu_us_per_req: list[float] = field(default_factory=list)
+    errors: int = 0
+    peak_rss_mb: float | None = None
+
+    def median(self, name: str) -> float | None:
+        values = [v for v in getattr(self, name) if v == v]
+        return statistics.median(values) if values else None
+
+
+NGINX_UPSTREAM = """
+worker_processes 1;
+daemon off;
+pid {dir}/up.pid;
+error_log {dir}/up.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/up-body;
+  server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 10000000;
+    client_max_body_size 0;
+    location = /small {{ default_type application/json; return 200 '{{"ok":true,"n":12345}}'; }}
+    location = /big {{ root {dir}; try_files /big.bin =404; }}
+    location = /upload {{ return 200 '{{"ok":true}}'; }}
+  }}
+}}
+"""
+
+NGINX_PROXY = """
+worker_processes 1;
+daemon off;
+pid {dir}/proxy.pid;
+error_log {dir}/proxy.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/proxy-body;
+  proxy_temp_path {dir}/proxy-temp;
+  upstream up {{ server 127.0.0.1:{up}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 10000000;
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def tokenproxy_config(port: int, admin: int, upstream: int, state: Path,
+                      token_port: int | None) -> dict[str, Any]:
+    if token_port is None:
+        provider: dict[str, Any] = {"type": "static", "token": TOKEN}
+    else:
+        provider = {"type": "oauth2", "token_url": f"http://127.0.0.1:{token_port}/oauth/token",
+                    "client_id": "demo-client", "client_secret": "bench-secret",
+                    "refresh_margin": "1s"}
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin}",
+        "log": {"level": "info", "format": "json"},   # the access log stays on
+        "state_path": str(state),
+        "limits": {"max_connections": 4096},
+        "providers": {"api": provider},
+        "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{upstream}/",
+                    "provider": "api"}],
+    }
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="tokenproxy-bench-") as d:
+        yield Path(d)
+
+
+def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
+            load_core: int | None, big: bool) -> None:
+    for _ in range(args.repeat):
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        heavy = load(url + SMALL_PATH, 64, args.seconds, load_core)
+        if pid:
+            res.cpu_us_per_req.append((cpu_seconds(pid) - cpu0) * 1e6 / max(1, heavy.requests))
+        res.rps.append(heavy.rps)
+        res.p50_us.append(heavy.p50_us)
+        res.p99_us.append(heavy.p99_us)
+        res.errors += heavy.errors
+        one = load(url + SMALL_PATH, 1, max(1.0, args.seconds / 2), load_core)
+        res.p50_1c_us.append(one.p50_us)
+        res.errors += one.errors
+        if big and shutil.which("curl"):
+            res.down_mbs.append(curl_speed(["-w", "%{speed_download}", url + "/big"], load_core))
+            res.up_mbs.append(curl_speed(
+                ["-w", "%{speed_upload}", "-X", "POST", "-T", str(args.bigfile),
+                 "-H", "Expect:", url + "/upload"], load_core))
+    if pid:
+        res.peak_rss_mb = peak_rss_mb(pid)
+
+
+async def _storm(url: str, n: int) -> float:
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def one() -> int:
+            async with session.get(url) as resp:
+                await resp.read()
+                return resp.status
+
+        t0 = time.perf_counter()
+        statuses = await asyncio.gather(*(one() for _ in range(n)))
+        elapsed = time.perf_counter() - t0
+    bad = [s for s in statuses if s != 200]
+    if bad:
+        raise RuntimeError(f"storm: {len(bad)} of {n} requests failed ({bad[:3]})")
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 s loads, 1 repeat")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--big-mib", type=int, default=256)
+    ap.add_argument("--storm", type=int, default=1000)
+    ap.add_argument("--token-delay-ms", type=float, default=300.0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.repeat, args.big_mib, args.storm = 1.0, 1, 16, 200
+    missing = [tool for tool in ("wrk", "nginx", "curl", "taskset") if not shutil.which(tool)]
+    if missing:
+        print(f"note: not installed: {', '.join(missing)} (Debian packages wrk, nginx-light, "
+              "curl, util-linux); falling back where possible", file=sys.stderr)
+    cores = sorted(os.sched_getaffinity(0))
+    up_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
+    procs = Procs()
+    results: list[Result] = []
+    storm: dict[str, float] = {}
+    started = time.monotonic()
+    with workdir() as d:
+        d.chmod(0o755)   # nginx workers run as an unprivileged user and must read big.bin
+        args.bigfile = d / "big.bin"
+        with args.bigfile.open("wb") as fh:
+            fh.truncate(args.big_mib * 1024 * 1024)
+        args.bigfile.chmod(0o644)
+        try:
+            up = free_port()
+            if shutil.which("nginx"):
+                (d / "up.conf").write_text(NGINX_UPSTREAM.format(dir=d, port=up))
+                procs.start(["nginx", "-c", str(d / "up.conf"), "-p", str(d)], up_core)
+            else:
+                procs.start([sys.executable, str(HERE / "servers.py"), "upstream", str(up),
+                             str(args.big_mib * 1024 * 1024)], up_core)
+            wait_port(up)
+
+            direct = Result("direct")
+            measure(direct, f"http://127.0.0.1:{up}", None, args, up_core, True)
+            results.append(direct)
+
+            if shutil.which("nginx"):
+                port = free_port()
+                (d / "proxy.conf").write_text(NGINX_PROXY.format(dir=d, port=port, up=up,
+                                                                 token=TOKEN))
+                proc = procs.start(["nginx", "-c", str(d / "proxy.conf"), "-p", str(d)],
+                                   proxy_core)
+                wait_port(port)
+                res = Result("nginx")
+                measure(res, f"http://127.0.0.1:{port}", nginx_worker(proc.pid), args, up_core,
+                        True)
+                results.append(res)
+
+            token_port = free_port()
+            procs.start([sys.executable, str(HERE / "servers.py"), "token", str(token_port),
+                         "3", "0"], up_core)
+            wait_port(token_port)
+            for name, tport in (("static", None), ("oauth2", token_port)):
+                port, admin = free_port(), free_port()
+                cfg = d / f"{name}.json"
+                cfg.write_text(json.dumps(tokenproxy_config(port, admin, up, d / f"{name}.state",
+                                                            tport)))
+                proc = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)],
+                                   proxy_core)
+                wait_port(port)
+                wait_port(admin)
+                time.sleep(0.5)
+                res = Result(name)
+                measure(res, f"http://127.0.0.1:{port}", proc.pid, args, up_core, True)
+                results.append(res)
+
+            # The storm: n requests arrive at once at an expired token; the token endpoint
+            # takes token_delay_ms. Ideal: token latency + upstream latency.
+            lifetime = 2.0
+            slow_token = free_port()
+            procs.start([sys.executable, str(HERE / "servers.py"), "token", str(slow_token),
+                         str(lifetime), str(args.token_delay_ms)], up_core)
+            wait_port(slow_token)
+            port, admin = free_port(), free_port()
+            cfg_doc = tokenproxy_config(port, admin, up, d / "storm.state", slow_token)
+            cfg_doc["providers"]["api"]["refresh_margin"] = 0   # no background refresh
+            cfg_doc["log"]["level"] = "warning"
+            (d / "storm.json").write_text(json.dumps(cfg_doc))
+            procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                         str(d / "storm.json")], proxy_core)
+            wait_port(port)
+            upstream_s = statistics.median(
+                asyncio.run(_storm(f"http://127.0.0.1:{up}{SMALL_PATH}", 1)) for _ in range(5))
+            asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}", 1))   # first token in
+            time.sleep(lifetime + 0.2)                                       # ...and expired
+            elapsed = asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}", args.storm))
+            ideal = args.token_delay_ms / 1000 + upstream_s
+            storm = {"requests": args.storm, "elapsed_s": elapsed, "ideal_s": ideal,
+                     "ratio": elapsed / ideal}
+        finally:
+            procs.stop_all()
+    report(results, storm, args, time.monotonic() - started)
+    if args.json:
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
+                                         "storm": storm}, indent=1))
+    return 0
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(results: list[Result], storm: dict[str, float], args: argparse.Namespace,
+           elapsed: float) -> None:
+    by = {r.name: r for r in results}
+    direct, nginx = by.get("direct"), by.get("nginx")
+    base_p50 = direct.median("p50_1c_us") if direct else None
+    cpu = platform.processor() or platform.machine()
+    print(f"\ntokenproxy benchmark — {os.cpu_count()} cores ({cpu}), Python "
+          f"{platform.python_version()}, {args.repeat} repeat(s) of {args.seconds:g} s, "
+          f"{args.big_mib} MiB bodies; medians; took {elapsed:.0f} s\n")
+    head = ("| variant | req/s @64 | × direct | × nginx | p50 @64 | p99 @64 | added p50 @1 | "
+            "download MB/s | × nginx | upload MB/s | × nginx | CPU µs/req | × nginx | "
+            "peak RSS MB | errors |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in results:
+        rps, p50_1 = r.median("rps"), r.median("p50_1c_us")
+        down, upl, cpu_req = r.median("down_mbs"), r.median("up_mbs"), r.median("cpu_us_per_req")
+
+        def ratio(value: float | None, attr: str, ref: Result | None) -> str:
+            other = ref.median(attr) if ref else None
+            return "-" if value is None or not other else f"{value / other:.2f}"
+
+        added = None if p50_1 is None or base_p50 is None or r is direct else p50_1 - base_p50
+        print(f"| {r.name} | {_fmt(rps, ',.0f')} | {ratio(rps, 'rps', direct)} | "
+              f"{ratio(rps, 'rps', nginx)} | {_fmt(r.median('p50_us'), '.0f')} µs | "
+              f"{_fmt(r.median('p99_us'), '.0f')} µs | "
+              f"{'-' if added is None else f'+{added:.0f} µs'} | {_fmt(down, ',.0f')} | "
+              f"{ratio(down, 'down_mbs', nginx)} | {_fmt(upl, ',.0f')} | "
+              f"{ratio(upl, 'up_mbs', nginx)} | {_fmt(cpu_req, '.1f')} | "
+              f"{ratio(cpu_req, 'cpu_us_per_req', nginx)} | {_fmt(r.peak_rss_mb, '.0f')} | "
+              f"{r.errors} |")
+    if storm:
+        print(f"\nstorm: {storm['requests']} concurrent requests at an expired token: "
+              f"{storm['elapsed_s'] * 1000:.0f} ms; token endpoint + upstream = "
+              f"{storm['ideal_s'] * 1000:.0f} ms; ratio {storm['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
