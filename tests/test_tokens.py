@@ -1033,21 +1033,22 @@ async def test_token_endpoint_503_backs_off_and_recovers(
     await wait_for(lambda: refreshes(daemon, "initial", "failure") == 1, "the first failure")
     state = source.describe()
     assert "backoff" == state["state"]
-    assert 0.8 <= state["retry_in"] <= 1.0
+    assert 1.0 <= state["retry_in"] <= 1.25   # never sooner than 1 s; jittered up to +25 %
     resp = await fetch(http, daemon)
-    assert (503, "1") == (resp.status, resp.headers["Retry-After"])
+    assert 503 == resp.status
+    assert resp.headers["Retry-After"] in ("1", "2")
     assert problem_type(resp).endswith("/token_unavailable")
     status, doc = await readyz(daemon)
     assert (503, "backoff") == (status, doc["providers"]["idp"]["state"])
-    await advance(clock, 0.79)
+    await advance(clock, 0.99)
     assert 503 == (await fetch(http, daemon)).status
     await settle()
     assert 1 == len(idp.calls.seen)
-    await advance(clock, state["retry_in"] - 0.79 + 0.06)
+    await advance(clock, state["retry_in"] - 0.99 + 0.06)
     await wait_for(lambda: 2 == len(idp.calls.seen), "the second attempt")
     await wait_for(lambda: refreshes(daemon, "initial", "failure") == 2, "the second failure")
     state = source.describe()
-    assert 1.55 <= state["retry_in"] <= 2.0
+    assert 2.0 <= state["retry_in"] <= 2.5
     idp.calls.default = None
     await advance(clock, state["retry_in"] + 0.06)
     await wait_ready(daemon)
@@ -1071,7 +1072,7 @@ async def test_outage_during_proactive_refresh_keeps_the_valid_token_in_use(
     assert (200, "valid", 1) == (status, doc["providers"]["idp"]["state"],
                                  doc["providers"]["idp"]["failures"])
     idp.calls.default = None
-    await advance(clock, 1.01)
+    await advance(clock, 1.26)   # past the longest first backoff (1 s + 25 % jitter)
     await wait_for(lambda: refreshes(daemon, "expiry") == 1, "the retried refresh")
     assert 200 == (await fetch(http, daemon)).status
     assert 3 == len(idp.calls.seen)
@@ -1081,7 +1082,7 @@ async def test_outage_during_proactive_refresh_keeps_the_valid_token_in_use(
 async def test_backoff_doubles_up_to_a_minute(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
 ) -> None:
-    """Backoff after each failure: 1, 2, 4 ... s, jittered down at most 20 %, at most 60."""
+    """Backoff after each failure: 1, 2, 4 ... s, jittered up at most 25 %, at most 60."""
     idp = await start()
     idp.calls.default = UNAVAILABLE
     daemon = await make_proxy(oauth2_config(idp, tmp_path))
@@ -1094,7 +1095,8 @@ async def test_backoff_doubles_up_to_a_minute(
         await reach(lambda: refreshes(daemon, "initial", "failure"), n, "a failure")
         ceiling = min(60.0, 2.0 ** (n - 1))
         retry_in = source.describe()["retry_in"]
-        assert 0.8 * ceiling - 0.05 <= retry_in <= ceiling + 0.05, (n, retry_in)
+        top = min(60.0, 1.25 * ceiling)
+        assert ceiling - 0.05 <= retry_in <= top + 0.05, (n, retry_in)
         await advance(clock, retry_in + 0.06)
         await reach(lambda: len(idp.calls.seen), n + 1, "the next attempt")
     await settle()
@@ -1181,7 +1183,7 @@ async def test_bad_token_answers_fail_with_backoff_and_recover(
     assert (503, "backoff") == (status, doc["providers"]["idp"]["state"])
     assert not (tmp_path / "state.json").exists()
     idp.calls.default = None
-    await advance(clock, 1.01)
+    await advance(clock, 1.26)   # past the longest first backoff (1 s + 25 % jitter)
     await wait_ready(daemon)
     assert 200 == (await fetch(http, daemon)).status
 

@@ -439,7 +439,8 @@ class TestStateStore:
         store = StateStore(tmp_path / "state.json")
         for n in range(5):
             store.write("a:1", entry(n))
-        assert ["state.json"] == sorted(p.name for p in tmp_path.iterdir())
+        assert ["state.json"] == sorted(
+            p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
 
     def test_loose_permissions_warned(self, tmp_path: Path, logs: CapturedLogs) -> None:
         """A group- or world-readable state file is read but warned about."""
@@ -532,10 +533,10 @@ class TestStateStore:
         order: list[str] = []
 
         async def other() -> None:
-            async with second.locked():
+            async with second.locked("a:1", 5):
                 order.append("second")
 
-        async with first.locked():
+        async with first.locked("a:1", 5):
             task = asyncio.create_task(other())
             await asyncio.sleep(0.2)
             assert not task.done()
@@ -549,20 +550,20 @@ class TestStateStore:
         first, second = StateStore(path), StateStore(path)
 
         async def wait_for_lock() -> None:
-            async with second.locked():
+            async with second.locked("a:1", 5):
                 await asyncio.sleep(10)
 
-        async with first.locked():
+        async with first.locked("a:1", 5):
             waiter = asyncio.create_task(wait_for_lock())
             await asyncio.sleep(0.1)
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
-        # The cancelled waiter's thread may take the lock late; it must let go of it.
+        # The cancelled waiter must not keep (or later take) the lock.
         third = StateStore(path)
 
         async def take() -> None:
-            async with third.locked():
+            async with third.locked("a:1", 5):
                 pass
 
         await asyncio.wait_for(take(), 5)
@@ -574,6 +575,6 @@ class TestStateStore:
         blocker = tmp_path / "not-a-dir"
         blocker.write_text("x")
         store = StateStore(blocker / "state.json")
-        async with store.locked():
+        async with store.locked("a:1", 5):
             pass
         assert 1 == len(logs.events("state_lock_failed"))

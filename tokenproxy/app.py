@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -90,6 +89,12 @@ class SourceFactory:
         self.store = store
         self._ssl = ssl_contexts([])
 
+    def with_store(self, store: StateStore | None) -> SourceFactory:
+        if store is self.store:
+            return self
+        return SourceFactory(clock=self._clock, metrics=self._metrics, redactor=self._redactor,
+                             session=self._session, store=store)
+
     def _ssl_for(self, ca_file: Any) -> Any:
         if ca_file is None:
             return True
@@ -104,6 +109,8 @@ class SourceFactory:
             return StaticSource(cfg, **common)
         grantor: Grantor
         lifetime: float | None = None
+        # Another holder of the state lock may take up to its whole call timeout.
+        lock_wait = cfg.timeout + 1.0
         if isinstance(cfg, OAuth2Provider):
             grantor = OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
         elif isinstance(cfg, JsonProvider):
@@ -114,7 +121,7 @@ class SourceFactory:
         return TokenManager(
             cfg.name, cfg.type_name(), grantor, identity=cfg.identity(),
             refresh_margin=cfg.refresh_margin, store=self.store, default_lifetime=lifetime,
-            **common,
+            lock_timeout=lock_wait, **common,
         )
 
 
@@ -268,35 +275,53 @@ class Daemon:
                 raise
         admin_drop = [ls for ls in self.admin_listeners if ls not in admin_keep]
 
+        # Build everything before anything running changes: a failure here leaves the old
+        # config serving untouched (only the listeners bound above are closed again).
+        try:
+            store = self._factory_sources.store
+            if new.state_path != old.state_path:
+                store = StateStore(new.state_path) if new.state_path is not None else None
+            factory = self._factory_sources.with_store(store)
+            sources: dict[str, TokenSource] = {}
+            plan: list[tuple[TokenSource, TokenSource | None, bool]] = []
+            for name, provider in new.providers.items():
+                before, current = old.providers.get(name), self.sources.get(name)
+                stuck = isinstance(current, TokenManager) and current.unauthenticated
+                if (current is not None and before == provider
+                        and new.state_path == old.state_path and not stuck):
+                    sources[name] = current
+                    continue
+                fresh = factory.build(provider)
+                inherit = (isinstance(fresh, TokenManager) and isinstance(current, TokenManager)
+                           and before is not None and before.identity() == provider.identity()
+                           and not stuck)
+                plan.append((fresh, current, inherit))
+                sources[name] = fresh
+            proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics)
+        except BaseException:
+            for ls in added + admin_added:
+                await ls.close()
+            raise
+
         for secret in config_secrets(new):
             self.redactor.add(secret)
-        if new.state_path != old.state_path:
-            self._factory_sources.store = (StateStore(new.state_path)
-                                           if new.state_path is not None else None)
-        sources: dict[str, TokenSource] = {}
+        self._factory_sources = factory
         retired: list[TokenSource] = []
-        changed: list[str] = []
-        for name, provider in new.providers.items():
-            before, current = old.providers.get(name), self.sources.get(name)
-            if current is not None and before == provider and new.state_path == old.state_path:
-                sources[name] = current
-                continue
-            fresh = self._factory_sources.build(provider)
-            changed.append(name)
-            if (current is not None and before is not None and isinstance(fresh, TokenManager)
-                    and isinstance(current, TokenManager)
-                    and before.identity() == provider.identity()):
+        for fresh, current, inherit in plan:
+            if inherit:
+                assert isinstance(fresh, TokenManager)
+                assert isinstance(current, TokenManager)
                 await current.close()   # lets a refresh in flight finish and persist first
                 fresh.inherit(current)
             elif current is not None:
                 retired.append(current)
-            sources[name] = fresh
             await fresh.start()
         retired += [src for name, src in self.sources.items() if name not in new.providers]
+        changed = [name for name, src in sources.items() if src is not self.sources.get(name)]
 
         self.config = new
         self.sources = sources
-        self._proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics)
+        self._proxy = proxy
         self._gate.resize(new.limits.max_connections)
         for ls in drop + admin_drop:
             await ls.close()
@@ -352,10 +377,6 @@ class Daemon:
     def source(self, name: str) -> TokenSource:
         return self.sources[name]
 
-    @property
-    def all_sources(self) -> Mapping[str, TokenSource]:
-        return self.sources
-
 
 async def _reload(daemon: Daemon, redactor: Redactor) -> None:
     """SIGHUP: re-read the file; a bad one is logged and the running config kept."""
@@ -373,6 +394,8 @@ async def _reload(daemon: Daemon, redactor: Redactor) -> None:
         logger.info(log.CONFIG_RELOADED, path=str(source), **changes)
     except TokenProxyError as exc:
         logger.error(log.CONFIG_RELOAD_FAILED, error=str(exc))
+    except Exception as exc:   # whatever went wrong, the running config keeps serving
+        logger.error(log.CONFIG_RELOAD_FAILED, error=type(exc).__name__)
     finally:
         systemd.ready()
 

@@ -67,7 +67,8 @@ def summary(cfg: Config) -> list[str]:
     lines.append(f"state_path: {cfg.state_path}")
     lines.append(f"providers ({len(cfg.providers)}):")
     for name, p in cfg.providers.items():
-        ident = {k: v for k, v in p.identity().items() if k != "type" and v}
+        # Endpoints without their query: a query string may carry a key (SPEC section 6).
+        ident = {k: v.split("?", 1)[0] for k, v in p.identity().items() if k != "type" and v}
         detail = " ".join(f"{k}={v}" for k, v in ident.items() if "\x00" not in v)
         lines.append(f"  {name}: {p.type_name()}" + (f" {detail}" if detail else ""))
     lines.append(f"routes ({len(cfg.routes)}):")

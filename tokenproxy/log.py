@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, Final, TextIO
 
 import structlog
@@ -42,26 +42,54 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
 
 
 class Redactor:
-    """A structlog processor that masks secrets; knows the secret values it was given."""
+    """A structlog processor that masks secrets; knows the secret values it was given.
+
+    Config secrets stay for the life of the process (``add``); tokens are tracked per owner
+    (``track``), keeping the current and the previous one, so the set stays small however
+    many refreshes happen. One compiled pattern matches them all.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: dict[str, None] = {}
+        self._fixed: dict[str, None] = {}
+        self._owned: dict[str, list[str]] = {}
+        self._pattern: re.Pattern[str] | None = None
         for s in secrets:
             self.add(s)
 
+    def _rebuild(self) -> None:
+        values = set(self._fixed)
+        for tokens in self._owned.values():
+            values.update(tokens)
+        if len(values) > _MAX_SECRETS:   # bounded: a misbehaving caller cannot grow it forever
+            values = set(sorted(values, key=len, reverse=True)[:_MAX_SECRETS])
+        # Longest first, so a secret that contains another is masked whole.
+        ordered = sorted(values, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
     def add(self, secret: str) -> None:
         """Mask *secret* wherever it appears from now on (short values would mask noise)."""
-        if len(secret) < _MIN_SECRET or secret in self._secrets:
+        if len(secret) < _MIN_SECRET or secret in self._fixed:
             return
-        self._secrets[secret] = None
-        if len(self._secrets) > _MAX_SECRETS:   # bounded: forget the oldest tokens first
-            del self._secrets[next(iter(self._secrets))]
+        self._fixed[secret] = None
+        if len(self._fixed) > _MAX_SECRETS:
+            del self._fixed[next(iter(self._fixed))]
+        self._rebuild()
+
+    def track(self, owner: str, secret: str) -> None:
+        """Mask *owner*'s current token (and its previous one, still in flight somewhere)."""
+        if len(secret) < _MIN_SECRET:
+            return
+        held = self._owned.setdefault(owner, [])
+        if secret in held:
+            return
+        held.append(secret)
+        del held[:-2]
+        self._rebuild()
 
     def scrub(self, text: str) -> str:
         text = _BEARER.sub(lambda m: m[1] + m[2] + MASK, text)
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
+        if self._pattern is not None:
+            text = self._pattern.sub(MASK, text)
         return text
 
     def _clean(self, key: str, value: Any, depth: int = 0) -> Any:
@@ -170,8 +198,3 @@ def configure(
 def get_logger(**bound: Any) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**bound)
     return logger
-
-
-def mask_mapping(values: MutableMapping[str, Any], redactor: Redactor) -> dict[str, Any]:
-    """A redacted copy of a mapping, for summaries printed outside the log pipeline."""
-    return {k: redactor._clean(k, v) for k, v in values.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -188,6 +189,16 @@ def _readable_file(raw: object, where: str) -> Path:
     return path
 
 
+def _ca_file(raw: object, where: str) -> Path:
+    """A readable PEM CA bundle: loaded now, so a bad one is a config error, not a crash."""
+    path = _readable_file(raw, where)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError):
+        raise ConfigError(f"{where}: {path} holds no usable PEM certificate") from None
+    return path
+
+
 def _listeners(raw: object, where: str) -> tuple[Listener, ...]:
     items = raw if isinstance(raw, list) else [raw]
     if not items:
@@ -359,7 +370,7 @@ def _oauth2(name: str, m: _Map) -> OAuth2Provider:
         password=password,
         refresh_token=refresh,
         timeout=_timeout(m, 10.0),
-        ca_file=m.parse("ca_file", _readable_file, None),
+        ca_file=m.parse("ca_file", _ca_file, None),
     )
 
 
@@ -415,7 +426,7 @@ def _json(name: str, m: _Map) -> JsonProvider:
         login=login,
         refresh=refresh,
         timeout=_timeout(m, 10.0),
-        ca_file=m.parse("ca_file", _readable_file, None),
+        ca_file=m.parse("ca_file", _ca_file, None),
     )
 
 
@@ -540,7 +551,7 @@ def _routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, ...]
                                               "replace"),
                 preserve_host=m.boolean("preserve_host", False),
                 timeout=_timeout(m, 60.0),
-                ca_file=m.parse("ca_file", _readable_file, None),
+                ca_file=m.parse("ca_file", _ca_file, None),
             )
         )
         m.done()

@@ -18,6 +18,7 @@ from tokenproxy.config import Config
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.metrics import Metrics, method_label
 from tokenproxy.proxy.body import ReplayableBody
+from tokenproxy.proxy.deadline import bounded
 from tokenproxy.proxy.headers import forward_request_headers, forward_response_headers
 from tokenproxy.proxy.problem import problem_response
 from tokenproxy.proxy.security import SecurityPolicy
@@ -196,7 +197,7 @@ class Proxy:
     ) -> web.StreamResponse:
         route = compiled.route
         source = self.source_for(compiled)
-        token = await source.current()
+        token = await bounded(source.current(), compiled, source.name)
         try:
             # A client that stops sending its body must not hold the connection forever.
             async with asyncio.timeout(route.timeout):
@@ -225,7 +226,8 @@ class Proxy:
                 self._spawn(source.renew(token, "unauthorized"))
                 break
             try:
-                fresh = await source.renew(token, "unauthorized")
+                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
+                                      source.name)
             except BaseException:
                 up.close()   # the 401 will not be relayed: free its connection now
                 raise

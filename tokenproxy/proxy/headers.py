@@ -13,6 +13,7 @@ HOP_BY_HOP: Final = frozenset({
 })
 # Never forwarded upstream besides the hop-by-hop set: Host is the upstream's (unless
 # preserve_host), Expect is answered by us, HTTP2-Settings belongs to a refused h2c upgrade.
+MIN_ECHO_TOKEN: Final = 12
 REQUEST_ONLY_LOCAL: Final = frozenset({"host", "expect", "http2-settings"})
 
 
@@ -79,12 +80,14 @@ def forward_response_headers(
     reaches the client; a Location inside a route's upstream is rewritten to the proxy.
     """
     listed = connection_listed(headers)
+    # A token short enough to occur by chance in a Date or ETag is not looked for.
+    echoes_token = len(token) >= MIN_ECHO_TOKEN
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in listed or low.startswith("proxy-"):
             continue
-        if token in value:
+        if echoes_token and token in value:
             continue
         if low == "location":
             value = rewrite_location(value)

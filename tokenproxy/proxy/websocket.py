@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from tokenproxy.errors import UpstreamError
+from tokenproxy.proxy.deadline import bounded
+from tokenproxy.proxy.headers import forward_response_headers
 from tokenproxy.proxy.problem import problem_response
 from tokenproxy.proxy.upstream import upstream_error
 
@@ -73,7 +76,7 @@ async def proxy_websocket(
 ) -> web.StreamResponse:
     route = compiled.route
     source = proxy.source_for(compiled)
-    token = await source.current()
+    token = await bounded(source.current(), compiled, source.name)
     url = compiled.upstream_url(path, query)
     base, client_auth = proxy.request_headers(request, compiled)
     for name in list(base.keys()):
@@ -100,14 +103,21 @@ async def proxy_websocket(
             break
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in route.retry_on and attempt == 0 and not client_auth:
-                fresh = await source.renew(token, "unauthorized")
+                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
+                                      source.name)
                 if fresh is not None:
                     token = fresh
                     outcome.retried = True
                     continue
             if 400 <= exc.status <= 599:
-                # The upstream's refusal, passed back (its body is not available here).
-                return web.Response(status=exc.status)
+                # The upstream's refusal, passed back with its headers (WWW-Authenticate...);
+                # aiohttp does not keep the body of a refused handshake.
+                headers = forward_response_headers(
+                    CIMultiDictProxy(CIMultiDict(exc.headers or {})), token=token.value,
+                    rewrite_location=lambda loc: loc)
+                headers.popall("Content-Length", None)
+                headers.popall("Content-Encoding", None)
+                return web.Response(status=exc.status, headers=headers)
             raise UpstreamError("reset", "the upstream refused the WebSocket upgrade") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from None

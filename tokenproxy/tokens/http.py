@@ -61,10 +61,7 @@ async def call(
         async with asyncio.timeout(within):
             async with session.request(method, url, allow_redirects=False, ssl=ssl_context,
                                        **kwargs) as resp:
-                body = await resp.content.read(MAX_RESPONSE + 1)
-                if len(body) > MAX_RESPONSE:
-                    raise GrantFailed(f"the answer is larger than {MAX_RESPONSE} bytes")
-                answer = Answer(resp.status, resp.headers, body)
+                answer = Answer(resp.status, resp.headers, await _read_capped(resp))
     except TimeoutError:
         raise GrantFailed(f"no answer within {within:g}s") from None
     except aiohttp.ClientError as exc:
@@ -74,6 +71,18 @@ async def call(
     if 300 <= answer.status < 400:
         raise GrantFailed(f"the endpoint redirected (status {answer.status}); not followed")
     return answer
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body up to EOF, however many reads it takes; over MAX_RESPONSE fails."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE:
+            raise GrantFailed(f"the answer is larger than {MAX_RESPONSE} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_code(answer: Answer) -> str | None:

@@ -28,7 +28,13 @@ from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
 from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
 from tokenproxy.tokens.model import Token, Trigger
-from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key
+from tokenproxy.tokens.state import (
+    StateFileError,
+    StateLockTimeout,
+    StateStore,
+    StoredTokens,
+    identity_key,
+)
 
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
@@ -75,6 +81,7 @@ class TokenManager:
         redactor: Redactor,
         store: StateStore | None = None,
         default_lifetime: float | None = None,
+        lock_timeout: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
@@ -87,6 +94,7 @@ class TokenManager:
         self._redactor = redactor
         self._store = store
         self._default_lifetime = default_lifetime
+        self._lock_timeout = lock_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = log.get_logger(provider=name)
 
@@ -107,8 +115,6 @@ class TokenManager:
         self._inherited = False
         self._wake = asyncio.Event()
         self._coalesced = metrics.token_refresh_coalesced.labels(name)
-        metrics.provider_authenticated.labels(name).set(1)
-        metrics.token_expiry.labels(name).set(0)
         for secret in (grantor.initial_refresh_token,):
             if secret:
                 redactor.add(secret)
@@ -120,7 +126,7 @@ class TokenManager:
         if self._store is not None:
             stored = self._store.read(self._key)
             if stored is not None:
-                self._adopt_stored(stored, take_access=True)
+                self._adopt_stored(stored)
 
     def inherit(self, old: TokenManager) -> None:
         """Take over a reloaded provider's tokens (same identity); failures start afresh, since
@@ -138,9 +144,15 @@ class TokenManager:
                 else self._obtained_wall + old._lifetime)
         self._inherited = True
 
+    @property
+    def unauthenticated(self) -> bool:
+        return self._unauthenticated
+
     async def start(self) -> None:
         """Load persisted tokens, then fetch or refresh in the background (trigger initial)."""
+        self._metrics.provider_authenticated.labels(self.name).set(1)
         if not self._inherited:
+            self._metrics.token_expiry.labels(self.name).set(0)
             self.load()
         self._loop_task = asyncio.create_task(self._run(), name=f"tokens:{self.name}")
 
@@ -266,7 +278,7 @@ class TokenManager:
         except GrantFailed as exc:
             self._failures += 1
             delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (self._failures - 1))
-            delay *= self._rng.uniform(0.8, 1.0)
+            delay = min(BACKOFF_MAX, delay * self._rng.uniform(1.0, 1.25))
             delay = max(delay, exc.retry_after or 0.0)
             self._next_attempt = self._clock.monotonic() + delay
             self._last_error = exc.reason
@@ -295,21 +307,36 @@ class TokenManager:
 
     async def _obtain(self, trigger: Trigger) -> Token:
         stale = self._token
-        lock = self._store.locked() if self._store is not None else contextlib.nullcontext()
-        async with lock:
-            if self._store is not None:
-                stored = self._store.read(self._key)
-                if stored is not None:
-                    adopted = self._adopt_stored(stored, take_access=True, stale=stale)
-                    if adopted is not None:
-                        self._log.info(log.TOKEN_REFRESHED, trigger=trigger, source="state_file",
-                                       expires_in=self._rounded_lifetime())
-                        return adopted
-            grant, used_refresh = await self._exchange()
-            # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
-            refresh_token = grant.refresh_token or used_refresh
-            token = self._install(grant, refresh_token)
-            self._persist(token, refresh_token)
+        if self._store is None:
+            return await self._obtain_locked(trigger, stale)
+        try:
+            async with self._store.locked(self._key, self._lock_timeout):
+                return await self._obtain_locked(trigger, stale)
+        except StateLockTimeout as exc:
+            raise GrantFailed(str(exc)) from None
+
+    async def _obtain_locked(self, trigger: Trigger, stale: Token | None) -> Token:
+        if self._store is not None:
+            # Re-read under the lock: another process may have refreshed (and rotated) already.
+            stored = await asyncio.to_thread(self._store.read, self._key)
+            if stored is not None:
+                adopted = self._adopt_stored(stored, stale=stale)
+                if adopted is not None:
+                    self._log.info(log.TOKEN_REFRESHED, trigger=trigger, source="state_file",
+                                   expires_in=self._rounded_lifetime())
+                    return adopted
+        grant, used_refresh = await self._exchange()
+        # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
+        refresh_token = grant.refresh_token or used_refresh
+        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
+        life = lifetime(grant.expires_in, grant.access_token, now_wall)
+        if life is None:
+            life = self._default_lifetime
+        # The rotated refresh token reaches the disk before the new access token is used.
+        await self._persist(StoredTokens(
+            grant.access_token, None if life is None else now_wall + life, refresh_token,
+            now_wall, self._config_seed))
+        token = self._install(grant.access_token, refresh_token, life, now_mono, now_wall)
         if grant.expires_in_ignored:
             self._log.warning("expires_in_ignored", reason="not a finite positive number")
         self._log.info(log.TOKEN_REFRESHED, trigger=trigger, expires_in=self._rounded_lifetime())
@@ -332,17 +359,13 @@ class TokenManager:
                 self._refresh_token = None
         return await self._grantor.login(), None
 
-    def _install(self, grant: Grant, refresh_token: str | None) -> Token:
-        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
-        life = lifetime(grant.expires_in, grant.access_token, now_wall)
-        if life is None:
-            life = self._default_lifetime
-        self._redactor.add(grant.access_token)
+    def _install(self, access: str, refresh_token: str | None, life: float | None,
+                 now_mono: float, now_wall: float) -> Token:
+        self._redactor.track(self.name, access)
         if refresh_token:
-            self._redactor.add(refresh_token)
+            self._redactor.track(self.name + ":refresh", refresh_token)
         self._generation += 1
-        token = Token(grant.access_token, None if life is None else now_mono + life,
-                      self._generation)
+        token = Token(access, None if life is None else now_mono + life, self._generation)
         self._token = token
         self._lifetime = life
         self._obtained_mono, self._obtained_wall = now_mono, now_wall
@@ -351,22 +374,16 @@ class TokenManager:
         self._metrics.provider_authenticated.labels(self.name).set(1)
         return token
 
-    def _persist(self, token: Token, refresh_token: str | None) -> None:
+    async def _persist(self, entry: StoredTokens) -> None:
         if self._store is None:
             return
-        expires_wall = (None if token.expires_at is None
-                        else self._obtained_wall + (token.expires_at - self._obtained_mono))
-        entry = StoredTokens(token.value, expires_wall, refresh_token, self._obtained_wall,
-                             self._config_seed)
         try:
-            self._store.write(self._key, entry)
+            await asyncio.to_thread(self._store.write, self._key, entry)
         except StateFileError as exc:
             # The new refresh token lives on in memory; the next refresh writes again.
             self._log.error("state_write_failed", path=str(self._store.path), error=str(exc))
 
-    def _adopt_stored(
-        self, stored: StoredTokens, *, take_access: bool, stale: Token | None = None
-    ) -> Token | None:
+    def _adopt_stored(self, stored: StoredTokens, *, stale: Token | None = None) -> Token | None:
         """Take what another process (or our previous life) wrote. Returns the adopted access
         token when it is newer than *stale* and not itself due for a refresh."""
         if stored.seed != self._config_seed and self._config_seed is not None:
@@ -374,8 +391,8 @@ class TokenManager:
         newer = stored.obtained_at >= self._obtained_wall
         if stored.refresh_token and newer:
             self._refresh_token = stored.refresh_token
-            self._redactor.add(stored.refresh_token)
-        if not take_access or not newer or not stored.access_token:
+            self._redactor.track(self.name + ":refresh", stored.refresh_token)
+        if not newer or not stored.access_token:
             return None
         if stale is not None and stored.access_token == stale.value:
             return None
@@ -387,7 +404,7 @@ class TokenManager:
             life = stored.expires_at - stored.obtained_at
             if remaining <= 0 or (self._margin > 0 and remaining <= min(self._margin, life / 2)):
                 return None
-        self._redactor.add(stored.access_token)
+        self._redactor.track(self.name, stored.access_token)
         self._generation += 1
         token = Token(stored.access_token,
                       None if remaining is None else now_mono + remaining, self._generation)

@@ -24,6 +24,7 @@ from tokenproxy.log import get_logger
 
 SCHEMA_VERSION: Final = 1
 STRAY_TEMP_AGE: Final = 60.0
+LOCK_POLL: Final = 0.02
 
 
 def identity_key(provider: str, identity: Mapping[str, str]) -> str:
@@ -77,13 +78,16 @@ class StateFileError(Exception):
     """The state file could not be written; the new state is kept in memory."""
 
 
+class StateLockTimeout(Exception):
+    """Another refresh of the same provider identity held the lock past the deadline."""
+
+
 class StateStore:
     """Read, lock and atomically write one state file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock_path = path.with_name(path.name + ".lock")
-        self._mutex = asyncio.Lock()
+        self._mutexes: dict[str, asyncio.Lock] = {}
         self._log = get_logger()
         self._cleaned = False
 
@@ -146,7 +150,21 @@ class StateStore:
                             entry.unlink()
 
     def write(self, key: str, tokens: StoredTokens) -> None:
-        """Replace one provider's entry, keeping the others (call under ``locked()``)."""
+        """Replace one provider's entry, keeping the others'. Blocking (run it in a thread):
+        a short whole-file lock covers the read-modify-write, since providers refresh
+        independently under their own locks."""
+        try:
+            fd = self._open_lock(self.path.with_name(self.path.name + ".lock"))
+        except OSError as exc:
+            raise StateFileError(exc.strerror or type(exc).__name__) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._write(key, tokens)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _write(self, key: str, tokens: StoredTokens) -> None:
         entries = self.read_all()
         entries[key] = tokens
         doc = {"version": SCHEMA_VERSION,
@@ -177,42 +195,54 @@ class StateStore:
 
     # -- locking -----------------------------------------------------------------------------
 
-    def _flock(self) -> int:
+    def _lock_path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in key)
+        return self.path.with_name(f"{self.path.name}.{safe}.lock")
+
+    def _open_lock(self, path: Path) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
-        """Exclusive across tasks of this process and across processes sharing the file."""
-        async with self._mutex:
-            fd: int | None = None
-            pending = asyncio.ensure_future(asyncio.to_thread(self._flock))
+    async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
+        """Exclusive for one provider identity, across tasks and processes sharing the file.
+
+        Held around a whole refresh (network call included), so it is per identity: one
+        provider's slow token endpoint never holds up another's. The wait is bounded: a lock
+        that another process keeps longer than *wait* seconds raises StateLockTimeout.
+        """
+        mutex = self._mutexes.setdefault(key, asyncio.Lock())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            async with asyncio.timeout(wait):
+                await mutex.acquire()
+        except TimeoutError:
+            raise StateLockTimeout("another refresh of this provider is still running") from None
+        fd: int | None = None
+        try:
             try:
-                fd = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                # The thread may still get the lock: release it then, or it is held forever.
-                pending.add_done_callback(_release_late)
-                raise
+                fd = self._open_lock(self._lock_path(key))
             except OSError as exc:
                 # An unwritable state directory must not stop token handling in this process.
-                self._log.warning("state_lock_failed", path=str(self._lock_path),
+                self._log.warning("state_lock_failed", path=str(self._lock_path(key)),
                                   error=exc.strerror or type(exc).__name__)
-            try:
-                yield
-            finally:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+            while fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if loop.time() >= deadline:
+                        os.close(fd)
+                        fd = None
+                        raise StateLockTimeout(
+                            "another process holds the state file lock too long") from None
+                    await asyncio.sleep(LOCK_POLL)
+            yield
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            mutex.release()
 
 
-def _release_late(fut: asyncio.Future[int]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fd = fut.result()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)

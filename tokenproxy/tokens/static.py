@@ -33,8 +33,6 @@ class StaticSource:
         redactor.add(cfg.token.value)
         self._stamp = self._file_stamp()
         self._next_check = clock.monotonic() + STAT_INTERVAL
-        metrics.provider_authenticated.labels(self.name).set(1)
-        metrics.token_expiry.labels(self.name).set(0)
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         if self._path is None:
@@ -67,13 +65,14 @@ class StaticSource:
             self._log.warning("token_file_invalid", path=str(self._path))
             return
         if value != self._token.value:
-            self._redactor.add(value)
+            self._redactor.track(self.name, value)
             self._token = Token(value, None, self._token.generation + 1)
             self._metrics.token_refresh.labels(self.name, "manual", "success").inc()
             self._log.info("token_refreshed", trigger="manual", expires_in=None)
 
     async def start(self) -> None:
-        return None
+        self._metrics.provider_authenticated.labels(self.name).set(1)
+        self._metrics.token_expiry.labels(self.name).set(0)
 
     async def close(self) -> None:
         return None
