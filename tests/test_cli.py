@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from tests.fakes import (
     TOKEN_2,
 )
 from tokenproxy import __version__
-from tokenproxy.cli import main, summary
+from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import load_config
 
 ROUTES = [
@@ -368,3 +369,38 @@ def test_script_run_bad_config_subprocess(tmp_path: Path, case: str) -> None:
     assert proc.stderr.startswith(f"tokenproxy: {message}")
     assert "Traceback" not in proc.stderr
     assert_no_secret(proc.stdout, proc.stderr)
+
+
+class TestHttpStackCheck:
+    """Start-up refuses an aiohttp with known parser advisories or without its C parser."""
+
+    @pytest.mark.parametrize(("version", "c_parser", "refused"), [
+        ("3.14.5", True, False),
+        ("3.14.4", True, False),
+        ("4.0.0a1", True, False),
+        ("3.14.3", True, True),
+        ("3.9.1", True, True),
+        ("3.14.5", False, True),
+    ])
+    def test_http_stack_problem(self, version: str, c_parser: bool, refused: bool) -> None:
+        """Versions below 3.14.4, or the pure-Python parser, are named as a problem."""
+        assert refused == (http_stack_problem(version, c_parser) is not None)
+
+    def test_the_installed_stack_passes(self) -> None:
+        """The aiohttp this suite runs on has its C parser and no known advisory."""
+        assert http_stack_problem(aiohttp.__version__, llhttp_parser_loaded()) is None
+
+    def test_run_refuses_the_pure_python_parser(self, tmp_path: Path) -> None:
+        """With AIOHTTP_NO_EXTENSIONS=1 `run` exits 1 naming the parser, unless allowed."""
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("providers: {api: {type: static, token: abcdefgh}}\n"
+                       "routes: [{prefix: /, upstream: 'http://127.0.0.1:9/', provider: api}]\n"
+                       "listen: 127.0.0.1:0\nadmin_listen: null\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPROXY")}
+        env["AIOHTTP_NO_EXTENSIONS"] = "1"
+        result = subprocess.run([sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)],
+                                capture_output=True, text=True, timeout=60, env=env,
+                                check=False)
+        assert 1 == result.returncode
+        assert "C HTTP parser" in result.stderr
+        assert "Traceback" not in result.stderr

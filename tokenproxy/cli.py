@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO, TypeVar
 
+import aiohttp
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
@@ -27,6 +29,30 @@ EXIT_CONFIG = 2
 def llhttp_parser_loaded() -> bool:
     """True when aiohttp's C parser is active; several smuggling advisories hit only the other."""
     return http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy
+
+
+# The lowest aiohttp without a known advisory that touches a proxy (notes/security.md section 6).
+SAFE_AIOHTTP = (3, 14, 4)
+ALLOW_UNSAFE_ENV = "TOKENPROXY_ALLOW_UNSAFE_HTTP"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def http_stack_problem(version: str, c_parser: bool) -> str | None:
+    """Why this aiohttp must not parse untrusted requests, or None when it is fine."""
+    if _version_tuple(version) < SAFE_AIOHTTP:
+        return (f"aiohttp {version} has known request-smuggling or parser advisories; "
+                f"install aiohttp>={'.'.join(map(str, SAFE_AIOHTTP))}")
+    if not c_parser:
+        return ("aiohttp's C HTTP parser is not available; the pure-Python parser has had "
+                "request-smuggling advisories. Install a binary aiohttp wheel")
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,12 +128,9 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    if not llhttp_parser_loaded() and os.environ.get("TOKENPROXY_ALLOW_PY_PARSER") != "1":
-        sys.stderr.write(
-            "tokenproxy: aiohttp's C HTTP parser is not available; the pure-Python parser has "
-            "had request-smuggling advisories. Install a binary aiohttp wheel, or set "
-            "TOKENPROXY_ALLOW_PY_PARSER=1 to run anyway.\n"
-        )
+    problem = http_stack_problem(aiohttp.__version__, llhttp_parser_loaded())
+    if problem is not None and os.environ.get(ALLOW_UNSAFE_ENV) != "1":
+        sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")
         return EXIT_FAILURE
     os.umask(0o077)   # state files and sockets are ours alone
     redactor = log.Redactor(config_secrets(cfg))
