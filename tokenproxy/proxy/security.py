@@ -75,8 +75,9 @@ class SecurityPolicy:
             if "Origin" in headers:
                 raise RequestRejected(403, "cross_site",
                                       "browser requests carrying Origin are refused")
-            site = headers.get("Sec-Fetch-Site")
-            if site is not None and site.strip().lower() != "none":
+            # Every value: a repeated header must not hide a cross-site one behind "none".
+            sites = headers.getall("Sec-Fetch-Site", ())
+            if any(site.strip().lower() != "none" for site in sites):
                 raise RequestRejected(403, "cross_site",
                                       "browser requests from a site are refused")
         if self._key is not None:
