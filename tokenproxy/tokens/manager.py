@@ -325,10 +325,12 @@ class TokenManager:
                     self._log.info(log.TOKEN_REFRESHED, trigger=trigger, source="state_file",
                                    expires_in=self._rounded_lifetime())
                     return adopted
+        # expires_in counts from when the issuer answered, which is after we asked: timing the
+        # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
+        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         grant, used_refresh = await self._exchange()
         # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
         refresh_token = grant.refresh_token or used_refresh
-        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         life = lifetime(grant.expires_in, grant.access_token, now_wall)
         if life is None:
             life = self._default_lifetime
