@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,19 @@ async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=10)
     assert 0 == proc.returncode
+
+
+def test_demo_on_a_busy_port_says_what_to_do(tmp_path: Path) -> None:
+    """`tokenproxy demo` on a port in use exits 1 with one line suggesting --port, and prints
+    no curl line that would not work."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "tokenproxy", "demo", "--port", str(port)],
+            capture_output=True, text=True, timeout=60, env=child_env(tmp_path), check=False)
+    assert 1 == result.returncode
+    assert "--port" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "curl" not in result.stdout

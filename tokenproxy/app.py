@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -400,12 +401,16 @@ async def _reload(daemon: Daemon, redactor: Redactor) -> None:
         systemd.ready()
 
 
-async def serve(cfg: Config, *, redactor: Redactor) -> int:
+async def serve(
+    cfg: Config, *, redactor: Redactor, on_started: Callable[[Daemon], None] | None = None
+) -> int:
     """Run until SIGTERM or SIGINT, then drain within shutdown_grace; a second signal cuts the
     drain short. SIGHUP reloads the config file. systemd is told READY, RELOADING, STOPPING."""
     loop = asyncio.get_running_loop()
     daemon = Daemon(cfg, redactor=redactor)
     await daemon.start()
+    if on_started is not None:
+        on_started(daemon)
     systemd.ready()
     stop = asyncio.Event()
     signals = 0

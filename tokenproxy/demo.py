@@ -9,10 +9,11 @@ from typing import TextIO
 
 from aiohttp import web
 
-from tokenproxy.app import serve
+from tokenproxy.app import Daemon, serve
 from tokenproxy.config import build_config
 from tokenproxy.issuer import Issuer
 from tokenproxy.log import Redactor
+from tokenproxy.server import ListenError
 
 DEMO_LIFETIME = 10.0
 
@@ -50,16 +51,23 @@ async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout) -> i
     try:
         with tempfile.TemporaryDirectory(prefix="tokenproxy-demo-") as state_dir:
             cfg = build_config(demo_config(issuer.base_url, port, Path(state_dir)), {})
-            out.write(
-                "tokenproxy demo: a built-in issuer hands out 10-second access tokens and\n"
-                "rotating refresh tokens; the proxy refreshes them before they expire\n"
-                "(see the log below).\n\n"
-                f"  Try:    curl http://127.0.0.1:{port}/hello\n"
-                f"  Issuer: {issuer.base_url}  (the API behind the proxy answers 401 without a "
-                "token)\n\n"
-                "Stop with Ctrl-C.\n\n"
-            )
-            out.flush()
-            return await serve(cfg, redactor=redactor)
+
+            def banner(daemon: Daemon) -> None:
+                # Printed once the proxy listens, so the curl line works when it appears.
+                out.write(
+                    "tokenproxy demo: a built-in issuer hands out 10-second access tokens and\n"
+                    "rotating refresh tokens; the proxy refreshes them before they expire\n"
+                    "(see the log below).\n\n"
+                    f"  Try:    curl http://127.0.0.1:{daemon.port()}/hello\n"
+                    f"  Issuer: {issuer.base_url}  (the API behind the proxy answers 401 "
+                    "without a token)\n\n"
+                    "Stop with Ctrl-C.\n\n"
+                )
+                out.flush()
+
+            try:
+                return await serve(cfg, redactor=redactor, on_started=banner)
+            except ListenError as exc:
+                raise ListenError(f"{exc} (pick another port with --port)") from None
     finally:
         await runner.cleanup()
