@@ -121,6 +121,9 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             isinstance(exc, BadHttpMessage) and "too long" in str(exc).lower()
         ):
             status, cause, detail = 431, "header_too_large", "a request header line is too long"
+        elif isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
+            # RFC 6585: 431 covers too many fields as well as too large ones.
+            status, cause, detail = 431, "header_too_large", "the request has too many headers"
         elif isinstance(exc, HttpProcessingError):
             # Malformed framing found while the handler read the body (see _tp_fail_body).
             status, cause, detail = 400, "bad_request", "the request is malformed"
