@@ -885,3 +885,30 @@ class TestObservability:
                 await resp.read()
         assert 2 == len(recorder.ports)
         assert recorder.ports[0] == recorder.ports[1]
+
+
+async def test_no_content_type_is_invented(make_proxy: MakeProxy) -> None:
+    """A body the upstream sent without Content-Type comes back without one; one it typed
+    keeps its type."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/typed" in head.split(b"\r\n", 1)[0]:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 5\r\n\r\nhello")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{daemon.port()}/bare") as resp:
+                assert "hello" == await resp.text()
+                assert "Content-Type" not in resp.headers
+            async with s.get(f"http://127.0.0.1:{daemon.port()}/typed") as resp:
+                assert "text/plain" == resp.headers["Content-Type"]
+    finally:
+        server.close()

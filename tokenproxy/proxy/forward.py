@@ -34,6 +34,21 @@ CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection 
 MALFORMED_BODY: Final = "the request body is malformed"
 
 
+class RelayedResponse(web.StreamResponse):
+    """A StreamResponse that sends the upstream's headers as they were.
+
+    aiohttp invents ``Content-Type: application/octet-stream`` for a body without one; a
+    proxy must not add what the upstream did not say (browsers would stop sniffing, and a
+    client could not tell). Its Date/Server defaults stay, as for any HTTP/1.1 origin.
+    """
+
+    async def _prepare_headers(self) -> None:
+        had_type = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall("Content-Type", None)
+
+
 @dataclass(slots=True)
 class _Outcome:
     """What the access log and metrics report about one request."""
@@ -281,7 +296,7 @@ class Proxy:
             token=token.value,
             rewrite_location=lambda loc: self._table.rewrite_location(loc, compiled),
         )
-        out = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        out = RelayedResponse(status=up.status, reason=up.reason, headers=headers)
         complete = False
         try:
             outcome.status = up.status
