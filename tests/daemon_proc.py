@@ -39,6 +39,25 @@ def write_config(directory: Path, raw: dict[str, Any], name: str = "tokenproxy.y
     return path
 
 
+def password_grant_config(issuer: Any, state: Path, margin: str) -> dict[str, Any]:
+    """A daemon config whose oauth2 provider logs in with the password grant at *issuer* (a
+    tokenproxy.issuer.Issuer) and refreshes *margin* before expiry, on ephemeral ports."""
+    from tests.fakes import CLIENT_SECRET, PASSWORD
+
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "state_path": str(state),
+        "providers": {"idp": {
+            "type": "oauth2", "token_url": issuer.base_url + "/oauth/token",
+            "grant_type": "password", "client_id": "demo-client",
+            "client_secret": CLIENT_SECRET, "username": "demo", "password": PASSWORD,
+            "refresh_margin": margin,
+        }},
+        "routes": [{"prefix": "/", "upstream": issuer.base_url + "/api/", "provider": "idp"}],
+    }
+
+
 def daemon_command(config: Path) -> list[str]:
     return [sys.executable, "-m", "tokenproxy", "run", "-c", str(config)]
 

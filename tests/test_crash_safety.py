@@ -38,7 +38,14 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from tests.daemon_proc import DaemonProcess, running_daemon, spawn, wait_until, write_config
+from tests.daemon_proc import (
+    DaemonProcess,
+    password_grant_config,
+    running_daemon,
+    spawn,
+    wait_until,
+    write_config,
+)
 from tests.fakes import CLIENT_SECRET, PASSWORD
 from tokenproxy.issuer import Issuer
 from tokenproxy.tokens.state import SCHEMA_VERSION, STRAY_TEMP_AGE
@@ -50,18 +57,7 @@ TEST_BUDGET = 15.0  # seconds for the kill loop
 
 
 def _config(issuer: Issuer, state: Path) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "state_path": str(state),
-        "providers": {"idp": {
-            "type": "oauth2", "token_url": issuer.base_url + "/oauth/token",
-            "grant_type": "password", "client_id": "demo-client",
-            "client_secret": CLIENT_SECRET, "username": "demo", "password": PASSWORD,
-            "refresh_margin": "0.5s",
-        }},
-        "routes": [{"prefix": "/", "upstream": issuer.base_url + "/api/", "provider": "idp"}],
-    }
+    return password_grant_config(issuer, state, "0.5s")
 
 
 def _stored_refresh(state: Path) -> str | None:

@@ -6,31 +6,21 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from tests.daemon_proc import child_env, running_daemon, write_config
+from tests.daemon_proc import child_env, password_grant_config, running_daemon, write_config
 from tests.fakes import CLIENT_SECRET, PASSWORD
 from tokenproxy.issuer import Issuer
 
 LIFETIME = 1.0   # real seconds: tokens expire several times during the test
 
 
-def _config(issuer: Issuer, state: Path) -> dict[str, object]:
-    return {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "state_path": str(state),
-        "providers": {"idp": {
-            "type": "oauth2", "token_url": issuer.base_url + "/oauth/token",
-            "grant_type": "password", "client_id": "demo-client",
-            "client_secret": CLIENT_SECRET, "username": "demo", "password": PASSWORD,
-            "refresh_margin": "0.4s",
-        }},
-        "routes": [{"prefix": "/", "upstream": issuer.base_url + "/api/", "provider": "idp"}],
-    }
+def _config(issuer: Issuer, state: Path) -> dict[str, Any]:
+    return password_grant_config(issuer, state, "0.4s")
 
 
 @pytest.mark.slow
