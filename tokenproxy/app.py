@@ -28,7 +28,9 @@ from tokenproxy.config import (
 from tokenproxy.errors import ConfigError, TokenProxyError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.proxy.fastpath import FastConnection, FastEnv
 from tokenproxy.proxy.forward import Proxy
+from tokenproxy.proxy.pool import UpstreamPool
 from tokenproxy.proxy.upstream import make_upstream_session, ssl_contexts
 from tokenproxy.server import ConnectionGate, GuardedRequestHandler, ListeningSocket, bind
 from tokenproxy.tokens.command import CommandGrantor
@@ -152,6 +154,7 @@ class Daemon:
         self._proxy: Proxy | None = None
         self._factory_sources: SourceFactory | None = None
         self._gate: ConnectionGate | None = None
+        self._fast: FastEnv | None = None
         self._admin_gate: ConnectionGate | None = None
         self._reload_lock = asyncio.Lock()
         self._log = log.get_logger()
@@ -176,6 +179,16 @@ class Daemon:
             )
 
         return make
+
+    def _fast_factory(self, env: FastEnv) -> Any:
+        def make(on_close: Any) -> FastConnection:
+            return FastConnection(env, on_close)
+
+        return make
+
+    def _current_proxy(self) -> Proxy:
+        assert self._proxy is not None
+        return self._proxy
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # A fixed entry point whose Proxy a reload swaps: open connections see the new config.
@@ -219,8 +232,10 @@ class Daemon:
             self._server = web.Server(self._handle, handler_cancellation=True)
             self._gate = ConnectionGate(cfg.limits.max_connections,
                                         on_change=self.metrics.connections.set)
+            self._fast = FastEnv(proxy=self._current_proxy, limits=lambda: self.config.limits,
+                                 slow=self._factory(self._server), pool=UpstreamPool())
             self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
-                                            self._factory(self._server), self._gate)
+                                            self._fast_factory(self._fast), self._gate)
             admin = AdminHandler(self.registry, lambda: self.sources)
             self._admin_server = web.Server(admin.handle, handler_cancellation=True)
             self._admin_gate = ConnectionGate(ADMIN_MAX_CONNECTIONS)
@@ -260,8 +275,9 @@ class Daemon:
         # Listeners first: the only step that can fail, and it must fail before anything moves.
         keep = [ls for ls in self.listeners if ls.listener in new.listen]
         kept = {ls.listener for ls in keep}
+        assert self._fast is not None
         added = self._bind_all([li for li in new.listen if li not in kept], new.socket_group,
-                               self._factory(self._server), self._gate)
+                               self._fast_factory(self._fast), self._gate)
         drop = [ls for ls in self.listeners if ls.listener not in new.listen]
         admin_keep = [ls for ls in self.admin_listeners if ls.listener == new.admin_listen]
         admin_added: list[ListeningSocket] = []
@@ -353,10 +369,12 @@ class Daemon:
         for server in (self._server, self._admin_server):
             if server is not None:
                 server.pre_shutdown()
-        await asyncio.gather(*(
-            server.shutdown(grace) for server in (self._server, self._admin_server)
-            if server is not None
-        ))
+        await asyncio.gather(
+            *(server.shutdown(grace) for server in (self._server, self._admin_server)
+              if server is not None),
+            *([self._fast.shutdown(grace)] if self._fast is not None else []),
+        )
+        self._fast = None
         self._server = self._admin_server = None
         for source in self.sources.values():
             with contextlib.suppress(Exception):

@@ -12,19 +12,23 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from tokenproxy import log
 from tokenproxy.config import Config
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.metrics import Metrics, method_label
+from tokenproxy.proxy import wire
 from tokenproxy.proxy.body import ReplayableBody
 from tokenproxy.proxy.deadline import bounded
 from tokenproxy.proxy.headers import forward_request_headers, forward_response_headers
 from tokenproxy.proxy.problem import problem_response
+from tokenproxy.proxy.retry import RetryAction, retry_action
 from tokenproxy.proxy.security import SecurityPolicy
 from tokenproxy.proxy.target import CompiledRoute, RouteTable, split_target
 from tokenproxy.proxy.upstream import error_kind, ssl_contexts, upstream_error
 from tokenproxy.proxy.websocket import is_websocket_upgrade, proxy_websocket
+from tokenproxy.proxy.wire import Header
 from tokenproxy.tokens.model import Token, TokenSource
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
@@ -50,7 +54,7 @@ class RelayedResponse(web.StreamResponse):
 
 
 @dataclass(slots=True)
-class _Outcome:
+class Outcome:
     """What the access log and metrics report about one request."""
 
     route: str = "-"
@@ -85,12 +89,35 @@ class Proxy:
         self._background: set[asyncio.Task[Any]] = set()
         self._count_cache: dict[tuple[str, str, int], Any] = {}
         self._duration_cache: dict[str, Any] = {}
+        # The fast path's per-route constants (fastpath.py): rendered once per config.
+        self.table = self._table
+        self.policy = self._policy
+        self.metrics = metrics
+        self.max_replay = self._max_replay
+        self.client_gone = CLIENT_GONE
+        self._fast_drop = frozenset(n.encode() for n in self._local_headers)
+        self._fast_origin: dict[str, tuple[str, str, int, ssl.SSLContext | None]] = {}
+        default_tls: ssl.SSLContext | None = None
+        for r in cfg.routes:
+            url = URL(r.upstream.origin)
+            tls: ssl.SSLContext | None = None
+            if url.scheme == "https":
+                ctx = self._ssl[r.prefix]
+                if not isinstance(ctx, ssl.SSLContext):
+                    if default_tls is None:
+                        default_tls = ssl.create_default_context()
+                    ctx = default_tls
+                tls = ctx
+            assert url.raw_host is not None
+            assert url.port is not None
+            self._fast_origin[r.prefix] = (url.scheme, url.raw_host, url.port, tls)
+        self._fast_auth: dict[str, tuple[Token | None, bytes]] = {}
 
     # -- entry point -------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()   # uvloop's loop.time() ticks in whole milliseconds
-        outcome = _Outcome()
+        outcome = Outcome()
         self._metrics.inflight.inc()
         try:
             resp = await self._dispatch(request, outcome)
@@ -100,8 +127,15 @@ class Proxy:
             self._metrics.inflight.dec()
             self._record(request, outcome, time.perf_counter() - started)
 
-    def _record(self, request: web.BaseRequest, outcome: _Outcome, duration: float) -> None:
-        method = method_label(request.method)
+    def new_outcome(self, route: str) -> Outcome:
+        return Outcome(route=route)
+
+    def _record(self, request: web.BaseRequest, outcome: Outcome, duration: float) -> None:
+        self.record(request.method, request.raw_path, outcome, duration)
+
+    def record(self, method: str, raw_path: str, outcome: Outcome, duration: float) -> None:
+        """Count, time and log one answered request (both paths)."""
+        method = method_label(method)
         key = (outcome.route, method, outcome.status)
         counter = self._count_cache.get(key)
         if counter is None:
@@ -118,14 +152,14 @@ class Proxy:
             log.REQUEST,
             route=outcome.route,
             method=method,
-            path=request.raw_path.split("?", 1)[0],
+            path=raw_path.split("?", 1)[0],
             status=outcome.status,
             duration_ms=round(duration * 1000, 3),
             bytes=outcome.bytes,
             retried=outcome.retried,
         )
 
-    async def _dispatch(self, request: web.BaseRequest, outcome: _Outcome) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         try:
             path, query = split_target(request.method, request.raw_path)
             self._policy.check(
@@ -208,7 +242,7 @@ class Proxy:
         compiled: CompiledRoute,
         path: str,
         query: str | None,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> web.StreamResponse:
         route = compiled.route
         source = self.source_for(compiled)
@@ -227,18 +261,20 @@ class Proxy:
             if not client_auth:
                 headers[route.header] = compiled.header_value(token.value)
             up = await self.send(compiled, request.method, url, headers, body.payload())
-            if up.status not in route.retry_on or client_auth:
+            action = retry_action(up.status, route.retry_on, client_auth, retried,
+                                  body.replayable)
+            if action is RetryAction.RELAY:
                 if retried:
-                    self._retry_outcome(compiled, "success")
+                    self.retry_outcome(compiled, "success")
                 break
-            if retried:
-                self._retry_outcome(compiled, "failure")
+            if action is RetryAction.FAILED:
+                self.retry_outcome(compiled, "failure")
                 break
-            if not body.replayable:
+            if action is RetryAction.SKIP:
                 # The body is gone upstream: pass the 401 back, and let a refresh run so the
                 # client's own retry finds a fresh token.
-                self._retry_outcome(compiled, "skipped")
-                self._spawn(source.renew(token, "unauthorized"))
+                self.retry_outcome(compiled, "skipped")
+                self.spawn(source.renew(token, "unauthorized"))
                 break
             try:
                 fresh = await bounded(source.renew(token, "unauthorized"), compiled,
@@ -247,17 +283,48 @@ class Proxy:
                 up.close()   # the 401 will not be relayed: free its connection now
                 raise
             if fresh is None:
-                self._retry_outcome(compiled, "failure")
+                self.retry_outcome(compiled, "failure")
                 break
             await _discard(up)
             token, retried = fresh, True
             outcome.retried = True
         return await self._relay(request, compiled, up, token, outcome)
 
-    def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
+    def retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
         self._metrics.auth_retries.labels(compiled.route.label, outcome).inc()
 
-    def _spawn(self, coro: Any) -> None:
+    # -- the fast path's pieces (fastpath.py) ------------------------------------------------
+
+    def fast_origin(self, compiled: CompiledRoute) -> tuple[str, str, int, ssl.SSLContext | None]:
+        """(scheme, host, port, TLS context or None) to connect to for this route."""
+        return self._fast_origin[compiled.route.prefix]
+
+    def fast_request_head(
+        self, method: bytes, path: str, query: str | None, headers: list[Header],
+        compiled: CompiledRoute,
+    ) -> tuple[bytes, bool]:
+        """The upstream request head without the token line: (head, client_sent_auth)."""
+        route = compiled.route
+        out, client_auth = wire.request_headers(
+            headers, drop=self._fast_drop, auth_header=compiled.auth_header_low,
+            keep_client_auth=route.client_authorization == "keep",
+            preserve_host=route.preserve_host,
+        )
+        target = compiled.upstream_target(path, query).encode("utf-8", "surrogateescape")
+        host = None if route.preserve_host else compiled.host_header
+        return wire.render_request(method, target, host, out), client_auth
+
+    def fast_auth_line(self, compiled: CompiledRoute, token: Token) -> bytes:
+        """``Authorization: Bearer <token>\r\n``, rendered once per token and route."""
+        cached = self._fast_auth.get(compiled.route.prefix)
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        line = (compiled.route.header + ": " + compiled.header_value(token.value)
+                + "\r\n").encode("latin-1")
+        self._fast_auth[compiled.route.prefix] = (token, line)
+        return line
+
+    def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -289,7 +356,7 @@ class Proxy:
         compiled: CompiledRoute,
         up: aiohttp.ClientResponse,
         token: Token,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> web.StreamResponse:
         headers = forward_response_headers(
             up.headers,

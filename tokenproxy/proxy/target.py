@@ -79,10 +79,18 @@ class CompiledRoute:
     origin_url: URL
     header_prefix: str      # the header value before and after {token}
     header_suffix: str
+    auth_header_low: bytes  # the token header's name, lower-cased, as bytes
+    host_header: bytes      # the Host the upstream expects (port only when not the default)
 
     @classmethod
     def build(cls, route: Route) -> CompiledRoute:
         before, _, after = route.value.partition("{token}")
+        origin = URL(route.upstream.origin)
+        host = origin.raw_host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if not origin.is_default_port():
+            host = f"{host}:{origin.port}"
         return cls(
             route=route,
             match=route.match,
@@ -92,10 +100,22 @@ class CompiledRoute:
             origin_url=URL(route.upstream.origin),
             header_prefix=before,
             header_suffix=after,
+            auth_header_low=route.header.lower().encode("latin-1"),
+            host_header=host.encode("idna") if not host.isascii() else host.encode(),
         )
 
     def header_value(self, token: str) -> str:
         return self.header_prefix + token + self.header_suffix
+
+    def upstream_target(self, path: str, query: str | None) -> str:
+        """The upstream request target: upstream path + the rest of the raw path + raw query.
+
+        The connection goes to the route's origin whatever this says; the target always
+        starts with "/" (split_target refused anything else), and an empty query keeps its "?".
+        """
+        rest = path[len(self.match):]
+        up_path = self.route.upstream.path if not rest else self.base_path + rest
+        return up_path if query is None else up_path + "?" + query
 
     def upstream_url(self, path: str, query: str | None) -> URL:
         """Origin + upstream path + the remainder of the raw path, + the raw query, unchanged."""

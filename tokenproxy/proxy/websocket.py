@@ -17,7 +17,7 @@ from tokenproxy.proxy.problem import problem_response
 from tokenproxy.proxy.upstream import upstream_error
 
 if TYPE_CHECKING:
-    from tokenproxy.proxy.forward import Proxy, _Outcome
+    from tokenproxy.proxy.forward import Outcome, Proxy
     from tokenproxy.proxy.target import CompiledRoute
 
 MAX_MESSAGE: Final = 4 * 1024 * 1024
@@ -72,7 +72,7 @@ async def proxy_websocket(
     compiled: CompiledRoute,
     path: str,
     query: str | None,
-    outcome: _Outcome,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     route = compiled.route
     source = proxy.source_for(compiled)

@@ -168,12 +168,19 @@ class TokenManager:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(inflight)
 
-    async def current(self) -> Token:
+    def valid_now(self) -> Token | None:
         tok = self._token
         if tok is not None and not self._unauthenticated and (
             tok.expires_at is None or self._clock.monotonic() < tok.expires_at
         ):
             return tok
+        return None
+
+    async def current(self) -> Token:
+        tok = self.valid_now()
+        if tok is not None:
+            return tok
+        tok = self._token
         if self._unauthenticated:
             raise self._unauthenticated_error()
         self._raise_if_backing_off()

@@ -43,6 +43,9 @@ class TokenSource(Protocol):
     async def current(self) -> Token:
         """A token to use now; raises TokenUnavailable or Unauthenticated."""
 
+    def valid_now(self) -> Token | None:
+        """The token ``current()`` would return without waiting, else None (the fast path)."""
+
     async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
         """A token newer than *stale*, or None when nothing newer can be had (do not retry)."""
 

@@ -77,9 +77,12 @@ class StaticSource:
     async def close(self) -> None:
         return None
 
-    async def current(self) -> Token:
+    def valid_now(self) -> Token | None:
         self._check_file()
         return self._token
+
+    async def current(self) -> Token:
+        return self.valid_now() or self._token
 
     async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
         self._check_file(force=True)

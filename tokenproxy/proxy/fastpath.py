@@ -1,0 +1,653 @@
+"""The fast path: tokenproxy's own HTTP/1.1 protocol for the common request.
+
+aiohttp's high-level server and client cost about 85 % of a proxied request (issue 5). This
+protocol answers the plain cases itself -- an HTTP/1.1 request with no body or a Content-Length
+body, no Upgrade, no Expect, no Transfer-Encoding, that passes every check of SecurityPolicy
+and matches a route -- with llhttp (httptools) parsing the heads and bodies piped as bytes to a
+pooled upstream connection (pool.py).
+
+Everything else is handed over: the connection, with every byte of the request not yet
+answered, moves to aiohttp's protocol (server.GuardedRequestHandler) and stays there. So a
+rejected, malformed, oversized, chunked, 100-continue, HTTP/1.0 or WebSocket request gets
+exactly the answer the aiohttp path gives, with its metrics and log line. The fast path only
+ever parses a head it can see whole (up to its blank line, never further), so the bytes
+handed over are always the untouched rest of the stream: nothing is parsed twice differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from tokenproxy import log
+from tokenproxy.config import LimitsConfig
+from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
+from tokenproxy.proxy import wire
+from tokenproxy.proxy.deadline import bounded
+from tokenproxy.proxy.pool import (
+    ResponseHead,
+    UpstreamBroke,
+    UpstreamConn,
+    UpstreamPool,
+    connect_error,
+)
+from tokenproxy.proxy.retry import RetryAction, retry_action
+from tokenproxy.proxy.target import REFUSED_METHODS, CompiledRoute, split_target
+from tokenproxy.tokens.model import Token
+
+if TYPE_CHECKING:
+    from tokenproxy.proxy.forward import Outcome, Proxy
+
+# Bytes of pipelined requests held while one is answered; past this, reading pauses.
+PIPELINE_LIMIT: Final = 64 * 1024
+# More header lines than this go to aiohttp, whose limit (128) answers 431.
+MAX_FAST_HEADERS: Final = 100
+# An unread request body up to this size is read and dropped after an early answer, keeping
+# the connection; a larger one closes it.
+DISCARD_LIMIT: Final = 256 * 1024
+# Body bytes held before the upstream connection is up; past this, reading pauses.
+HOLD_LIMIT: Final = 256 * 1024
+_NOT_FAST: Final = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+_NO_BODY: Final = frozenset({204, 304})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+@dataclass(slots=True)
+class FastEnv:
+    """What every fast connection shares; the Proxy is looked up per request (reloads)."""
+
+    proxy: Callable[[], Proxy]
+    limits: Callable[[], LimitsConfig]
+    slow: Callable[[Callable[[], None] | None], asyncio.Protocol]
+    pool: UpstreamPool
+    conns: set[FastConnection] = field(default_factory=set)
+    date: wire.DateHeader = field(default_factory=wire.DateHeader)
+    closing: bool = False
+    _gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def forget(self, conn: FastConnection) -> None:
+        self.conns.discard(conn)
+        self._gone.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Close idle connections now, busy ones after their answer, any left after *grace*."""
+        self.closing = True
+        for conn in list(self.conns):
+            conn.close_when_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self.conns:
+                    self._gone.clear()
+                    await self._gone.wait()
+        for conn in list(self.conns):
+            conn.abort()
+        self.pool.close()
+
+
+class _HeadParse:
+    """llhttp callbacks for one request head."""
+
+    __slots__ = ("complete", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[wire.Header] = []
+        self.complete = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete += 1
+
+
+@dataclass(slots=True)
+class _Body:
+    """A Content-Length request body as it arrives: held, piped to the upstream, or dropped."""
+
+    remaining: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    target: UpstreamConn | None = None
+    drop: bool = False
+    complete: asyncio.Future[None] | None = None
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks, self.size = [], 0
+        return data
+
+
+@dataclass(slots=True)
+class _Request:
+    method: bytes
+    method_str: str
+    target: str
+    path: str
+    query: str | None
+    headers: list[wire.Header]
+    keep_alive: bool
+    compiled: CompiledRoute
+    proxy: Proxy
+    body: _Body | None
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection on the fast path; see the module docstring."""
+
+    def __init__(self, env: FastEnv, on_close: Callable[[], None] | None) -> None:
+        self._env = env
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._busy = False
+        self._close_after = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._body: _Body | None = None
+        self._upstream: UpstreamConn | None = None
+        self._write_paused = False
+        self._read_pauses: set[str] = set()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, though they implement it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._env.conns.add(self)
+        # A new connection owes a head within header_timeout (slowloris), not keepalive.
+        self._head_timer = self._loop.call_later(self._env.limits().header_timeout,
+                                                 self._head_expired)
+
+    def data_received(self, data: bytes) -> None:
+        body = self._body
+        if body is not None and body.remaining > 0:
+            data = self._feed_body(body, data)
+            if not data:
+                return
+        self._buf += data
+        if self._busy:
+            if len(self._buf) > PIPELINE_LIMIT:
+                self._pause_reading("pipeline")
+            return
+        self._next_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport, self._transport = self._transport, None
+        self._cancel_timers()
+        self._env.forget(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._upstream is not None:
+            self._upstream.abort()
+        del transport
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    # -- connection management ---------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        self._close_after = True
+        if not self._busy and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._read_pauses and self._transport is not None:
+            self._transport.pause_reading()
+        self._read_pauses.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why in self._read_pauses:
+            self._read_pauses.discard(why)
+            if not self._read_pauses and self._transport is not None:
+                self._transport.resume_reading()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = None
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self._env.limits().keepalive_timeout,
+                                                     self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self._busy and not self._buf and self._transport is not None:
+            self._transport.close()
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self._busy and self._transport is not None:
+            log.get_logger().info("header_timeout", timeout_s=self._env.limits().header_timeout)
+            self._transport.abort()
+
+    def _handover(self) -> None:
+        """Give the connection, and every byte not yet answered, to aiohttp's protocol."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._cancel_timers()
+        self._env.forget(self)
+        self._transport = None
+        callback, self._on_close = self._on_close, None
+        handler = self._env.slow(callback)
+        data = bytes(self._buf)
+        self._buf.clear()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._read_pauses:
+            self._read_pauses.clear()
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)
+
+    # -- request heads -----------------------------------------------------------------------
+
+    def _next_head(self) -> None:
+        buf = self._buf
+        if not buf:
+            self._arm_idle()
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_later(self._env.limits().header_timeout,
+                                                     self._head_expired)
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self._env.limits().max_header_size + 4 or buf.startswith(b"\r\n"):
+                self._handover()   # aiohttp answers 431 or 400 as it always has
+            return
+        if self._env.closing:
+            self._handover()   # aiohttp answers 503 while shutting down, as before
+            return
+        request = self._parse(bytes(buf[:end + 4]))
+        if request is None:
+            self._handover()
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        del buf[:end + 4]
+        self._busy = True
+        if request.body is not None:
+            self._body = request.body
+            rest = bytes(buf)
+            buf.clear()
+            rest = self._feed_body(request.body, rest)
+            buf += rest
+        self._task = self._loop.create_task(self._exchange(request))
+
+    def _parse(self, head: bytes) -> _Request | None:
+        """The request if the fast path takes it, else None (hand it over)."""
+        cb = _HeadParse()
+        parser = httptools.HttpRequestParser(cb)
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None   # CONNECT and Upgrade end in HttpParserUpgrade
+        if cb.complete != 1 or parser.get_http_version() != "1.1":
+            return None
+        headers = cb.headers
+        if len(headers) > MAX_FAST_HEADERS:
+            return None
+        length = 0
+        keep_alive = True
+        for name, value in headers:
+            low = name.lower()
+            if low in _NOT_FAST:
+                return None
+            if low == b"content-length":
+                length = int(value)
+            elif low == b"connection" and b"close" in (
+                    p.strip().lower() for p in value.split(b",")):
+                keep_alive = False
+        method = parser.get_method()
+        method_str = method.decode("ascii")
+        if method_str in REFUSED_METHODS:
+            return None
+        target = cb.url.decode("utf-8", "surrogateescape")
+        proxy = self._env.proxy()
+        try:
+            path, query = split_target(method_str, target)
+            str_headers = CIMultiDictProxy(CIMultiDict(
+                (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in headers
+            ))
+            proxy.policy.check(str_headers, tuple(headers), len(method) + len(cb.url) + 12)
+        except RequestRejected:
+            return None
+        compiled = proxy.table.match(path)
+        if compiled is None:
+            return None
+        body = None
+        if length:
+            body = _Body(length, complete=self._loop.create_future())
+        return _Request(method, method_str, target, path, query, headers, keep_alive,
+                        compiled, proxy, body)
+
+    # -- request bodies ----------------------------------------------------------------------
+
+    def _feed_body(self, body: _Body, data: bytes) -> bytes:
+        """Take this body's bytes from *data*; returns what belongs to the next request."""
+        n = body.remaining
+        if len(data) > n:
+            part, rest = data[:n], data[n:]
+        else:
+            part, rest = data, b""
+        if not part:
+            return rest
+        body.remaining -= len(part)
+        if body.target is not None:
+            body.target.write(part)
+        elif not body.drop:
+            body.chunks.append(part)
+            body.size += len(part)
+            if body.size > HOLD_LIMIT and body.remaining:
+                self._pause_reading("hold")
+        if body.remaining == 0:
+            assert body.complete is not None
+            if not body.complete.done():
+                body.complete.set_result(None)
+            if body.drop:
+                self._body = None
+                if not self._busy:
+                    self._next_head()
+        return rest
+
+    def _upload_writable(self, writable: bool) -> None:
+        if writable:
+            self._resume_reading("upstream")
+        else:
+            self._pause_reading("upstream")
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    async def _exchange(self, req: _Request) -> None:
+        proxy = req.proxy
+        outcome = proxy.new_outcome(req.compiled.route.label)
+        started = time.perf_counter()
+        proxy.metrics.inflight.inc()
+        keep = req.keep_alive
+        try:
+            keep = await self._forward(req, outcome) and keep
+        except asyncio.CancelledError:
+            keep = False
+            raise
+        except RequestRejected as exc:
+            proxy.metrics.rejected.labels(exc.cause).inc()
+            keep = False
+            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
+                                      close=True), outcome, exc.status)
+        except UpstreamError as exc:
+            proxy.metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
+            keep = keep and self._body_done()
+            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
+                                      close=not keep), outcome, exc.status)
+        except TokenUnavailable as exc:
+            keep = keep and self._body_done(drop=True)
+            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
+                                      retry_after=exc.retry_after, close=not keep),
+                         outcome, exc.status)
+        except TokenError as exc:
+            keep = keep and self._body_done(drop=True)
+            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
+                                      close=not keep), outcome, exc.status)
+        except Exception as exc:
+            keep = False
+            log.get_logger().error("internal_error", error=type(exc).__name__)
+            if outcome.status == proxy.client_gone:
+                self._answer(wire.problem(500, "internal",
+                                          "tokenproxy failed to handle the request",
+                                          self._env.date(), close=True), outcome, 500)
+        finally:
+            proxy.metrics.inflight.dec()
+            proxy.record(req.method_str, req.target, outcome, time.perf_counter() - started)
+        self._finish(keep)
+
+    def _answer(self, data: bytes, outcome: Outcome, status: int) -> None:
+        outcome.status = status
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def _body_done(self, *, drop: bool = False) -> bool:
+        """Whether the connection can carry another request after this answer."""
+        body = self._body
+        if body is None or body.remaining == 0:
+            return True
+        if drop and body.target is None and body.remaining <= DISCARD_LIMIT:
+            body.drop = True
+            body.chunks, body.size = [], 0
+            self._resume_reading("hold")
+            return True
+        return False
+
+    def _finish(self, keep: bool) -> None:
+        self._task = None
+        self._upstream = None
+        self._busy = False
+        transport = self._transport
+        if transport is None:
+            return
+        body = self._body
+        if body is not None and body.remaining > 0 and not body.drop:
+            keep = keep and self._body_done(drop=True)
+        elif body is not None and body.remaining == 0:
+            self._body = None
+        if not keep or self._close_after:
+            transport.close()
+            return
+        self._resume_reading("pipeline")
+        self._resume_reading("upstream")
+        if self._body is None:
+            self._next_head()
+
+    async def _forward(self, req: _Request, outcome: Outcome) -> bool:
+        """Send upstream (once more after a refused token), relay; True if keep-alive holds."""
+        proxy = req.proxy
+        compiled = req.compiled
+        route = compiled.route
+        source = proxy.source_for(compiled)
+        token = source.valid_now()
+        if token is None:
+            token = await bounded(source.current(), compiled, source.name)
+        body: bytes | None = b""
+        if req.body is not None:
+            if route.retry_on and req.body.remaining + req.body.size <= proxy.max_replay:
+                body = await self._whole_body(req.body, route.timeout)
+            else:
+                body = None   # streamed: sent once, never replayed
+        head, client_auth = proxy.fast_request_head(req.method, req.path, req.query,
+                                                    req.headers, compiled)
+        retried = False
+        while True:
+            auth = b"" if client_auth else proxy.fast_auth_line(compiled, token)
+            conn, resp = await self._send(req, head + auth + wire.CRLF, body)
+            action = retry_action(resp.status, route.retry_on, client_auth, retried,
+                                  body is not None)
+            if action is RetryAction.RELAY:
+                if retried:
+                    proxy.retry_outcome(compiled, "success")
+                break
+            if action is RetryAction.FAILED:
+                proxy.retry_outcome(compiled, "failure")
+                break
+            if action is RetryAction.SKIP:
+                proxy.retry_outcome(compiled, "skipped")
+                proxy.spawn(source.renew(token, "unauthorized"))
+                break
+            try:
+                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
+                                      source.name)
+            except BaseException:
+                conn.abort()
+                raise
+            if fresh is None:
+                proxy.retry_outcome(compiled, "failure")
+                break
+            conn.abort()   # the refused answer is not relayed; its body is not worth reading
+            token, retried = fresh, True
+            outcome.retried = True
+        return await self._relay(req, conn, resp, token, outcome)
+
+    async def _whole_body(self, body: _Body, wait: float) -> bytes:
+        assert body.complete is not None
+        if not body.complete.done():
+            try:
+                async with asyncio.timeout(wait):
+                    await body.complete
+            except TimeoutError:
+                raise RequestRejected(408, "request_timeout",
+                                      "the request body did not arrive in time") from None
+        return body.take()
+
+    async def _send(self, req: _Request, head: bytes, body: bytes | None,
+                    ) -> tuple[UpstreamConn, ResponseHead]:
+        """One request upstream; the route timeout runs until the response head arrives.
+
+        A pooled connection the upstream closed while idle fails before answering anything;
+        a replayable request is then sent once more on a new connection.
+        """
+        compiled = req.compiled
+        proxy = req.proxy
+        scheme, host, port, tls = proxy.fast_origin(compiled)
+        conn: UpstreamConn | None = None
+        try:
+            async with asyncio.timeout(compiled.route.timeout):
+                for _ in range(2):
+                    conn, _ = await self._env.pool.acquire(scheme, host, port, tls)
+                    self._upstream = conn
+                    conn.begin(req.method == b"HEAD")
+                    if self._write_paused:
+                        conn.pause_reading()
+                    if body is None:
+                        self._stream_body(conn, head)
+                    else:
+                        conn.write(head + body if body else head)
+                    assert conn.head is not None
+                    try:
+                        return conn, await conn.head
+                    except UpstreamBroke:
+                        # RFC 9112 section 9.3.1: an idempotent request whose connection
+                        # closed before any answer may be sent again (as aiohttp does).
+                        if (conn.got_bytes or body is None
+                                or req.method_str not in IDEMPOTENT):
+                            raise
+                raise UpstreamBroke("unreachable")
+        except TimeoutError:
+            if conn is not None:
+                conn.abort()
+            raise connect_error(TimeoutError()) from None
+        except (OSError, ssl.SSLError, UpstreamBroke) as exc:
+            if conn is not None:
+                conn.abort()
+            raise connect_error(exc) from None
+
+    def _stream_body(self, conn: UpstreamConn, head: bytes) -> None:
+        """Send the head, what the client sent so far, and pipe the rest as it comes."""
+        body = self._body
+        assert body is not None
+        held = body.take()
+        conn.write(head + held)
+        body.target = conn
+        conn.on_writable = self._upload_writable
+        self._resume_reading("hold")
+
+    async def _relay(self, req: _Request, conn: UpstreamConn, resp: ResponseHead,
+                     token: Token, outcome: Outcome) -> bool:
+        proxy = req.proxy
+        compiled = req.compiled
+        status = resp.status
+        headers = wire.response_headers(
+            resp.headers, token=token.value.encode(),
+            rewrite_location=lambda loc: proxy.table.rewrite_location(loc, compiled),
+        )
+        keep = req.keep_alive and not self._close_after
+        no_body = req.method == b"HEAD" or status in _NO_BODY
+        chunked = False
+        if no_body:
+            framing = b""
+            if resp.length is not None and status != 204:
+                framing = b"Content-Length: " + resp.length + wire.CRLF
+        elif resp.length is not None:
+            framing = b"Content-Length: " + resp.length + wire.CRLF
+        else:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            chunked = True
+        out = wire.render_response(status, resp.reason, headers, framing, self._env.date(),
+                                   not keep)
+        transport = self._transport
+        if transport is None:
+            raise asyncio.CancelledError
+        outcome.status = status
+        if no_body:
+            transport.write(out)
+            self._release(conn)
+            return keep
+
+        def sink(data: bytes) -> None:
+            outcome.bytes += len(data)
+            transport.write(wire.chunk(data) if chunked else data)
+
+        held = conn.attach(sink)
+        if held:
+            outcome.bytes += len(held)
+            out += wire.chunk(held) if chunked else held
+        transport.write(out)
+        assert conn.done is not None
+        try:
+            await conn.done
+        except UpstreamBroke:
+            # The upstream broke mid-body: a truncated body must look truncated to the
+            # client, so its connection is cut instead of the response being finished.
+            proxy.metrics.upstream_errors.labels(outcome.route, "reset").inc()
+            log.get_logger().warning("upstream_body_failed", route=outcome.route,
+                                     error="UpstreamBroke")
+            transport.abort()
+            return False
+        if chunked:
+            transport.write(wire.CHUNKED_END)
+        self._release(conn)
+        return keep
+
+    def _release(self, conn: UpstreamConn) -> None:
+        body = self._body
+        if body is not None and body.target is conn:
+            body.target = None
+            if body.remaining:
+                conn.reusable = False   # the upstream answered before the body ended
+        conn.on_writable = None
+        self._resume_reading("upstream")
+        self._env.pool.release(conn)
+

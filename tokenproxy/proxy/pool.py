@@ -1,0 +1,287 @@
+"""The fast path's upstream side: HTTP/1.1 connections parsed by llhttp, kept alive in a pool.
+
+One UpstreamConn carries one exchange at a time. Its response head arrives as a future; the
+body is pushed chunk by chunk into a sink the relay attaches (chunks that come before the sink
+wait in a short list), so a streamed body costs one callback per read and no task. Bytes never
+pass through a queue the size of the body: a slow client pauses the upstream socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, cast
+
+import httptools
+
+from tokenproxy.errors import UpstreamError
+from tokenproxy.proxy.upstream import MAX_UPSTREAM_FIELD
+from tokenproxy.proxy.wire import Header
+
+KEEPALIVE: Final = 15.0        # below common upstream idle timeouts (nginx 75 s, ALB 60 s)
+MAX_IDLE_PER_ORIGIN: Final = 256
+# Body bytes held before the relay attaches its sink; past this the upstream socket pauses.
+PENDING_LIMIT: Final = 256 * 1024
+MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
+
+
+class UpstreamBroke(Exception):
+    """The upstream connection failed mid-exchange: reset, malformed, or truncated."""
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[Header]
+    length: bytes | None        # the Content-Length value, if any
+    chunked: bool
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an upstream origin; see the module docstring."""
+
+    def __init__(self, key: tuple[object, ...]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reusable = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._fresh_parser = False
+        self._loop = asyncio.get_running_loop()
+        self.head: asyncio.Future[ResponseHead] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.got_bytes = False
+        self._headers: list[Header] = []
+        self._reason = b""
+        self._head_size = 0
+        self._head_request = False
+        self._framed = False           # the response has a length or chunked framing
+        self._sink: Callable[[bytes], None] | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._read_paused = False
+        self.on_writable: Callable[[bool], None] | None = None   # upload back-pressure
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    def begin(self, head_request: bool) -> None:
+        """Get ready for one request/response on this connection."""
+        self.head = self._loop.create_future()
+        self.done = self._loop.create_future()
+        self.got_bytes = False
+        self.reusable = False
+        self._head_request = head_request
+        self._sink = None
+        self._pending = []
+        self._pending_size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def attach(self, sink: Callable[[bytes], None]) -> bytes:
+        """Send further body chunks to *sink*; returns what arrived before it (to send first)."""
+        self._sink = sink
+        held = b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        if self._read_paused:
+            self.resume_reading()
+        return held
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, though they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        if self.head is None:
+            self.abort()   # bytes nobody asked for: the connection is out of step
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("the upstream switched protocols unasked")
+        except httptools.HttpParserError:
+            self._fail("the upstream sent a malformed response")
+        if self._fresh_parser:
+            self._fresh_parser = False
+            self._parser = httptools.HttpResponseParser(self)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            if self.head is not None and self.head.done() and not self._framed:
+                self.done.set_result(None)   # a close-delimited body ends with the connection
+            else:
+                self._fail("the upstream closed the connection")
+
+    def pause_writing(self) -> None:
+        if self.on_writable is not None:
+            self.on_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.on_writable is not None:
+            self.on_writable(True)
+
+    # -- llhttp callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+        self._head_size = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_UPSTREAM_HEAD:
+            raise UpstreamBroke("response head too large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise UpstreamBroke("unasked 101")
+            return   # interim answer (100, 103): the real one follows
+        length: bytes | None = None
+        chunked = False
+        for name, value in self._headers:
+            low = name.lower()
+            if low == b"content-length":
+                length = value.strip()
+            elif low == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+        self._framed = chunked or length is not None or status in (204, 304) \
+            or self._head_request
+        head = ResponseHead(status, self._reason.strip(), self._headers, length, chunked)
+        assert self.head is not None
+        assert self.done is not None
+        if not self.head.done():
+            self.head.set_result(head)
+        if self._head_request:
+            # llhttp cannot be told that a HEAD answer has no body: the answer ends here, and
+            # a new parser takes the next one (nothing more may arrive before our next request).
+            self.reusable = self._parser.should_keep_alive()
+            self._fresh_parser = True
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_request:
+            return
+        if self._sink is not None:
+            self._sink(body)
+            return
+        self._pending.append(body)
+        self._pending_size += len(body)
+        if self._pending_size > PENDING_LIMIT:
+            self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200 or self._head_request:
+            return
+        assert self.done is not None
+        self.reusable = self._parser.should_keep_alive()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _fail(self, why: str) -> None:
+        exc = UpstreamBroke(why)
+        for fut in (self.head, self.done):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()   # retrieved: the relay may be waiting on only one of them
+        self.abort()
+
+
+OriginKey = tuple[str, str, int, int]
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per origin; newest first, expired ones closed."""
+
+    def __init__(self, keepalive: float = KEEPALIVE) -> None:
+        self._keepalive = keepalive
+        self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
+
+    async def acquire(
+        self, scheme: str, host: str, port: int, tls: ssl.SSLContext | None,
+    ) -> tuple[UpstreamConn, bool]:
+        """An idle connection (reused=True) or a new one. Raises OSError/ssl errors on connect."""
+        key = (scheme, host, port, id(tls))
+        idle = self._idle.get(key)
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self._keepalive:
+                    return conn, True
+                conn.abort()
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            lambda: UpstreamConn(key), host, port, ssl=tls,
+            server_hostname=host if tls is not None else None,
+        )
+        return conn, False
+
+    def release(self, conn: UpstreamConn) -> None:
+        """Keep a connection whose exchange completed cleanly; close any other."""
+        if conn.closed or not conn.reusable:
+            conn.abort()
+            return
+        conn.on_writable = None
+        conn.head = conn.done = None
+        conn.idle_since = time.monotonic()
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+            idle.pop(0).abort()
+        # Expired connections sit at the front (oldest first): drop them on the way.
+        while idle and conn.idle_since - idle[0].idle_since >= self._keepalive:
+            idle.pop(0).abort()
+        idle.append(conn)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.abort()
+        self._idle.clear()
+
+
+def connect_error(exc: BaseException) -> UpstreamError:
+    """Map a connect-time failure to the error kinds of upstream.py."""
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return UpstreamError("tls", "the upstream's TLS certificate could not be verified")
+    if isinstance(exc, TimeoutError):
+        return UpstreamError("timeout", "the upstream did not answer in time")
+    if isinstance(exc, UpstreamBroke):
+        return UpstreamError("reset",
+                             "the upstream closed the connection or sent a malformed response")
+    return UpstreamError("connect", "the upstream could not be reached")

@@ -1,0 +1,161 @@
+"""HTTP/1.1 heads as bytes for the fast path: pure functions, the same rules as headers.py.
+
+The fast path works on the raw (name, value) byte pairs llhttp hands it; these functions apply
+the header policy of headers.py to them and render the heads it writes. Header bytes are
+latin-1 both ways (RFC 9110 section 5.5), so nothing is re-encoded on the way through.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+
+from tokenproxy.proxy.headers import HOP_BY_HOP, MIN_ECHO_TOKEN, REQUEST_ONLY_LOCAL
+from tokenproxy.proxy.problem import problem_body
+
+Header = tuple[bytes, bytes]
+
+_HOP: Final = frozenset(n.encode() for n in HOP_BY_HOP)
+_LOCAL: Final = frozenset(n.encode() for n in REQUEST_ONLY_LOCAL)
+CRLF: Final = b"\r\n"
+CHUNKED_END: Final = b"0\r\n\r\n"
+
+
+def connection_listed(headers: Sequence[Header]) -> frozenset[bytes]:
+    """Names listed in Connection (RFC 9110 section 7.6.1), lower-cased."""
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            listed.update(p.strip().lower() for p in value.split(b",") if p.strip())
+    return frozenset(listed)
+
+
+def request_headers(
+    headers: Sequence[Header],
+    *,
+    drop: frozenset[bytes],
+    auth_header: bytes,
+    keep_client_auth: bool,
+    preserve_host: bool,
+) -> tuple[list[Header], bool]:
+    """headers.forward_request_headers on byte pairs: (headers for the upstream, client_auth)."""
+    listed = connection_listed(headers)
+    out: list[Header] = []
+    client_auth = False
+    for name, value in headers:
+        low = name.lower()
+        if low in _HOP or low in drop or low.startswith(b"proxy-") or low in listed:
+            continue
+        if low == b"host":
+            if preserve_host:
+                out.append((name, value))
+            continue
+        if low in _LOCAL:
+            continue
+        if low == auth_header:
+            if not keep_client_auth:
+                continue
+            client_auth = True
+        out.append((name, value))
+    return out, client_auth
+
+
+def response_headers(
+    headers: Iterable[Header],
+    *,
+    token: bytes,
+    rewrite_location: Callable[[str], str],
+) -> list[Header]:
+    """headers.forward_response_headers on byte pairs; framing headers are the caller's."""
+    headers = list(headers)
+    listed = connection_listed(headers)
+    echoes_token = len(token) >= MIN_ECHO_TOKEN
+    out: list[Header] = []
+    for name, value in headers:
+        low = name.lower()
+        if low in _HOP or low in listed or low.startswith(b"proxy-") or low == b"content-length":
+            continue
+        if echoes_token and token in value:
+            continue
+        if low == b"location":
+            value = rewrite_location(value.decode("latin-1")).encode("latin-1")
+        out.append((name, value))
+    return out
+
+
+def render_request(method: bytes, target: bytes, host: bytes | None,
+                   headers: Iterable[Header]) -> bytes:
+    """The upstream request head up to, not including, the token line and the final CRLF."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if host is not None:
+        parts += (b"Host: ", host, CRLF)
+    for name, value in headers:
+        parts += (name, b": ", value, CRLF)
+    return b"".join(parts)
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+class DateHeader:
+    """RFC 9110 Date, rendered at most once a second (every response carries one)."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+def render_response(status: int, reason: bytes, headers: Iterable[Header], framing: bytes,
+                    date: bytes, close: bool) -> bytes:
+    """A response head. *framing* is the Content-Length or Transfer-Encoding line, or b""."""
+    parts = [b"HTTP/1.1 %d " % status, reason or reason_phrase(status), CRLF]
+    has_date = False
+    for name, value in headers:
+        if not has_date and name.lower() == b"date":
+            has_date = True
+        parts += (name, b": ", value, CRLF)
+    if not has_date:
+        parts += (b"Date: ", date, CRLF)
+    parts.append(framing)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: an empty chunk would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def problem(status: int, cause: str, detail: str, date: bytes, *,
+            retry_after: float | None = None, close: bool = False) -> bytes:
+    """problem.problem_response as bytes: the same fields and headers."""
+    body = problem_body(status, cause, detail)
+    headers: list[Header] = [
+        (b"Tokenproxy-Error", cause.encode()),
+        (b"Cache-Control", b"no-store"),
+        (b"Content-Type", b"application/problem+json"),
+    ]
+    if retry_after is not None:
+        headers.append((b"Retry-After", b"%d" % max(1, math.ceil(retry_after))))
+    head = render_response(status, b"", headers, b"Content-Length: %d\r\n" % len(body), date,
+                           close)
+    return head + body
