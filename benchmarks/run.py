@@ -227,7 +227,6 @@ http {{
     client_max_body_size 0;
     location = /small {{ default_type application/json; return 200 '{{"ok":true,"n":12345}}'; }}
     location = /big {{ root {dir}; try_files /big.bin =404; }}
-    location = /upload {{ return 200 '{{"ok":true}}'; }}
   }}
 }}
 """
@@ -243,10 +242,18 @@ http {{
   client_body_temp_path {dir}/proxy-body;
   proxy_temp_path {dir}/proxy-temp;
   upstream up {{ server 127.0.0.1:{up}; keepalive 128; }}
+  upstream sink {{ server 127.0.0.1:{sink}; keepalive 16; }}
   server {{
     listen 127.0.0.1:{port};
     keepalive_requests 10000000;
     client_max_body_size 0;
+    location = /upload {{
+      proxy_pass http://sink;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_request_buffering off;
+    }}
     location / {{
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -260,7 +267,7 @@ http {{
 """
 
 
-def tokenproxy_config(port: int, admin: int, upstream: int, state: Path,
+def tokenproxy_config(port: int, admin: int, upstream: int, sink: int, state: Path,
                       token_port: int | None) -> dict[str, Any]:
     if token_port is None:
         provider: dict[str, Any] = {"type": "static", "token": TOKEN}
@@ -276,6 +283,8 @@ def tokenproxy_config(port: int, admin: int, upstream: int, state: Path,
         "limits": {"max_connections": 4096},
         "providers": {"api": provider},
         "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{upstream}/",
+                    "provider": "api"},
+                   {"prefix": "/upload", "upstream": f"http://127.0.0.1:{sink}/upload",
                     "provider": "api"}],
     }
 
@@ -287,7 +296,7 @@ def workdir() -> Iterator[Path]:
 
 
 def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
-            load_core: int | None, big: bool) -> None:
+            load_core: int | None, big: bool, upload_url: str | None = None) -> None:
     for _ in range(args.repeat):
         cpu0 = cpu_seconds(pid) if pid else 0.0
         heavy = load(url + SMALL_PATH, 64, args.seconds, load_core)
@@ -304,7 +313,7 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
             res.down_mbs.append(curl_speed(["-w", "%{speed_download}", url + "/big"], load_core))
             res.up_mbs.append(curl_speed(
                 ["-w", "%{speed_upload}", "-X", "POST", "-T", str(args.bigfile),
-                 "-H", "Expect:", url + "/upload"], load_core))
+                 "-H", "Expect:", upload_url or url + "/upload"], load_core))
     if pid:
         res.peak_rss_mb = peak_rss_mb(pid)
 
@@ -363,15 +372,19 @@ def main() -> int:
                 procs.start([sys.executable, str(HERE / "servers.py"), "upstream", str(up),
                              str(args.big_mib * 1024 * 1024)], up_core)
             wait_port(up)
+            sink = free_port()
+            procs.start([sys.executable, str(HERE / "servers.py"), "sink", str(sink)], up_core)
+            wait_port(sink)
 
             direct = Result("direct")
-            measure(direct, f"http://127.0.0.1:{up}", None, args, up_core, True)
+            measure(direct, f"http://127.0.0.1:{up}", None, args, up_core, True,
+                    upload_url=f"http://127.0.0.1:{sink}/upload")
             results.append(direct)
 
             if shutil.which("nginx"):
                 port = free_port()
                 (d / "proxy.conf").write_text(NGINX_PROXY.format(dir=d, port=port, up=up,
-                                                                 token=TOKEN))
+                                                                 sink=sink, token=TOKEN))
                 proc = procs.start(["nginx", "-c", str(d / "proxy.conf"), "-p", str(d)],
                                    proxy_core)
                 wait_port(port)
@@ -387,8 +400,8 @@ def main() -> int:
             for name, tport in (("static", None), ("oauth2", token_port)):
                 port, admin = free_port(), free_port()
                 cfg = d / f"{name}.json"
-                cfg.write_text(json.dumps(tokenproxy_config(port, admin, up, d / f"{name}.state",
-                                                            tport)))
+                cfg.write_text(json.dumps(tokenproxy_config(port, admin, up, sink,
+                                                            d / f"{name}.state", tport)))
                 proc = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)],
                                    proxy_core)
                 wait_port(port)
@@ -406,7 +419,7 @@ def main() -> int:
                          str(lifetime), str(args.token_delay_ms)], up_core)
             wait_port(slow_token)
             port, admin = free_port(), free_port()
-            cfg_doc = tokenproxy_config(port, admin, up, d / "storm.state", slow_token)
+            cfg_doc = tokenproxy_config(port, admin, up, sink, d / "storm.state", slow_token)
             cfg_doc["providers"]["api"]["refresh_margin"] = 0   # no background refresh
             cfg_doc["log"]["level"] = "warning"
             (d / "storm.json").write_text(json.dumps(cfg_doc))

@@ -1,13 +1,20 @@
-"""Helper processes for the benchmark: a token server and a fallback upstream.
+"""Helper processes for the benchmark: a token server, a fallback upstream, an upload sink.
 
     python benchmarks/servers.py token PORT LIFETIME DELAY_MS
     python benchmarks/servers.py upstream PORT BIG_BYTES
+    python benchmarks/servers.py sink PORT
+
+The sink reads every byte of a Content-Length upload before it answers. nginx's `return 200`
+answers at once and discards the body itself, and a proxy in front of it may then drop the
+rest of the upload without relaying it -- which measures discarding, not relaying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -56,9 +63,49 @@ def upstream(port: int, big: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+class Sink(asyncio.Protocol):
+    """HTTP/1.1 uploads with Content-Length: read them whole, then answer (keep-alive)."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.head = b""
+        self.left = -1
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        while data:
+            if self.left < 0:
+                self.head += data
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", self.head[:end])
+                self.left = int(m[1]) if m else 0
+                data, self.head = self.head[end + 4:], b""
+            take = min(self.left, len(data))
+            self.left -= take
+            data = data[take:]
+            if self.left == 0:
+                self.left = -1
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%b" % (len(SMALL), SMALL))
+
+
+async def sink(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Sink, "127.0.0.1", port, backlog=1024)
+    await server.serve_forever()
+
+
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
     if kind == "token":
         token_server(int(args[0]), float(args[1]), float(args[2]))
+    elif kind == "sink":
+        import uvloop
+
+        uvloop.run(sink(int(args[0])))
     else:
         upstream(int(args[0]), int(args[1]))

@@ -27,6 +27,7 @@ class CapturedLogs:
 
     @property
     def text(self) -> str:
+        log.flush()   # lines are batched per event-loop turn (log.BatchedWriter)
         return self.stream.getvalue()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:

@@ -148,11 +148,10 @@ class Proxy:
                 hist = self._metrics.request_duration.labels(outcome.route)
                 self._duration_cache[outcome.route] = hist
             hist.observe(duration)
-        self._log.info(
-            log.REQUEST,
+        log.access().request(
             route=outcome.route,
             method=method,
-            path=raw_path.split("?", 1)[0],
+            path=raw_path,
             status=outcome.status,
             duration_ms=round(duration * 1000, 3),
             bytes=outcome.bytes,

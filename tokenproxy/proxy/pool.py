@@ -213,8 +213,12 @@ class UpstreamConn(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(None)
 
-    def _fail(self, why: str) -> None:
-        exc = UpstreamBroke(why)
+    def time_out(self) -> None:
+        """The route's deadline passed before the response head."""
+        self._fail(TimeoutError())
+
+    def _fail(self, why: str | BaseException) -> None:
+        exc = why if isinstance(why, BaseException) else UpstreamBroke(why)
         for fut in (self.head, self.done):
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
@@ -232,25 +236,29 @@ class UpstreamPool:
         self._keepalive = keepalive
         self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
 
-    async def acquire(
-        self, scheme: str, host: str, port: int, tls: ssl.SSLContext | None,
-    ) -> tuple[UpstreamConn, bool]:
-        """An idle connection (reused=True) or a new one. Raises OSError/ssl errors on connect."""
-        key = (scheme, host, port, id(tls))
-        idle = self._idle.get(key)
+    def take(self, scheme: str, host: str, port: int,
+             tls: ssl.SSLContext | None) -> UpstreamConn | None:
+        """An idle connection to this origin that is still open and fresh, else None."""
+        idle = self._idle.get((scheme, host, port, id(tls)))
         if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < self._keepalive:
-                    return conn, True
+                    return conn
                 conn.abort()
+        return None
+
+    async def connect(self, scheme: str, host: str, port: int,
+                      tls: ssl.SSLContext | None) -> UpstreamConn:
+        """A new connection. Raises OSError or ssl errors."""
+        key = (scheme, host, port, id(tls))
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(
             lambda: UpstreamConn(key), host, port, ssl=tls,
             server_hostname=host if tls is not None else None,
         )
-        return conn, False
+        return conn
 
     def release(self, conn: UpstreamConn) -> None:
         """Keep a connection whose exchange completed cleanly; close any other."""
