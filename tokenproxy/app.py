@@ -339,6 +339,8 @@ class Daemon:
         self.config = new
         self.sources = sources
         self._proxy = proxy
+        # Idle upstream connections may belong to routes (or TLS settings) that just went.
+        self._fast.pool.close()
         self._gate.resize(new.limits.max_connections)
         for ls in drop + admin_drop:
             await ls.close()

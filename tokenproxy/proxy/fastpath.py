@@ -157,6 +157,7 @@ class FastConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._eof = False   # the client half-closed: answer what it sent, then close
         self._task: asyncio.Task[None] | None = None
         self._body: _Body | None = None
         self._upstream: UpstreamConn | None = None
@@ -185,6 +186,11 @@ class FastConnection(asyncio.Protocol):
                 self._pause_reading("pipeline")
             return
         self._next_head()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets the answer; then we close.
+        self._eof = True
+        return True if self._busy else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         transport, self._transport = self._transport, None
@@ -293,6 +299,9 @@ class FastConnection(asyncio.Protocol):
                                                      self._head_expired)
         end = buf.find(b"\r\n\r\n")
         if end < 0:
+            if self._eof and self._transport is not None:
+                self._transport.close()   # a head that can never complete
+                return
             if len(buf) > self._env.limits().max_header_size + 4 or buf.startswith(b"\r\n"):
                 self._handover()   # aiohttp answers 431 or 400 as it always has
             return
@@ -471,7 +480,7 @@ class FastConnection(asyncio.Protocol):
             keep = keep and self._body_done(drop=True)
         elif body is not None and body.remaining == 0:
             self._body = None
-        if not keep or self._close_after:
+        if not keep or self._close_after or (self._eof and not self._buf):
             transport.close()
             return
         self._resume_reading("pipeline")
