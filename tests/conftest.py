@@ -85,8 +85,21 @@ def proxy_config(upstream: str, token: str, **overrides: Any) -> dict[str, Any]:
     return raw
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_paths`` run against the fast path and against the aiohttp path."""
+    if ("make_proxy" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("both_paths") is not None):
+        metafunc.parametrize("serving_path", ["fast", "aiohttp"], indirect=True)
+
+
+@pytest.fixture(name="serving_path")
+def _serving_path(request: pytest.FixtureRequest) -> str:
+    """Which request path the daemons of this test serve with (tokenproxy/proxy/fastpath.py)."""
+    return str(getattr(request, "param", "fast"))
+
+
 @pytest.fixture(name="make_proxy")
-async def _make_proxy(clock: FakeClock) -> AsyncIterator[MakeProxy]:
+async def _make_proxy(clock: FakeClock, serving_path: str) -> AsyncIterator[MakeProxy]:
     """Start real daemons from config dicts; each is stopped when the test ends."""
     daemons: list[Daemon] = []
 
@@ -94,7 +107,8 @@ async def _make_proxy(clock: FakeClock) -> AsyncIterator[MakeProxy]:
         cfg = build_config(raw, env or {})
         # A redactor of its own, not the logging one: the sweep must catch a token that the
         # code logs, rather than the value-masking layer hiding it.
-        daemon = Daemon(cfg, registry=CollectorRegistry(), clock=clock, redactor=log.Redactor())
+        daemon = Daemon(cfg, registry=CollectorRegistry(), clock=clock, redactor=log.Redactor(),
+                        fast_path=serving_path == "fast")
         await daemon.start()
         daemons.append(daemon)
         return daemon

@@ -24,6 +24,9 @@ from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
 from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen
 from tokenproxy.app import Daemon
 
+# Every test here runs against both request paths (tests/conftest.py).
+pytestmark = pytest.mark.both_paths
+
 # A deterministic, non-repeating-looking payload.
 PATTERN = bytes(range(256))
 

@@ -36,6 +36,9 @@ from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, excha
 from tokenproxy.app import Daemon
 from tokenproxy.tokens.manager import UNAUTHORIZED_REFRESH_GAP
 
+# Every test here runs against both request paths (tests/conftest.py).
+pytestmark = pytest.mark.both_paths
+
 # -- a raw TCP upstream -------------------------------------------------------------------------
 
 

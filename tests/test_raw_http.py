@@ -16,6 +16,9 @@ from tests.fakes import TOKEN, FakeUpstream
 from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
 from tokenproxy.app import Daemon
 
+# Every test here runs against both request paths (tests/conftest.py).
+pytestmark = pytest.mark.both_paths
+
 # Appended after every malformed request: it must never reach the upstream.
 SMUGGLED = b"GET /status/299 HTTP/1.1\r\nHost: localhost\r\n\r\n"
 

@@ -42,6 +42,7 @@ from tokenproxy.tokens.oauth2 import OAuth2Grantor
 from tokenproxy.tokens.state import StateStore
 from tokenproxy.tokens.static import StaticSource
 
+FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
 # The admin listener serves a few scrapers and probes, not traffic.
 ADMIN_MAX_CONNECTIONS = 64
 
@@ -138,8 +139,13 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
         redactor: Redactor | None = None,
+        fast_path: bool | None = None,
     ) -> None:
         self.config = cfg
+        # TOKENPROXY_FAST_PATH=0 serves every request through aiohttp (for comparison, or as
+        # an escape hatch); the answers are the same, only slower.
+        self.fast_path = (os.environ.get(FAST_PATH_ENV, "1") != "0"
+                          if fast_path is None else fast_path)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock if clock is not None else SystemClock()
         self.redactor = redactor if redactor is not None else Redactor()
@@ -181,6 +187,9 @@ class Daemon:
         return make
 
     def _fast_factory(self, env: FastEnv) -> Any:
+        if not self.fast_path:
+            return env.slow
+
         def make(on_close: Any) -> FastConnection:
             return FastConnection(env, on_close)
 

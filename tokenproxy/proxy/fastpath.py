@@ -190,6 +190,9 @@ class FastConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets the answer; then we close.
         self._eof = True
+        body = self._body
+        if body is not None and body.remaining > 0 and not body.drop:
+            return None   # the request can never complete: as good as gone
         return True if self._busy else None
 
     def connection_lost(self, exc: Exception | None) -> None:
