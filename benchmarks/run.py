@@ -43,6 +43,11 @@ TOKEN = "bench-static-token-0123456789"
 SMALL_PATH = "/small"
 
 
+# tokenproxy's CLI on asyncio's own event loop instead of uvloop, for --levers.
+PLAIN_LOOP = ("import sys, tokenproxy.cli as cli; cli._loop_factory = lambda: None; "
+              "sys.argv[0] = 'tokenproxy'; raise SystemExit(cli.main())")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -344,6 +349,10 @@ def main() -> int:
     ap.add_argument("--storm", type=int, default=1000)
     ap.add_argument("--token-delay-ms", type=float, default=300.0)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--levers", action="store_true",
+                    help="also measure static with one lever off at a time: the aiohttp path "
+                         "instead of the fast path, no access log, asyncio's loop instead of "
+                         "uvloop (adds about a minute)")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.big_mib, args.storm = 1.0, 1, 16, 200
@@ -397,13 +406,25 @@ def main() -> int:
             procs.start([sys.executable, str(HERE / "servers.py"), "token", str(token_port),
                          "3", "0"], up_core)
             wait_port(token_port)
-            for name, tport in (("static", None), ("oauth2", token_port)):
+            variants: list[tuple[str, int | None, dict[str, str], str, bool]] = [
+                ("static", None, {}, "info", False), ("oauth2", token_port, {}, "info", False)]
+            if args.levers:
+                # One lever off at a time, against the static variant above.
+                variants += [
+                    ("static, aiohttp path", None, {"TOKENPROXY_FAST_PATH": "0"}, "info", False),
+                    ("static, no access log", None, {}, "warning", False),
+                    ("static, asyncio loop", None, {}, "info", True),
+                ]
+            for name, tport, env, level, plain_loop in variants:
                 port, admin = free_port(), free_port()
-                cfg = d / f"{name}.json"
-                cfg.write_text(json.dumps(tokenproxy_config(port, admin, up, sink,
-                                                            d / f"{name}.state", tport)))
-                proc = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)],
-                                   proxy_core)
+                cfg = d / f"{len(results)}.json"
+                doc = tokenproxy_config(port, admin, up, sink, d / f"{len(results)}.state", tport)
+                doc["log"]["level"] = level
+                cfg.write_text(json.dumps(doc))
+                argv = [sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)]
+                if plain_loop:
+                    argv = [sys.executable, "-c", PLAIN_LOOP, "run", "-c", str(cfg)]
+                proc = procs.start(argv, proxy_core, env={**os.environ, **env})
                 wait_port(port)
                 wait_port(admin)
                 time.sleep(0.5)

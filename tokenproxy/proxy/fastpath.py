@@ -122,6 +122,7 @@ class _Body:
     target: UpstreamConn | None = None
     drop: bool = False
     complete: asyncio.Future[None] | None = None
+    whole: bool = False   # read entirely before sending, so a 401 can be retried with it
 
     def take(self) -> bytes:
         data = b"".join(self.chunks)
@@ -157,7 +158,6 @@ class FastConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
-        self._eof = False   # the client half-closed: answer what it sent, then close
         self._task: asyncio.Task[None] | None = None
         self._body: _Body | None = None
         self._upstream: UpstreamConn | None = None
@@ -186,14 +186,6 @@ class FastConnection(asyncio.Protocol):
                 self._pause_reading("pipeline")
             return
         self._next_head()
-
-    def eof_received(self) -> bool | None:
-        # A client that half-closes after its request still gets the answer; then we close.
-        self._eof = True
-        body = self._body
-        if body is not None and body.remaining > 0 and not body.drop:
-            return None   # the request can never complete: as good as gone
-        return True if self._busy else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         transport, self._transport = self._transport, None
@@ -302,11 +294,11 @@ class FastConnection(asyncio.Protocol):
                                                      self._head_expired)
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if self._eof and self._transport is not None:
-                self._transport.close()   # a head that can never complete
-                return
-            if len(buf) > self._env.limits().max_header_size + 4 or buf.startswith(b"\r\n"):
-                self._handover()   # aiohttp answers 431 or 400 as it always has
+            if (len(buf) > self._env.limits().max_header_size + 4 or buf.startswith(b"\r\n")
+                    or b"\n\n" in buf or b"\n\r\n" in buf):
+                # Too large, or a head ended with bare LFs: aiohttp answers 431 or 400 as it
+                # always has.
+                self._handover()
             return
         if self._env.closing:
             self._handover()   # aiohttp answers 503 while shutting down, as before
@@ -371,7 +363,8 @@ class FastConnection(asyncio.Protocol):
             return None
         body = None
         if length:
-            body = _Body(length, complete=self._loop.create_future())
+            whole = bool(compiled.route.retry_on) and length <= proxy.max_replay
+            body = _Body(length, complete=self._loop.create_future(), whole=whole)
         return _Request(method, method_str, target, path, query, headers, keep_alive,
                         compiled, proxy, body)
 
@@ -392,7 +385,9 @@ class FastConnection(asyncio.Protocol):
         elif not body.drop:
             body.chunks.append(part)
             body.size += len(part)
-            if body.size > HOLD_LIMIT and body.remaining:
+            # A body read whole for replay is bounded by max_replay_body; one to be streamed
+            # waits here only until the upstream connection is up.
+            if not body.whole and body.size > HOLD_LIMIT and body.remaining:
                 self._pause_reading("hold")
         if body.remaining == 0:
             assert body.complete is not None
@@ -483,7 +478,7 @@ class FastConnection(asyncio.Protocol):
             keep = keep and self._body_done(drop=True)
         elif body is not None and body.remaining == 0:
             self._body = None
-        if not keep or self._close_after or (self._eof and not self._buf):
+        if not keep or self._close_after:
             transport.close()
             return
         self._resume_reading("pipeline")
@@ -502,7 +497,7 @@ class FastConnection(asyncio.Protocol):
             token = await bounded(source.current(), compiled, source.name)
         body: bytes | None = b""
         if req.body is not None:
-            if route.retry_on and req.body.remaining + req.body.size <= proxy.max_replay:
+            if req.body.whole:
                 body = await self._whole_body(req.body, route.timeout)
             else:
                 body = None   # streamed: sent once, never replayed

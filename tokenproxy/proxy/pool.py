@@ -52,6 +52,7 @@ class UpstreamConn(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = False
+        self._answered = False
         self._loop = asyncio.get_running_loop()
         self.head: asyncio.Future[ResponseHead] | None = None
         self.done: asyncio.Future[None] | None = None
@@ -75,6 +76,7 @@ class UpstreamConn(asyncio.Protocol):
         self.done = self._loop.create_future()
         self.got_bytes = False
         self.reusable = False
+        self._answered = False
         self._head_request = head_request
         self._sink = None
         self._pending = []
@@ -152,6 +154,10 @@ class UpstreamConn(asyncio.Protocol):
     # -- llhttp callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._answered:
+            # A second answer to one request (a smuggled or desynchronised response): it
+            # must never reach the next client of this connection.
+            raise UpstreamBroke("bytes after the complete response")
         self._headers = []
         self._reason = b""
         self._head_size = 0
@@ -209,6 +215,7 @@ class UpstreamConn(asyncio.Protocol):
         if 100 <= self._parser.get_status_code() < 200 or self._head_request:
             return
         assert self.done is not None
+        self._answered = True
         self.reusable = self._parser.should_keep_alive()
         if not self.done.done():
             self.done.set_result(None)
@@ -267,6 +274,7 @@ class UpstreamPool:
             return
         conn.on_writable = None
         conn.head = conn.done = None
+        conn.resume_reading()   # a slow client may have paused it; idle, it must see a close
         conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
