@@ -138,6 +138,7 @@ class _Request:
     path: str
     query: str | None
     headers: list[wire.Header]
+    length: int | None
     keep_alive: bool
     compiled: CompiledRoute
     proxy: Proxy
@@ -158,6 +159,8 @@ class FastConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._next_waits = False   # the next request waits until the client reads again
         self._task: asyncio.Task[None] | None = None
         self._body: _Body | None = None
         self._upstream: UpstreamConn | None = None
@@ -209,6 +212,11 @@ class FastConnection(asyncio.Protocol):
         self._write_paused = False
         if self._upstream is not None:
             self._upstream.resume_reading()
+        if self._next_waits and not self._busy:
+            self._next_waits = False
+            self._resume_reading("pipeline")
+            if self._body is None:
+                self._next_head()
 
     # -- connection management ---------------------------------------------------------------
 
@@ -233,10 +241,10 @@ class FastConnection(asyncio.Protocol):
                 self._transport.resume_reading()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._idle_timer):
+        for timer in (self._head_timer, self._idle_timer, self._drain_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._idle_timer = None
+        self._head_timer = self._idle_timer = self._drain_timer = None
 
     def _arm_idle(self) -> None:
         # One timer per idle spell would be one call_later per request; instead the timer
@@ -276,6 +284,9 @@ class FastConnection(asyncio.Protocol):
         self._buf.clear()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._write_paused:
+            # The transport will not say it again: the new protocol must know it is paused.
+            handler.pause_writing()
         if self._read_pauses:
             self._read_pauses.clear()
             transport.resume_reading()
@@ -333,14 +344,14 @@ class FastConnection(asyncio.Protocol):
         headers = cb.headers
         if len(headers) > MAX_FAST_HEADERS:
             return None
-        length = 0
+        length: int | None = None
         keep_alive = True
         for name, value in headers:
             low = name.lower()
             if low in _NOT_FAST:
                 return None
             if low == b"content-length":
-                length = int(value)
+                length = int(value)   # llhttp allows one, all digits
             elif low == b"connection" and b"close" in (
                     p.strip().lower() for p in value.split(b",")):
                 keep_alive = False
@@ -362,10 +373,10 @@ class FastConnection(asyncio.Protocol):
         if compiled is None:
             return None
         body = None
-        if length:
+        if length:   # None or 0: no body
             whole = bool(compiled.route.retry_on) and length <= proxy.max_replay
             body = _Body(length, complete=self._loop.create_future(), whole=whole)
-        return _Request(method, method_str, target, path, query, headers, keep_alive,
+        return _Request(method, method_str, target, path, query, headers, length, keep_alive,
                         compiled, proxy, body)
 
     # -- request bodies ----------------------------------------------------------------------
@@ -395,6 +406,9 @@ class FastConnection(asyncio.Protocol):
                 body.complete.set_result(None)
             if body.drop:
                 self._body = None
+                if self._drain_timer is not None:
+                    self._drain_timer.cancel()
+                    self._drain_timer = None
                 if not self._busy:
                     self._next_head()
         return rest
@@ -463,8 +477,18 @@ class FastConnection(asyncio.Protocol):
             body.drop = True
             body.chunks, body.size = [], 0
             self._resume_reading("hold")
+            # The rest must come within header_timeout (10 s by default, like aiohttp's
+            # lingering_time): a client that stops sending would otherwise hold the
+            # connection and its slot forever.
+            self._drain_timer = self._loop.call_later(self._env.limits().header_timeout,
+                                                      self._drain_expired)
             return True
         return False
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        if self._transport is not None:
+            self._transport.close()
 
     def _finish(self, keep: bool) -> None:
         self._task = None
@@ -481,8 +505,13 @@ class FastConnection(asyncio.Protocol):
         if not keep or self._close_after:
             transport.close()
             return
-        self._resume_reading("pipeline")
         self._resume_reading("upstream")
+        if self._write_paused:
+            # The client is not reading our answers: the next request (pipelined) is not
+            # started, or its deadline would run while its answer cannot be written.
+            self._next_waits = True
+            return
+        self._resume_reading("pipeline")
         if self._body is None:
             self._next_head()
 
@@ -502,7 +531,7 @@ class FastConnection(asyncio.Protocol):
             else:
                 body = None   # streamed: sent once, never replayed
         head, client_auth = proxy.fast_request_head(req.method, req.path, req.query,
-                                                    req.headers, compiled)
+                                                    req.headers, req.length, compiled)
         retried = False
         while True:
             auth = b"" if client_auth else proxy.fast_auth_line(compiled, token)

@@ -300,7 +300,7 @@ class Proxy:
 
     def fast_request_head(
         self, method: bytes, path: str, query: str | None, headers: list[Header],
-        compiled: CompiledRoute,
+        length: int | None, compiled: CompiledRoute,
     ) -> tuple[bytes, bool]:
         """The upstream request head without the token line: (head, client_sent_auth)."""
         route = compiled.route
@@ -311,7 +311,7 @@ class Proxy:
         )
         target = compiled.upstream_target(path, query).encode("utf-8", "surrogateescape")
         host = None if route.preserve_host else compiled.host_header
-        return wire.render_request(method, target, host, out), client_auth
+        return wire.render_request(method, target, host, out, length), client_auth
 
     def fast_auth_line(self, compiled: CompiledRoute, token: Token) -> bytes:
         """``Authorization: Bearer <token>\r\n``, rendered once per token and route."""

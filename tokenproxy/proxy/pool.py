@@ -53,6 +53,7 @@ class UpstreamConn(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = False
         self._answered = False
+        self._head_bytes = 0
         self._loop = asyncio.get_running_loop()
         self.head: asyncio.Future[ResponseHead] | None = None
         self.done: asyncio.Future[None] | None = None
@@ -77,6 +78,7 @@ class UpstreamConn(asyncio.Protocol):
         self.got_bytes = False
         self.reusable = False
         self._answered = False
+        self._head_bytes = 0
         self._head_request = head_request
         self._sink = None
         self._pending = []
@@ -122,6 +124,10 @@ class UpstreamConn(asyncio.Protocol):
         if self.head is None:
             self.abort()   # bytes nobody asked for: the connection is out of step
             return
+        waiting = not self.head.done()
+        if waiting:
+            # llhttp hands over a header line only when it ends: count the bytes instead.
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -131,6 +137,8 @@ class UpstreamConn(asyncio.Protocol):
         if self._fresh_parser:
             self._fresh_parser = False
             self._parser = httptools.HttpResponseParser(self)
+        if waiting and not self.head.done() and self._head_bytes > MAX_UPSTREAM_HEAD:
+            self._fail("the upstream's response head is too large")
 
     def eof_received(self) -> bool:
         return False
@@ -138,8 +146,9 @@ class UpstreamConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.done is not None and not self.done.done():
-            if self.head is not None and self.head.done() and not self._framed:
-                self.done.set_result(None)   # a close-delimited body ends with the connection
+            if (exc is None and self.head is not None and self.head.done()
+                    and not self._framed):
+                self.done.set_result(None)   # a close-delimited body ends with a clean close
             else:
                 self._fail("the upstream closed the connection")
 

@@ -48,11 +48,15 @@ def request_headers(
     client_auth = False
     for name, value in headers:
         low = name.lower()
-        if low in _HOP or low in drop or low.startswith(b"proxy-") or low in listed:
-            continue
         if low == b"host":
+            # Before the Connection-listed check: "Connection: Host" must not leave an
+            # HTTP/1.1 request without a Host.
             if preserve_host:
                 out.append((name, value))
+            continue
+        if low == b"content-length":
+            continue   # framing is ours: the caller writes the length of what it sends
+        if low in _HOP or low in drop or low.startswith(b"proxy-") or low in listed:
             continue
         if low in _LOCAL:
             continue
@@ -88,11 +92,19 @@ def response_headers(
 
 
 def render_request(method: bytes, target: bytes, host: bytes | None,
-                   headers: Iterable[Header]) -> bytes:
-    """The upstream request head up to, not including, the token line and the final CRLF."""
+                   headers: Iterable[Header], length: int | None) -> bytes:
+    """The upstream request head up to, not including, the token line and the final CRLF.
+
+    *length* is the body's Content-Length (None: the client sent none). The client's own
+    Content-Length never passes through request_headers: a "Connection: Content-Length"
+    would otherwise strip it while the body still followed, and the upstream would read the
+    body as a second request that no check ever saw.
+    """
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     if host is not None:
         parts += (b"Host: ", host, CRLF)
+    if length is not None:
+        parts += (b"Content-Length: %d\r\n" % length,)
     for name, value in headers:
         parts += (name, b": ", value, CRLF)
     return b"".join(parts)
