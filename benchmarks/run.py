@@ -1,6 +1,7 @@
 """tokenproxy's benchmark: one command, every variant measured in the same run.
 
-    python benchmarks/run.py            # about 2.5 minutes on 2 cores
+    python benchmarks/run.py            # about 2 minutes on 2 cores
+    python benchmarks/run.py --levers   # plus static with one lever off at a time (+1 minute)
     python benchmarks/run.py --quick    # a smoke run (CI): seconds, figures meaningless
 
 Variants, each against the same upstream (nginx when installed, else a small aiohttp server):
@@ -9,8 +10,8 @@ Variants, each against the same upstream (nginx when installed, else a small aio
   static      tokenproxy with a static token
   oauth2      tokenproxy with an oauth2 provider whose tokens expire every few seconds
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
-a large body, CPU per request and peak RSS of the proxy; medians of --repeat runs; ratios to
-direct and to nginx. The upstream and the load generator share one core, the proxy gets the
+a large body (uploads go to a sink that reads every byte before answering), CPU per request
+and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to nginx. The upstream and the load generator share one core, the proxy gets the
 other (when there are two). Installs nothing; says what is missing. Only 127.0.0.1 is used.
 """
 
