@@ -11,8 +11,9 @@ Variants, each against the same upstream (nginx when installed, else a small aio
   oauth2      tokenproxy with an oauth2 provider whose tokens expire every few seconds
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
 a large body (uploads go to a sink that reads every byte before answering), CPU per request
-and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to nginx. The upstream and the load generator share one core, the proxy gets the
-other (when there are two). Installs nothing; says what is missing. Only 127.0.0.1 is used.
+and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to nginx. The
+upstream and the load generator share one core, the proxy gets the other (when there are two).
+Installs nothing; says what is missing. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
