@@ -191,14 +191,18 @@ class FastConnection(asyncio.Protocol):
         self._next_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        transport, self._transport = self._transport, None
+        self._transport = None
         self._cancel_timers()
         self._env.forget(self)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self._upstream is not None:
-            self._upstream.abort()
-        del transport
+        # Cut every reference the exchange could close a cycle through: the client's
+        # transport, the task (its traceback holds our frames), the upstream connection.
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        self._body = None
         callback, self._on_close = self._on_close, None
         if callback is not None:
             callback()
@@ -535,7 +539,7 @@ class FastConnection(asyncio.Protocol):
         retried = False
         while True:
             auth = b"" if client_auth else proxy.fast_auth_line(compiled, token)
-            conn, resp = await self._send(req, head + auth + wire.CRLF, body)
+            conn, resp, done = await self._send(req, head + auth + wire.CRLF, body)
             action = retry_action(resp.status, route.retry_on, client_auth, retried,
                                   body is not None)
             if action is RetryAction.RELAY:
@@ -561,7 +565,7 @@ class FastConnection(asyncio.Protocol):
             conn.abort()   # the refused answer is not relayed; its body is not worth reading
             token, retried = fresh, True
             outcome.retried = True
-        return await self._relay(req, conn, resp, token, outcome)
+        return await self._relay(req, conn, resp, done, token, outcome)
 
     async def _whole_body(self, body: _Body, wait: float) -> bytes:
         assert body.complete is not None
@@ -575,7 +579,7 @@ class FastConnection(asyncio.Protocol):
         return body.take()
 
     async def _send(self, req: _Request, head: bytes, body: bytes | None,
-                    ) -> tuple[UpstreamConn, ResponseHead]:
+                    ) -> tuple[UpstreamConn, ResponseHead, asyncio.Future[None]]:
         """One request upstream; the route timeout runs until the response head arrives.
 
         A pooled connection the upstream closed while idle fails before answering anything;
@@ -597,16 +601,19 @@ class FastConnection(asyncio.Protocol):
                         conn = await pool.connect(scheme, host, port, tls)
                 self._upstream = conn
                 conn.begin(req.method == b"HEAD")
+                # Held here: the connection drops its own references when it is aborted.
+                head_answer, done = conn.head, conn.done
+                assert head_answer is not None
+                assert done is not None
                 if self._write_paused:
                     conn.pause_reading()
                 if body is None:
                     self._stream_body(conn, head)
                 else:
                     conn.write(head + body if body else head)
-                assert conn.head is not None
                 timer = self._loop.call_at(deadline, conn.time_out)
                 try:
-                    return conn, await conn.head
+                    return conn, await head_answer, done
                 except UpstreamBroke:
                     # RFC 9112 section 9.3.1: an idempotent request whose connection
                     # closed before any answer may be sent again (as aiohttp does).
@@ -635,7 +642,7 @@ class FastConnection(asyncio.Protocol):
         self._resume_reading("hold")
 
     async def _relay(self, req: _Request, conn: UpstreamConn, resp: ResponseHead,
-                     token: Token, outcome: Outcome) -> bool:
+                     done: asyncio.Future[None], token: Token, outcome: Outcome) -> bool:
         proxy = req.proxy
         compiled = req.compiled
         status = resp.status
@@ -675,9 +682,8 @@ class FastConnection(asyncio.Protocol):
             outcome.bytes += len(held)
             out += wire.chunk(held) if chunked else held
         transport.write(out)
-        assert conn.done is not None
         try:
-            await conn.done
+            await done
         except UpstreamBroke:
             # The upstream broke mid-body: a truncated body must look truncated to the
             # client, so its connection is cut instead of the response being finished.

@@ -9,11 +9,13 @@ pass through a queue the size of the body: a slow client pauses the upstream soc
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -26,6 +28,7 @@ MAX_IDLE_PER_ORIGIN: Final = 256
 # Body bytes held before the relay attaches its sink; past this the upstream socket pauses.
 PENDING_LIMIT: Final = 256 * 1024
 MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
+DNS_TTL: Final = 10.0          # as aiohttp's ttl_dns_cache on the aiohttp path
 
 
 class UpstreamBroke(Exception):
@@ -50,7 +53,10 @@ class UpstreamConn(asyncio.Protocol):
         self.closed = False
         self.reusable = False
         self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser holds this protocol's callbacks: a reference cycle, cut at connection_lost
+        # so a closed connection (and the body bytes it held) is freed at once, not at the
+        # next full garbage collection.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._fresh_parser = False
         self._answered = False
         self._head_bytes = 0
@@ -98,6 +104,12 @@ class UpstreamConn(asyncio.Protocol):
             self.resume_reading()
         return held
 
+    def detach(self) -> None:
+        """Forget the relay's sink (it holds the client's transport) while idle in the pool."""
+        self._sink = None
+        self._pending = []
+        self._pending_size = 0
+
     def pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None and not self.closed:
             self._read_paused = True
@@ -109,9 +121,15 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.resume_reading()
 
     def abort(self) -> None:
+        """Close at once, and drop everything the exchange left here (see _parser)."""
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+        # The relay keeps its own references to the futures it awaits; these would tie a
+        # failed exchange's traceback, frames and buffers to this object.
+        self.head = self.done = None
+        self.on_writable = None
+        self._sink = None   # body bytes already held stay: a complete answer is still relayed
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -121,7 +139,8 @@ class UpstreamConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        if self.head is None:
+        parser = self._parser
+        if self.head is None or parser is None:
             self.abort()   # bytes nobody asked for: the connection is out of step
             return
         waiting = not self.head.done()
@@ -129,15 +148,16 @@ class UpstreamConn(asyncio.Protocol):
             # llhttp hands over a header line only when it ends: count the bytes instead.
             self._head_bytes += len(data)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("the upstream switched protocols unasked")
         except httptools.HttpParserError:
             self._fail("the upstream sent a malformed response")
-        if self._fresh_parser:
+        if self._fresh_parser and self._parser is not None:
             self._fresh_parser = False
             self._parser = httptools.HttpResponseParser(self)
-        if waiting and not self.head.done() and self._head_bytes > MAX_UPSTREAM_HEAD:
+        if (waiting and self.head is not None and not self.head.done()
+                and self._head_bytes > MAX_UPSTREAM_HEAD):
             self._fail("the upstream's response head is too large")
 
     def eof_received(self) -> bool:
@@ -151,6 +171,10 @@ class UpstreamConn(asyncio.Protocol):
                 self.done.set_result(None)   # a close-delimited body ends with a clean close
             else:
                 self._fail("the upstream closed the connection")
+        self._parser = None
+        self.transport = None
+        self.on_writable = None
+        self._sink = None
 
     def pause_writing(self) -> None:
         if self.on_writable is not None:
@@ -181,7 +205,9 @@ class UpstreamConn(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None   # callbacks run inside feed_data
+        status = parser.get_status_code()
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamBroke("unasked 101")
@@ -204,7 +230,7 @@ class UpstreamConn(asyncio.Protocol):
         if self._head_request:
             # llhttp cannot be told that a HEAD answer has no body: the answer ends here, and
             # a new parser takes the next one (nothing more may arrive before our next request).
-            self.reusable = self._parser.should_keep_alive()
+            self.reusable = parser.should_keep_alive()
             self._fresh_parser = True
             if not self.done.done():
                 self.done.set_result(None)
@@ -221,11 +247,13 @@ class UpstreamConn(asyncio.Protocol):
             self.pause_reading()
 
     def on_message_complete(self) -> None:
-        if 100 <= self._parser.get_status_code() < 200 or self._head_request:
+        parser = self._parser
+        assert parser is not None
+        if 100 <= parser.get_status_code() < 200 or self._head_request:
             return
         assert self.done is not None
         self._answered = True
-        self.reusable = self._parser.should_keep_alive()
+        self.reusable = parser.should_keep_alive()
         if not self.done.done():
             self.done.set_result(None)
 
@@ -251,6 +279,7 @@ class UpstreamPool:
     def __init__(self, keepalive: float = KEEPALIVE) -> None:
         self._keepalive = keepalive
         self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, Any]]]] = {}
 
     def take(self, scheme: str, host: str, port: int,
              tls: ssl.SSLContext | None) -> UpstreamConn | None:
@@ -270,11 +299,53 @@ class UpstreamPool:
         """A new connection. Raises OSError or ssl errors."""
         key = (scheme, host, port, id(tls))
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConn(key), host, port, ssl=tls,
-            server_hostname=host if tls is not None else None,
-        )
-        return conn
+        error: OSError | None = None
+        for family, address in await self._addresses(host, port):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConn(key), sock=sock, ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
+            except BaseException:
+                sock.close()
+                raise
+            return conn
+        raise error or OSError(f"no address for {host}")
+
+    async def _addresses(self, host: str, port: int) -> list[tuple[int, Any]]:
+        """Where to connect: IP literals as they are, names resolved at most every DNS_TTL s.
+
+        A resolution per connection would run getaddrinfo in the loop's thread pool each time
+        (uvloop: libuv's), whose threads each grow a malloc arena of their own.
+        """
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return [(family, (host, port))]
+        now = time.monotonic()
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                            type=socket.SOCK_STREAM)
+        found: list[tuple[int, Any]] = [(family, address)
+                                         for family, _, _, _, address in infos]
+        self._dns[(host, port)] = (now + DNS_TTL, found)
+        return found
 
     def release(self, conn: UpstreamConn) -> None:
         """Keep a connection whose exchange completed cleanly; close any other."""
@@ -282,6 +353,7 @@ class UpstreamPool:
             conn.abort()
             return
         conn.on_writable = None
+        conn.detach()
         conn.head = conn.done = None
         conn.resume_reading()   # a slow client may have paused it; idle, it must see a close
         conn.idle_since = time.monotonic()
