@@ -57,6 +57,11 @@ DISCARD_LIMIT: Final = 256 * 1024
 HOLD_LIMIT: Final = 256 * 1024
 _NOT_FAST: Final = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 _NO_BODY: Final = frozenset({204, 304})
+# Headers aiohttp's parser refuses to see twice (its SINGLETON_HEADERS).
+_SINGLETONS: Final = frozenset({
+    b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+    b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
+})
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
@@ -260,8 +265,9 @@ class FastConnection(asyncio.Protocol):
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
-        if self._busy or self._buf or self._transport is None:
-            return
+        if (self._busy or self._buf or self._transport is None or self._body is not None
+                or self._next_waits):
+            return   # not idle: _arm_idle runs again when it is
         left = self._idle_since + self._env.limits().keepalive_timeout - self._loop.time()
         if left > 0.001:
             self._idle_timer = self._loop.call_later(left, self._idle_expired)
@@ -303,6 +309,12 @@ class FastConnection(asyncio.Protocol):
         buf = self._buf
         if not buf:
             self._arm_idle()
+            return
+        if self._write_paused:
+            # The client is not reading our answers: the next request is not started, or its
+            # deadline would run while its answer cannot be written (resume_writing goes on).
+            self._next_waits = True
+            self._pause_reading("pipeline")
             return
         if self._head_timer is None:
             self._head_timer = self._loop.call_later(self._env.limits().header_timeout,
@@ -350,10 +362,15 @@ class FastConnection(asyncio.Protocol):
             return None
         length: int | None = None
         keep_alive = True
+        singletons: set[bytes] = set()
         for name, value in headers:
             low = name.lower()
             if low in _NOT_FAST:
                 return None
+            if low in _SINGLETONS:
+                if low in singletons:
+                    return None   # aiohttp refuses a repeated one with 400
+                singletons.add(low)
             if low == b"content-length":
                 length = int(value)   # llhttp allows one, all digits
             elif low == b"connection" and b"close" in (
@@ -413,7 +430,9 @@ class FastConnection(asyncio.Protocol):
                 if self._drain_timer is not None:
                     self._drain_timer.cancel()
                     self._drain_timer = None
-                if not self._busy:
+                if self._close_after and not self._busy and self._transport is not None:
+                    self._transport.close()   # a lingering close is complete
+                elif not self._busy:
                     self._next_head()
         return rest
 
@@ -431,6 +450,7 @@ class FastConnection(asyncio.Protocol):
         started = time.perf_counter()
         proxy.metrics.inflight.inc()
         keep = req.keep_alive
+        linger = True
         try:
             keep = await self._forward(req, outcome) and keep
         except asyncio.CancelledError:
@@ -438,7 +458,7 @@ class FastConnection(asyncio.Protocol):
             raise
         except RequestRejected as exc:
             proxy.metrics.rejected.labels(exc.cause).inc()
-            keep = False
+            keep = linger = False   # a stalled body is not waited for twice
             self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
                                       close=True), outcome, exc.status)
         except UpstreamError as exc:
@@ -464,8 +484,12 @@ class FastConnection(asyncio.Protocol):
                                           self._env.date(), close=True), outcome, 500)
         finally:
             proxy.metrics.inflight.dec()
-            proxy.record(req.method_str, req.target, outcome, time.perf_counter() - started)
-        self._finish(keep)
+            try:
+                proxy.record(req.method_str, req.target, outcome,
+                             time.perf_counter() - started)
+            except Exception as exc:   # a failed log write must not leave the connection busy
+                log.get_logger().error("internal_error", error=type(exc).__name__)
+        self._finish(keep, linger=linger)
 
     def _answer(self, data: bytes, outcome: Outcome, status: int) -> None:
         outcome.status = status
@@ -489,14 +513,36 @@ class FastConnection(asyncio.Protocol):
             return True
         return False
 
+    def _linger(self, transport: asyncio.Transport, body: _Body) -> None:
+        """Close while the client is still sending its body, without losing the answer.
+
+        Closing a socket with unread bytes makes the kernel send an RST, which can destroy an
+        answer the client has not read yet. So: FIN after the answer, read and drop the rest
+        of the body, and close when it is in or after header_timeout (aiohttp's lingering
+        close, bounded the same way).
+        """
+        self._close_after = True
+        body.drop = True
+        body.target = None
+        body.chunks, body.size = [], 0
+        for why in ("hold", "upstream", "pipeline"):
+            self._resume_reading(why)
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._drain_timer is None:
+            self._drain_timer = self._loop.call_later(self._env.limits().header_timeout,
+                                                      self._drain_expired)
+
     def _drain_expired(self) -> None:
         self._drain_timer = None
         if self._transport is not None:
             self._transport.close()
 
-    def _finish(self, keep: bool) -> None:
+    def _finish(self, keep: bool, *, linger: bool = True) -> None:
         self._task = None
-        self._upstream = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()   # not released: the exchange failed somewhere in between
         self._busy = False
         transport = self._transport
         if transport is None:
@@ -507,14 +553,12 @@ class FastConnection(asyncio.Protocol):
         elif body is not None and body.remaining == 0:
             self._body = None
         if not keep or self._close_after:
-            transport.close()
+            if linger and self._body is not None and self._body.remaining > 0:
+                self._linger(transport, self._body)
+            else:
+                transport.close()
             return
         self._resume_reading("upstream")
-        if self._write_paused:
-            # The client is not reading our answers: the next request (pipelined) is not
-            # started, or its deadline would run while its answer cannot be written.
-            self._next_waits = True
-            return
         self._resume_reading("pipeline")
         if self._body is None:
             self._next_head()
@@ -646,11 +690,15 @@ class FastConnection(asyncio.Protocol):
         proxy = req.proxy
         compiled = req.compiled
         status = resp.status
+        token_bytes = token.value.encode()
         headers = wire.response_headers(
-            resp.headers, token=token.value.encode(),
+            resp.headers, token=token_bytes,
             rewrite_location=lambda loc: proxy.table.rewrite_location(loc, compiled),
         )
-        keep = req.keep_alive and not self._close_after
+        body = self._body
+        # More unread body than we would drop: this connection closes after the answer.
+        keep = req.keep_alive and not self._close_after and (
+            body is None or body.remaining <= DISCARD_LIMIT)
         no_body = req.method == b"HEAD" or status in _NO_BODY
         chunked = False
         if no_body:
@@ -662,8 +710,8 @@ class FastConnection(asyncio.Protocol):
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
             chunked = True
-        out = wire.render_response(status, resp.reason, headers, framing, self._env.date(),
-                                   not keep)
+        out = wire.render_response(status, wire.safe_reason(resp.reason, token_bytes),
+                                   headers, framing, self._env.date(), not keep)
         transport = self._transport
         if transport is None:
             raise asyncio.CancelledError
@@ -704,6 +752,8 @@ class FastConnection(asyncio.Protocol):
             if body.remaining:
                 conn.reusable = False   # the upstream answered before the body ended
         conn.on_writable = None
+        if self._upstream is conn:
+            self._upstream = None
         self._resume_reading("upstream")
         self._env.pool.release(conn)
 

@@ -21,7 +21,11 @@ from tokenproxy.metrics import Metrics, method_label
 from tokenproxy.proxy import wire
 from tokenproxy.proxy.body import ReplayableBody
 from tokenproxy.proxy.deadline import bounded
-from tokenproxy.proxy.headers import forward_request_headers, forward_response_headers
+from tokenproxy.proxy.headers import (
+    MIN_ECHO_TOKEN,
+    forward_request_headers,
+    forward_response_headers,
+)
 from tokenproxy.proxy.problem import problem_response
 from tokenproxy.proxy.retry import RetryAction, retry_action
 from tokenproxy.proxy.security import SecurityPolicy
@@ -48,6 +52,12 @@ class RelayedResponse(web.StreamResponse):
 
     async def _prepare_headers(self) -> None:
         had_type = "Content-Type" in self.headers
+        request = self._req
+        if (request is not None and request.version < aiohttp.HttpVersion11
+                and "Content-Length" not in self.headers):
+            # An HTTP/1.0 client can only see the end of an unframed body as the close:
+            # decided before aiohttp renders the head, or it keeps the connection open.
+            self.force_close()
         await super()._prepare_headers()
         if not had_type:
             self.headers.popall("Content-Type", None)
@@ -362,7 +372,10 @@ class Proxy:
             token=token.value,
             rewrite_location=lambda loc: self._table.rewrite_location(loc, compiled),
         )
-        out = RelayedResponse(status=up.status, reason=up.reason, headers=headers)
+        reason = up.reason
+        if reason and len(token.value) >= MIN_ECHO_TOKEN and token.value in reason:
+            reason = None   # the standard phrase instead of one that echoes the token
+        out = RelayedResponse(status=up.status, reason=reason, headers=headers)
         complete = False
         try:
             outcome.status = up.status

@@ -45,18 +45,24 @@ def forward_request_headers(
     auth_low = auth_header.lower()
     out: CIMultiDict[str] = CIMultiDict()
     client_auth = False
+    spelling: dict[str, str] = {}
     for name, value in headers.items():
         low = name.lower()
+        # One spelling per name: aiohttp's client keeps "X-Foo" and "x-foo" apart in a
+        # case-sensitive set and lets the second replace the first.
+        name = spelling.setdefault(low, name)
+        if low == "host":
+            # Before the Connection-listed check: "Connection: Host" must not swap the
+            # client's Host for the upstream's on a preserve_host route.
+            if preserve_host:
+                out.add(name, value)
+            continue
         if (
             low in HOP_BY_HOP
             or low in drop
             or low.startswith("proxy-")
             or low in listed
         ):
-            continue
-        if low == "host":
-            if preserve_host:
-                out.add(name, value)
             continue
         if low in REQUEST_ONLY_LOCAL:
             continue

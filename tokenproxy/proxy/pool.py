@@ -199,6 +199,8 @@ class UpstreamConn(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head is not None and self.head.done():
+            return   # a trailer field (llhttp reports them here): never a response header
         self._head_size += len(name) + len(value) + 4
         if self._head_size > MAX_UPSTREAM_HEAD:
             raise UpstreamBroke("response head too large")
@@ -259,7 +261,8 @@ class UpstreamConn(asyncio.Protocol):
 
     def time_out(self) -> None:
         """The route's deadline passed before the response head."""
-        self._fail(TimeoutError())
+        if self.head is not None and not self.head.done():
+            self._fail(TimeoutError())
 
     def _fail(self, why: str | BaseException) -> None:
         exc = why if isinstance(why, BaseException) else UpstreamBroke(why)
@@ -280,6 +283,7 @@ class UpstreamPool:
         self._keepalive = keepalive
         self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[tuple[int, Any]]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def take(self, scheme: str, host: str, port: int,
              tls: ssl.SSLContext | None) -> UpstreamConn | None:
@@ -364,8 +368,24 @@ class UpstreamPool:
         while idle and conn.idle_since - idle[0].idle_since >= self._keepalive:
             idle.pop(0).abort()
         idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close idle connections past the keep-alive time, for origins no request visits."""
+        self._sweeper = None
+        now = time.monotonic()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= self._keepalive:
+                idle.pop(0).abort()
+        if any(self._idle.values()):
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive / 2,
+                                                                  self._sweep)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.abort()

@@ -86,9 +86,19 @@ def response_headers(
         if echoes_token and token in value:
             continue
         if low == b"location":
-            value = rewrite_location(value.decode("latin-1")).encode("latin-1")
+            # The aiohttp path's decoding: bytes survive the round trip unchanged, and a
+            # rewritten non-ASCII prefix goes out as UTF-8.
+            value = rewrite_location(value.decode("utf-8", "surrogateescape")).encode(
+                "utf-8", "surrogateescape")
         out.append((name, value))
     return out
+
+
+def safe_reason(reason: bytes, token: bytes) -> bytes:
+    """The upstream's reason phrase, unless it echoes the token (then the standard one)."""
+    if len(token) >= MIN_ECHO_TOKEN and token in reason:
+        return b""
+    return reason
 
 
 def render_request(method: bytes, target: bytes, host: bytes | None,
