@@ -307,8 +307,9 @@ async def test_handover_keeps_write_backpressure(
     try:
         await loop.sock_sendall(sock, get("/small") + get(
             "/big", "localhost", "Transfer-Encoding: chunked", method="POST") + b"0\r\n\r\n")
-        # never read: a well-behaved proxy stops reading the upstream within a few MB
-        await asyncio.sleep(3)
+        # never read: a well-behaved proxy stops reading the upstream within a few MB; one
+        # without back-pressure takes in the 16 MiB limit in well under a second on loopback
+        await asyncio.sleep(1)
         sent = sum(c.sent for c in up.conns)
     finally:
         sock.close()
@@ -426,7 +427,7 @@ async def test_pipelined_request_behind_an_unread_answer_is_not_a_504(
             await writer.drain()
 
     up = await raw_upstream(script)
-    daemon = await start_proxy(make_proxy, up, {"timeout": "1s"})
+    daemon = await start_proxy(make_proxy, up, {"timeout": "0.5s"})
     sock = slow_client(daemon)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -434,7 +435,7 @@ async def test_pipelined_request_behind_an_unread_answer_is_not_a_504(
     got = bytearray()
     try:
         await loop.sock_sendall(sock, get("/a") + post("/b", b"123"))
-        await asyncio.sleep(2.5)   # not reading, for longer than the route timeout
+        await asyncio.sleep(1.2)   # not reading, for longer than the route timeout
         with contextlib.suppress(TimeoutError):
             while not got.endswith((b"done", b"}")):
                 data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 3)

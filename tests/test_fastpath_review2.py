@@ -62,7 +62,7 @@ async def test_pipelined_request_sent_later_behind_an_unread_answer_is_not_a_504
             await writer.drain()
 
     up = await raw_upstream(script)
-    daemon = await start_proxy(make_proxy, up, {"timeout": "1s"})
+    daemon = await start_proxy(make_proxy, up, {"timeout": "0.5s"})
     sock = slow_client(daemon)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -71,7 +71,7 @@ async def test_pipelined_request_sent_later_behind_an_unread_answer_is_not_a_504
         await loop.sock_sendall(sock, get("/a"))
         await asyncio.sleep(0.3)   # A answered into a full client socket: write-paused
         await loop.sock_sendall(sock, post("/b", b"123"))
-        await asyncio.sleep(1.5)   # not reading, for longer than the route timeout
+        await asyncio.sleep(0.8)   # not reading, for longer than the route timeout
         got = await _recv_until(sock, b"done", 2)
     finally:
         sock.close()
@@ -100,7 +100,7 @@ async def test_request_after_a_drained_body_waits_for_an_unread_answer(
                 await writer.drain()
 
     up = await raw_upstream(script)
-    daemon = await start_proxy(make_proxy, up, {"timeout": "1s", "retry_on": []})
+    daemon = await start_proxy(make_proxy, up, {"timeout": "0.5s", "retry_on": []})
     sock = slow_client(daemon)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -110,7 +110,7 @@ async def test_request_after_a_drained_body_waits_for_an_unread_answer(
         await loop.sock_sendall(sock, post("/a", upload)[:-1000])
         await asyncio.sleep(0.3)   # A answered early into a full client socket
         await loop.sock_sendall(sock, upload[-1000:] + post("/b", b"123"))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(0.8)
         got = await _recv_until(sock, b"done", 2)
     finally:
         sock.close()

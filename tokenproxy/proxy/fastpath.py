@@ -658,19 +658,22 @@ class FastConnection(asyncio.Protocol):
                 timer = self._loop.call_at(deadline, conn.time_out)
                 try:
                     return conn, await head_answer, done
-                except UpstreamBroke:
+                except UpstreamBroke as exc:
                     # RFC 9112 section 9.3.1: an idempotent request whose connection
                     # closed before any answer may be sent again (as aiohttp does).
                     if conn.got_bytes or body is None or req.method_str not in IDEMPOTENT:
                         raise
+                    _forget_frames(exc)
                 finally:
                     timer.cancel()
             raise UpstreamBroke("unreachable")
-        except TimeoutError:
+        except TimeoutError as exc:
+            _forget_frames(exc)
             if conn is not None:
                 conn.abort()
             raise connect_error(TimeoutError()) from None
         except (OSError, ssl.SSLError, UpstreamBroke) as exc:
+            _forget_frames(exc)
             if conn is not None:
                 conn.abort()
             raise connect_error(exc) from None
@@ -732,7 +735,8 @@ class FastConnection(asyncio.Protocol):
         transport.write(out)
         try:
             await done
-        except UpstreamBroke:
+        except UpstreamBroke as exc:
+            _forget_frames(exc)
             # The upstream broke mid-body: a truncated body must look truncated to the
             # client, so its connection is cut instead of the response being finished.
             proxy.metrics.upstream_errors.labels(outcome.route, "reset").inc()
@@ -757,3 +761,12 @@ class FastConnection(asyncio.Protocol):
         self._resume_reading("upstream")
         self._env.pool.release(conn)
 
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of an exception a future handed us.
+
+    The future still holds the exception, and its traceback holds the frame that awaited the
+    future, whose locals hold the future: a reference cycle that would keep the connection and
+    its buffers alive until a full garbage collection (tests/test_fastpath_cycles.py).
+    """
+    exc.__traceback__ = None
