@@ -22,6 +22,7 @@ from tests.fakes import (
     TOKEN_2,
 )
 from tokenproxy import __version__
+from tokenproxy.app import fast_path_setting
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import load_config
 
@@ -404,3 +405,26 @@ class TestHttpStackCheck:
         assert 1 == result.returncode
         assert "C HTTP parser" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, True), ("1", True), ("on", True), ("TRUE", True), ("yes", True),
+    ("0", False), ("off", False), ("False", False), (" no ", False),
+])
+def test_fast_path_setting(value: str | None, expected: bool) -> None:
+    env = {} if value is None else {"TOKENPROXY_FAST_PATH": value}
+    assert expected is fast_path_setting(env)
+
+
+def test_unknown_fast_path_value_exits_2_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo ("disable") must not leave an operator believing the fast path is off."""
+    path = tmp_path / "tokenproxy.yaml"
+    path.write_text("admin_listen: null\n" + SIX_LINES, encoding="utf-8")
+    monkeypatch.setenv("API_TOKEN", TOKEN)
+    monkeypatch.setenv("TOKENPROXY_FAST_PATH", "disable")
+    assert 2 == main(["run", "-c", str(path)])
+    _, err = capsys.readouterr()
+    assert 1 == len(err.splitlines())
+    assert err.startswith("tokenproxy: TOKENPROXY_FAST_PATH: expected 1/0")

@@ -6,9 +6,8 @@ scripts. Covered here: pipelining, the handover of a live connection to aiohttp'
 streamed and replayed uploads, early answers, response framing, the raw target, keep-alive and
 header deadlines, the upstream pool, client disconnects, shutdown, and the Date/Server headers.
 
-A response the upstream sends without a ``Server`` header comes back without one from the fast
-path, while aiohttp's protocol adds its own ``Server``: the tests use that to tell which side
-of the handover answered.
+Which side answered is told by tokenproxy_fast_path_handovers_total: a handover moves the
+connection to aiohttp's protocol for good. Neither side invents a ``Server`` header.
 """
 
 from __future__ import annotations
@@ -253,14 +252,15 @@ def blob(n: int, seed: int = 7) -> bytes:
     return hashlib.shake_256(b"%d" % seed).digest(n)
 
 
-def fast(resp: RawResponse) -> bool:
-    """The fast path answered: the upstream sent no Server and none was added."""
-    return resp.get("Server") is None
+def handovers(daemon: Daemon) -> float:
+    """Connections the fast path has handed to aiohttp's protocol so far."""
+    return sum(metric(daemon, "tokenproxy_fast_path_handovers_total", reason=reason)
+               for reason in ("protocol", "refused", "malformed", "shutdown"))
 
 
-def via_aiohttp(resp: RawResponse) -> bool:
-    """aiohttp's protocol answered: it adds its own Server header."""
-    return "aiohttp" in (resp.get("Server") or "")
+def fast(resp: RawResponse, daemon: Daemon | None = None) -> bool:
+    """The fast path answered: no Server added, and (given the daemon) no handover yet."""
+    return resp.get("Server") is None and (daemon is None or handovers(daemon) == 0)
 
 
 async def final_response(conn: RawConnection) -> RawResponse:
@@ -297,7 +297,7 @@ class TestPipelining:
             assert await conn.wait_closed(0.1) is None
         assert [200] * 3 == [r.status for r in answers]
         assert ["/a", "/b?x=1", "/c"] == [r.json()["target"] for r in answers]
-        assert all(fast(r) for r in answers)
+        assert all(fast(r, daemon) for r in answers)
         assert ["/a", "/b?x=1", "/c"] == up.targets
         assert 1 == len(up.conns)
         assert [f"Bearer {TOKEN}"] * 3 == [r.get("Authorization") for r in up.requests]
@@ -352,12 +352,12 @@ class TestPipelining:
 
 
 class TestHandover:
-    async def _two_fast(self, conn: RawConnection) -> None:
+    async def _two_fast(self, conn: RawConnection, daemon: Daemon) -> None:
         for path in ("/f1", "/f2"):
             await conn.send(get(path))
             resp = await conn.response()
             assert (200, path) == (resp.status, resp.json()["target"])
-            assert fast(resp)
+            assert fast(resp, daemon)
 
     @pytest.mark.parametrize("kind", ["chunked", "http10"])
     async def test_request_handed_over_after_fast_requests_keeps_its_body(
@@ -376,11 +376,12 @@ class TestHandover:
             request = (f"POST /h HTTP/1.0\r\nHost: localhost\r\nContent-Length: {len(body)}"
                        "\r\n\r\n").encode() + body
         async with connected(daemon.port()) as conn:
-            await self._two_fast(conn)
+            await self._two_fast(conn, daemon)
             await conn.send(request)
             resp = await conn.response()
             assert 200 == resp.status
-            assert via_aiohttp(resp)
+            assert 1 == metric(daemon, "tokenproxy_fast_path_handovers_total",
+                               reason="protocol")
             doc = resp.json()
             assert ("/h", len(body), sha(body)) == (doc["target"], doc["len"], doc["sha256"])
             if kind == "chunked":   # the connection goes on, on aiohttp's side now
@@ -404,6 +405,8 @@ class TestHandover:
             answers = [await conn.response() for _ in range(3)]
         assert ["/a", "/b", "/c"] == [r.json()["target"] for r in answers]
         assert fast(answers[0])
+        # /a was the fast path's: a handover keeps the connection, so it happened once, at /b
+        assert 1 == metric(daemon, "tokenproxy_fast_path_handovers_total", reason="protocol")
         assert b"hello chunked world" == up.requests[1].body
         assert ["/a", "/b", "/c"] == up.targets
 
@@ -416,7 +419,7 @@ class TestHandover:
         daemon = await start_proxy(make_proxy, up)
         body = blob(5000)
         async with connected(daemon.port()) as conn:
-            await self._two_fast(conn)
+            await self._two_fast(conn, daemon)
             await conn.send(get("/e", "localhost", f"Content-Length: {len(body)}",
                                 "Expect: 100-continue", method="PUT"))
             interim = await conn.response()
@@ -440,7 +443,7 @@ class TestHandover:
         up = await raw_upstream(serving())
         daemon = await start_proxy(make_proxy, up)
         async with connected(daemon.port()) as conn:
-            await self._two_fast(conn)
+            await self._two_fast(conn, daemon)
             await conn.send(bad)
             resp = await conn.response()
             assert_problem(resp, status, cause)
@@ -517,7 +520,7 @@ class TestUploads:
             await conn.send(body[100_000:])
             resp = await conn.response()
         assert (401, b"refused") == (resp.status, resp.body)
-        assert fast(resp)
+        assert fast(resp, daemon)
         [seen] = up.requests
         assert sha(body) == sha(seen.body)
         assert 1.0 == metric(daemon, "tokenproxy_auth_retries_total", route="/",
@@ -839,7 +842,7 @@ class TestTarget:
         daemon = await make_proxy(proxy_config(up.url(), TOKEN, routes=[
             {"prefix": prefix, "upstream": up.url(upstream_path), "provider": "api"}]))
         resp, _ = await exchange(daemon.port(), get(sent))
-        assert fast(resp)
+        assert fast(resp, daemon)
         assert [expected] == up.targets
         assert "HTTP/1.1" == up.requests[0].version
 
@@ -914,7 +917,7 @@ class TestKeepAlive:
             await conn.send(get("/a", "localhost", "Connection: close") + get("/b"))
             resp = await conn.response()
             assert (200, "close") == (resp.status, resp.get("Connection"))
-            assert fast(resp)
+            assert fast(resp, daemon)
             assert await conn.wait_closed(2) is not None
         assert b"" == conn.trailing
         assert ["/a"] == up.targets

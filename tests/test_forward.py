@@ -915,3 +915,41 @@ async def test_no_content_type_is_invented(make_proxy: MakeProxy) -> None:
                 assert "text/plain" == resp.headers["Content-Type"]
     finally:
         server.close()
+
+
+async def test_no_server_header_is_invented(make_proxy: MakeProxy) -> None:
+    """An answer the upstream sent without Server comes back without one (aiohttp's would name
+    its version), one it sent keeps it; tokenproxy's own problem answers carry none either.
+    A chunked upload takes the aiohttp path on a fast-path daemon too."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"chunked" in head.lower():
+                while (await reader.readline()) not in (b"0\r\n", b""):
+                    pass
+                await reader.readline()
+            server = b"Server: upstream/1\r\n" if b"/named" in head.split(b"\r\n", 1)[0] else b""
+            writer.write(b"HTTP/1.1 200 OK\r\n" + server + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
+        base = f"http://127.0.0.1:{daemon.port()}"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"data"
+
+        async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as s:
+            async with s.get(base + "/bare") as resp:
+                assert "Server" not in resp.headers
+            async with s.post(base + "/bare", data=chunks()) as resp:
+                assert (200, None) == (resp.status, resp.headers.get("Server"))
+            async with s.get(base + "/named") as resp:
+                assert "upstream/1" == resp.headers["Server"]
+            async with s.get(base + "//double") as resp:
+                assert 400 == resp.status
+                assert "Server" not in resp.headers
+    finally:
+        server.close()

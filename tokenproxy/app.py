@@ -7,8 +7,8 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +43,20 @@ from tokenproxy.tokens.state import StateStore
 from tokenproxy.tokens.static import StaticSource
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
+_ON: Final = frozenset({"1", "true", "yes", "on"})
+_OFF: Final = frozenset({"0", "false", "no", "off"})
+
+
+def fast_path_setting(environ: Mapping[str, str]) -> bool:
+    """TOKENPROXY_FAST_PATH: on unless 0/false/no/off; anything else is refused (exit 2), so a
+    typo cannot leave an operator believing the fast path is off."""
+    raw = environ.get(FAST_PATH_ENV)
+    if raw is None or raw.strip().lower() in _ON:
+        return True
+    if raw.strip().lower() in _OFF:
+        return False
+    raise ConfigError(f"{FAST_PATH_ENV}: expected 1/0, true/false, yes/no or on/off, "
+                      f"not {raw!r}")
 # The admin listener serves a few scrapers and probes, not traffic.
 ADMIN_MAX_CONNECTIONS = 64
 
@@ -144,8 +158,7 @@ class Daemon:
         self.config = cfg
         # TOKENPROXY_FAST_PATH=0 serves every request through aiohttp (for comparison, or as
         # an escape hatch); the answers are the same, only slower.
-        self.fast_path = (os.environ.get(FAST_PATH_ENV, "1") != "0"
-                          if fast_path is None else fast_path)
+        self.fast_path = fast_path_setting(os.environ) if fast_path is None else fast_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock if clock is not None else SystemClock()
         self.redactor = redactor if redactor is not None else Redactor()
@@ -262,6 +275,7 @@ class Daemon:
             listen=[ls.address for ls in self.listeners],
             admin=[ls.address for ls in self.admin_listeners],
             version=__version__,
+            fast_path=self.fast_path,
         )
 
     # -- reload ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
-from tokenproxy.app import config_secrets, obtain_token, serve
+from tokenproxy.app import config_secrets, fast_path_setting, obtain_token, serve
 from tokenproxy.config import Config, find_config_file, load_config
 from tokenproxy.demo import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
@@ -128,6 +128,7 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    fast_path_setting(os.environ)   # a bad value is a config error: refused before starting
     problem = http_stack_problem(aiohttp.__version__, llhttp_parser_loaded())
     if problem is not None and os.environ.get(ALLOW_UNSAFE_ENV) != "1":
         sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")

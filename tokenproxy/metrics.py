@@ -68,5 +68,10 @@ class Metrics:
             "tokenproxy_rejected_requests_total",
             "Requests answered locally without contacting an upstream, by cause.",
             ("cause",), registry=registry)
+        self.handovers = Counter(
+            "tokenproxy_fast_path_handovers_total",
+            "Connections the fast path handed to the aiohttp server, by reason (protocol, "
+            "refused, malformed, shutdown).",
+            ("reason",), registry=registry)
         Gauge("tokenproxy_build_info", "tokenproxy version.", ("version",),
               registry=registry).labels(version).set(1)

@@ -280,11 +280,12 @@ class FastConnection(asyncio.Protocol):
             log.get_logger().info("header_timeout", timeout_s=self._env.limits().header_timeout)
             self._transport.abort()
 
-    def _handover(self) -> None:
+    def _handover(self, reason: str) -> None:
         """Give the connection, and every byte not yet answered, to aiohttp's protocol."""
         transport = self._transport
         if transport is None:
             return
+        self._env.proxy().metrics.handovers.labels(reason).inc()
         self._cancel_timers()
         self._env.forget(self)
         self._transport = None
@@ -325,14 +326,14 @@ class FastConnection(asyncio.Protocol):
                     or b"\n\n" in buf or b"\n\r\n" in buf):
                 # Too large, or a head ended with bare LFs: aiohttp answers 431 or 400 as it
                 # always has.
-                self._handover()
+                self._handover("malformed")
             return
         if self._env.closing:
-            self._handover()   # aiohttp answers 503 while shutting down, as before
+            self._handover("shutdown")   # aiohttp answers 503 while shutting down
             return
         request = self._parse(bytes(buf[:end + 4]))
-        if request is None:
-            self._handover()
+        if isinstance(request, str):
+            self._handover(request)
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -347,29 +348,36 @@ class FastConnection(asyncio.Protocol):
             buf += rest
         self._task = self._loop.create_task(self._exchange(request))
 
-    def _parse(self, head: bytes) -> _Request | None:
-        """The request if the fast path takes it, else None (hand it over)."""
+    def _parse(self, head: bytes) -> _Request | str:
+        """The request if the fast path takes it, else why not (it is handed over):
+        "malformed" (aiohttp answers 400 or 431), "protocol" (HTTP/1.0, chunked, Expect,
+        Upgrade, CONNECT; aiohttp serves it), "refused" (a check or no route: aiohttp answers
+        the 4xx)."""
         cb = _HeadParse()
         parser = httptools.HttpRequestParser(cb)
         try:
             parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            return None   # CONNECT and Upgrade end in HttpParserUpgrade
-        if cb.complete != 1 or parser.get_http_version() != "1.1":
-            return None
+        except httptools.HttpParserUpgrade:
+            return "protocol"   # CONNECT and Upgrade
+        except httptools.HttpParserError:
+            return "malformed"
+        if cb.complete != 1:
+            return "malformed"
+        if parser.get_http_version() != "1.1":
+            return "protocol"
         headers = cb.headers
         if len(headers) > MAX_FAST_HEADERS:
-            return None
+            return "malformed"
         length: int | None = None
         keep_alive = True
         singletons: set[bytes] = set()
         for name, value in headers:
             low = name.lower()
             if low in _NOT_FAST:
-                return None
+                return "protocol"
             if low in _SINGLETONS:
                 if low in singletons:
-                    return None   # aiohttp refuses a repeated one with 400
+                    return "malformed"   # aiohttp refuses a repeated one with 400
                 singletons.add(low)
             if low == b"content-length":
                 length = int(value)   # llhttp allows one, all digits
@@ -379,7 +387,7 @@ class FastConnection(asyncio.Protocol):
         method = parser.get_method()
         method_str = method.decode("ascii")
         if method_str in REFUSED_METHODS:
-            return None
+            return "refused"
         target = cb.url.decode("utf-8", "surrogateescape")
         proxy = self._env.proxy()
         try:
@@ -389,10 +397,10 @@ class FastConnection(asyncio.Protocol):
             ))
             proxy.policy.check(str_headers, tuple(headers), len(method) + len(cb.url) + 12)
         except RequestRejected:
-            return None
+            return "refused"
         compiled = proxy.table.match(path)
         if compiled is None:
-            return None
+            return "refused"
         body = None
         if length:   # None or 0: no body
             whole = bool(compiled.route.retry_on) and length <= proxy.max_replay

@@ -47,11 +47,13 @@ class RelayedResponse(web.StreamResponse):
 
     aiohttp invents ``Content-Type: application/octet-stream`` for a body without one; a
     proxy must not add what the upstream did not say (browsers would stop sniffing, and a
-    client could not tell). Its Date/Server defaults stay, as for any HTTP/1.1 origin.
+    client could not tell). Nor its ``Server`` (which names versions); its Date stays, as on
+    the fast path.
     """
 
     async def _prepare_headers(self) -> None:
         had_type = "Content-Type" in self.headers
+        had_server = "Server" in self.headers
         request = self._req
         if (request is not None and request.version < aiohttp.HttpVersion11
                 and "Content-Length" not in self.headers):
@@ -61,6 +63,8 @@ class RelayedResponse(web.StreamResponse):
         await super()._prepare_headers()
         if not had_type:
             self.headers.popall("Content-Type", None)
+        if not had_server:
+            self.headers.popall("Server", None)   # aiohttp's, naming its version
 
 
 @dataclass(slots=True)

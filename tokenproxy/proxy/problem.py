@@ -38,15 +38,24 @@ def problem_body(status: int, cause: str, detail: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+class ProblemResponse(web.Response):
+    """An answer of ours without aiohttp's ``Server: Python/... aiohttp/...`` (it names
+    versions, and the fast path's answers carry no Server either)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
+
+
 def problem_response(
     status: int, cause: str, detail: str, *, retry_after: float | None = None,
     close: bool = False,
-) -> web.Response:
+) -> ProblemResponse:
     """The answer for an error of ours: problem+json and ``Tokenproxy-Error: <cause>``."""
     headers = {"Tokenproxy-Error": cause, "Cache-Control": "no-store"}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    resp = web.Response(
+    resp = ProblemResponse(
         status=status,
         body=problem_body(status, cause, detail),
         content_type="application/problem+json",
