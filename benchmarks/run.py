@@ -101,21 +101,30 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], core: int | None, **kw: Any) -> subprocess.Popen[bytes]:
+        if core is not None and shutil.which("taskset"):
+            argv = ["taskset", "-c", str(core), *argv]   # pinned before it forks workers
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
         self.procs.append(proc)
         pin(proc.pid, core)
         return proc
 
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop one process (a measured variant must not run on during the next one)."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            self.stop(proc)
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -138,9 +147,12 @@ def _latency(text: str, pct: str) -> float:
     return float(m[1]) * _UNITS[m[2]] if m else float("nan")
 
 
-def wrk(url: str, conns: int, seconds: float, core: int | None) -> Load:
+def wrk(url: str, conns: int, seconds: float, core: int | None,
+        headers: dict[str, str]) -> Load:
     # wrk takes whole seconds only
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    for name, value in headers.items():
+        argv[1:1] = ["-H", f"{name}: {value}"]
     if core is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", str(core), *argv]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
@@ -157,7 +169,7 @@ def wrk(url: str, conns: int, seconds: float, core: int | None) -> Load:
     return Load(rps, _latency(out, "50"), _latency(out, "99"), total, errors)
 
 
-async def _py_load(url: str, conns: int, seconds: float) -> Load:
+async def _py_load(url: str, conns: int, seconds: float, headers: dict[str, str]) -> Load:
     """A Python load generator for machines without wrk (much slower than wrk)."""
     latencies: list[float] = []
     errors = 0
@@ -174,7 +186,7 @@ async def _py_load(url: str, conns: int, seconds: float) -> Load:
             latencies.append((time.perf_counter() - t0) * 1e6)
 
     conn = aiohttp.TCPConnector(limit=conns)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(conns)))
         elapsed = time.perf_counter() - t0
@@ -183,19 +195,25 @@ async def _py_load(url: str, conns: int, seconds: float) -> Load:
                 latencies[int(len(latencies) * 0.99)], len(latencies), errors)
 
 
-def load(url: str, conns: int, seconds: float, core: int | None) -> Load:
+def load(url: str, conns: int, seconds: float, core: int | None,
+         headers: dict[str, str]) -> Load:
     if shutil.which("wrk"):
-        return wrk(url, conns, seconds, core)
-    return asyncio.run(_py_load(url, conns, seconds))
+        return wrk(url, conns, seconds, core, headers)
+    return asyncio.run(_py_load(url, conns, seconds, headers))
 
 
-def curl_speed(args: list[str], core: int | None) -> float:
-    """MB/s (10^6 bytes) of one curl transfer."""
-    argv = ["curl", "-s", "-o", "/dev/null", *args]
+def curl_speed(args: list[str], core: int | None, size: int, direction: str) -> float | None:
+    """MB/s (10^6 bytes) of one curl transfer; None (an error) unless it moved *size* bytes
+    and got a 2xx."""
+    argv = ["curl", "-s", "--fail", "--max-time", "120", "-o", "/dev/null",
+            "-w", f"%{{speed_{direction}}} %{{size_{direction}}}", *args]
     if core is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", str(core), *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
-    return float(out) / 1e6
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False)
+    speed, _, moved = done.stdout.partition(" ")
+    if done.returncode != 0 or not moved.strip().isdigit() or int(moved) != size:
+        return None
+    return float(speed) / 1e6
 
 
 # -- the variants ----------------------------------------------------------------------------
@@ -208,6 +226,7 @@ class Result:
     p50_us: list[float] = field(default_factory=list)
     p99_us: list[float] = field(default_factory=list)
     p50_1c_us: list[float] = field(default_factory=list)
+    p99_1c_us: list[float] = field(default_factory=list)
     down_mbs: list[float] = field(default_factory=list)
     up_mbs: list[float] = field(default_factory=list)
     cpu_us_per_req: list[float] = field(default_factory=list)
@@ -232,6 +251,8 @@ http {{
     listen 127.0.0.1:{port};
     keepalive_requests 10000000;
     client_max_body_size 0;
+    # A request without a token is refused: a proxy that forgot it scores errors, not speed.
+    if ($http_authorization !~ "^Bearer .") {{ return 401; }}
     location = /small {{ default_type application/json; return 200 '{{"ok":true,"n":12345}}'; }}
     location = /big {{ root {dir}; try_files /big.bin =404; }}
   }}
@@ -250,6 +271,12 @@ http {{
   proxy_temp_path {dir}/proxy-temp;
   upstream up {{ server 127.0.0.1:{up}; keepalive 128; }}
   upstream sink {{ server 127.0.0.1:{sink}; keepalive 16; }}
+  # Buffers as large as tokenproxy's reads: nginx's defaults (4 KiB for an unbuffered answer,
+  # 16 KiB for an unbuffered body) would halve its streaming rate and flatter the comparison.
+  proxy_buffer_size 64k;
+  proxy_buffers 4 64k;
+  proxy_busy_buffers_size 128k;
+  client_body_buffer_size 64k;
   server {{
     listen 127.0.0.1:{port};
     keepalive_requests 10000000;
@@ -303,31 +330,44 @@ def workdir() -> Iterator[Path]:
 
 
 def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
-            load_core: int | None, big: bool, upload_url: str | None = None) -> None:
+            load_core: int | None, big: bool, upload_url: str | None = None,
+            headers: dict[str, str] | None = None) -> None:
+    """*headers*: what the load sends itself (the upstream refuses a request without a token,
+    so a proxy that forgot to add it counts as errors)."""
+    headers = headers or {}
+    curl_headers = [item for name, value in headers.items() for item in ("-H", f"{name}: {value}")]
     for _ in range(args.repeat):
         cpu0 = cpu_seconds(pid) if pid else 0.0
-        heavy = load(url + SMALL_PATH, 64, args.seconds, load_core)
+        heavy = load(url + SMALL_PATH, 64, args.seconds, load_core, headers)
         if pid:
             res.cpu_us_per_req.append((cpu_seconds(pid) - cpu0) * 1e6 / max(1, heavy.requests))
         res.rps.append(heavy.rps)
         res.p50_us.append(heavy.p50_us)
         res.p99_us.append(heavy.p99_us)
         res.errors += heavy.errors
-        one = load(url + SMALL_PATH, 1, max(1.0, args.seconds / 2), load_core)
+        one = load(url + SMALL_PATH, 1, max(1.0, args.seconds / 2), load_core, headers)
         res.p50_1c_us.append(one.p50_us)
+        res.p99_1c_us.append(one.p99_us)
         res.errors += one.errors
         if big and shutil.which("curl"):
-            res.down_mbs.append(curl_speed(["-w", "%{speed_download}", url + "/big"], load_core))
-            res.up_mbs.append(curl_speed(
-                ["-w", "%{speed_upload}", "-X", "POST", "-T", str(args.bigfile),
-                 "-H", "Expect:", upload_url or url + "/upload"], load_core))
+            size = args.big_mib * 1024 * 1024
+            for attr, direction, extra in (
+                ("down_mbs", "download", [url + "/big"]),
+                ("up_mbs", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
+                                      upload_url or url + "/upload"]),
+            ):
+                mbs = curl_speed([*curl_headers, *extra], load_core, size, direction)
+                if mbs is None:
+                    res.errors += 1
+                else:
+                    getattr(res, attr).append(mbs)
     if pid:
         res.peak_rss_mb = peak_rss_mb(pid)
 
 
-async def _storm(url: str, n: int) -> float:
+async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> float:
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
         async def one() -> int:
             async with session.get(url) as resp:
                 await resp.read()
@@ -389,7 +429,8 @@ def main() -> int:
 
             direct = Result("direct")
             measure(direct, f"http://127.0.0.1:{up}", None, args, up_core, True,
-                    upload_url=f"http://127.0.0.1:{sink}/upload")
+                    upload_url=f"http://127.0.0.1:{sink}/upload",
+                    headers={"Authorization": f"Bearer {TOKEN}"})
             results.append(direct)
 
             if shutil.which("nginx"):
@@ -403,6 +444,7 @@ def main() -> int:
                 measure(res, f"http://127.0.0.1:{port}", nginx_worker(proc.pid), args, up_core,
                         True)
                 results.append(res)
+                procs.stop(proc)
 
             token_port = free_port()
             procs.start([sys.executable, str(HERE / "servers.py"), "token", str(token_port),
@@ -426,13 +468,18 @@ def main() -> int:
                 argv = [sys.executable, "-m", "tokenproxy", "run", "-c", str(cfg)]
                 if plain_loop:
                     argv = [sys.executable, "-c", PLAIN_LOOP, "run", "-c", str(cfg)]
-                proc = procs.start(argv, proxy_core, env={**os.environ, **env})
+                # The log goes to a file, as to journald in production: writing it is part of
+                # the cost measured, not only rendering it.
+                with (d / f"{len(results)}.log").open("wb") as log_file:
+                    proc = procs.start(argv, proxy_core, env={**os.environ, **env},
+                                       stderr=log_file)
                 wait_port(port)
                 wait_port(admin)
                 time.sleep(0.5)
                 res = Result(name)
                 measure(res, f"http://127.0.0.1:{port}", proc.pid, args, up_core, True)
                 results.append(res)
+                procs.stop(proc)
 
             # The storm: n requests arrive at once at an expired token; the token endpoint
             # takes token_delay_ms. Ideal: token latency + upstream latency.
@@ -444,19 +491,24 @@ def main() -> int:
             port, admin = free_port(), free_port()
             cfg_doc = tokenproxy_config(port, admin, up, sink, d / "storm.state", slow_token)
             cfg_doc["providers"]["api"]["refresh_margin"] = 0   # no background refresh
-            cfg_doc["log"]["level"] = "warning"
             (d / "storm.json").write_text(json.dumps(cfg_doc))
-            procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
-                         str(d / "storm.json")], proxy_core)
+            with (d / "storm.log").open("wb") as log_file:
+                procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                             str(d / "storm.json")], proxy_core, stderr=log_file)
             wait_port(port)
             # The upstream's own latency for the same storm (n new connections at once) is
             # the baseline: what the client and upstream cost without any token in the way.
             upstream_s = statistics.median(
-                asyncio.run(_storm(f"http://127.0.0.1:{up}{SMALL_PATH}", args.storm))
+                asyncio.run(_storm(f"http://127.0.0.1:{up}{SMALL_PATH}", args.storm,
+                                   {"Authorization": f"Bearer {TOKEN}"}))
                 for _ in range(3))
-            asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}", 1))   # first token in
-            time.sleep(lifetime + 0.2)                                       # ...and expired
-            elapsed = asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}", args.storm))
+            runs = []
+            for _ in range(args.repeat):
+                asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}", 1))   # a token in
+                time.sleep(lifetime + 0.2)                                       # ...expired
+                runs.append(asyncio.run(_storm(f"http://127.0.0.1:{port}{SMALL_PATH}",
+                                               args.storm)))
+            elapsed = statistics.median(runs)
             ideal = args.token_delay_ms / 1000 + upstream_s
             storm = {"requests": args.storm, "elapsed_s": elapsed, "ideal_s": ideal,
                      "ratio": elapsed / ideal}
@@ -466,7 +518,21 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
                                          "storm": storm}, indent=1))
+    errors = sum(r.errors for r in results)
+    if errors:
+        print(f"\n{errors} failed requests or transfers: the figures above are not valid",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -478,11 +544,12 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
     by = {r.name: r for r in results}
     direct, nginx = by.get("direct"), by.get("nginx")
     base_p50 = direct.median("p50_1c_us") if direct else None
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     print(f"\ntokenproxy benchmark — {os.cpu_count()} cores ({cpu}), Python "
           f"{platform.python_version()}, {args.repeat} repeat(s) of {args.seconds:g} s, "
           f"{args.big_mib} MiB bodies; medians; took {elapsed:.0f} s\n")
-    head = ("| variant | req/s @64 | × direct | × nginx | p50 @64 | p99 @64 | added p50 @1 | "
+    head = ("| variant | req/s @64 | × direct | × nginx | p50 @64 | p99 @64 | p50 @1 | p99 @1 | "
+            "added p50 @1 | "
             "download MB/s | × nginx | upload MB/s | × nginx | CPU µs/req | × nginx | "
             "peak RSS MB | errors |")
     print(head)
@@ -498,7 +565,8 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
         added = None if p50_1 is None or base_p50 is None or r is direct else p50_1 - base_p50
         print(f"| {r.name} | {_fmt(rps, ',.0f')} | {ratio(rps, 'rps', direct)} | "
               f"{ratio(rps, 'rps', nginx)} | {_fmt(r.median('p50_us'), '.0f')} µs | "
-              f"{_fmt(r.median('p99_us'), '.0f')} µs | "
+              f"{_fmt(r.median('p99_us'), '.0f')} µs | {_fmt(p50_1, '.0f')} µs | "
+              f"{_fmt(r.median('p99_1c_us'), '.0f')} µs | "
               f"{'-' if added is None else f'+{added:.0f} µs'} | {_fmt(down, ',.0f')} | "
               f"{ratio(down, 'down_mbs', nginx)} | {_fmt(upl, ',.0f')} | "
               f"{ratio(upl, 'up_mbs', nginx)} | {_fmt(cpu_req, '.1f')} | "
@@ -506,9 +574,9 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
               f"{r.errors} |")
     if storm:
         print(f"\nstorm: {storm['requests']} concurrent requests at an expired token: "
-              f"{storm['elapsed_s'] * 1000:.0f} ms; token endpoint + the same storm direct to "
-              "the upstream = "
-              f"{storm['ideal_s'] * 1000:.0f} ms; ratio {storm['ratio']:.2f}")
+              f"{storm['elapsed_s'] * 1000:.0f} ms (median of {args.repeat}); ideal = the token "
+              f"endpoint's {args.token_delay_ms:.0f} ms + the same storm sent straight to the "
+              f"upstream = {storm['ideal_s'] * 1000:.0f} ms; ratio {storm['ratio']:.2f}")
 
 
 if __name__ == "__main__":

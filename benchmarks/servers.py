@@ -56,7 +56,14 @@ def upstream(port: int, big: int) -> None:
             pass
         return web.Response(body=SMALL, content_type="application/json")
 
-    app = web.Application(client_max_size=2**40)
+    @web.middleware
+    async def token_required(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.headers.get("Authorization", "").startswith("Bearer "):
+            return web.Response(status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = web.Application(client_max_size=2**40, middlewares=[token_required])
     app.router.add_get("/small", small)
     app.router.add_get("/big", download)
     app.router.add_post("/upload", upload)
@@ -70,6 +77,7 @@ class Sink(asyncio.Protocol):
         self.transport: Any = None
         self.head = b""
         self.left = -1
+        self.authorized = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -81,16 +89,21 @@ class Sink(asyncio.Protocol):
                 end = self.head.find(b"\r\n\r\n")
                 if end < 0:
                     return
-                m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", self.head[:end])
+                head = self.head[:end]
+                m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
                 self.left = int(m[1]) if m else 0
+                self.authorized = re.search(rb"(?i)\r\nauthorization: bearer .", head) is not None
                 data, self.head = self.head[end + 4:], b""
             take = min(self.left, len(data))
             self.left -= take
             data = data[take:]
             if self.left == 0:
                 self.left = -1
-                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: %d\r\n\r\n%b" % (len(SMALL), SMALL))
+                # Without a token: 401 (curl --fail counts it), after the body was read.
+                status = b"200 OK" if self.authorized else b"401 Unauthorized"
+                self.transport.write(b"HTTP/1.1 %b\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%b" % (status, len(SMALL),
+                                                                        SMALL))
 
 
 async def sink(port: int) -> None:
