@@ -953,3 +953,28 @@ async def test_no_server_header_is_invented(make_proxy: MakeProxy) -> None:
                 assert "Server" not in resp.headers
     finally:
         server.close()
+
+
+async def test_reason_phrase_echoing_the_token_is_replaced(make_proxy: MakeProxy) -> None:
+    """An upstream that echoes the token in its reason phrase: the client gets the status with
+    the standard phrase, and the token nowhere in the answer."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        token = next(line.split(b" ", 2)[2] for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"authorization: bearer "))
+        writer.write(b"HTTP/1.1 403 Token " + token + b" refused\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port())
+        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 403 Forbidden\r\n"), raw[:80]
+        assert TOKEN.encode() not in raw
+    finally:
+        server.close()
