@@ -8,10 +8,12 @@ Content-Length, Host, the auth header and others, Proxy-*, Tokenproxy-Key, Expec
 chunked and Content-Length bodies (small, past max_replay_body, past the fast path's hold
 limit), Host variants, HTTP/1.0, leading CRLFs, pipelined pairs, bytes cut into pieces -- and
 sends the same bytes to both daemons over raw sockets. They must agree on what the client
-sees (every answer's status, and for tokenproxy's own answers the cause and detail; whether
-the connection ended) and on what the upstream received (request line, header multiset, body
-bytes), up to the differences documented in canonical() and swallowed(); and the token may
-appear in the route's auth header only.
+sees (every answer's status; for an upstream's answer its header fields, less framing and Date,
+and its body -- the default upstream answer carries Set-Cookie twice, Connection-listed,
+Keep-Alive and Proxy-* fields and a Location to rewrite; for tokenproxy's own answers the cause
+and detail; whether the connection ended) and on what the upstream received (request line,
+header multiset, body bytes), up to the differences documented in canonical() and
+swallowed(); and the token may appear in the route's auth header only.
 
 The daemons differ only in their token and in a tag that starts their upstream paths
 (/fast/..., /aiohttp/...), which is how the upstream tells their requests apart: both
@@ -187,7 +189,14 @@ def respond(seen: Seen) -> tuple[bytes, bool]:
         return b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n" + body, True
     if kind == "eof":   # a body delimited by the upstream's close
         return b"HTTP/1.1 200 OK\r\nX-Framing: eof\r\n\r\n" + body, True
-    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: 1\r\n\r\n" + body, False
+    # The default answer exercises the response rules: repeated Set-Cookie kept, hop-by-hop
+    # and Connection-listed fields and Proxy-* dropped, a Location inside the upstream (under
+    # this daemon's tag) rewritten to the proxy path.
+    tag = seen.line.split(" ")[1].split("/")[1]
+    return (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: 1\r\nSet-Cookie: a=1\r\n"
+            b"Set-Cookie: b=2\r\nConnection: x-hop\r\nX-Hop: gone\r\nKeep-Alive: timeout=5\r\n"
+            b"Proxy-Foo: p\r\nLocation: /" + tag.encode() + b"/moved?q=1\r\n\r\n" + body,
+            False)
 
 
 # -- the raw client ---------------------------------------------------------------------------
@@ -288,11 +297,18 @@ def parse_response(buf: bytearray, head_request: bool, closed: bool,
     return resp, len(buf)
 
 
+# Response fields each path frames or stamps on its own: not compared.
+_OWN_FIELDS = frozenset({"date", "content-length", "transfer-encoding", "connection",
+                         "keep-alive"})
+
+
 def answer(resp: Response) -> tuple[object, ...]:
-    """Status, and for tokenproxy's own problem answers the cause and the detail."""
+    """Status; for an upstream's answer its header multiset (less framing and Date) and body;
+    for tokenproxy's own problem answers the cause and the detail."""
     cause = resp.get("Tokenproxy-Error")
     if cause is None:
-        return (resp.status,)
+        fields = sorted((k.lower(), v) for k, v in resp.headers if k.lower() not in _OWN_FIELDS)
+        return resp.status, tuple(fields), resp.body
     try:
         detail = json.loads(resp.body).get("detail")
     except ValueError:
