@@ -312,10 +312,20 @@ class UpstreamPool:
         """
         key = (scheme, host, port, id(tls))
         loop = asyncio.get_running_loop()
+        addresses = await self._addresses(host, port)
+        if len(addresses) == 1:
+            # One address (an IP literal, the common upstream): the loop's own connect, done
+            # in C by uvloop, without the Python-level race (a storm opens hundreds at once).
+            address = addresses[0][4]
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConn(key), address[0], address[1], ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
+            return conn
         async with asyncio.timeout(CONNECT_TIMEOUT):
             sock = await aiohappyeyeballs.start_connection(
-                await self._addresses(host, port), happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
-                interleave=1)
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1)
         try:
             _, conn = await loop.create_connection(
                 lambda: UpstreamConn(key), sock=sock, ssl=tls,
