@@ -40,6 +40,7 @@ from tests.rawhttp import (
     get,
 )
 from tokenproxy.app import Daemon
+from tokenproxy.proxy.pool import UpstreamPool
 
 # -- a raw upstream ---------------------------------------------------------------------------
 
@@ -1240,3 +1241,30 @@ class TestDateAndServer:
         assert [] == resp.header("Server")
 
 
+
+
+async def test_a_name_with_several_addresses_falls_through_to_one_that_answers() -> None:
+    """Happy eyeballs (RFC 8305) on the fast path's connects: a name whose first address
+    refuses (nothing listens on ::1 here) connects over the next one, at once."""
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()   # until the pool's connection closes
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    # Seed the pool's resolver cache: a name with an IPv6 and an IPv4 address, in that order.
+    pool._dns[("upstream.test", port)] = (time.monotonic() + 60, [
+        (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
+    ])
+    try:
+        started = time.monotonic()
+        conn = await asyncio.wait_for(pool.connect("http", "upstream.test", port, None), 5)
+        assert conn.transport is not None
+        assert "127.0.0.1" == conn.transport.get_extra_info("peername")[0]
+        assert time.monotonic() - started < 2
+        conn.abort()
+    finally:
+        pool.close()
+        server.close()
