@@ -367,7 +367,9 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
 
 async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> float:
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
+    bounded = aiohttp.ClientTimeout(total=60)   # a stuck proxy fails the run, not hangs it
+    async with aiohttp.ClientSession(connector=conn, headers=headers,
+                                     timeout=bounded) as session:
         async def one() -> int:
             async with session.get(url) as resp:
                 await resp.read()
