@@ -116,3 +116,20 @@ async def _make_proxy(clock: FakeClock, serving_path: str) -> AsyncIterator[Make
     yield make
     for daemon in daemons:
         await daemon.stop(grace=1)
+
+
+@pytest.fixture(name="raw_upstream")
+async def _raw_upstream() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start raw upstreams (tests/rawupstream.py) that run a script per connection."""
+    from tests.rawupstream import RawUpstream  # it imports this module: not at the top
+
+    started: list[RawUpstream] = []
+
+    async def make(script: Any) -> RawUpstream:
+        up = await RawUpstream(script).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        await up.stop()

@@ -13,15 +13,10 @@ connection to aiohttp's protocol for good. Neither side invents a ``Server`` hea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import os
 import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -39,204 +34,30 @@ from tests.rawhttp import (
     exchange,
     get,
 )
+from tests.rawupstream import (
+    MakeRaw,
+    RawUpstream,
+    Req,
+    Script,
+    UpConn,
+    connected,
+    echo,
+    post,
+    read_body,
+    read_request,
+    reset,
+    response,
+    serving,
+    start_proxy,
+)
 from tokenproxy.app import Daemon
 from tokenproxy.proxy.pool import UpstreamPool
-
-# -- a raw upstream ---------------------------------------------------------------------------
-
-
-@dataclass
-class Req:
-    """One request as the raw upstream read it off the wire."""
-
-    method: str
-    target: str
-    version: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-
-    def get(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return values[0] if values else None
-
-
-@dataclass
-class UpConn:
-    """One connection the upstream accepted; ``ended`` is set once it is closed."""
-
-    requests: list[Req] = field(default_factory=list)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, UpConn], Awaitable[None]]
-
-
-class RawUpstream:
-    """An upstream on 127.0.0.1 whose every connection runs *script*."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.conns: list[UpConn] = []
-        self.server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    @property
-    def requests(self) -> list[Req]:
-        return [r for c in self.conns for r in c.requests]
-
-    @property
-    def targets(self) -> list[str]:
-        return [r.target for r in self.requests]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = UpConn()
-        self.conns.append(conn)
-        self._open.add(writer)
-        try:
-            await self.script(reader, writer, conn)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._open.discard(writer)
-            conn.ended.set()
-            writer.close()
-
-    async def stop(self) -> None:
-        """Stop listening and cut the connections still open (scripts waiting on them end)."""
-        for writer in list(self._open):
-            writer.transport.abort()
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-
-async def read_request(reader: asyncio.StreamReader, conn: UpConn, *,
-                       body: bool = True) -> Req | None:
-    """One request head (and its Content-Length or chunked body); None at a clean EOF."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, version = lines[0].split(" ", 2)
-    headers = []
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers.append((name.strip(), value.strip()))
-    req = Req(method, target, version, headers)
-    conn.requests.append(req)
-    if body:
-        req.body = await read_body(reader, req)
-    return req
-
-
-async def read_body(reader: asyncio.StreamReader, req: Req) -> bytes:
-    if req.get("Content-Length") is not None:
-        return await reader.readexactly(int(req.get("Content-Length") or 0))
-    if "chunked" not in (req.get("Transfer-Encoding") or "").lower():
-        return b""
-    data = bytearray()
-    while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b""):
-                pass
-            return bytes(data)
-        data += await reader.readexactly(size)
-        await reader.readexactly(2)
-
-
-def response(body: bytes = b"ok", status: str = "200 OK", *extra: str) -> bytes:
-    """A Content-Length response with *extra* header lines (no Date, no Server)."""
-    lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *extra]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-BEARERS = {f"Bearer {TOKEN}": "token-1", f"Bearer {TOKEN_2}": "token-2"}
-
-
-def echo(req: Req) -> bytes:
-    """A 200 whose JSON body describes the request as the upstream saw it (the token by
-    name only: the tests check that no secret reaches a client)."""
-    auth = req.get("Authorization")
-    return response(json.dumps({
-        "method": req.method, "target": req.target, "len": len(req.body),
-        "sha256": hashlib.sha256(req.body).hexdigest(),
-        "auth": None if auth is None else BEARERS.get(auth, "other"),
-    }).encode(), "200 OK", "Content-Type: application/json")
-
-
-def serving(answer: Callable[[Req], bytes] = echo) -> Script:
-    """Answer each request with answer(request); keep alive unless the answer says close."""
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     conn: UpConn) -> None:
-        while (req := await read_request(reader, conn)) is not None:
-            data = answer(req)
-            writer.write(data)
-            await writer.drain()
-            if b"\r\nconnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
-                return
-
-    return script
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST rather than a FIN."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-MakeRaw = Callable[[Script], Awaitable[RawUpstream]]
-
-
-@pytest.fixture(name="raw_upstream")
-async def _raw_upstream() -> AsyncIterator[MakeRaw]:
-    started: list[RawUpstream] = []
-
-    async def make(script: Script) -> RawUpstream:
-        up = await RawUpstream(script).start()
-        started.append(up)
-        return up
-
-    yield make
-    for up in started:
-        await up.stop()
-
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def start_proxy(make_proxy: MakeProxy, up: RawUpstream, route: dict[str, Any] | None = None,
-                      **top: Any) -> Daemon:
-    """A daemon with one route / -> the raw upstream (static TOKEN unless *top* says else)."""
-    r = {"prefix": "/", "upstream": up.url(), "provider": "api", **(route or {})}
-    return await make_proxy(proxy_config(up.url(), TOKEN, routes=[r], **top))
-
-
 def metric(daemon: Daemon, name: str, **labels: str) -> float:
     return daemon.registry.get_sample_value(name, labels) or 0.0
-
-
-def post(path: str, body: bytes, *extra: str) -> bytes:
-    return get(path, "localhost", f"Content-Length: {len(body)}", *extra, method="POST") + body
 
 
 def chunked_post(path: str, parts: list[bytes]) -> bytes:
@@ -271,14 +92,6 @@ async def final_response(conn: RawConnection) -> RawResponse:
         if resp.status >= 200:
             return resp
 
-
-@contextlib.asynccontextmanager
-async def connected(port: int) -> AsyncIterator[RawConnection]:
-    conn = await RawConnection.open(port)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 # -- 1. pipelining ----------------------------------------------------------------------------

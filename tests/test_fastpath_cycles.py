@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from tests.conftest import MakeProxy
 from tests.rawhttp import RawConnection, get
-from tests.test_fastpath import (
+from tests.rawupstream import (
     MakeRaw,
     Req,
     UpConn,
@@ -26,9 +26,6 @@ from tests.test_fastpath import (
     response,
     start_proxy,
 )
-from tests.test_fastpath import _raw_upstream as _raw_upstream_fixture
-
-raw_upstream = _raw_upstream_fixture   # the fixture, under its name here
 
 ROUNDS = 15
 KINDS = ("/ok", "/truncated", "/garbage", "/gone", "/reset-before-head")

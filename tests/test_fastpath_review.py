@@ -10,114 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import MakeProxy, proxy_config
+from tests.conftest import MakeProxy
 from tests.fakes import TOKEN
-from tests.rawhttp import RawConnection, assert_no_secret, get
+from tests.rawhttp import assert_no_secret, get
+from tests.rawupstream import (
+    MakeRaw,
+    Req,
+    Script,
+    UpConn,
+    connected,
+    post,
+    read_request,
+    response,
+    start_proxy,
+)
+from tests.rawupstream import reset as rst
 from tokenproxy.app import Daemon
 
-# -- a raw upstream that parses requests the way an HTTP/1.1 server must ----------------------
-
-
-@dataclass
-class Req:
-    method: str
-    target: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-
-    def get(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return values[0] if values else None
-
-
-@dataclass
-class UpConn:
-    requests: list[Req] = field(default_factory=list)
-    sent: int = 0
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, UpConn], Awaitable[None]]
-
-
-class RawUpstream:
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.conns: list[UpConn] = []
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    @property
-    def requests(self) -> list[Req]:
-        return [r for c in self.conns for r in c.requests]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = UpConn()
-        self.conns.append(conn)
-        try:
-            await self.script(reader, writer, conn)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            conn.ended.set()
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-
-async def read_request(reader: asyncio.StreamReader, conn: UpConn,
-                       body: bool = True) -> Req | None:
-    """One request as RFC 9112 section 6.3 frames it: no Content-Length, no body."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        method, target, _ = lines[0].split(" ", 2)
-    except ValueError:
-        return None   # not a request line: hang up
-    headers = []
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers.append((name.strip(), value.strip()))
-    req = Req(method, target, headers)
-    conn.requests.append(req)
-    if body and req.get("Content-Length") is not None:
-        req.body = await reader.readexactly(int(req.get("Content-Length") or 0))
-    return req
-
-
-def response(body: bytes = b"ok", status: str = "200 OK", *extra: str) -> bytes:
-    lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *extra]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+# -- the raw upstream (tests/rawupstream.py) answers each request with its target by default
 
 
 def serving(answer: Callable[[Req], bytes] | None = None) -> Script:
@@ -128,48 +43,6 @@ def serving(answer: Callable[[Req], bytes] | None = None) -> Script:
             await writer.drain()
 
     return script
-
-
-def rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-MakeRaw = Callable[[Script], Awaitable[RawUpstream]]
-
-
-@pytest.fixture(name="raw_upstream")
-async def _raw_upstream() -> AsyncIterator[MakeRaw]:
-    started: list[RawUpstream] = []
-
-    async def make(script: Script) -> RawUpstream:
-        up = await RawUpstream(script).start()
-        started.append(up)
-        return up
-
-    yield make
-    for up in started:
-        await up.stop()
-
-
-async def start_proxy(make_proxy: MakeProxy, up: RawUpstream,
-                      route: dict[str, Any] | None = None, **top: Any) -> Daemon:
-    r = {"prefix": "/", "upstream": up.url(), "provider": "api", **(route or {})}
-    return await make_proxy(proxy_config(up.url(), TOKEN, routes=[r], **top))
-
-
-@contextlib.asynccontextmanager
-async def connected(port: int) -> AsyncIterator[RawConnection]:
-    conn = await RawConnection.open(port)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-def post(path: str, body: bytes, *extra: str) -> bytes:
-    return get(path, "localhost", f"Content-Length: {len(body)}", *extra, method="POST") + body
 
 
 # -- 1. request smuggling: Connection-listed Content-Length -----------------------------------

@@ -15,18 +15,16 @@ import pytest
 from tests.conftest import MakeProxy, proxy_config
 from tests.fakes import TOKEN
 from tests.rawhttp import get
-from tests.test_fastpath_review import (
+from tests.rawupstream import (
     MakeRaw,
     UpConn,
-    _raw_upstream,  # noqa: F401  (the raw_upstream fixture)
     connected,
     post,
     read_request,
     response,
-    serving,
-    slow_client,
     start_proxy,
 )
+from tests.test_fastpath_review import serving, slow_client
 from tokenproxy.proxy import wire
 
 # -- 1. a pipelined request that arrives after the unread answer ------------------------------
