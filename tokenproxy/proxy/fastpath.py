@@ -32,6 +32,7 @@ from tokenproxy.config import LimitsConfig
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.proxy import wire
 from tokenproxy.proxy.deadline import bounded
+from tokenproxy.proxy.forward import CLIENT_GONE, Outcome
 from tokenproxy.proxy.pool import (
     ResponseHead,
     UpstreamBroke,
@@ -39,12 +40,11 @@ from tokenproxy.proxy.pool import (
     UpstreamPool,
     connect_error,
 )
-from tokenproxy.proxy.retry import RetryAction, retry_action
 from tokenproxy.proxy.target import REFUSED_METHODS, CompiledRoute, split_target
 from tokenproxy.tokens.model import Token
 
 if TYPE_CHECKING:
-    from tokenproxy.proxy.forward import Outcome, Proxy
+    from tokenproxy.proxy.forward import Proxy
 
 # Bytes of pipelined requests held while one is answered; past this, reading pauses.
 PIPELINE_LIMIT: Final = 64 * 1024
@@ -454,7 +454,7 @@ class FastConnection(asyncio.Protocol):
 
     async def _exchange(self, req: _Request) -> None:
         proxy = req.proxy
-        outcome = proxy.new_outcome(req.compiled.route.label)
+        outcome = Outcome(route=req.compiled.route.label)
         started = time.perf_counter()
         proxy.metrics.inflight.inc()
         keep = req.keep_alive
@@ -486,7 +486,7 @@ class FastConnection(asyncio.Protocol):
         except Exception as exc:
             keep = False
             log.get_logger().error("internal_error", error=type(exc).__name__)
-            if outcome.status == proxy.client_gone:
+            if outcome.status == CLIENT_GONE:
                 self._answer(wire.problem(500, "internal",
                                           "tokenproxy failed to handle the request",
                                           self._env.date(), close=True), outcome, 500)
@@ -592,27 +592,10 @@ class FastConnection(asyncio.Protocol):
         while True:
             auth = b"" if client_auth else proxy.fast_auth_line(compiled, token)
             conn, resp, done = await self._send(req, head + auth + wire.CRLF, body)
-            action = retry_action(resp.status, route.retry_on, client_auth, retried,
-                                  body is not None)
-            if action is RetryAction.RELAY:
-                if retried:
-                    proxy.retry_outcome(compiled, "success")
-                break
-            if action is RetryAction.FAILED:
-                proxy.retry_outcome(compiled, "failure")
-                break
-            if action is RetryAction.SKIP:
-                proxy.retry_outcome(compiled, "skipped")
-                proxy.spawn(source.renew(token, "unauthorized"))
-                break
-            try:
-                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
-                                      source.name)
-            except BaseException:
-                conn.abort()
-                raise
+            fresh = await proxy.token_for_retry(resp.status, compiled, source, token,
+                                                client_auth, retried, body is not None,
+                                                conn.abort)
             if fresh is None:
-                proxy.retry_outcome(compiled, "failure")
                 break
             conn.abort()   # the refused answer is not relayed; its body is not worth reading
             token, retried = fresh, True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -88,13 +88,13 @@ class Proxy:
         session: aiohttp.ClientSession,
         metrics: Metrics,
     ) -> None:
-        self._table = RouteTable(cfg.routes)
-        self._policy = SecurityPolicy(cfg.security, cfg.limits)
-        self._local_headers = self._policy.local_headers
+        self.table = RouteTable(cfg.routes)
+        self.policy = SecurityPolicy(cfg.security, cfg.limits)
+        self._local_headers = self.policy.local_headers
         self._sources = sources
         self._session = session
-        self._metrics = metrics
-        self._max_replay = cfg.limits.max_replay_body
+        self.metrics = metrics
+        self.max_replay = cfg.limits.max_replay_body
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         contexts = ssl_contexts(r.ca_file for r in cfg.routes)
         for r in cfg.routes:
@@ -104,11 +104,6 @@ class Proxy:
         self._count_cache: dict[tuple[str, str, int], Any] = {}
         self._duration_cache: dict[str, Any] = {}
         # The fast path's per-route constants (fastpath.py): rendered once per config.
-        self.table = self._table
-        self.policy = self._policy
-        self.metrics = metrics
-        self.max_replay = self._max_replay
-        self.client_gone = CLIENT_GONE
         self._fast_drop = frozenset(n.encode() for n in self._local_headers)
         self._fast_origin: dict[str, tuple[str, str, int, ssl.SSLContext | None]] = {}
         default_tls: ssl.SSLContext | None = None
@@ -132,17 +127,14 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()   # uvloop's loop.time() ticks in whole milliseconds
         outcome = Outcome()
-        self._metrics.inflight.inc()
+        self.metrics.inflight.inc()
         try:
             resp = await self._dispatch(request, outcome)
             outcome.status = resp.status
             return resp
         finally:
-            self._metrics.inflight.dec()
+            self.metrics.inflight.dec()
             self._record(request, outcome, time.perf_counter() - started)
-
-    def new_outcome(self, route: str) -> Outcome:
-        return Outcome(route=route)
 
     def _record(self, request: web.BaseRequest, outcome: Outcome, duration: float) -> None:
         self.record(request.method, request.raw_path, outcome, duration)
@@ -153,13 +145,13 @@ class Proxy:
         key = (outcome.route, method, outcome.status)
         counter = self._count_cache.get(key)
         if counter is None:
-            counter = self._metrics.requests.labels(outcome.route, method, str(outcome.status))
+            counter = self.metrics.requests.labels(outcome.route, method, str(outcome.status))
             self._count_cache[key] = counter
         counter.inc()
         if outcome.route != "-":
             hist = self._duration_cache.get(outcome.route)
             if hist is None:
-                hist = self._metrics.request_duration.labels(outcome.route)
+                hist = self.metrics.request_duration.labels(outcome.route)
                 self._duration_cache[outcome.route] = hist
             hist.observe(duration)
         log.access().request(
@@ -175,11 +167,11 @@ class Proxy:
     async def _dispatch(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         try:
             path, query = split_target(request.method, request.raw_path)
-            self._policy.check(
+            self.policy.check(
                 request.headers, request.raw_headers,
                 len(request.method) + len(request.raw_path) + 12,
             )
-            compiled = self._table.match(path)
+            compiled = self.table.match(path)
             if compiled is None:
                 raise RequestRejected(404, "not_found", "no route matches this path")
             outcome.route = compiled.route.label
@@ -187,20 +179,20 @@ class Proxy:
                 return await proxy_websocket(self, request, compiled, path, query, outcome)
             return await self._forward(request, compiled, path, query, outcome)
         except RequestRejected as exc:
-            self._metrics.rejected.labels(exc.cause).inc()
+            self.metrics.rejected.labels(exc.cause).inc()
             # Framing and size errors leave the connection in doubt: close it.
             return problem_response(exc.status, exc.cause, exc.detail,
                                     close=exc.status in (400, 408, 431))
         except HttpProcessingError:
             # Bad framing in the body (a bad chunk size) found while buffering it.
-            self._metrics.rejected.labels("bad_request").inc()
+            self.metrics.rejected.labels("bad_request").inc()
             return problem_response(400, "bad_request", MALFORMED_BODY, close=True)
         except UpstreamError as exc:
             if isinstance(request.content.exception(), HttpProcessingError):
                 # The body's framing broke while it streamed upstream: the client's fault.
-                self._metrics.rejected.labels("bad_request").inc()
+                self.metrics.rejected.labels("bad_request").inc()
                 return problem_response(400, "bad_request", MALFORMED_BODY, close=True)
-            self._metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
+            self.metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
             return problem_response(exc.status, exc.cause, exc.detail)
         except TokenUnavailable as exc:
             return problem_response(exc.status, exc.cause, exc.detail,
@@ -247,7 +239,7 @@ class Proxy:
         if not compiled.route.retry_on:
             return ReplayableBody.streaming(request.content)
         return await ReplayableBody.read(request.content, request.content_length,
-                                         self._max_replay)
+                                         self.max_replay)
 
     async def _forward(
         self,
@@ -274,37 +266,47 @@ class Proxy:
             if not client_auth:
                 headers[route.header] = compiled.header_value(token.value)
             up = await self.send(compiled, request.method, url, headers, body.payload())
-            action = retry_action(up.status, route.retry_on, client_auth, retried,
-                                  body.replayable)
-            if action is RetryAction.RELAY:
-                if retried:
-                    self.retry_outcome(compiled, "success")
-                break
-            if action is RetryAction.FAILED:
-                self.retry_outcome(compiled, "failure")
-                break
-            if action is RetryAction.SKIP:
-                # The body is gone upstream: pass the 401 back, and let a refresh run so the
-                # client's own retry finds a fresh token.
-                self.retry_outcome(compiled, "skipped")
-                self.spawn(source.renew(token, "unauthorized"))
-                break
-            try:
-                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
-                                      source.name)
-            except BaseException:
-                up.close()   # the 401 will not be relayed: free its connection now
-                raise
+            fresh = await self.token_for_retry(up.status, compiled, source, token, client_auth,
+                                               retried, body.replayable, up.close)
             if fresh is None:
-                self.retry_outcome(compiled, "failure")
                 break
             await _discard(up)
             token, retried = fresh, True
             outcome.retried = True
         return await self._relay(request, compiled, up, token, outcome)
 
-    def retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
-        self._metrics.auth_retries.labels(compiled.route.label, outcome).inc()
+    def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
+        self.metrics.auth_retries.labels(compiled.route.label, outcome).inc()
+
+    async def token_for_retry(
+        self, status: int, compiled: CompiledRoute, source: TokenSource, token: Token,
+        client_auth: bool, retried: bool, replayable: bool, drop: Callable[[], None],
+    ) -> Token | None:
+        """After an upstream answer (both paths): the token to send the request once more
+        with, or None to relay this answer. Counts the retry's outcome; *drop* frees the
+        refused answer's connection when the wait for a new token fails."""
+        action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
+        if action is RetryAction.RELAY:
+            if retried:
+                self._retry_outcome(compiled, "success")
+            return None
+        if action is RetryAction.FAILED:
+            self._retry_outcome(compiled, "failure")
+            return None
+        if action is RetryAction.SKIP:
+            # The body is gone upstream: pass the 401 back, and let a refresh run so the
+            # client's own retry finds a fresh token.
+            self._retry_outcome(compiled, "skipped")
+            self._spawn(source.renew(token, "unauthorized"))
+            return None
+        try:
+            fresh = await bounded(source.renew(token, "unauthorized"), compiled, source.name)
+        except BaseException:
+            drop()   # the refused answer will not be relayed: free its connection now
+            raise
+        if fresh is None:
+            self._retry_outcome(compiled, "failure")
+        return fresh
 
     # -- the fast path's pieces (fastpath.py) ------------------------------------------------
 
@@ -337,7 +339,7 @@ class Proxy:
         self._fast_auth[compiled.route.prefix] = (token, line)
         return line
 
-    def spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -374,7 +376,7 @@ class Proxy:
         headers = forward_response_headers(
             up.headers,
             token=token.value,
-            rewrite_location=lambda loc: self._table.rewrite_location(loc, compiled),
+            rewrite_location=lambda loc: self.table.rewrite_location(loc, compiled),
         )
         reason = up.reason
         if reason and len(token.value) >= MIN_ECHO_TOKEN and token.value in reason:
@@ -398,7 +400,7 @@ class Proxy:
                     TimeoutError) as exc:
                 # The upstream broke mid-body. Never finish the response: a truncated body
                 # must look truncated to the client, so close its connection instead.
-                self._metrics.upstream_errors.labels(compiled.route.label,
+                self.metrics.upstream_errors.labels(compiled.route.label,
                                                      error_kind(exc)).inc()
                 self._log.warning("upstream_body_failed", route=compiled.route.label,
                                   error=type(exc).__name__)
