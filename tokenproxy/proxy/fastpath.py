@@ -510,16 +510,21 @@ class FastConnection(asyncio.Protocol):
         if body is None or body.remaining == 0:
             return True
         if drop and body.target is None and body.remaining <= DISCARD_LIMIT:
-            body.drop = True
-            body.chunks, body.size = [], 0
-            self._resume_reading("hold")
-            # The rest must come within header_timeout (10 s by default, like aiohttp's
-            # lingering_time): a client that stops sending would otherwise hold the
-            # connection and its slot forever.
-            self._drain_timer = self._loop.call_later(self._env.limits().header_timeout,
-                                                      self._drain_expired)
+            self._drop_rest(body)
             return True
         return False
+
+    def _drop_rest(self, body: _Body) -> None:
+        """Read and drop what is left of the body; it must come within header_timeout (10 s
+        by default, like aiohttp's lingering_time), or a client that stops sending would hold
+        the connection and its slot forever."""
+        body.drop = True
+        body.target = None
+        body.take()
+        self._resume_reading("hold")
+        if self._drain_timer is None:
+            self._drain_timer = self._loop.call_later(self._env.limits().header_timeout,
+                                                      self._drain_expired)
 
     def _linger(self, transport: asyncio.Transport, body: _Body) -> None:
         """Close while the client is still sending its body, without losing the answer.
@@ -530,16 +535,11 @@ class FastConnection(asyncio.Protocol):
         close, bounded the same way).
         """
         self._close_after = True
-        body.drop = True
-        body.target = None
-        body.chunks, body.size = [], 0
-        for why in ("hold", "upstream", "pipeline"):
-            self._resume_reading(why)
+        self._drop_rest(body)
+        self._resume_reading("upstream")
+        self._resume_reading("pipeline")
         if transport.can_write_eof():
             transport.write_eof()
-        if self._drain_timer is None:
-            self._drain_timer = self._loop.call_later(self._env.limits().header_timeout,
-                                                      self._drain_expired)
 
     def _drain_expired(self) -> None:
         self._drain_timer = None
@@ -694,16 +694,7 @@ class FastConnection(asyncio.Protocol):
         keep = req.keep_alive and not self._close_after and (
             body is None or body.remaining <= DISCARD_LIMIT)
         no_body = req.method == b"HEAD" or status in _NO_BODY
-        chunked = False
-        if no_body:
-            framing = b""
-            if resp.length is not None and status != 204:
-                framing = b"Content-Length: " + resp.length + wire.CRLF
-        elif resp.length is not None:
-            framing = b"Content-Length: " + resp.length + wire.CRLF
-        else:
-            framing = b"Transfer-Encoding: chunked\r\n"
-            chunked = True
+        framing, chunked = wire.response_framing(status, resp.length, no_body)
         out = wire.render_response(status, wire.safe_reason(resp.reason, token_bytes),
                                    headers, framing, self._env.date(), not keep)
         transport = self._transport

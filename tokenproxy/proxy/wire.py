@@ -162,6 +162,22 @@ def render_response(status: int, reason: bytes, headers: Iterable[Header], frami
     return b"".join(parts)
 
 
+def response_framing(status: int, length: bytes | None, no_body: bool) -> tuple[bytes, bool]:
+    """The framing line of a relayed answer, and whether its body goes out chunked.
+
+    An answer without a body keeps the upstream's Content-Length (a HEAD's or a 304's
+    representation length; never on a 204); a body keeps its length, or is re-chunked when
+    the upstream sent it chunked or delimited by its close.
+    """
+    if no_body:
+        if length is not None and status != 204:
+            return b"Content-Length: " + length + CRLF, False
+        return b"", False
+    if length is not None:
+        return b"Content-Length: " + length + CRLF, False
+    return b"Transfer-Encoding: chunked\r\n", True
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body (never empty: an empty chunk would end the body)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
