@@ -190,12 +190,13 @@ def respond(seen: Seen) -> tuple[bytes, bool]:
     if kind == "eof":   # a body delimited by the upstream's close
         return b"HTTP/1.1 200 OK\r\nX-Framing: eof\r\n\r\n" + body, True
     # The default answer exercises the response rules: repeated Set-Cookie kept, hop-by-hop
-    # and Connection-listed fields and Proxy-* dropped, a Location inside the upstream (under
-    # this daemon's tag) rewritten to the proxy path.
-    tag = seen.line.split(" ")[1].split("/")[1]
+    # and Connection-listed fields and Proxy-* dropped, a Location inside the route's own
+    # upstream (under this daemon's tag) rewritten to the proxy path.
+    tag, _, rest = seen.line.split(" ")[1].partition("?")[0].lstrip("/").partition("/")
+    base = "/" + tag + next((b for b in ("/v1", "/keep") if ("/" + rest).startswith(b)), "")
     return (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: 1\r\nSet-Cookie: a=1\r\n"
             b"Set-Cookie: b=2\r\nConnection: x-hop\r\nX-Hop: gone\r\nKeep-Alive: timeout=5\r\n"
-            b"Proxy-Foo: p\r\nLocation: /" + tag.encode() + b"/moved?q=1\r\n\r\n" + body,
+            b"Proxy-Foo: p\r\nLocation: " + base.encode() + b"/moved?q=1\r\n\r\n" + body,
             False)
 
 

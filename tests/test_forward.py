@@ -738,22 +738,6 @@ class TestRedirects:
         assert ["/v1/redirect"] == [seen.raw_path.split("?")[0] for seen in recorder.seen]
 
 
-    async def test_redirect_with_default_port_spelled_out_rewritten(
-        self, make_proxy: MakeProxy, recorder: Recorder
-    ) -> None:
-        """A Location naming a route's upstream with its default port (:80) is rewritten whole."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/api", recorder.url("/v1/")),
-            route("/ext", "http://upstream.example/"),
-        ]))
-        async with aiohttp.ClientSession() as s, s.get(
-            base(daemon) + "/api/redirect",
-            params={"to": "http://upstream.example:80/next?page=2"}, allow_redirects=False,
-        ) as resp:
-            assert 302 == resp.status
-            assert "/ext/next?page=2" == resp.headers["Location"]
-
-
 # -- upstream failures -------------------------------------------------------------------------
 
 

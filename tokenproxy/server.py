@@ -92,6 +92,20 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         log.get_logger().info("header_timeout", timeout_s=self._tp_header_timeout)
         self.force_close()
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Wait until the client has taken this answer before its next request is handled.
+
+        aiohttp drains its write buffer only past 64 KiB per answer, so a client that
+        pipelines requests for smaller answers and never reads would make the daemon fetch
+        and hold every one of them. Waiting here stops that: pipelined heads queue up to
+        aiohttp's bound, then reading pauses.
+        """
+        result = await super().finish_response(request, resp, start_time)
+        await request.writer.drain()
+        return result
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._tp_timer is not None:
             self._tp_timer.cancel()

@@ -40,6 +40,7 @@ from tokenproxy.proxy.pool import (
     UpstreamPool,
     connect_error,
 )
+from tokenproxy.proxy.reuse import last_request
 from tokenproxy.proxy.target import REFUSED_METHODS, CompiledRoute, split_target
 from tokenproxy.tokens.model import Token
 
@@ -169,6 +170,9 @@ class FastConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._body: _Body | None = None
         self._upstream: UpstreamConn | None = None
+        # An upstream connection that carried this client's body bytes: reused only for this
+        # client's later requests (proxy/reuse.py), closed when the client leaves.
+        self._private: UpstreamConn | None = None
         self._write_paused = False
         self._read_pauses: set[str] = set()
 
@@ -207,6 +211,7 @@ class FastConnection(asyncio.Protocol):
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.abort()
+        self._drop_private()
         self._body = None
         callback, self._on_close = self._on_close, None
         if callback is not None:
@@ -287,6 +292,7 @@ class FastConnection(asyncio.Protocol):
             return
         self._env.proxy().metrics.handovers.labels(reason).inc()
         self._cancel_timers()
+        self._drop_private()
         self._env.forget(self)
         self._transport = None
         callback, self._on_close = self._on_close, None
@@ -586,12 +592,14 @@ class FastConnection(asyncio.Protocol):
                 body = await self._whole_body(req.body, route.timeout)
             else:
                 body = None   # streamed: sent once, never replayed
+        last = last_request(req.method_str, req.body is not None)
         head, client_auth = proxy.fast_request_head(req.method, req.path, req.query,
-                                                    req.headers, req.length, compiled)
+                                                    req.headers, req.length, compiled,
+                                                    close=last)
         retried = False
         while True:
             auth = b"" if client_auth else proxy.fast_auth_line(compiled, token)
-            conn, resp, done = await self._send(req, head + auth + wire.CRLF, body)
+            conn, resp, done = await self._send(req, head + auth + wire.CRLF, body, last)
             fresh = await proxy.token_for_retry(resp.status, compiled, source, token,
                                                 client_auth, retried, body is not None,
                                                 conn.abort)
@@ -613,7 +621,7 @@ class FastConnection(asyncio.Protocol):
                                       "the request body did not arrive in time") from None
         return body.take()
 
-    async def _send(self, req: _Request, head: bytes, body: bytes | None,
+    async def _send(self, req: _Request, head: bytes, body: bytes | None, last: bool,
                     ) -> tuple[UpstreamConn, ResponseHead, asyncio.Future[None]]:
         """One request upstream; the route timeout runs until the response head arrives.
 
@@ -630,12 +638,13 @@ class FastConnection(asyncio.Protocol):
         deadline = self._loop.time() + compiled.route.timeout
         try:
             for _ in range(2):
-                conn = pool.take(scheme, host, port, tls)
+                conn = self._take_private(scheme, host, port, tls) or pool.take(
+                    scheme, host, port, tls)
                 if conn is None:
                     async with asyncio.timeout_at(deadline):
                         conn = await pool.connect(scheme, host, port, tls)
                 self._upstream = conn
-                conn.begin(req.method == b"HEAD")
+                conn.begin(req.method == b"HEAD", body=req.body is not None, last=last)
                 # Held here: the connection drops its own references when it is aborted.
                 head_answer, done = conn.head, conn.done
                 assert head_answer is not None
@@ -687,7 +696,7 @@ class FastConnection(asyncio.Protocol):
         token_bytes = token.value.encode()
         headers = wire.response_headers(
             resp.headers, token=token_bytes,
-            rewrite_location=lambda loc: proxy.table.rewrite_location(loc, compiled),
+            rewrite_location=compiled.rewrite_location,
         )
         body = self._body
         # More unread body than we would drop: this connection closes after the answer.
@@ -741,7 +750,35 @@ class FastConnection(asyncio.Protocol):
         if self._upstream is conn:
             self._upstream = None
         self._resume_reading("upstream")
-        self._env.pool.release(conn)
+        if conn.tainted:
+            self._keep_private(conn)
+        else:
+            self._env.pool.release(conn)
+
+    def _keep_private(self, conn: UpstreamConn) -> None:
+        old, self._private = self._private, None
+        if old is not None and old is not conn:
+            old.abort()
+        if conn.closed or not conn.reusable or self._transport is None:
+            conn.abort()
+            return
+        conn.idle()
+        self._private = conn
+
+    def _take_private(self, scheme: str, host: str, port: int, tls: ssl.SSLContext | None
+                      ) -> UpstreamConn | None:
+        conn, self._private = self._private, None
+        if conn is None:
+            return None
+        if conn.key == (scheme, host, port, id(tls)) and conn.fresh(self._env.pool.keepalive):
+            return conn
+        conn.abort()
+        return None
+
+    def _drop_private(self) -> None:
+        conn, self._private = self._private, None
+        if conn is not None:
+            conn.abort()
 
 
 def _forget_frames(exc: BaseException) -> None:

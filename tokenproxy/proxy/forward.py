@@ -261,6 +261,11 @@ class Proxy:
                                   "the request body did not arrive in time") from None
         url = compiled.upstream_url(path, query)
         headers, client_auth = self.request_headers(request, compiled)
+        # aiohttp's pool cannot keep a connection for one client (proxy/reuse.py): one that
+        # carried a client's body is closed after its answer, and the upstream told so.
+        reuse = not request.body_exists
+        if not reuse:
+            headers["Connection"] = "close"
         retried = False
         while True:
             if not client_auth:
@@ -270,10 +275,10 @@ class Proxy:
                                                retried, body.replayable, up.close)
             if fresh is None:
                 break
-            await _discard(up)
+            await _discard(up, reuse)
             token, retried = fresh, True
             outcome.retried = True
-        return await self._relay(request, compiled, up, token, outcome)
+        return await self._relay(request, compiled, up, token, outcome, reuse)
 
     def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
         self.metrics.auth_retries.labels(compiled.route.label, outcome).inc()
@@ -316,7 +321,7 @@ class Proxy:
 
     def fast_request_head(
         self, method: bytes, path: str, query: str | None, headers: list[Header],
-        length: int | None, compiled: CompiledRoute,
+        length: int | None, compiled: CompiledRoute, *, close: bool = False,
     ) -> tuple[bytes, bool]:
         """The upstream request head without the token line: (head, client_sent_auth)."""
         route = compiled.route
@@ -327,7 +332,7 @@ class Proxy:
         )
         target = compiled.upstream_target(path, query).encode("utf-8", "surrogateescape")
         host = None if route.preserve_host else compiled.host_header
-        return wire.render_request(method, target, host, out, length), client_auth
+        return wire.render_request(method, target, host, out, length, close=close), client_auth
 
     def fast_auth_line(self, compiled: CompiledRoute, token: Token) -> bytes:
         """``Authorization: Bearer <token>\r\n``, rendered once per token and route."""
@@ -372,11 +377,12 @@ class Proxy:
         up: aiohttp.ClientResponse,
         token: Token,
         outcome: Outcome,
+        reuse: bool,
     ) -> web.StreamResponse:
         headers = forward_response_headers(
             up.headers,
             token=token.value,
-            rewrite_location=lambda loc: self.table.rewrite_location(loc, compiled),
+            rewrite_location=compiled.rewrite_location,
         )
         reason = up.reason
         if reason and len(token.value) >= MIN_ECHO_TOKEN and token.value in reason:
@@ -411,17 +417,17 @@ class Proxy:
             await out.write_eof()
             return out
         finally:
-            if complete:
+            if complete and reuse:
                 up.release()
             else:
                 up.close()
 
 
-async def _discard(up: aiohttp.ClientResponse) -> None:
+async def _discard(up: aiohttp.ClientResponse, reuse: bool) -> None:
     """Finish a response we will not relay: read a small body so the connection is reused."""
     try:
         length = up.content_length
-        if length is not None and length <= DISCARD_LIMIT:
+        if reuse and length is not None and length <= DISCARD_LIMIT:
             await up.read()
             up.release()
         else:

@@ -56,6 +56,11 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = False
+        # Carried bytes of a client's request body. The upstream may not have read them all
+        # (many servers answer without reading a body), and what it did not read it will
+        # parse as requests of its own: such a connection never serves another client.
+        self.tainted = False
+        self._last_use = False       # we sent Connection: close
         self.idle_since = 0.0
         # The parser holds this protocol's callbacks: a reference cycle, cut at connection_lost
         # so a closed connection (and the body bytes it held) is freed at once, not at the
@@ -81,12 +86,15 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- the exchange ------------------------------------------------------------------------
 
-    def begin(self, head_request: bool) -> None:
-        """Get ready for one request/response on this connection."""
+    def begin(self, head_request: bool, *, body: bool = False, last: bool = False) -> None:
+        """Get ready for one request/response on this connection: *body* if the request
+        carries a client's body, *last* if it asks the upstream to close after answering."""
         self.head = self._loop.create_future()
         self.done = self._loop.create_future()
         self.got_bytes = False
         self.reusable = False
+        self.tainted = self.tainted or body
+        self._last_use = last
         self._answered = False
         self._head_bytes = 0
         self._head_request = head_request
@@ -123,6 +131,19 @@ class UpstreamConn(asyncio.Protocol):
         if self._read_paused and self.transport is not None and not self.closed:
             self._read_paused = False
             self.transport.resume_reading()
+
+    def idle(self) -> None:
+        """Between exchanges: any byte that arrives now condemns the connection (data_received
+        sees no exchange), so a stray answer is never taken for the next request's."""
+        self.on_writable = None
+        self.detach()
+        self.head = self.done = None
+        self.resume_reading()   # a slow client may have paused it; idle, it must see a close
+        self.idle_since = time.monotonic()
+
+    def fresh(self, keepalive: float) -> bool:
+        """Still open and idle for less than *keepalive* seconds."""
+        return not self.closed and time.monotonic() - self.idle_since < keepalive
 
     def abort(self) -> None:
         """Close at once, and drop everything the exchange left here (see _parser)."""
@@ -236,7 +257,7 @@ class UpstreamConn(asyncio.Protocol):
         if self._head_request:
             # llhttp cannot be told that a HEAD answer has no body: the answer ends here, and
             # a new parser takes the next one (nothing more may arrive before our next request).
-            self.reusable = parser.should_keep_alive()
+            self.reusable = parser.should_keep_alive() and not self._last_use
             self._fresh_parser = True
             if not self.done.done():
                 self.done.set_result(None)
@@ -259,7 +280,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         assert self.done is not None
         self._answered = True
-        self.reusable = parser.should_keep_alive()
+        self.reusable = parser.should_keep_alive() and not self._last_use
         if not self.done.done():
             self.done.set_result(None)
 
@@ -284,7 +305,7 @@ class UpstreamPool:
     """Idle keep-alive connections per origin; newest first, expired ones closed."""
 
     def __init__(self, keepalive: float = KEEPALIVE) -> None:
-        self._keepalive = keepalive
+        self.keepalive = keepalive
         self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -293,13 +314,11 @@ class UpstreamPool:
              tls: ssl.SSLContext | None) -> UpstreamConn | None:
         """An idle connection to this origin that is still open and fresh, else None."""
         idle = self._idle.get((scheme, host, port, id(tls)))
-        if idle:
-            now = time.monotonic()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self._keepalive:
-                    return conn
-                conn.abort()
+        while idle:
+            conn = idle.pop()
+            if conn.fresh(self.keepalive):
+                return conn
+            conn.abort()
         return None
 
     async def connect(self, scheme: str, host: str, port: int,
@@ -359,34 +378,35 @@ class UpstreamPool:
         return infos
 
     def release(self, conn: UpstreamConn) -> None:
-        """Keep a connection whose exchange completed cleanly; close any other."""
+        """Keep a connection whose exchange completed cleanly; close any other.
+
+        A tainted connection is the caller's to keep for its own client (see
+        UpstreamConn.tainted): it never comes here.
+        """
+        assert not conn.tainted
         if conn.closed or not conn.reusable:
             conn.abort()
             return
-        conn.on_writable = None
-        conn.detach()
-        conn.head = conn.done = None
-        conn.resume_reading()   # a slow client may have paused it; idle, it must see a close
-        conn.idle_since = time.monotonic()
+        conn.idle()
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
             idle.pop(0).abort()
         # Expired connections sit at the front (oldest first): drop them on the way.
-        while idle and conn.idle_since - idle[0].idle_since >= self._keepalive:
+        while idle and conn.idle_since - idle[0].idle_since >= self.keepalive:
             idle.pop(0).abort()
         idle.append(conn)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive, self._sweep)
 
     def _sweep(self) -> None:
         """Close idle connections past the keep-alive time, for origins no request visits."""
         self._sweeper = None
         now = time.monotonic()
         for idle in self._idle.values():
-            while idle and now - idle[0].idle_since >= self._keepalive:
+            while idle and now - idle[0].idle_since >= self.keepalive:
                 idle.pop(0).abort()
         if any(self._idle.values()):
-            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive / 2,
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive / 2,
                                                                   self._sweep)
 
     def close(self) -> None:

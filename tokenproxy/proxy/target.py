@@ -140,32 +140,17 @@ class CompiledRoute:
         proxy_path = (self.match + rest) if rest else self.route.prefix
         return proxy_path + (sep + query if sep else "")
 
+    def rewrite_location(self, location: str) -> str:
+        """Point a Location inside this route's upstream at the proxy; leave any other as is.
 
-class RouteTable:
-    """Longest-prefix matching on path segments: /api matches /api and /api/x, not /apix."""
-
-    def __init__(self, routes: Sequence[Route]) -> None:
-        compiled = [CompiledRoute.build(r) for r in routes]
-        self.routes: tuple[CompiledRoute, ...] = tuple(
-            sorted(compiled, key=lambda c: len(c.match), reverse=True)
-        )
-        # For Location rewriting: the most specific upstream path first.
-        self._by_upstream = tuple(
-            sorted(compiled, key=lambda c: len(c.base_path), reverse=True)
-        )
-
-    def match(self, path: str) -> CompiledRoute | None:
-        for c in self.routes:
-            if not c.match or path == c.match or path.startswith(c.match_slash):
-                return c
-        return None
-
-    def rewrite_location(self, location: str, current: CompiledRoute) -> str:
-        """Point a Location inside a route's upstream at the proxy; leave others unchanged."""
+        Only this route's: a Location into another route's upstream passes unchanged, or
+        upstream A could send a redirect-following client, through the proxy, to upstream B
+        with B's token attached.
+        """
         if location.startswith("//"):
             return location  # scheme-relative: another host as far as we can tell
         if location.startswith("/"):
-            origin, rest = current.origin, location
+            origin, rest = self.origin, location
         else:
             try:
                 url = URL(location, encoded=True)
@@ -181,10 +166,23 @@ class RouteTable:
                 rest = url.raw_path_qs
             if not rest.startswith("/"):
                 rest = "/" + rest
-        candidates = (current, *self._by_upstream)
-        for c in candidates:
-            if c.origin == origin:
-                rewritten = c.proxy_location(rest)
-                if rewritten is not None:
-                    return rewritten
-        return location
+        if origin != self.origin:
+            return location
+        rewritten = self.proxy_location(rest)
+        return location if rewritten is None else rewritten
+
+
+class RouteTable:
+    """Longest-prefix matching on path segments: /api matches /api and /api/x, not /apix."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        compiled = [CompiledRoute.build(r) for r in routes]
+        self.routes: tuple[CompiledRoute, ...] = tuple(
+            sorted(compiled, key=lambda c: len(c.match), reverse=True)
+        )
+
+    def match(self, path: str) -> CompiledRoute | None:
+        for c in self.routes:
+            if not c.match or path == c.match or path.startswith(c.match_slash):
+                return c
+        return None

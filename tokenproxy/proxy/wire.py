@@ -102,10 +102,12 @@ def safe_reason(reason: bytes, token: bytes) -> bytes:
 
 
 def render_request(method: bytes, target: bytes, host: bytes | None,
-                   headers: Iterable[Header], length: int | None) -> bytes:
+                   headers: Iterable[Header], length: int | None, *, close: bool = False
+                   ) -> bytes:
     """The upstream request head up to, not including, the token line and the final CRLF.
 
-    *length* is the body's Content-Length (None: the client sent none). The client's own
+    *length* is the body's Content-Length (None: the client sent none); *close* asks the
+    upstream to close after answering (proxy/reuse.py). The client's own
     Content-Length never passes through request_headers: a "Connection: Content-Length"
     would otherwise strip it while the body still followed, and the upstream would read the
     body as a second request that no check ever saw.
@@ -115,6 +117,8 @@ def render_request(method: bytes, target: bytes, host: bytes | None,
         parts += (b"Host: ", host, CRLF)
     if length is not None:
         parts += (b"Content-Length: %d\r\n" % length,)
+    if close:
+        parts.append(b"Connection: close\r\n")
     for name, value in headers:
         parts += (name, b": ", value, CRLF)
     return b"".join(parts)
