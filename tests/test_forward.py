@@ -447,6 +447,27 @@ class TestRequestHeaders:
         assert [] == [v for v in recorder.last.header("Connection") if "x-" in v.lower()]
         assert ["yes"] == recorder.last.header("X-Keep")
 
+    async def test_names_with_an_underscore_not_forwarded(
+        self, make_proxy: MakeProxy, recorder: Recorder
+    ) -> None:
+        """CGI and WSGI servers read Content_Length as Content-Length and X_Forwarded_For as
+        X-Forwarded-For: names with an underscore are dropped, as nginx does, and counted."""
+        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            resp = await conn.request(
+                "GET /u HTTP/1.1\nHost: 127.0.0.1\nContent_Length: 5\n"
+                "Transfer_Encoding: chunked\nX_Forwarded_For: 10.0.0.1\n"
+                "Authorization_: Bearer x\nX-Keep: yes\n\n")
+        finally:
+            await conn.close()
+        assert 200 == resp.status
+        assert set() == {n for n in header_names(recorder.last) if "_" in n}
+        assert ["yes"] == recorder.last.header("X-Keep")
+        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+        assert 4 == daemon.registry.get_sample_value(
+            "tokenproxy_request_headers_dropped_total", {"reason": "underscore"})
+
     async def test_connection_cannot_strip_the_token(
         self, make_proxy: MakeProxy, recorder: Recorder
     ) -> None:

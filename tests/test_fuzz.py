@@ -135,7 +135,7 @@ def test_forwarded_headers_never_carry_hop_by_hop_or_the_key(
     headers = CIMultiDictProxy(CIMultiDict(pairs))
     listed = {n.strip().lower() for k, v in pairs if k.lower() == "connection"
               for n in v.split(",") if n.strip()}
-    out, _ = forward_request_headers(headers, drop=frozenset({"tokenproxy-key"}),
+    out, _, _ = forward_request_headers(headers, drop=frozenset({"tokenproxy-key"}),
                                      auth_header="Authorization", keep_client_auth=keep,
                                      preserve_host=False)
     for name in out:

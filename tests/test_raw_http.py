@@ -95,6 +95,17 @@ class TestTargets:
             "/api/%2e%2e%5cadmin",
             "/api/%252e%252e%252fadmin",
             "/api/%25252e%25252e/x",
+            "/api/%2525252e%2525252e/admin",            # four-fold percent-encoding
+            "/api/%" + "25" * 9 + "2e/x",                # deeper than any decoder goes: refused
+            "/api/%u002e%u002e/admin",                  # IIS-style %u
+            "/api/%U002E%u002E/admin",
+            "/api/%25u002e%25u002e/admin",
+            "/api/..%u002fadmin",
+            "/api/%ef%bc%8e%ef%bc%8e/admin",            # full-width dots (U+FF0E)
+            "/api/..%ef%bc%8fadmin",                    # full-width solidus
+            "/api/%e2%80%a5/admin",                     # two-dot leader (NFKC: "..")
+            "/api/%ef%b9%92%ef%b9%92/admin",            # small full stops (U+FE52)
+            "/api/%25ef%25bc%258e%25ef%25bc%258e/admin",
             "/api/%c0%ae%c0%ae/admin",
             "/api/%C0%AE%C0%AE%C0%AFadmin",
             "/api/%e0%80%ae%e0%80%ae/x",

@@ -68,6 +68,10 @@ class Metrics:
             "tokenproxy_rejected_requests_total",
             "Requests answered locally without contacting an upstream, by cause.",
             ("cause",), registry=registry)
+        self.dropped_headers = Counter(
+            "tokenproxy_request_headers_dropped_total",
+            "Request header fields not forwarded, by reason (underscore: a name with '_').",
+            ("reason",), registry=registry)
         self.handovers = Counter(
             "tokenproxy_fast_path_handovers_total",
             "Connections the fast path handed to the aiohttp server, by reason (protocol, "

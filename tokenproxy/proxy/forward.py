@@ -94,6 +94,7 @@ class Proxy:
         self._sources = sources
         self._session = session
         self.metrics = metrics
+        self._dropped_underscore = metrics.dropped_headers.labels("underscore")
         self.max_replay = cfg.limits.max_replay_body
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         contexts = ssl_contexts(r.ca_file for r in cfg.routes)
@@ -206,13 +207,16 @@ class Proxy:
         self, request: web.BaseRequest, compiled: CompiledRoute
     ) -> tuple[Any, bool]:
         route = compiled.route
-        return forward_request_headers(
+        out, client_auth, underscored = forward_request_headers(
             request.headers,
             drop=self._local_headers,
             auth_header=route.header,
             keep_client_auth=route.client_authorization == "keep",
             preserve_host=route.preserve_host,
         )
+        if underscored:
+            self._dropped_underscore.inc(underscored)
+        return out, client_auth
 
     def ssl_for(self, compiled: CompiledRoute) -> ssl.SSLContext | bool:
         return self._ssl[compiled.route.prefix]
@@ -325,11 +329,13 @@ class Proxy:
     ) -> tuple[bytes, bool]:
         """The upstream request head without the token line: (head, client_sent_auth)."""
         route = compiled.route
-        out, client_auth = wire.request_headers(
+        out, client_auth, underscored = wire.request_headers(
             headers, drop=self._fast_drop, auth_header=compiled.auth_header_low,
             keep_client_auth=route.client_authorization == "keep",
             preserve_host=route.preserve_host,
         )
+        if underscored:
+            self._dropped_underscore.inc(underscored)
         target = compiled.upstream_target(path, query).encode("utf-8", "surrogateescape")
         host = None if route.preserve_host else compiled.host_header
         return wire.render_request(method, target, host, out, length, close=close), client_auth

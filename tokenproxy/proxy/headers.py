@@ -34,20 +34,27 @@ def forward_request_headers(
     auth_header: str,
     keep_client_auth: bool,
     preserve_host: bool,
-) -> tuple[CIMultiDict[str], bool]:
-    """Copy the client's headers for the upstream. Returns (headers, client_sent_auth_header).
+) -> tuple[CIMultiDict[str], bool, int]:
+    """Copy the client's headers for the upstream.
 
-    Hop-by-hop and Connection-listed names are removed before the token is attached, so
+    Returns (headers, client_sent_auth_header, names dropped for an underscore). Hop-by-hop
+    and Connection-listed names are removed before the token is attached, so
     ``Connection: Authorization`` cannot strip it. With ``replace`` the client's own value of
     the auth header is dropped; with ``keep`` it passes untouched and no token is added.
+    Names with an underscore are dropped, as nginx does: CGI and WSGI servers map
+    ``Content_Length`` or ``X_Forwarded_For`` to the same variable as the real header.
     """
     listed = connection_listed(headers)
     auth_low = auth_header.lower()
     out: CIMultiDict[str] = CIMultiDict()
     client_auth = False
+    underscored = 0
     spelling: dict[str, str] = {}
     for name, value in headers.items():
         low = name.lower()
+        if "_" in low:
+            underscored += 1
+            continue
         # One spelling per name: aiohttp's client keeps "X-Foo" and "x-foo" apart in a
         # case-sensitive set and lets the second replace the first.
         name = spelling.setdefault(low, name)
@@ -71,7 +78,7 @@ def forward_request_headers(
                 continue
             client_auth = True
         out.add(name, value)
-    return out, client_auth
+    return out, client_auth, underscored
 
 
 def forward_response_headers(

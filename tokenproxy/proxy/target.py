@@ -6,6 +6,8 @@ change the origin, so the token only ever goes where the route points.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -20,7 +22,9 @@ REFUSED_METHODS: Final = frozenset({"CONNECT", "TRACE", "TRACK"})
 # Overlong UTF-8 forms of "." and "/" that lenient decoders upstream turn into the real thing.
 _OVERLONG: Final = ((b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."),
                     (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"))
-_DECODE_ROUNDS: Final = 3
+# Decoding layers looked through; a path still encoded after that many is refused.
+_DECODE_ROUNDS: Final = 8
+_PERCENT_U: Final = re.compile(rb"%[uU]([0-9a-fA-F]{4})")   # IIS-style %u002e
 
 
 def _bad(detail: str) -> RequestRejected:
@@ -45,26 +49,41 @@ def split_target(method: str, raw_target: str) -> tuple[str, str | None]:
 def check_path(path: str) -> None:
     """Refuse dot segments in any encoding, and encoded NUL: they could escape a route prefix.
 
-    Every decoding layer an upstream might apply is applied here (percent-decoding up to three
-    times, overlong UTF-8, backslash as slash, ';' parameters), and any "." or ".." segment in
-    any of them is refused, whether or not it would climb above the prefix.
+    Every decoding layer an upstream might apply is applied here -- percent-decoding as often
+    as it changes anything (up to eight layers; a path encoded deeper is refused), IIS-style
+    ``%u002e``, overlong UTF-8, Unicode compatibility forms (NFKC: a full-width dot is a dot),
+    backslash as slash, ';' parameters -- and any "." or ".." segment in any of them is
+    refused, whether or not it would climb above the prefix.
     """
-    if "%" not in path and "." not in path and "\\" not in path:
-        return  # the common case costs three scans
+    if path.isascii() and "%" not in path and "." not in path and "\\" not in path:
+        return  # the common case costs four scans
     raw = path.encode("utf-8", "surrogateescape")
-    for _ in range(_DECODE_ROUNDS + 1):
-        probe = raw
-        for bad, good in _OVERLONG:
-            probe = probe.replace(bad, good)
-        probe = probe.replace(b"\\", b"/")
-        if b"\x00" in probe:
-            raise _bad("the request path contains an encoded NUL")
-        for segment in probe.split(b"/"):
-            if segment.split(b";", 1)[0] in (b".", b".."):
-                raise _bad("the request path contains a dot segment")
-        if b"%" not in raw:
+    for _ in range(_DECODE_ROUNDS):
+        _check_layer(raw)
+        decoded = unquote_to_bytes(_PERCENT_U.sub(_percent_u, raw))
+        if decoded == raw:
             return
-        raw = unquote_to_bytes(raw)
+        raw = decoded
+    raise _bad("the request path is percent-encoded too many times")
+
+
+def _percent_u(m: re.Match[bytes]) -> bytes:
+    return chr(int(m[1], 16)).encode("utf-8", "surrogatepass")
+
+
+def _check_layer(raw: bytes) -> None:
+    """One decoding layer of the path: no NUL, no "." or ".." segment in any spelling."""
+    for bad, good in _OVERLONG:
+        raw = raw.replace(bad, good)
+    text = raw.decode("utf-8", "surrogateescape")
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\\", "/")
+    if "\x00" in text:
+        raise _bad("the request path contains an encoded NUL")
+    for segment in text.split("/"):
+        if segment.split(";", 1)[0] in (".", ".."):
+            raise _bad("the request path contains a dot segment")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,13 +41,18 @@ def request_headers(
     auth_header: bytes,
     keep_client_auth: bool,
     preserve_host: bool,
-) -> tuple[list[Header], bool]:
-    """headers.forward_request_headers on byte pairs: (headers for the upstream, client_auth)."""
+) -> tuple[list[Header], bool, int]:
+    """headers.forward_request_headers on byte pairs: (headers for the upstream, client_auth,
+    names dropped for an underscore)."""
     listed = connection_listed(headers)
     out: list[Header] = []
     client_auth = False
+    underscored = 0
     for name, value in headers:
         low = name.lower()
+        if b"_" in low:
+            underscored += 1
+            continue
         if low == b"host":
             # Before the Connection-listed check: "Connection: Host" must not leave an
             # HTTP/1.1 request without a Host.
@@ -65,7 +70,7 @@ def request_headers(
                 continue
             client_auth = True
         out.append((name, value))
-    return out, client_auth
+    return out, client_auth, underscored
 
 
 def response_headers(
