@@ -21,6 +21,15 @@ from pytest_aiohttp import AiohttpServer
 from tests.conftest import MakeProxy, proxy_config, upstream_url
 from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream
 from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
+from tests.rawupstream import (
+    MakeRaw,
+    UpConn,
+    connected,
+    post,
+    read_request,
+    response,
+    start_proxy,
+)
 from tokenproxy.app import Daemon
 from tokenproxy.config import build_config
 from tokenproxy.errors import ConfigError
@@ -465,3 +474,74 @@ class TestExposedListener:
         assert "0.0.0.0" in message
         assert "client_key" in message
         assert_no_secret(message)
+
+
+@pytest.mark.both_paths
+class TestReplayBudget:
+    """limits.max_replay_total bounds the bodies held for replay across all requests."""
+
+    @pytest.mark.parametrize("framing", ["content-length", "chunked"])
+    async def test_past_the_budget_bodies_stream_and_their_401_is_passed_back(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw, framing: str
+    ) -> None:
+        release = asyncio.Event()
+        held = 0
+
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         conn: UpConn) -> None:
+            nonlocal held
+            while (req := await read_request(reader, conn)) is not None:
+                if req.target == "/hold":
+                    held += 1
+                    await release.wait()
+                    writer.write(response(b"held"))
+                else:
+                    writer.write(response(b"no", "401 Unauthorized"))
+                await writer.drain()
+
+        up = await raw_upstream(script)
+        daemon = await start_proxy(make_proxy, up, limits={
+            "max_replay_body": "1KiB", "max_replay_total": "2KiB"})
+        body = b"b" * 1000
+
+        def refused() -> bytes:
+            if framing == "chunked":
+                return get("/refuse", "localhost", "Transfer-Encoding: chunked",
+                           method="POST") + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+            return post("/refuse", body)
+
+        def sample(name: str, **labels: str) -> float:
+            return daemon.registry.get_sample_value(name, labels) or 0.0
+
+        holders = [await RawConnection.open(daemon.port()) for _ in range(2)]
+        try:
+            for conn in holders:
+                await conn.send(post("/hold", body))
+            async with asyncio.timeout(5):
+                while held < 2:
+                    await asyncio.sleep(0.01)
+            assert 2000 == sample("tokenproxy_replay_buffered_bytes")
+            async with connected(daemon.port()) as conn:
+                await conn.send(refused())
+                assert 401 == (await conn.response()).status
+            assert 1 == sample("tokenproxy_replay_budget_exceeded_total", route="/")
+            assert 1 == sample("tokenproxy_auth_retries_total", route="/", outcome="skipped")
+            release.set()
+            assert [b"held", b"held"] == [(await c.response()).body for c in holders]
+        finally:
+            for conn in holders:
+                await conn.close()
+        async with asyncio.timeout(5):
+            while sample("tokenproxy_replay_buffered_bytes"):
+                await asyncio.sleep(0.01)
+        # Room again: the body is buffered, the 401 retried (a static token has no newer one).
+        async with connected(daemon.port()) as conn:
+            await conn.send(refused())
+            assert 401 == (await conn.response()).status
+        assert 1 == sample("tokenproxy_auth_retries_total", route="/", outcome="failure")
+        assert 1 == sample("tokenproxy_replay_budget_exceeded_total", route="/")
+
+    def test_the_total_is_at_least_one_body(self) -> None:
+        with pytest.raises(ConfigError, match=r"limits\.max_replay_total"):
+            build_config(proxy_config("http://127.0.0.1:1/", TOKEN, limits={
+                "max_replay_body": "2MiB", "max_replay_total": "1MiB"}), {})

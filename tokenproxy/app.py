@@ -28,6 +28,7 @@ from tokenproxy.config import (
 from tokenproxy.errors import ConfigError, TokenProxyError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.proxy.body import ReplayBudget
 from tokenproxy.proxy.fastpath import FastConnection, FastEnv
 from tokenproxy.proxy.forward import Proxy
 from tokenproxy.proxy.pool import UpstreamPool
@@ -163,6 +164,7 @@ class Daemon:
         self.clock = clock if clock is not None else SystemClock()
         self.redactor = redactor if redactor is not None else Redactor()
         self.metrics = Metrics(self.registry, __version__)
+        self.replay_budget = ReplayBudget(cfg.limits.max_replay_total, self.metrics)
         self.sources: dict[str, TokenSource] = {}
         self.listeners: list[ListeningSocket] = []
         self.admin_listeners: list[ListeningSocket] = []
@@ -249,6 +251,7 @@ class Daemon:
                 self.sources[name] = self._factory_sources.build(provider)
             self._session = make_upstream_session(cfg.limits.max_connections)
             self._proxy = Proxy(cfg, sources=self.sources, session=self._session,
+                                budget=self.replay_budget,
                                 metrics=self.metrics)
             # handler_cancellation: a client that hangs up cancels its upstream request.
             self._server = web.Server(self._handle, handler_cancellation=True)
@@ -337,7 +340,8 @@ class Daemon:
                            and not stuck)
                 plan.append((fresh, current, inherit))
                 sources[name] = fresh
-            proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics)
+            proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics,
+                          budget=self.replay_budget)
         except BaseException:
             for ls in added + admin_added:
                 await ls.close()
@@ -365,6 +369,7 @@ class Daemon:
         # Idle upstream connections may belong to routes (or TLS settings) that just went.
         self._fast.pool.close()
         self._gate.resize(new.limits.max_connections)
+        self.replay_budget.total = new.limits.max_replay_total
         for ls in drop + admin_drop:
             await ls.close()
         self.listeners = keep + added

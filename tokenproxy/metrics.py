@@ -68,6 +68,15 @@ class Metrics:
             "tokenproxy_rejected_requests_total",
             "Requests answered locally without contacting an upstream, by cause.",
             ("cause",), registry=registry)
+        self.replay_buffered = Gauge(
+            "tokenproxy_replay_buffered_bytes",
+            "Request body bytes held so a request can be sent again after a refused token.",
+            registry=registry)
+        self.replay_budget_exceeded = Counter(
+            "tokenproxy_replay_budget_exceeded_total",
+            "Bodies streamed unbuffered because limits.max_replay_total was reached, by route "
+            "(a 401 to them is passed back, not retried).",
+            ("route",), registry=registry)
         self.dropped_headers = Counter(
             "tokenproxy_request_headers_dropped_total",
             "Request header fields not forwarded, by reason (underscore: a name with '_').",

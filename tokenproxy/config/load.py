@@ -272,6 +272,7 @@ def _limits(raw: object) -> LimitsConfig:
     d = LimitsConfig()
     cfg = LimitsConfig(
         max_replay_body=m.parse("max_replay_body", parse_size, d.max_replay_body),
+        max_replay_total=m.parse("max_replay_total", parse_size, d.max_replay_total),
         max_header_size=m.parse("max_header_size", parse_size, d.max_header_size),
         header_timeout=m.parse(
             "header_timeout", lambda r, w: parse_duration(r, w, allow_zero=False), d.header_timeout
@@ -285,6 +286,8 @@ def _limits(raw: object) -> LimitsConfig:
     )
     if cfg.max_header_size < 1024:
         raise ConfigError("limits.max_header_size: must be at least 1KiB")
+    if cfg.max_replay_total < cfg.max_replay_body:
+        raise ConfigError("limits.max_replay_total: must be at least limits.max_replay_body")
     m.done()
     return cfg
 

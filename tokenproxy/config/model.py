@@ -29,6 +29,7 @@ class SecurityConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     max_replay_body: int = 1024 * 1024
+    max_replay_total: int = 64 * 1024 * 1024
     max_header_size: int = 16 * 1024
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0

@@ -7,6 +7,36 @@ from typing import Any
 
 from aiohttp import StreamReader
 
+from tokenproxy.metrics import Metrics
+
+
+class ReplayBudget:
+    """Bytes of request bodies held for replay, across all requests and both paths.
+
+    Each body is bounded by max_replay_body; this bounds their sum (max_replay_total), so
+    many connections sending bodies to a slow upstream cannot hold a gigabyte between them.
+    A body that does not fit streams instead, as one over max_replay_body does.
+    """
+
+    def __init__(self, total: int, metrics: Metrics) -> None:
+        self.total = total
+        self.held = 0
+        self._gauge = metrics.replay_buffered
+        self._exceeded = metrics.replay_budget_exceeded
+
+    def reserve(self, size: int, route: str) -> bool:
+        if self.held + size > self.total:
+            self._exceeded.labels(route).inc()
+            return False
+        self.held += size
+        self._gauge.set(self.held)
+        return True
+
+    def release(self, size: int) -> None:
+        if size:
+            self.held -= size
+            self._gauge.set(self.held)
+
 
 class ReplayableBody:
     """The request body as the upstream client should send it, once or twice.
@@ -16,13 +46,16 @@ class ReplayableBody:
     through once; ``replayable`` is then False and the caller must not retry.
     """
 
-    __slots__ = ("_data", "_prefix", "_stream", "_used")
+    __slots__ = ("_budget", "_data", "_prefix", "_reserved", "_stream", "_used")
 
-    def __init__(self, data: bytes | None, prefix: bytes, stream: StreamReader | None) -> None:
+    def __init__(self, data: bytes | None, prefix: bytes, stream: StreamReader | None,
+                 budget: ReplayBudget | None = None, reserved: int = 0) -> None:
         self._data = data
         self._prefix = prefix
         self._stream = stream
         self._used = False
+        self._budget = budget
+        self._reserved = reserved
 
     @property
     def replayable(self) -> bool:
@@ -34,20 +67,38 @@ class ReplayableBody:
 
     @classmethod
     async def read(
-        cls, content: StreamReader, content_length: int | None, limit: int
+        cls, content: StreamReader, content_length: int | None, limit: int,
+        budget: ReplayBudget, route: str,
     ) -> ReplayableBody:
-        """Buffer up to *limit* bytes; past that, keep what was read as the stream's prefix."""
-        if content_length is not None and content_length > limit:
+        """Buffer up to *limit* bytes within the budget; past either, keep what was read as
+        the stream's prefix (its reservation is kept until release())."""
+        if content_length is not None and (
+                content_length > limit or not budget.reserve(content_length, route)):
             return cls(None, b"", content)
+        reserved = content_length or 0
         chunks: list[bytes] = []
         size = 0
-        while size <= limit:
-            chunk = await content.readany()
-            if not chunk:
-                return cls(b"".join(chunks), b"", None)
-            chunks.append(chunk)
-            size += len(chunk)
-        return cls(None, b"".join(chunks), content)
+        try:
+            while size <= limit:
+                chunk = await content.readany()
+                if not chunk:
+                    return cls(b"".join(chunks), b"", None, budget, reserved)
+                chunks.append(chunk)
+                size += len(chunk)
+                if content_length is None:   # chunked: reserved as it arrives
+                    if size > limit or not budget.reserve(len(chunk), route):
+                        break
+                    reserved += len(chunk)
+        except BaseException:
+            budget.release(reserved)
+            raise
+        return cls(None, b"".join(chunks), content, budget, reserved)
+
+    def release(self) -> None:
+        """Give the buffered bytes back to the budget (once; the request is over)."""
+        if self._budget is not None:
+            self._budget.release(self._reserved)
+            self._budget = None
 
     @classmethod
     def streaming(cls, content: StreamReader) -> ReplayableBody:

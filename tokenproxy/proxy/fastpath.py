@@ -353,6 +353,10 @@ class FastConnection(asyncio.Protocol):
             rest = self._feed_body(request.body, rest)
             buf += rest
         self._task = self._loop.create_task(self._exchange(request))
+        if request.body is not None and request.body.whole:
+            # On the task, not in _exchange: a task cancelled before it ran never enters it.
+            budget, size = request.proxy.budget, request.length or 0
+            self._task.add_done_callback(lambda _: budget.release(size))
 
     def _parse(self, head: bytes) -> _Request | str:
         """The request if the fast path takes it, else why not (it is handed over):
@@ -409,7 +413,8 @@ class FastConnection(asyncio.Protocol):
             return "refused"
         body = None
         if length:   # None or 0: no body
-            whole = bool(compiled.route.retry_on) and length <= proxy.max_replay
+            whole = (bool(compiled.route.retry_on) and length <= proxy.max_replay
+                     and proxy.budget.reserve(length, compiled.route.label))
             body = _Body(length, complete=self._loop.create_future(), whole=whole)
         return _Request(method, method_str, target, path, query, headers, length, keep_alive,
                         compiled, proxy, body)

@@ -19,7 +19,7 @@ from tokenproxy.config import Config
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.metrics import Metrics, method_label
 from tokenproxy.proxy import wire
-from tokenproxy.proxy.body import ReplayableBody
+from tokenproxy.proxy.body import ReplayableBody, ReplayBudget
 from tokenproxy.proxy.deadline import bounded
 from tokenproxy.proxy.headers import (
     MIN_ECHO_TOKEN,
@@ -87,6 +87,7 @@ class Proxy:
         sources: Mapping[str, TokenSource],
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        budget: ReplayBudget,
     ) -> None:
         self.table = RouteTable(cfg.routes)
         self.policy = SecurityPolicy(cfg.security, cfg.limits)
@@ -96,6 +97,7 @@ class Proxy:
         self.metrics = metrics
         self._dropped_underscore = metrics.dropped_headers.labels("underscore")
         self.max_replay = cfg.limits.max_replay_body
+        self.budget = budget   # the daemon's, shared across reloads
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         contexts = ssl_contexts(r.ca_file for r in cfg.routes)
         for r in cfg.routes:
@@ -243,7 +245,7 @@ class Proxy:
         if not compiled.route.retry_on:
             return ReplayableBody.streaming(request.content)
         return await ReplayableBody.read(request.content, request.content_length,
-                                         self.max_replay)
+                                         self.max_replay, self.budget, compiled.route.label)
 
     async def _forward(
         self,
@@ -263,6 +265,18 @@ class Proxy:
         except TimeoutError:
             raise RequestRejected(408, "request_timeout",
                                   "the request body did not arrive in time") from None
+        try:
+            return await self._send_and_relay(request, compiled, path, query, outcome, token,
+                                              body)
+        finally:
+            body.release()
+
+    async def _send_and_relay(
+        self, request: web.BaseRequest, compiled: CompiledRoute, path: str, query: str | None,
+        outcome: Outcome, token: Token, body: ReplayableBody,
+    ) -> web.StreamResponse:
+        route = compiled.route
+        source = self.source_for(compiled)
         url = compiled.upstream_url(path, query)
         headers, client_auth = self.request_headers(request, compiled)
         # aiohttp's pool cannot keep a connection for one client (proxy/reuse.py): one that
