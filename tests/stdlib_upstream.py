@@ -27,7 +27,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass   # quiet: the tests read ``requests`` instead
 
     def _record(self) -> None:
@@ -58,7 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._answer(b"ok")
 
-    do_GET = do_HEAD = do_DELETE = do_OPTIONS = do_POST = do_PUT = _dispatch  # noqa: N815
+    do_GET = do_HEAD = do_DELETE = do_OPTIONS = do_POST = do_PUT = _dispatch
 
 
 class _Server(http.server.ThreadingHTTPServer):
