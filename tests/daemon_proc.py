@@ -33,9 +33,11 @@ def free_port() -> int:
 
 
 def write_config(directory: Path, raw: dict[str, Any], name: str = "tokenproxy.yaml") -> Path:
-    """Write *raw* as a config file (JSON is valid YAML)."""
+    """Write *raw* as a config file (JSON is valid YAML), private as one holding secrets
+    should be (a readable one is warned about at start)."""
     path = directory / name
     path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    path.chmod(0o600)
     return path
 
 

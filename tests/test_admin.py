@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import prometheus_client
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 from prometheus_client.openmetrics.parser import (
@@ -15,11 +20,17 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
+from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
+from tests.daemon_proc import child_env, running_daemon, write_config
 from tests.fakes import CLIENT_KEY, PASSWORD, REFRESH_TOKEN, SECRETS, TOKEN, TOKEN_2, FakeUpstream
+from tests.rawhttp import RawConnection, assert_problem, exchange, get
 from tokenproxy import __version__
-from tokenproxy.app import Daemon
+from tokenproxy.app import ADMIN_MAX_CONNECTIONS, Daemon
+from tokenproxy.cli import summary
 from tokenproxy.config import build_config
+from tokenproxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
 
 # SPEC.md section 6, with the type each must have.
 SPEC_METRICS = {
@@ -214,3 +225,374 @@ async def test_no_secret_or_query_in_metric_labels(
     assert [] == [(k, v) for k, v in labels if "?" in v or "=" in v]
     assert {"/", "-"} >= {v for k, v in labels if k == "route"}
     assert {"GET", "POST", "OTHER"} == {v for k, v in labels if k == "method"}
+
+
+# ---------------------------------------------------------------- Host allowlist
+
+
+def admin_only_config(upstream: TestServer, **security: Any) -> dict[str, Any]:
+    raw = proxy_config(upstream_url(upstream, "/echo/"), TOKEN)
+    if security:
+        raw["security"] = security
+    return raw
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/nope"])
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9100", "localhost.evil.example",
+                                  "[::1].evil.example", "127.0.0.1.nip.io:9100"])
+async def test_foreign_host_is_403_forbidden_host(daemon: Daemon, path: str, host: str) -> None:
+    """A DNS-rebinding page (Host: its own name) reads nothing: 403 forbidden_host, as the
+    proxy listener answers, with no provider name, error text or metric in the body."""
+    resp, _ = await exchange(daemon.admin_port, get(path, host))
+    assert_problem(resp, 403, "forbidden_host")
+    assert "no-store" == resp.get("Cache-Control")
+    assert b"api" not in resp.body
+    assert b"tokenproxy_" not in resp.body
+    assert resp.get("Server") is None
+
+
+async def test_foreign_host_is_refused_before_the_method(daemon: Daemon) -> None:
+    """The Host check comes first: a refused Host learns nothing about paths or methods."""
+    resp, _ = await exchange(daemon.admin_port, get("/metrics", "evil.example", method="POST"))
+    assert_problem(resp, 403, "forbidden_host")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [get("/readyz", None, version="HTTP/1.0"), b"GET /readyz\r\n\r\n", get("/readyz", "")],
+    ids=["missing-1.0", "http-0.9", "empty"],
+)
+async def test_missing_host_is_403(daemon: Daemon, head: bytes) -> None:
+    """As on the proxy listener: no Host (HTTP/1.0 and 0.9 may omit it) is no allowed host."""
+    resp, _ = await exchange(daemon.admin_port, head)
+    assert_problem(resp, 403, "forbidden_host")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [get("/readyz", "localhost", "Host: localhost"),
+     get("/readyz", "localhost", "Host: evil.example"),
+     get("/readyz", "evil.example", "Host: localhost"),
+     get("/readyz", None)],
+    ids=["repeated-same", "repeated-allowed-first", "repeated-allowed-last", "missing-1.1"],
+)
+async def test_repeated_host_or_none_in_http11_is_400(daemon: Daemon, head: bytes) -> None:
+    """As on the proxy listener: two Host headers, or none in HTTP/1.1, are malformed (400,
+    connection closed), whichever of them is allowed."""
+    resp, closed = await exchange(daemon.admin_port, head)
+    assert_problem(resp, 400, "bad_request")
+    assert closed
+    assert b"api" not in resp.body
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:9100", "LocalHost:9100", "127.0.0.1",
+                                  "127.0.0.1:9100", "[::1]:9100", "[::1]"])
+async def test_loopback_hosts_are_served(daemon: Daemon, host: str) -> None:
+    """The default allowlist (localhost, 127.0.0.1, ::1, any port) reaches every path."""
+    for path in ("/healthz", "/readyz", "/metrics"):
+        resp, _ = await exchange(daemon.admin_port, get(path, host))
+        assert 200 == resp.status, path
+
+
+async def test_admin_allowed_hosts_apply_to_the_admin_listener_only(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """security.admin_allowed_hosts opens the admin listener to a scraper's Host (a pod IP)
+    without widening the proxy listener's own allowed_hosts."""
+    daemon = await make_proxy(admin_only_config(upstream, admin_allowed_hosts=["10.1.2.3"]))
+    admin, proxy = daemon.admin_port, daemon.port()
+    assert 200 == (await exchange(admin, get("/metrics", "10.1.2.3:9100")))[0].status
+    assert_problem((await exchange(admin, get("/metrics", "localhost")))[0], 403,
+                   "forbidden_host")
+    assert_problem((await exchange(proxy, get("/x", "10.1.2.3")))[0], 403, "forbidden_host")
+    assert 200 == (await call("GET", proxy, "/x")).status
+
+
+async def test_admin_hosts_default_to_allowed_hosts(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """Without admin_allowed_hosts the admin listener follows security.allowed_hosts."""
+    daemon = await make_proxy(admin_only_config(upstream, allowed_hosts=["api.internal"]))
+    assert 200 == (await exchange(daemon.admin_port, get("/healthz", "api.internal")))[0].status
+    assert_problem((await exchange(daemon.admin_port, get("/healthz", "localhost")))[0], 403,
+                   "forbidden_host")
+
+
+async def test_admin_allowed_hosts_star_turns_the_check_off(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """admin_allowed_hosts "*": any Host, or none, reaches the admin paths; the proxy listener
+    keeps its default allowlist."""
+    daemon = await make_proxy(admin_only_config(upstream, admin_allowed_hosts="*"))
+    for head in (get("/healthz", "10.9.8.7:9100"), get("/healthz", None, version="HTTP/1.0")):
+        assert 200 == (await exchange(daemon.admin_port, head))[0].status
+    assert_problem((await exchange(daemon.port(), get("/x", "evil.example")))[0], 403,
+                   "forbidden_host")
+
+
+async def test_reload_applies_admin_allowed_hosts(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """A reload changes the admin allowlist for connections already open and new ones."""
+    daemon = await make_proxy(admin_only_config(upstream))
+    conn = await RawConnection.open(daemon.admin_port)
+    try:
+        await conn.send(get("/healthz", "10.1.2.3"))
+        assert_problem(await conn.response(), 403, "forbidden_host")
+        await daemon.reload(build_config(
+            admin_only_config(upstream, admin_allowed_hosts=["10.1.2.3"]), {}))
+        await conn.send(get("/healthz", "10.1.2.3"))
+        assert 200 == (await conn.response()).status
+        await conn.send(get("/healthz", "localhost"))
+        assert_problem(await conn.response(), 403, "forbidden_host")
+    finally:
+        await conn.close()
+    resp, _ = await exchange(daemon.admin_port, get("/healthz", "10.1.2.3"))
+    assert 200 == resp.status
+
+
+# ---------------------------------------------------------------- exposed admin listener
+
+
+def config_base(**top: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "providers": {"api": {"type": "static", "token": TOKEN}},
+        "routes": [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "api"}],
+    }
+    raw.update(top)
+    return raw
+
+
+def config_error(raw: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, env or {})
+    return str(info.value)
+
+
+@pytest.mark.parametrize("admin", ["0.0.0.0:9100", "[::]:9100", "192.0.2.1:9100",
+                                   "pod.example:9100"])
+@pytest.mark.parametrize(
+    "security",
+    [None, {"allowed_hosts": ["proxy.internal"]}, {"allowed_hosts": "*"},
+     {"client_key": CLIENT_KEY}],
+    ids=["defaults", "allowed_hosts", "allowed_hosts-star", "client_key"],
+)
+def test_exposed_admin_listen_needs_admin_allowed_hosts(
+    admin: str, security: dict[str, Any] | None
+) -> None:
+    """A non-loopback admin_listen is refused unless security.admin_allowed_hosts is set: the
+    proxy listener's settings (even "*" or a client key, which the admin paths do not check)
+    do not count. The one-line message names the key and says how to allow probes."""
+    raw = config_base(admin_listen=admin)
+    if security is not None:
+        raw["security"] = security
+    msg = config_error(raw)
+    assert msg.startswith(f"admin_listen: {admin} ")
+    assert "security.admin_allowed_hosts" in msg
+    assert '"*"' in msg
+    assert "pod IP" in msg
+    assert 1 == len(msg.splitlines())
+    assert CLIENT_KEY not in msg
+
+
+@pytest.mark.parametrize("hosts", [["10.1.2.3"], "*", ["*"], ["${POD_IP}", "localhost"]])
+def test_exposed_admin_listen_accepted_with_admin_allowed_hosts(hosts: object) -> None:
+    """An explicit admin_allowed_hosts (names, "*", or the pod IP from the environment) makes a
+    non-loopback admin listener acceptable, and leaves allowed_hosts as it was."""
+    cfg = build_config(config_base(admin_listen="0.0.0.0:9100",
+                                   security={"admin_allowed_hosts": hosts}),
+                       {"POD_IP": "10.1.2.3"})
+    assert "0.0.0.0:9100" == str(cfg.admin_listen)
+    assert frozenset({"localhost", "127.0.0.1", "::1"}) == cfg.security.allowed_hosts
+    admin_hosts = cfg.security.admin_hosts
+    assert admin_hosts is None if "*" in hosts else "10.1.2.3" in (admin_hosts or ())
+
+
+@pytest.mark.parametrize("admin", ["127.0.0.1:9100", "localhost:9100", "[::1]:9100",
+                                   "127.0.0.2:9100", "unix:/run/tp-admin.sock", None])
+def test_loopback_admin_listen_needs_nothing(admin: str | None) -> None:
+    """Loopback, unix-socket and disabled admin listeners need no admin_allowed_hosts."""
+    cfg = build_config(config_base(admin_listen=admin), {})
+    assert cfg.security.admin_hosts == cfg.security.allowed_hosts
+
+
+def test_admin_allowed_hosts_normalised_like_allowed_hosts() -> None:
+    """admin_allowed_hosts are lower-cased without brackets, like allowed_hosts."""
+    cfg = build_config(config_base(security={"admin_allowed_hosts": ["Pod.Internal", "[FD00::1]"]}),
+                       {})
+    assert frozenset({"pod.internal", "fd00::1"}) == cfg.security.admin_hosts
+
+
+@pytest.mark.parametrize("hosts", [[], [""], ["  "], [5], {"a": 1}])
+def test_bad_admin_allowed_hosts_named(hosts: object) -> None:
+    """A bad admin_allowed_hosts names its key."""
+    msg = config_error(config_base(security={"admin_allowed_hosts": hosts}))
+    assert msg.startswith("security.admin_allowed_hosts: expected a list of host names")
+
+
+def test_unknown_security_key_still_refused() -> None:
+    """A typo of the new key is an unknown key, not silently ignored."""
+    msg = config_error(config_base(admin_listen="0.0.0.0:9100",
+                                   security={"admin_allowed_host": ["10.1.2.3"]}))
+    assert "security.admin_allowed_host: unknown key" == msg
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_exposed_admin_listen_exits_2_with_one_line(tmp_path: Path, command: str) -> None:
+    """check-config and run refuse 0.0.0.0:9100 with exit 2 and one stderr line."""
+    path = write_config(tmp_path, config_base(admin_listen="0.0.0.0:9100"))
+    # A child process: a `run` that wrongly accepted the file would serve until killed.
+    result = subprocess.run([sys.executable, "-m", "tokenproxy", command, "-c", str(path)],
+                            capture_output=True, text=True, timeout=30, check=False,
+                            env=child_env(tmp_path), cwd=tmp_path)
+    assert (2, "") == (result.returncode, result.stdout)
+    assert 1 == len(result.stderr.splitlines())
+    assert result.stderr.startswith("tokenproxy: admin_listen: 0.0.0.0:9100 ")
+    assert "security.admin_allowed_hosts" in result.stderr
+
+
+def test_check_config_summary_shows_admin_allowed_hosts(tmp_path: Path) -> None:
+    """check-config's security line shows the admin allowlist in force."""
+    exposed = build_config(config_base(admin_listen="0.0.0.0:9100",
+                                       security={"admin_allowed_hosts": ["10.1.2.3", "b"]}), {})
+    star = build_config(config_base(security={"admin_allowed_hosts": "*"}), {})
+    default = build_config(config_base(security={"allowed_hosts": ["x.internal"]}), {})
+    [line] = [li for li in summary(exposed) if li.startswith("security: ")]
+    assert " admin_allowed_hosts=10.1.2.3,b " in line
+    assert " admin_allowed_hosts=* " in next(li for li in summary(star) if "security" in li)
+    assert " admin_allowed_hosts=x.internal " in next(
+        li for li in summary(default) if "security" in li)
+
+
+def test_config_example_lists_admin_allowed_hosts() -> None:
+    """config.example.yaml lists the key with its default (null: the same as allowed_hosts)."""
+    raw = yaml.safe_load((REPO / "config.example.yaml").read_text(encoding="utf-8"))
+    assert "admin_allowed_hosts" in raw["security"]
+    assert raw["security"]["admin_allowed_hosts"] is None
+
+
+# ---------------------------------------------------------------- probes under a full cap
+
+PROBE_BOUND = 1.0
+HALF_HEAD = b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
+
+
+async def probe_healthz(port: int) -> None:
+    """A liveness probe: GET /healthz on a new connection, answered 200 within PROBE_BOUND."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    resp, _ = await exchange(port, get("/healthz", "127.0.0.1:9100"), timeout=PROBE_BOUND)
+    assert 200 == resp.status
+    assert loop.time() - started < PROBE_BOUND
+
+
+async def open_idle(port: int, keepalive: int, half_head: int, silent: int
+                    ) -> list[RawConnection]:
+    """Connections that hold a slot without a request in progress: keep-alive ones after a
+    request, ones that sent half a head, and ones that sent nothing."""
+    conns: list[RawConnection] = []
+    for _ in range(keepalive):
+        conns.append(conn := await RawConnection.open(port))
+        await conn.send(get("/healthz"))
+        assert 200 == (await conn.response()).status
+    for _ in range(half_head):
+        conns.append(conn := await RawConnection.open(port))
+        await conn.send(HALF_HEAD)
+    for _ in range(silent):
+        conns.append(await RawConnection.open(port))
+    return conns
+
+
+async def close_all(conns: list[RawConnection]) -> None:
+    await asyncio.gather(*(conn.close() for conn in conns))
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "half_head", "silent"),
+    [(ADMIN_MAX_CONNECTIONS, 0, 0), (0, ADMIN_MAX_CONNECTIONS, 0),
+     (0, 0, ADMIN_MAX_CONNECTIONS), (ADMIN_MAX_CONNECTIONS, 68, 68)],
+    ids=["64-keepalive", "64-half-head", "64-silent", "200-mixed"],
+)
+async def test_healthz_answers_while_idle_clients_hold_every_slot(
+    daemon: Daemon, keepalive: int, half_head: int, silent: int
+) -> None:
+    """Idle clients holding every admin connection slot (and more waiting) cannot starve the
+    liveness probe: each /healthz is answered within a second, again and again."""
+    conns = await open_idle(daemon.admin_port, keepalive, half_head, silent)
+    try:
+        for _ in range(5):
+            await probe_healthz(daemon.admin_port)
+    finally:
+        await close_all(conns)
+
+
+async def test_connection_idle_longest_makes_room(daemon: Daemon, logs: CapturedLogs) -> None:
+    """When the cap is full and a client waits, the connection idle longest is closed, only
+    that one, and only then: a connection that just finished a request is idle since then."""
+    conns = await open_idle(daemon.admin_port, ADMIN_MAX_CONNECTIONS, 0, 0)
+    try:
+        await conns[0].send(get("/healthz"))
+        assert 200 == (await conns[0].response()).status
+        # Nobody waits: every idle connection stays.
+        assert [None] * len(conns) == await asyncio.gather(
+            *(conn.wait_closed(0.2) for conn in conns))
+        await probe_healthz(daemon.admin_port)
+        closed = await asyncio.gather(*(conn.wait_closed(0.2) for conn in conns))
+        assert [1] == [i for i, at in enumerate(closed) if at is not None]
+        assert b"" == conns[1].trailing
+    finally:
+        await close_all(conns)
+    [event] = logs.events("idle_connection_closed")
+    assert ("warning", ADMIN_MAX_CONNECTIONS) == (event["level"], event["limit"])
+
+
+async def test_busy_connection_is_not_closed_for_a_newcomer(daemon: Daemon) -> None:
+    """A connection with a request in progress is never chosen, however long it has been
+    connected: only connections waiting for a request head are."""
+    conns = await open_idle(daemon.admin_port, 0, 0, ADMIN_MAX_CONNECTIONS)
+    try:
+        # The oldest one sends a request whose body is still to come: it is not idle.
+        await conns[0].send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                            b"Content-Length: 5\r\n\r\n")
+        assert 200 == (await conns[0].response()).status
+        await probe_healthz(daemon.admin_port)
+        closed = await asyncio.gather(*(conn.wait_closed(0.2) for conn in conns))
+        assert [1] == [i for i, at in enumerate(closed) if at is not None]
+    finally:
+        await close_all(conns)
+
+
+async def test_probes_answered_under_uvloop_daemon(tmp_path: Path) -> None:
+    """The same in a real `tokenproxy run` process (uvloop): 200 idle clients, probes served."""
+    raw = proxy_config("http://127.0.0.1:1/", TOKEN)
+    async with running_daemon(raw, tmp_path) as proc:
+        conns = await open_idle(proc.admin_port, ADMIN_MAX_CONNECTIONS, 68, 68)
+        try:
+            for _ in range(5):
+                await probe_healthz(proc.admin_port)
+        finally:
+            await close_all(conns)
+
+
+@pytest.mark.both_paths
+async def test_proxy_listener_cap_still_keeps_idle_connections(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """Only the admin listener makes room: at the proxy's max_connections an idle keep-alive
+    client keeps its connection and a new client waits in the backlog, on either path."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/status/"), TOKEN,
+                                           limits={"max_connections": 2}))
+    idle = [await RawConnection.open(daemon.port()) for _ in range(2)]
+    waiting = await RawConnection.open(daemon.port())
+    try:
+        for conn in idle:
+            await conn.send(get("/200"))
+            assert 200 == (await conn.response()).status
+        await waiting.send(get("/201"))
+        with pytest.raises(TimeoutError):
+            await waiting.response(timeout=0.5)
+        assert [None, None] == [await conn.wait_closed(0.05) for conn in idle]
+        await idle[0].close()
+        assert 201 == (await waiting.response()).status
+    finally:
+        await close_all([*idle, waiting])

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from tests.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, TOKEN, TOKEN_2
-from tokenproxy.app import config_secrets
 from tokenproxy.config import (
     CommandProvider,
     Config,
@@ -26,10 +25,13 @@ from tokenproxy.config import (
     load_config,
     parse_yaml,
 )
+from tokenproxy.config.secrets import config_secrets
 from tokenproxy.config.values import expand_env, parse_duration, parse_listener, parse_size
 from tokenproxy.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
+# Where tokens persist when no state_path is given: providers other than static need one.
+HOME = {"HOME": "/home/u"}
 
 SIX_LINES = """\
 providers:
@@ -296,7 +298,7 @@ def test_env_in_provider_token_route_upstream_and_nested_values() -> None:
         ],
     }
     cfg = build_config(raw, {"PORT": "8081", "API_TOKEN": TOKEN, "API_HOST": "api.example.com",
-                             "USER_NAME": "alice"})
+                             "USER_NAME": "alice", **HOME})
     assert ("127.0.0.1:8081", "unix:/run/tp.sock") == tuple(str(li) for li in cfg.listen)
     api = cfg.providers["api"]
     assert isinstance(api, StaticProvider)
@@ -385,7 +387,7 @@ def test_secret_files_of_every_kind_are_read(tmp_path: Path) -> None:
         grant_type="refresh_token", client_auth="none", client_id=None, client_secret=None,
         refresh_token_file=write(tmp_path / "rt", REFRESH_TOKEN + "\n"),
     )
-    cfg = build_config(raw, {})
+    cfg = build_config(raw, HOME)
     assert cfg.security.client_key is not None
     assert CLIENT_KEY == cfg.security.client_key.value
     pw, rt = cfg.providers["pw"], cfg.providers["rt"]
@@ -469,7 +471,7 @@ def test_secrets_are_masked_in_repr() -> None:
     raw = base(security={"client_key": CLIENT_KEY})
     raw["providers"]["corp"] = oauth2(grant_type="password", username="u", password=PASSWORD)
     raw["providers"]["rt"] = oauth2(grant_type="refresh_token", refresh_token=REFRESH_TOKEN)
-    text = repr(build_config(raw, {}))
+    text = repr(build_config(raw, HOME))
     assert [] == [s for s in (TOKEN, CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN)
                   if s in text]
 
@@ -798,7 +800,7 @@ def test_oauth2_accepted_forms() -> None:
         "rt": oauth2(grant_type="refresh_token", refresh_token=REFRESH_TOKEN,
                      client_auth="post", refresh_margin="2m"),
     })
-    cfg = build_config(raw, {})
+    cfg = build_config(raw, HOME)
     disc, pub, pw, rt = (cfg.providers[n] for n in ("disc", "pub", "pw", "rt"))
     assert isinstance(disc, OAuth2Provider)
     assert isinstance(pub, OAuth2Provider)
@@ -814,7 +816,7 @@ def test_oauth2_accepted_forms() -> None:
 
 def test_oauth2_defaults() -> None:
     """An oauth2 provider defaults to client_credentials, basic auth, 60s margin, 10s timeout."""
-    corp = build_config(with_provider("corp", oauth2()), {}).providers["corp"]
+    corp = build_config(with_provider("corp", oauth2()), HOME).providers["corp"]
     assert isinstance(corp, OAuth2Provider)
     assert ("client_credentials", "basic", 60.0, 10.0, None) == (
         corp.grant_type, corp.client_auth, corp.refresh_margin, corp.timeout, corp.scope)
@@ -849,7 +851,7 @@ def test_json_accepted_forms() -> None:
     raw["providers"]["b"] = json_provider(refresh={
         "url": "https://api.example.com/refresh", "method": "get",
         "headers": {"X-Refresh": "{refresh_token}"}})
-    cfg = build_config(raw, {})
+    cfg = build_config(raw, HOME)
     a, b = cfg.providers["a"], cfg.providers["b"]
     assert isinstance(a, JsonProvider)
     assert isinstance(b, JsonProvider)
@@ -874,7 +876,7 @@ def test_command_provider_loads() -> None:
     """A command provider keeps its argv and output settings; defaults fill the rest."""
     raw = with_provider("cli", {"type": "command", "command": ["gcloud", "auth", 2],
                                 "output": "json", "cache_for": "1m"})
-    cli = build_config(raw, {}).providers["cli"]
+    cli = build_config(raw, HOME).providers["cli"]
     assert isinstance(cli, CommandProvider)
     assert (("gcloud", "auth", "2"), "json", 60.0, 30.0, "/access_token") == (
         cli.command, cli.output, cli.cache_for, cli.timeout, cli.access_token)
@@ -1100,11 +1102,19 @@ def test_six_line_config_without_env_names_the_variable(tmp_path: Path) -> None:
         ({"XDG_STATE_HOME": "/home/u/.state"}, "/home/u/.state/tokenproxy/state.json"),
         ({"HOME": "/home/u"}, "/home/u/.local/state/tokenproxy/state.json"),
         ({"STATE_DIRECTORY": "", "XDG_STATE_HOME": "/x"}, "/x/tokenproxy/state.json"),
+        ({"STATE_DIRECTORY": "rel", "XDG_STATE_HOME": "/x"}, "/x/tokenproxy/state.json"),
+        ({"XDG_STATE_HOME": "rel", "HOME": "/home/u"},
+         "/home/u/.local/state/tokenproxy/state.json"),
+        ({}, None),
+        ({"HOME": ""}, None),
+        ({"HOME": "rel", "XDG_STATE_HOME": "rel"}, None),
     ],
 )
-def test_state_path_default(env: dict[str, str], state_path: str) -> None:
-    """state_path defaults to $STATE_DIRECTORY/state.json, else the XDG state directory."""
-    assert Path(state_path) == build_config(base(), env).state_path
+def test_state_path_default(env: dict[str, str], state_path: str | None) -> None:
+    """state_path defaults to $STATE_DIRECTORY/state.json, else the XDG state directory; a
+    relative one is ignored. With none, a config of static providers has no state file."""
+    expected = None if state_path is None else Path(state_path)
+    assert expected == build_config(base(), env).state_path
 
 
 def test_state_path_explicit() -> None:
@@ -1114,8 +1124,9 @@ def test_state_path_explicit() -> None:
 
 
 def test_config_example_loads_with_empty_environment() -> None:
-    """config.example.yaml at the repo root loads with nothing set (it has defaults)."""
-    cfg = load_config(REPO / "config.example.yaml", {})
+    """config.example.yaml at the repo root loads with nothing set but $HOME (it has defaults;
+    the state file goes under $HOME)."""
+    cfg = load_config(REPO / "config.example.yaml", HOME)
     assert {"fixed": StaticProvider, "corp": OAuth2Provider, "legacy": JsonProvider,
             "cli": CommandProvider} == {n: type(p) for n, p in cfg.providers.items()}
     assert ["/", "/corp"] == [r.prefix for r in cfg.routes]
@@ -1126,7 +1137,7 @@ def test_config_example_loads_with_empty_environment() -> None:
 def test_config_example_takes_env_values() -> None:
     """config.example.yaml's ${...:-default} references pick up the environment when set."""
     cfg = load_config(REPO / "config.example.yaml",
-                      {"API_TOKEN": TOKEN, "CLIENT_SECRET": CLIENT_SECRET})
+                      {"API_TOKEN": TOKEN, "CLIENT_SECRET": CLIENT_SECRET, **HOME})
     fixed, corp = cfg.providers["fixed"], cfg.providers["corp"]
     assert isinstance(fixed, StaticProvider)
     assert isinstance(corp, OAuth2Provider)
@@ -1253,7 +1264,7 @@ class TestScalarsFromTheEnvironment:
                 "headers": {"X-Api-Key": CLIENT_SECRET}}}},
             "routes": [{"prefix": "/", "upstream": "https://h/", "provider": "legacy"}],
         }
-        secrets = config_secrets(build_config(raw, {}))
+        secrets = config_secrets(build_config(raw, HOME))
         assert PASSWORD in secrets
         assert CLIENT_SECRET in secrets
         assert "me" not in secrets

@@ -107,9 +107,20 @@ def test_kubernetes_example_is_valid(tmp_path: Path) -> None:
     secret = tmp_path / "client_secret"
     secret.write_text("x")
     raw = parse_yaml(kinds["ConfigMap"]["data"]["config.yaml"], "configmap")
-    build_config(_with_secret_file(raw, secret), {})
+    cfg = build_config(_with_secret_file(raw, secret), {"POD_IP": "10.1.2.3"})
     pod = kinds["Deployment"]["spec"]["template"]
     [sidecar] = pod["spec"]["initContainers"]
+    # Probes and Prometheus reach the admin port as http://<pod IP>:9100: that Host is allowed
+    # there (from the downward API), while the proxy port keeps its loopback-only allowlist.
+    assert [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}] == (
+        sidecar["env"])
+    assert "10.1.2.3" in (cfg.security.admin_hosts or ())
+    assert "10.1.2.3" not in (cfg.security.allowed_hosts or ())
+    # An emptyDir is world-writable, which a state file's directory must not be.
+    [mount] = [m["mountPath"] for m in sidecar["volumeMounts"] if m["name"] == "state"]
+    assert cfg.state_path is not None
+    assert Path(mount) in cfg.state_path.parents
+    assert Path(mount) != cfg.state_path.parent
     assert "Always" == sidecar["restartPolicy"]
     assert "/readyz" == sidecar["readinessProbe"]["httpGet"]["path"]
     assert "ports" not in sidecar
@@ -130,4 +141,5 @@ def test_compose_example_is_valid(tmp_path: Path) -> None:
     secret = tmp_path / "client_secret"
     secret.write_text("x")
     raw = parse_yaml((ROOT / "examples/compose-config.yaml").read_text(), "compose-config")
-    build_config(_with_secret_file(raw, secret), {})
+    # The image sets STATE_DIRECTORY: the file names no state_path of its own.
+    build_config(_with_secret_file(raw, secret), {"STATE_DIRECTORY": "/var/lib/tokenproxy"})

@@ -60,7 +60,7 @@ def test_provider_examples_validate(tmp_path: Path) -> None:
     raw = parse_yaml(text, "README")
     assert isinstance(raw, dict)
     raw["routes"] = [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "fixed"}]
-    env = {"API_TOKEN": "t" * 20, "API_USER": "me", "API_PASSWORD": "pw"}
+    env = {"API_TOKEN": "t" * 20, "API_USER": "me", "API_PASSWORD": "pw", "HOME": "/home/me"}
     cfg = build_config(raw, env)
     assert {"static", "oauth2", "json", "command"} == {
         p.type_name() for p in cfg.providers.values()}

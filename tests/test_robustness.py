@@ -139,7 +139,7 @@ def test_bad_ca_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_check_config_hides_query_strings(tmp_path: Path) -> None:
     """A json provider's login URL with a query prints without the query."""
-    raw = proxy_config("https://h.example/", TOKEN)
+    raw = proxy_config("https://h.example/", TOKEN, state_path=str(tmp_path / "state.json"))
     raw["providers"] = {"legacy": {"type": "json", "login": {
         "url": "https://h.example/login?api_key=QUERYSECRET123", "json": {"u": "me"}}}}
     raw["routes"][0]["provider"] = "legacy"

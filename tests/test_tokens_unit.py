@@ -489,13 +489,14 @@ class TestStateStore:
         assert [] == corrupt_files(path)
 
     def test_symlink_not_followed(self, tmp_path: Path, logs: CapturedLogs) -> None:
-        """A state path that is a symlink is not read through (O_NOFOLLOW)."""
+        """A state path that is a symlink is not read through (O_NOFOLLOW): it is unsafe."""
         real = tmp_path / "elsewhere.json"
         StateStore(real).write("a:1", entry())
         link = tmp_path / "state.json"
         link.symlink_to(real)
         assert {} == StateStore(link).read_all()
-        assert 1 == len(logs.events("state_file_unreadable"))
+        assert ["is a symbolic link"] == [
+            ev["reason"] for ev in logs.events("state_file_unsafe")]
 
     def test_stray_temp_files_removed_on_write(self, tmp_path: Path) -> None:
         """Old stray temp files go at the first write; a fresh one and other files stay."""

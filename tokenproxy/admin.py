@@ -9,6 +9,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from tokenproxy.errors import RequestRejected
+from tokenproxy.proxy.problem import problem_response
+from tokenproxy.proxy.security import check_host
 from tokenproxy.tokens.model import TokenSource
 
 
@@ -19,15 +22,24 @@ def _json(status: int, doc: object, **headers: str) -> web.Response:
 
 
 class AdminHandler:
-    """A low-level handler: three fixed paths, GET and HEAD only."""
+    """A low-level handler: three fixed paths, GET and HEAD only, for allowed Hosts only."""
 
     def __init__(
-        self, registry: CollectorRegistry, sources: Callable[[], Mapping[str, TokenSource]]
+        self,
+        registry: CollectorRegistry,
+        sources: Callable[[], Mapping[str, TokenSource]],
+        allowed_hosts: Callable[[], frozenset[str] | None],
     ) -> None:
         self._registry = registry
         self._sources = sources
+        self._allowed_hosts = allowed_hosts
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # First: a DNS-rebinding page must not learn even which paths or methods exist.
+        try:
+            check_host(request.headers, self._allowed_hosts())
+        except RequestRejected as exc:
+            return problem_response(exc.status, exc.cause, exc.detail)
         if request.method not in ("GET", "HEAD"):
             return _json(405, {"error": "method not allowed"}, Allow="GET, HEAD")
         path = request.raw_path.split("?", 1)[0]

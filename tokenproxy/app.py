@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -25,6 +24,7 @@ from tokenproxy.config import (
     StaticProvider,
     load_config,
 )
+from tokenproxy.config.secrets import config_secrets, exposed_mode
 from tokenproxy.errors import ConfigError, TokenProxyError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
@@ -33,14 +33,20 @@ from tokenproxy.proxy.fastpath import FastConnection, FastEnv
 from tokenproxy.proxy.forward import Proxy
 from tokenproxy.proxy.pool import UpstreamPool
 from tokenproxy.proxy.upstream import make_upstream_session, ssl_contexts
-from tokenproxy.server import ConnectionGate, GuardedRequestHandler, ListeningSocket, bind
+from tokenproxy.server import (
+    ConnectionGate,
+    GuardedRequestHandler,
+    ListeningSocket,
+    bind,
+    guarded_connections,
+)
 from tokenproxy.tokens.command import CommandGrantor
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.json_login import JsonGrantor
 from tokenproxy.tokens.manager import Grantor, TokenManager
 from tokenproxy.tokens.model import TokenSource
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
-from tokenproxy.tokens.state import StateStore
+from tokenproxy.tokens.state import StateStore, UnsafeStateFile
 from tokenproxy.tokens.static import StaticSource
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
@@ -62,36 +68,18 @@ def fast_path_setting(environ: Mapping[str, str]) -> bool:
 ADMIN_MAX_CONNECTIONS = 64
 
 
-def config_secrets(cfg: Config) -> list[str]:
-    """Every secret in the config, so the log redactor masks them wherever they appear."""
-    out: list[str] = []
-    if cfg.security.client_key:
-        out.append(cfg.security.client_key.value)
-    for p in cfg.providers.values():
-        for name in ("token", "client_secret", "password", "refresh_token"):
-            secret = getattr(p, name, None)
-            if secret is not None:
-                out.append(secret.value)
-        if isinstance(p, JsonProvider):
-            for call in (p.login, p.refresh):
-                if call is not None:
-                    out.extend(_secret_leaves(call.json))
-                    out.extend(v for k, v in call.headers if _SECRET_NAME.search(k))
-    return out
-
-
-_SECRET_NAME = re.compile(r"(?i)pass|secret|token|key|auth|credential")
-
-
-def _secret_leaves(node: Any, key: str = "") -> list[str]:
-    """String values under secret-sounding keys of a JSON login body (passwords, API keys)."""
-    if isinstance(node, dict):
-        return [v for k, item in node.items() for v in _secret_leaves(item, str(k))]
-    if isinstance(node, list):
-        return [v for item in node for v in _secret_leaves(item, key)]
-    if isinstance(node, str) and _SECRET_NAME.search(key) and "{refresh_token}" not in node:
-        return [node]
-    return []
+async def open_state_store(cfg: Config) -> StateStore | None:
+    """The config's state file, refused (exit 2) when someone else could have written it:
+    its tokens would be theirs. Checked in a thread, like every state-file access."""
+    if cfg.state_path is None:
+        return None
+    store = StateStore(cfg.state_path)
+    if cfg.persists_tokens:
+        try:
+            await asyncio.to_thread(store.check)
+        except UnsafeStateFile as exc:
+            raise ConfigError(f"state_path: {exc}") from None
+    return store
 
 
 class SourceFactory:
@@ -241,11 +229,15 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         try:
+            store = await open_state_store(cfg)
+            mode = await asyncio.to_thread(exposed_mode, cfg)
+            if mode is not None:
+                self._log.warning("config_file_permissions", path=str(cfg.source),
+                                  mode=oct(mode))
             self._token_session = make_token_session()
             self._factory_sources = SourceFactory(
                 clock=self.clock, metrics=self.metrics, redactor=self.redactor,
-                session=self._token_session,
-                store=StateStore(cfg.state_path) if cfg.state_path is not None else None,
+                session=self._token_session, store=store,
             )
             for name, provider in cfg.providers.items():
                 self.sources[name] = self._factory_sources.build(provider)
@@ -261,9 +253,13 @@ class Daemon:
                                  slow=self._factory(self._server), pool=UpstreamPool())
             self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
                                             self._fast_factory(self._fast), self._gate)
-            admin = AdminHandler(self.registry, lambda: self.sources)
+            # Both read at each request, so a reload applies to open connections too.
+            admin = AdminHandler(self.registry, lambda: self.sources,
+                                 lambda: self.config.security.admin_hosts)
             self._admin_server = web.Server(admin.handle, handler_cancellation=True)
-            self._admin_gate = ConnectionGate(ADMIN_MAX_CONNECTIONS)
+            # Idle clients must not starve probes: a waiting one takes the longest-idle slot.
+            self._admin_gate = ConnectionGate(
+                ADMIN_MAX_CONNECTIONS, reusable=guarded_connections(self._admin_server))
             if cfg.admin_listen is not None:
                 self.admin_listeners = self._bind_all(
                     [cfg.admin_listen], cfg.socket_group, self._factory(self._admin_server),
@@ -322,8 +318,8 @@ class Daemon:
         # config serving untouched (only the listeners bound above are closed again).
         try:
             store = self._factory_sources.store
-            if new.state_path != old.state_path:
-                store = StateStore(new.state_path) if new.state_path is not None else None
+            if new.state_path != old.state_path or not old.persists_tokens:
+                store = await open_state_store(new)   # not yet checked for token providers
             factory = self._factory_sources.with_store(store)
             sources: dict[str, TokenSource] = {}
             plan: list[tuple[TokenSource, TokenSource | None, bool]] = []
@@ -507,14 +503,15 @@ async def obtain_token(cfg: Config, name: str, *, redactor: Redactor) -> str:
     """The current token of one provider for ``tokenproxy token``: a valid one from the state
     file (the daemon's, when one runs) if there is one, else a new one, persisted."""
     metrics = Metrics(CollectorRegistry(), __version__)
+    store = await open_state_store(cfg)
     async with make_token_session() as session:
         factory = SourceFactory(
             clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
-            store=StateStore(cfg.state_path) if cfg.state_path is not None else None,
+            store=store,
         )
         source = factory.build(cfg.providers[name])
         if isinstance(source, TokenManager):
-            source.load()
+            await source.load()
         try:
             return (await source.current()).value
         finally:

@@ -14,8 +14,9 @@ import aiohttp
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
-from tokenproxy.app import config_secrets, fast_path_setting, obtain_token, serve
+from tokenproxy.app import fast_path_setting, obtain_token, serve
 from tokenproxy.config import Config, find_config_file, load_config
+from tokenproxy.config.secrets import config_secrets, exposed_warning
 from tokenproxy.demo import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
 
@@ -78,19 +79,22 @@ def _load(path_arg: str | None) -> Config:
     return load_config(find_config_file(path_arg, os.environ))
 
 
+def _host_list(hosts: frozenset[str] | None) -> str:
+    return "*" if hosts is None else ",".join(sorted(hosts))
+
+
 def summary(cfg: Config) -> list[str]:
     """What check-config prints: structure, never secrets."""
     lines = [f"config: {cfg.source}" if cfg.source else "config: (built in)"]
     lines.append("listen: " + ", ".join(str(li) for li in cfg.listen))
     lines.append(f"admin_listen: {cfg.admin_listen if cfg.admin_listen else 'disabled'}")
-    hosts = cfg.security.allowed_hosts
-    lines.append("security: allowed_hosts="
-                 + ("*" if hosts is None else ",".join(sorted(hosts)))
+    lines.append("security: allowed_hosts=" + _host_list(cfg.security.allowed_hosts)
+                 + " admin_allowed_hosts=" + _host_list(cfg.security.admin_hosts)
                  + f" reject_cross_site={str(cfg.security.reject_cross_site).lower()}"
                  + f" reject_forwarded={str(cfg.security.reject_forwarded).lower()}"
                  + f" require_header={'set' if cfg.security.require_header else 'off'}"
                  + f" client_key={'set' if cfg.security.client_key else 'off'}")
-    lines.append(f"state_path: {cfg.state_path}")
+    lines.append(f"state_path: {cfg.state_path or 'none (static providers keep no state)'}")
     lines.append(f"providers ({len(cfg.providers)}):")
     for name, p in cfg.providers.items():
         # Endpoints without their query: a query string may carry a key (SPEC section 6).
@@ -109,6 +113,10 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     redactor = log.Redactor(config_secrets(cfg))
     for line in summary(cfg):
         out.write(redactor.scrub(line) + "\n")
+    # On stdout with the report: the file is valid, and stderr stays for errors.
+    warning = exposed_warning(cfg)
+    if warning is not None:
+        out.write(redactor.scrub(warning) + "\n")
     out.write("ok\n")
     return EXIT_OK
 

@@ -4,7 +4,8 @@ aiohttp has neither a header timeout (its keep-alive timer alone lets a slowlori
 connection for keepalive_timeout) nor a connection cap (sites only take a backlog). Both live
 here: each listener runs its own accept loop that takes a slot before accepting, so excess
 clients wait in the kernel's listen backlog; and the protocol arms a deadline whenever it is
-waiting for a request head.
+waiting for a request head. A gate may also make room for a waiting client by closing the
+connection idle longest, so that idle clients cannot starve health probes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import contextlib
 import errno
 import functools
 import grp
+import math
 import os
 import socket
 import stat
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -29,6 +31,11 @@ from tokenproxy.errors import TokenProxyError
 from tokenproxy.proxy.problem import problem_response
 
 BACKLOG: Final = 1024
+# How often a full gate with a client waiting looks again for an idle connection to close
+# when every one is busy (busy connections do not say when they turn idle).
+REUSE_RECHECK: Final = 0.1
+# At most one reuse warning per this many seconds, as nginx does for the same event.
+REUSE_WARN_INTERVAL: Final = 1.0
 
 
 class ListenError(TokenProxyError):
@@ -53,6 +60,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._tp_header_timeout = header_timeout
         self._tp_timer: asyncio.TimerHandle | None = None
         self._tp_on_close = on_close
+        self._tp_idle_since = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -82,6 +90,22 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             request.content.set_exception(message.exc)
             request.content.feed_eof()   # nothing more will come: no lingering read after
 
+    def idle_since(self) -> float | None:
+        """Since when this connection has been waiting for a request head (idle after a
+        response, or with no complete head yet); None while it has a request to handle."""
+        # aiohttp's own test for "idle" (_process_keepalive): its loop awaits the next message.
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self.transport is None:
+            return None
+        return self._tp_idle_since
+
+    def close_idle(self) -> None:
+        """Close this idle connection at once, to give its slot to a waiting client."""
+        if self.transport is not None:
+            # Not close(): unsent bytes for a client that does not read would keep the slot.
+            self.transport.abort()
+        self.force_close()
+
     def _tp_arm(self) -> None:
         self._tp_timer = self._loop.call_later(self._tp_header_timeout, self._tp_expire)
 
@@ -104,6 +128,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         """
         result = await super().finish_response(request, resp, start_time)
         await request.writer.drain()
+        self._tp_idle_since = self._loop.time()   # the wait for the next head starts
         return result
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -154,26 +179,84 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         return problem_response(status, cause, detail, close=True)
 
 
+class Reusable(Protocol):
+    """An open connection that can tell whether it is idle, and be closed to make room."""
+
+    def idle_since(self) -> float | None: ...
+
+    def close_idle(self) -> None: ...
+
+
 class ConnectionGate:
     """At most *limit* open connections across the listeners that share this gate.
 
     Each accept loop takes a slot before accepting, so clients beyond the limit wait in the
     kernel's listen backlog. The limit can change on reload.
+
+    With *reusable* (the open connections), a full gate makes room for a client waiting in a
+    backlog by closing the connection that has been idle longest, as nginx reuses idle
+    keep-alive connections when its worker_connections run out: whatever idle clients hold, a
+    health probe gets in. Connections with a request to handle are never closed for this.
     """
 
-    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_change: Callable[[int], None] | None = None,
+        *,
+        reusable: Callable[[], Iterable[Reusable]] | None = None,
+    ) -> None:
         self._limit = limit
         self._taken = 0          # slots held: open connections plus loops waiting to accept
         self._open = 0
         self._freed = asyncio.Event()
         self._on_change = on_change
+        self._reusable = reusable
+        self._warned_at = -math.inf
 
-    async def acquire(self) -> None:
-        """Take a slot before accepting; it counts as open only once a connection comes."""
+    async def acquire(self, backlog: socket.socket | None = None) -> None:
+        """Take a slot before accepting; it counts as open only once a connection comes.
+
+        *backlog* is the listening socket the slot is for: a client waiting there is what
+        makes a gate with *reusable* connections close an idle one.
+        """
         while self._taken >= self._limit:
             self._freed.clear()
-            await self._freed.wait()
+            if self._reusable is None or backlog is None:
+                await self._freed.wait()
+            else:
+                await self._make_room(backlog)
         self._taken += 1
+
+    async def _make_room(self, backlog: socket.socket) -> None:
+        """Return once a slot was freed, or after closing an idle connection for a client
+        waiting in *backlog* (its slot comes back a loop turn later), or after a short wait
+        when every connection is busy."""
+        freed = asyncio.ensure_future(self._freed.wait())
+        try:
+            if not await _client_waits(backlog, freed):
+                return
+            victim = self._longest_idle()
+            if victim is not None:
+                self._warn_reuse()
+                victim.close_idle()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed, REUSE_RECHECK)
+        finally:
+            freed.cancel()
+
+    def _longest_idle(self) -> Reusable | None:
+        assert self._reusable is not None
+        idle = [(since, conn) for conn in self._reusable()
+                if (since := conn.idle_since()) is not None]
+        return min(idle, key=lambda pair: pair[0])[1] if idle else None
+
+    def _warn_reuse(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at >= REUSE_WARN_INTERVAL:
+            self._warned_at = now
+            log.get_logger().warning("idle_connection_closed", limit=self._limit,
+                                     reason="limit reached with a client waiting")
 
     def release(self) -> None:
         """Give back a slot that got no connection (the accept failed)."""
@@ -194,6 +277,32 @@ class ConnectionGate:
     def resize(self, limit: int) -> None:
         self._limit = limit
         self._freed.set()
+
+
+async def _client_waits(listening: socket.socket, freed: asyncio.Future[Any]) -> bool:
+    """True once a client waits in *listening*'s backlog (it turns readable); False if
+    *freed* completes first."""
+    loop = asyncio.get_running_loop()
+    waiting: asyncio.Future[None] = loop.create_future()
+    fd = listening.fileno()
+    loop.add_reader(fd, _resolve, waiting)
+    try:
+        await asyncio.wait((freed, waiting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Here, not in a task of its own: the reader must be gone before the socket closes.
+        loop.remove_reader(fd)
+        waiting.cancel()
+    return not freed.done()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def guarded_connections(server: web.Server) -> Callable[[], list[GuardedRequestHandler]]:
+    """The open connections of *server*, each able to say whether it is idle (for a gate)."""
+    return lambda: [h for h in server.connections if isinstance(h, GuardedRequestHandler)]
 
 
 def _bind_tcp(listener: Listener) -> list[socket.socket]:
@@ -330,7 +439,7 @@ class ListeningSocket:
     async def _accept(self, factory: ProtocolFactory, gate: ConnectionGate) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await gate.acquire()
+            await gate.acquire(self.sock)
             try:
                 conn, _ = await loop.sock_accept(self.sock)
             except OSError as exc:

@@ -6,6 +6,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -24,6 +25,7 @@ from tokenproxy.config.model import (
     SecurityConfig,
     StaticProvider,
 )
+from tokenproxy.config.secrets import holds_inline_secrets
 from tokenproxy.config.values import (
     Listener,
     Secret,
@@ -220,19 +222,24 @@ def _log(raw: object) -> LogConfig:
     return cfg
 
 
+def _host_list(m: _Map, key: str) -> frozenset[str] | None:
+    """A Host allowlist: names lower-cased without IPv6 brackets; "*" (None) allows any."""
+    value = m.get(key)
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(h, str) and h.strip() for h in items):
+        raise ConfigError(f"{m.path(key)}: expected a list of host names")
+    names = {h.strip().lower().removeprefix("[").removesuffix("]") for h in items}
+    return None if "*" in names else frozenset(names)
+
+
 def _security(raw: object) -> SecurityConfig:
     m = _Map(raw, "security")
     explicit = m.has("allowed_hosts")
-    hosts: frozenset[str] | None = SecurityConfig().allowed_hosts
-    if explicit:
-        value = m.get("allowed_hosts")
-        items = value if isinstance(value, list) else [value]
-        if not items or not all(isinstance(h, str) and h.strip() for h in items):
-            raise ConfigError(f"{m.path('allowed_hosts')}: expected a list of host names")
-        names = {h.strip().lower().removeprefix("[").removesuffix("]") for h in items}
-        hosts = None if "*" in names else frozenset(names)
-    else:
-        m.get("allowed_hosts")
+    hosts = _host_list(m, "allowed_hosts") if explicit else SecurityConfig().allowed_hosts
+    admin_explicit = m.has("admin_allowed_hosts")
+    admin_hosts = _host_list(m, "admin_allowed_hosts") if admin_explicit else None
+    m.get("allowed_hosts")         # null stands for the default
+    m.get("admin_allowed_hosts")
     require: tuple[str, str] | None = None
     m.get("require_header")
     if m.has("require_header"):
@@ -250,6 +257,8 @@ def _security(raw: object) -> SecurityConfig:
     cfg = SecurityConfig(
         allowed_hosts=hosts,
         allowed_hosts_explicit=explicit,
+        admin_allowed_hosts=admin_hosts,
+        admin_allowed_hosts_explicit=admin_explicit,
         reject_cross_site=m.boolean("reject_cross_site", True),
         reject_forwarded=m.boolean("reject_forwarded", True),
         require_header=require,
@@ -561,12 +570,24 @@ def _routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, ...]
     return tuple(out)
 
 
-def _default_state_path(env: Mapping[str, str]) -> Path:
-    if env.get("STATE_DIRECTORY"):
-        # systemd may pass several directories separated by ':'; the first is ours.
-        return Path(env["STATE_DIRECTORY"].split(":")[0]) / "state.json"
-    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local" / "state")  # noqa: S108
-    return Path(base) / "tokenproxy" / "state.json"
+def _state_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    return Path(explicit) if explicit else _default_state_path(env)
+
+
+def _default_state_path(env: Mapping[str, str]) -> Path | None:
+    """$STATE_DIRECTORY/state.json, else under $XDG_STATE_HOME or $HOME/.local/state. None
+    without any of them: a shared fallback such as /tmp would let another user plant the file
+    first, and a relative one would depend on the working directory (so it does not count)."""
+    # systemd may pass several directories separated by ':'; the first is ours.
+    directory = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(directory):
+        return Path(directory) / "state.json"
+    xdg, home = env.get("XDG_STATE_HOME", ""), env.get("HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "tokenproxy" / "state.json"
+    if os.path.isabs(home):
+        return Path(home) / ".local" / "state" / "tokenproxy" / "state.json"
+    return None
 
 
 _TOP_KEYS: Final = (
@@ -594,7 +615,7 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
         admin_listen=admin,
         socket_group=top.string("socket_group"),
         log=_log(top.get("log")),
-        state_path=Path(top.string("state_path") or _default_state_path(env)),
+        state_path=_state_path(top.string("state_path"), env),
         shutdown_grace=top.parse("shutdown_grace", parse_duration, 10.0),
         security=security,
         limits=_limits(top.get("limits")),
@@ -603,13 +624,30 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
         source=source,
     )
     top.done()
+    if cfg.state_path is None and cfg.persists_tokens:
+        raise ConfigError("state_path: set it: oauth2, json and command providers keep "
+                          "tokens in a state file, and none of $STATE_DIRECTORY, "
+                          "$XDG_STATE_HOME or $HOME names an absolute directory for it")
     exposed = [str(li) for li in listen if not li.is_loopback]
     if exposed and security.client_key is None and not security.allowed_hosts_explicit:
         raise ConfigError(
             f"listen: {exposed[0]} is reachable from other hosts; set security.client_key "
             "or list security.allowed_hosts explicitly"
         )
-    return cfg
+    _check_admin_exposure(admin, security)
+    return replace(cfg, inline_secrets=holds_inline_secrets(raw, env, cfg))
+
+
+def _check_admin_exposure(admin: Listener | None, security: SecurityConfig) -> None:
+    """/readyz and /metrics take no key: an admin listener other hosts can reach needs its own
+    explicit Host allowlist, so that opening it to a scraper never widens allowed_hosts."""
+    if admin is None or admin.is_loopback or security.admin_allowed_hosts_explicit:
+        return
+    raise ConfigError(
+        f"admin_listen: {admin} is reachable from other hosts; list the Host names its "
+        "clients send in security.admin_allowed_hosts (Kubernetes probes and Prometheus send "
+        'the pod IP: ["${POD_IP}"] with POD_IP from status.podIP), or "*" for any'
+    )
 
 
 def parse_yaml(text: str, where: str) -> object:

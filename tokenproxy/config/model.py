@@ -24,6 +24,17 @@ class SecurityConfig:
     reject_forwarded: bool = True
     require_header: tuple[str, str] | None = None
     client_key: Secret | None = None
+    # Unless explicit, the admin listener follows allowed_hosts; a list of its own lets a
+    # scraper's Host (a pod IP) in without widening the proxy listener's allowlist.
+    admin_allowed_hosts: frozenset[str] | None = None
+    admin_allowed_hosts_explicit: bool = False
+
+    @property
+    def admin_hosts(self) -> frozenset[str] | None:
+        """The admin listener's Host allowlist (None: any host)."""
+        if self.admin_allowed_hosts_explicit:
+            return self.admin_allowed_hosts
+        return self.allowed_hosts
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,3 +185,11 @@ class Config:
     providers: dict[str, Provider] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     source: Path | None = None
+    # A secret is written in the source file itself (not ${NAME} or *_file): the file's mode
+    # then matters.
+    inline_secrets: bool = False
+
+    @property
+    def persists_tokens(self) -> bool:
+        """Whether a provider keeps tokens in the state file (static ones have nothing to)."""
+        return any(not isinstance(p, StaticProvider) for p in self.providers.values())

@@ -101,6 +101,21 @@ def expand_env(text: str, env: Mapping[str, str], where: str) -> str:
     return _ENV_RE.sub(sub, text)
 
 
+def written_text(text: str, env: Mapping[str, str]) -> str:
+    """What expand_env(text) keeps of the file's own text: everything but the values taken
+    from the environment (the default of a ${NAME:-default} that applies was written there)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m[0] == "$$":
+            return "$"
+        value = env.get(m[1])
+        if value is None or (value == "" and m[2] is not None):
+            return m[2] or ""
+        return ""
+
+    return _ENV_RE.sub(sub, text)
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One address to listen on: TCP host and port, or a unix socket path."""

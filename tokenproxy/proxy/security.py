@@ -30,6 +30,17 @@ def host_name(value: str) -> str:
     return value
 
 
+def check_host(headers: CIMultiDictProxy[str], allowed: frozenset[str] | None) -> None:
+    """The Host rule of every listener: exactly one Host header naming an allowed host (with
+    two, which one counts would be ambiguous; RFC 9112 makes that a bad request); None allows
+    any."""
+    if allowed is None:
+        return
+    hosts = headers.getall("Host", ())
+    if len(hosts) != 1 or host_name(hosts[0]) not in allowed:
+        raise RequestRejected(403, "forbidden_host", "the Host header names no allowed host")
+
+
 class SecurityPolicy:
     """SPEC.md section 3 ``security``: each check raises RequestRejected with its status."""
 
@@ -61,11 +72,7 @@ class SecurityPolicy:
         if size > self._max_head:
             raise RequestRejected(431, "header_too_large",
                                   f"the request head exceeds {self._max_head} bytes")
-        if self._hosts is not None:
-            hosts = headers.getall("Host", ())
-            if len(hosts) != 1 or host_name(hosts[0]) not in self._hosts:
-                raise RequestRejected(403, "forbidden_host",
-                                      "the Host header names no allowed host")
+        check_host(headers, self._hosts)
         if self._forwarded:
             for name in FORWARDING_HEADERS:
                 if name in headers:

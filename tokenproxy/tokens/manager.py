@@ -121,10 +121,11 @@ class TokenManager:
 
     # -- TokenSource -------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Take persisted tokens from the state file, if it has usable ones for us."""
+    async def load(self) -> None:
+        """Take persisted tokens from the state file, if it has usable ones for us. The read
+        runs in a thread: a slow disk must not stall every request on the event loop."""
         if self._store is not None:
-            stored = self._store.read(self._key)
+            stored = await asyncio.to_thread(self._store.read, self._key)
             if stored is not None:
                 self._adopt_stored(stored)
 
@@ -153,7 +154,7 @@ class TokenManager:
         self._metrics.provider_authenticated.labels(self.name).set(1)
         if not self._inherited:
             self._metrics.token_expiry.labels(self.name).set(0)
-            self.load()
+            await self.load()
         self._loop_task = asyncio.create_task(self._run(), name=f"tokens:{self.name}")
 
     async def close(self) -> None:

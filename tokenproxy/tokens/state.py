@@ -4,18 +4,25 @@ Write: temp file in the same directory (0600, O_EXCL) -> write -> fsync -> renam
 directory, so after a crash the file holds the old or the new state, never a torn one. Around a
 refresh a process takes ``flock`` on ``<state>.lock`` and re-reads the file, so two processes
 never spend one rotating refresh token twice. A corrupt file is set aside, never overwritten.
+
+Whoever can write the state file chooses the token the upstream receives, so it is trusted the
+way ssh trusts its key files: the file must be a regular file (never a symlink or a FIFO, which
+would also block a plain open) owned by this user or root and writable by nobody else, and so
+must its directory. Files are opened with O_NOFOLLOW and O_NONBLOCK and checked with fstat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -82,6 +89,77 @@ class StateLockTimeout(Exception):
     """Another refresh of the same provider identity held the lock past the deadline."""
 
 
+class UnsafeStateFile(Exception):
+    """A state or lock file (or their directory) that someone else could have written, or that
+    is not a regular file: it is neither read nor written."""
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: {problem}: {fix}")
+        self.path = path
+        self.problem = problem
+
+
+_KINDS: Final = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                 (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"))
+
+
+_NOT_REGULAR_STATE: Final = "remove it, or set state_path to a regular file"
+_NOT_REGULAR_LOCK: Final = "remove it (it is created again as a regular file)"
+
+
+def _check_type(path: Path, st: os.stat_result, fix: str) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStateFile(path, "is a symbolic link", fix)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "special")
+        raise UnsafeStateFile(path, f"is {kind}, not a regular file", fix)
+
+
+def _foreign_write(st: os.stat_result) -> tuple[str, str] | None:
+    """Why someone other than this user (or root) could write what *st* describes, and whether
+    it is the owner or the mode; None when nobody else can."""
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        return f"is owned by uid {st.st_uid}, not by this user (uid {euid}) or root", "owner"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {oct(stat.S_IMODE(st.st_mode))})", "mode"
+    return None
+
+
+def _check_file(path: Path, st: os.stat_result) -> None:
+    """Raise UnsafeStateFile unless *st* (not followed through a symlink) is a regular file
+    only this user or root can write."""
+    _check_type(path, st, _NOT_REGULAR_STATE)
+    foreign = _foreign_write(st)
+    if foreign is not None:
+        problem, what = foreign
+        fix = (f"chmod go-w {path}" if what == "mode"
+               else f"remove it, or chown it to uid {os.geteuid()}")
+        raise UnsafeStateFile(path, problem, fix)
+
+
+def _open_regular(path: Path, flags: int, dir_fd: int,
+                  fix: str) -> tuple[int, os.stat_result]:
+    """Open *path*'s name in the directory *dir_fd* without following a symlink or waiting for
+    a FIFO's other end; keep it open only when it is a regular file (else *fix* says what to
+    do)."""
+    try:
+        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:   # O_NOFOLLOW's answer for a symlink
+            _check_type(path, os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False), fix)
+        raise
+    st = os.fstat(fd)
+    try:
+        _check_type(path, st, fix)
+    except UnsafeStateFile:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 class StateStore:
     """Read, lock and atomically write one state file."""
 
@@ -90,6 +168,42 @@ class StateStore:
         self._mutexes: dict[str, asyncio.Lock] = {}
         self._log = get_logger()
         self._cleaned = False
+
+    # -- trust -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise UnsafeStateFile when the state file or its directory must not be trusted. A
+        missing one is fine; an unreachable one is left to reading, which warns about it."""
+        try:
+            with self._directory() as dir_fd:
+                st = os.stat(self.path.name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return
+        _check_file(self.path, st)
+
+    @contextlib.contextmanager
+    def _directory(self) -> Iterator[int]:
+        """The state directory, opened and checked. Files are opened relative to this
+        descriptor, so a directory swapped in after the check is never used."""
+        folder = self.path.parent
+        # Followed: systemd's StateDirectory under DynamicUser is a symlink into private/.
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            foreign = _foreign_write(os.fstat(fd))
+            if foreign is not None:
+                problem, what = foreign
+                fix = (f"chmod go-w {folder}, or set state_path to a private directory"
+                       if what == "mode" else
+                       f"chown it to uid {os.geteuid()}, or set state_path to a directory of "
+                       "this user's")
+                raise UnsafeStateFile(self.path, f"its directory {folder} {problem}", fix)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _unsafe(self, exc: UnsafeStateFile) -> None:
+        # Never the contents: they may hold tokens, and they are someone else's anyway.
+        self._log.error("state_file_unsafe", path=str(exc.path), reason=exc.problem)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -101,17 +215,33 @@ class StateStore:
                           moved_to=str(target))
 
     def read_all(self) -> dict[str, StoredTokens]:
-        """Every provider's entry; a missing file is empty, a corrupt one is set aside."""
+        """Every provider's entry; a missing file is empty, a corrupt one is set aside, an
+        unsafe one (see check) is logged and read as empty."""
+        def read() -> dict[str, StoredTokens]:
+            with self._directory() as dir_fd:
+                return self._read_all(dir_fd)
+
+        return self._guarded(read)
+
+    def _guarded(self, read: Callable[[], dict[str, StoredTokens]]) -> dict[str, StoredTokens]:
+        """What *read* finds; nothing when the file is missing, unsafe or unreadable."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return read()
         except FileNotFoundError:
+            return {}
+        except UnsafeStateFile as exc:
+            self._unsafe(exc)
             return {}
         except OSError as exc:
             self._log.warning("state_file_unreadable", path=str(self.path),
                               error=exc.strerror or type(exc).__name__)
             return {}
+
+    def _read_all(self, dir_fd: int) -> dict[str, StoredTokens]:
+        fd, st = _open_regular(self.path, os.O_RDONLY, dir_fd, _NOT_REGULAR_STATE)
         with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
+            _check_file(self.path, st)
+            # Readable by others is only warned about: every write replaces it with a 0600 file.
             if st.st_mode & 0o077:
                 self._log.warning("state_file_permissions", path=str(self.path),
                                   mode=oct(st.st_mode & 0o777))
@@ -155,6 +285,8 @@ class StateStore:
         independently under their own locks."""
         try:
             fd = self._open_lock(self.path.with_name(self.path.name + ".lock"))
+        except UnsafeStateFile as exc:
+            raise StateFileError(str(exc)) from None
         except OSError as exc:
             raise StateFileError(exc.strerror or type(exc).__name__) from None
         try:
@@ -165,33 +297,36 @@ class StateStore:
             os.close(fd)
 
     def _write(self, key: str, tokens: StoredTokens) -> None:
-        entries = self.read_all()
+        try:
+            with self._directory() as dir_fd:
+                self._replace(key, tokens, dir_fd)
+        except UnsafeStateFile as exc:
+            raise StateFileError(str(exc)) from None
+        except OSError as exc:
+            raise StateFileError(exc.strerror or type(exc).__name__) from None
+
+    def _replace(self, key: str, tokens: StoredTokens, dir_fd: int) -> None:
+        # An unsafe file reads as empty here too: its entries are not carried over.
+        entries = self._guarded(lambda: self._read_all(dir_fd))
         entries[key] = tokens
         doc = {"version": SCHEMA_VERSION,
                "providers": {k: v.to_json() for k, v in sorted(entries.items())}}
         data = json.dumps(doc, indent=1).encode()
+        self._remove_stray_temps()
+        tmp = f".{self.path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._remove_stray_temps()
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise StateFileError(exc.strerror or type(exc).__name__) from None
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
 
     # -- locking -----------------------------------------------------------------------------
 
@@ -200,8 +335,12 @@ class StateStore:
         return self.path.with_name(f"{self.path.name}.{safe}.lock")
 
     def _open_lock(self, path: Path) -> int:
+        """The lock file, created if need be. Never through a symlink: O_CREAT would create
+        its target wherever it points."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._directory() as dir_fd:
+            fd, _ = _open_regular(path, os.O_RDWR | os.O_CREAT, dir_fd, _NOT_REGULAR_LOCK)
+        return fd
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
@@ -223,6 +362,8 @@ class StateStore:
         try:
             try:
                 fd = self._open_lock(self._lock_path(key))
+            except UnsafeStateFile as exc:
+                self._unsafe(exc)   # unlocked, like an unwritable directory below
             except OSError as exc:
                 # An unwritable state directory must not stop token handling in this process.
                 self._log.warning("state_lock_failed", path=str(self._lock_path(key)),
