@@ -964,6 +964,60 @@ async def test_second_401_passed_back_as_sent(
     assert 0 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="success")
 
 
+@pytest.mark.parametrize("revoked", ["access token", "token family"])
+async def test_a_token_revoked_after_a_scope_401_heals_at_once(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    revoked: str,
+) -> None:
+    """A path that always answers 401 (a scope problem) refreshes once; the upstream then
+    accepts the fresh token on another path; the issuer revokes it. The next request on that
+    path is answered 200 at once: with one refresh, or -- when the issuer revoked the refresh
+    token too -- a rejected refresh and a fresh login; the state file holds a live refresh
+    token afterwards (the 5 s storm guard used to pass 401s back meanwhile)."""
+    idp = await start()
+    idp.tap.deny.add("/api/deny")
+    state = tmp_path / "state.json"
+    daemon = await make_proxy(oauth2_config(idp, tmp_path, grant_type="password",
+                                            username="demo", password=PASSWORD))
+    await wait_ready(daemon)
+    assert 401 == (await fetch(http, daemon, "/deny")).status
+    assert 200 == (await fetch(http, daemon, "/ok")).status
+    assert ["password", "refresh_token"] == idp.calls.grants()
+    if revoked == "access token":
+        idp.issuer.revoke_access()
+    else:
+        idp.issuer.revoke_all()
+    assert 200 == (await fetch(http, daemon, "/ok")).status
+    expected = ["refresh_token"] if revoked == "access token" else ["refresh_token", "password"]
+    assert ["password", "refresh_token", *expected] == idp.calls.grants()
+    refresh = state_entry(state)["refresh_token"]
+    family = idp.issuer._refresh[refresh]
+    assert (False, refresh) == (family.revoked, family.live_refresh)
+
+
+async def test_a_fresh_token_refused_again_is_not_refreshed_per_request(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The storm guard stays: a path refused for scope among accepted ones makes at most one
+    more refresh per UNAUTHORIZED_REFRESH_GAP, however the requests interleave; and a fresh
+    token refused on a second path, never accepted, is not refreshed again."""
+    idp = await start()
+    idp.tap.deny.update({"/api/deny", "/api/deny2"})
+    daemon = await make_proxy(oauth2_config(idp, tmp_path))
+    await wait_ready(daemon)
+    for _ in range(10):
+        assert 401 == (await fetch(http, daemon, "/deny")).status
+        assert 200 == (await fetch(http, daemon, "/ok")).status
+    assert 3 == len(idp.calls.seen)   # the first token, the 401's refresh, one "revocation"
+    fresh = await start()
+    fresh.tap.deny.update({"/api/deny", "/api/deny2"})
+    other = await make_proxy(oauth2_config(fresh, tmp_path / "other"))
+    await wait_ready(other)
+    for path in ("/deny", "/deny2", "/deny", "/deny2"):
+        assert 401 == (await fetch(http, other, path)).status
+    assert 2 == len(fresh.calls.seen)
+
+
 # -- fallback --------------------------------------------------------------------------------
 
 

@@ -103,8 +103,13 @@ class Issuer:
         return family
 
     def revoke_all(self) -> None:
+        """Revoke every token family: access and refresh tokens alike."""
         for family, _ in self._access.values():
             family.revoked = True
+
+    def revoke_access(self) -> None:
+        """Revoke every access token issued so far; refresh tokens stay good."""
+        self._access.clear()
 
     def _count(self, grant: str) -> None:
         self.stats.calls += 1

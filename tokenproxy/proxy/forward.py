@@ -312,6 +312,8 @@ class Proxy:
         if action is RetryAction.RELAY:
             if retried:
                 self._retry_outcome(compiled, "success")
+            if status < 400 and not client_auth:
+                source.accepted(token)   # proof the token is good (TokenManager.renew)
             return None
         if action is RetryAction.FAILED:
             self._retry_outcome(compiled, "failure")

@@ -130,6 +130,8 @@ async def proxy_websocket(
     try:
         await client.prepare(request)
         outcome.status = 101
+        if not client_auth:
+            source.accepted(token)
         tasks = [asyncio.create_task(_pump(client, upstream)),
                  asyncio.create_task(_pump(upstream, client))]
         try:

@@ -40,6 +40,9 @@ BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
 # A second 401-triggered refresh within this window is not started: a token that is fresh and
 # still refused is a scope or permission problem, and refreshing per request would be a storm.
+# Unless the upstream has accepted the current token since: then the 401 means it went bad
+# (revoked), and it is refreshed at once -- at most once per window that way, so that a path
+# refused for scope among accepted ones cannot make every request a refresh.
 UNAUTHORIZED_REFRESH_GAP: Final = 5.0
 
 
@@ -111,6 +114,8 @@ class TokenManager:
         self._unauthenticated = False
         self._last_error: str | None = None
         self._last_unauthorized_refresh = -1e18
+        self._last_revocation_refresh = -1e18
+        self._accepted_generation = 0   # the newest token an upstream accepted
         self._loop_task: asyncio.Task[None] | None = None
         self._inherited = False
         self._wake = asyncio.Event()
@@ -187,6 +192,10 @@ class TokenManager:
         self._raise_if_backing_off()
         return await self._refresh("initial" if tok is None else "expiry", waiter=True)
 
+    def accepted(self, token: Token) -> None:
+        if token.generation > self._accepted_generation:
+            self._accepted_generation = token.generation
+
     async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
         if self._unauthenticated:
             raise self._unauthenticated_error()
@@ -196,11 +205,19 @@ class TokenManager:
             return cur   # someone already replaced the refused token: just retry
         if self._inflight is None:
             if now - self._last_unauthorized_refresh < UNAUTHORIZED_REFRESH_GAP:
-                return None
+                if not self._went_bad(stale, now):
+                    return None
+                self._last_revocation_refresh = now
             self._raise_if_backing_off()
             self._last_unauthorized_refresh = now
         fresh = await self._refresh(trigger, waiter=True)
         return fresh if fresh.generation != stale.generation else None
+
+    def _went_bad(self, refused: Token, now: float) -> bool:
+        """Within the storm guard's window: whether this 401 is for a token the upstream had
+        accepted (so it was revoked, not short of a scope), and no such refresh ran lately."""
+        return (refused.generation <= self._accepted_generation
+                and now - self._last_revocation_refresh >= UNAUTHORIZED_REFRESH_GAP)
 
     def ready(self) -> bool:
         if self._unauthenticated:

@@ -49,6 +49,9 @@ class TokenSource(Protocol):
     async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
         """A token newer than *stale*, or None when nothing newer can be had (do not retry)."""
 
+    def accepted(self, token: Token) -> None:
+        """An upstream answered a request carrying *token* without refusing it."""
+
     def ready(self) -> bool:
         """True while the source holds a valid token or can get one without waiting."""
 

@@ -90,6 +90,9 @@ class StaticSource:
             return self._token
         return None
 
+    def accepted(self, token: Token) -> None:
+        pass   # a fixed token has nothing to learn from it
+
     def ready(self) -> bool:
         return True
 
