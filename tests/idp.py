@@ -277,9 +277,17 @@ def count(daemon: Daemon, name: str, **labels: str) -> float:
 
 
 def refreshes(daemon: Daemon, trigger: str, result: str = "success",
-              provider: str = "idp") -> float:
-    return count(daemon, "tokenproxy_token_refresh_total", provider=provider, trigger=trigger,
-                 result=result)
+              provider: str = "idp", grant: str | None = None) -> float:
+    """Token-endpoint calls of one trigger, over every grant unless one is named; result
+    "failure" counts both kinds of failure (rejected and error)."""
+    results = {"rejected", "error"} if result == "failure" else {result}
+    return sum(
+        s.value for family in daemon.registry.collect()
+        if family.name == "tokenproxy_token_refresh"
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["provider"] == provider
+        and s.labels["trigger"] == trigger and s.labels["result"] in results
+        and (grant is None or s.labels["grant"] == grant))
 
 
 async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:

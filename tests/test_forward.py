@@ -876,6 +876,20 @@ class TestObservability:
         assert event["duration_ms"] >= 0
         assert "secretquery" not in logs.text
 
+    async def test_request_log_counts_tokenproxys_own_error_bodies(
+        self, make_proxy: MakeProxy, upstream: TestServer, logs: CapturedLogs
+    ) -> None:
+        """An answer of tokenproxy's own (a 404 problem: no route) counts its body's bytes."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN, routes=[
+            {"prefix": "/api", "upstream": upstream_url(upstream), "provider": "api"}]))
+        async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/nowhere") as resp:
+            assert 404 == resp.status
+            body = await resp.read()
+        await eventually(lambda: bool(logs.events("request")))
+        [event] = logs.events("request")
+        assert (404, len(body)) == (event["status"], event["bytes"])
+        assert len(body) > 0
+
     @pytest.mark.parametrize(
         ("method", "first"),
         [("GET", "/one"), ("HEAD", "/one"), ("GET", "/one?status=204"),

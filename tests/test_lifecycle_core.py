@@ -82,7 +82,8 @@ async def test_proactive_refresh_before_expiry(
     daemon = await make_proxy(oauth2_config(issuer, tmp_path, refresh_margin="4s"))
     await wait_ready(daemon.admin_port)
     await clock.tick(6.5)
-    labels = {"provider": "idp", "trigger": "expiry", "result": "success"}
+    labels = {"provider": "idp", "trigger": "expiry", "grant": "client_credentials",
+              "result": "success"}
     for _ in range(300):   # the metric counts once the answer is in, not when the call starts
         if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", labels):
             break

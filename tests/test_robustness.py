@@ -110,11 +110,12 @@ async def test_lock_held_elsewhere_gives_503_not_a_hang(
         assert time.monotonic() - started < 2.0
         for _ in range(300):
             if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
-                    "provider": "api", "trigger": "initial", "result": "failure"}):
+                    "provider": "api", "trigger": "initial", "grant": "state_file",
+                    "result": "error"}):
                 break
             await asyncio.sleep(0.01)
         assert 1.0 == daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
-            "provider": "api", "trigger": "initial", "result": "failure"})
+            "provider": "api", "trigger": "initial", "grant": "state_file", "result": "error"})
     # Once the lock is free the daemon recovers by itself (backoff, then a new attempt).
     await clock.tick(1.3)
     for _ in range(400):

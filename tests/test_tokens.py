@@ -943,7 +943,8 @@ async def test_failed_background_refresh_after_a_skipped_retry_is_quiet(
 
 
 async def test_second_401_passed_back_as_sent(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    logs: CapturedLogs,
 ) -> None:
     """A 401 with the fresh token is passed back as sent; the next one does not refresh."""
     idp = await start()
@@ -960,8 +961,12 @@ async def test_second_401_passed_back_as_sent(
     resp = await fetch(http, daemon, "/deny")
     assert 401 == resp.status
     assert 2 == len(idp.calls.seen)
-    assert 2 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="failure")
+    # Not sent again: counted as such, as the access log says (retried: false).
+    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="failure")
+    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/",
+                      outcome="no_new_token")
     assert 0 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="success")
+    assert [True, False] == [e["retried"] for e in logs.events("request")]
 
 
 @pytest.mark.parametrize("revoked", ["access token", "token family"])
@@ -1016,6 +1021,45 @@ async def test_a_fresh_token_refused_again_is_not_refreshed_per_request(
     for path in ("/deny", "/deny2", "/deny", "/deny2"):
         assert 401 == (await fetch(http, other, path)).status
     assert 2 == len(fresh.calls.seen)
+
+
+async def test_every_token_endpoint_call_is_counted_by_grant_and_result(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    logs: CapturedLogs,
+) -> None:
+    """A rejected refresh token (what reuse detection or a revocation looks like) followed by
+    a fresh login is two calls: refresh_token rejected, password success; the log lines name
+    the grant of each."""
+    idp = await start()
+    daemon = await make_proxy(oauth2_config(idp, tmp_path, **PASSWORD_GRANT))
+    await wait_ready(daemon)
+    idp.issuer.revoke_all()
+    assert 200 == (await fetch(http, daemon)).status
+    assert ["password", "refresh_token", "password"] == idp.calls.grants()
+
+    def calls(trigger: str, grant: str, result: str) -> float:
+        return count(daemon, "tokenproxy_token_refresh_total", provider="idp",
+                     trigger=trigger, grant=grant, result=result)
+
+    assert (1, 1, 1) == (calls("initial", "password", "success"),
+                         calls("unauthorized", "refresh_token", "rejected"),
+                         calls("unauthorized", "password", "success"))
+    assert 3 == sum(refreshes(daemon, t, r) for t in ("initial", "unauthorized")
+                    for r in ("success", "failure"))
+    assert ["refresh_token"] == [e["grant"] for e in logs.events("token_refresh_failed")]
+    assert ["password", "password"] == [e["grant"] for e in logs.events("token_refreshed")]
+
+
+async def test_a_failing_call_is_counted_as_an_error(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, logs: CapturedLogs
+) -> None:
+    """A 503 from the token endpoint is an error (it may work later), not a rejection."""
+    idp = await start()
+    idp.calls.default = respond(503, '{"error": "temporarily_unavailable"}')
+    daemon = await make_proxy(oauth2_config(idp, tmp_path))
+    await wait_for(lambda: refreshes(daemon, "initial", "error") == 1, "the failure")
+    assert 0 == refreshes(daemon, "initial", "rejected")
+    assert ["client_credentials"] == [e["grant"] for e in logs.events("token_refresh_failed")]
 
 
 # -- fallback --------------------------------------------------------------------------------
@@ -1384,7 +1428,7 @@ async def test_state_file_mode_0600(
 
 async def test_refresh_token_on_disk_before_the_new_access_token_is_used(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, logs: CapturedLogs,
 ) -> None:
     """The refresh token is in the state file before its access token is first used."""
     idp = await start()
@@ -1410,7 +1454,10 @@ async def test_refresh_token_on_disk_before_the_new_access_token_is_used(
     await wait_ready(daemon)
     assert 200 == (await fetch(http, daemon)).status          # initial
     await advance(clock, 5.1)                                  # background refresh
-    await wait_for(lambda: refreshes(daemon, "expiry") == 1, "the refresh")
+    # Installed, not only answered (the metric counts the call when its answer is in): a
+    # token obtained before the revocation below would be revoked with it.
+    await wait_for(lambda: [e["trigger"] for e in logs.events("token_refreshed")][-1:]
+                   == ["expiry"], "the refresh")
     assert 200 == (await fetch(http, daemon)).status
     idp.issuer.revoke_all()                                    # 401 -> refresh -> login
     assert 200 == (await fetch(http, daemon)).status

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,8 +16,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream
+from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
+from tests.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.test_forward import RawConnection
 from tokenproxy.app import Daemon
 
@@ -37,7 +38,18 @@ class WsUpstream:
         app.router.add_get("/closer", self.closer)
         app.router.add_get("/deny/{code}", self.deny)
         app.router.add_get("/pinger", self.pinger)
+        app.router.add_get("/second-token", self.second_token)
         return app
+
+    async def second_token(self, request: web.Request) -> web.StreamResponse:
+        """Accepts the handshake only with TOKEN_2."""
+        self.handshakes.append(list(request.headers.items()))
+        if request.headers.get("Authorization") != f"Bearer {TOKEN_2}":
+            return web.Response(status=401, text="no")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
 
     async def pinger(self, request: web.Request) -> web.WebSocketResponse:
         """Answers each ping itself with a pong that names the ping's payload."""
@@ -197,6 +209,29 @@ class TestWebSocket:
         assert status == caught.value.status
         assert fake.handshakes
         assert [f"Bearer {TOKEN}"] == values(fake.handshakes[0], "Authorization")
+
+    async def test_refused_handshake_retried_once_with_a_newer_token(
+        self, make_proxy: MakeProxy, ws_upstream: tuple[WsUpstream, TestServer],
+        tmp_path: Path, logs: CapturedLogs,
+    ) -> None:
+        """A 401 to the handshake is retried with a newer token like any request: counted in
+        tokenproxy_auth_retries_total and logged retried."""
+        fake, server = ws_upstream
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
+        raw = proxy_config(upstream_url(server), TOKEN)
+        raw["providers"] = {"api": {"type": "static", "token_file": str(token_file)}}
+        daemon = await make_proxy(raw)
+        token_file.write_text(TOKEN_2)   # seen when the 401 makes the provider look again
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(ws_url(daemon, "/second-token")) as ws:
+            await ws.receive(timeout=WS_TIMEOUT)
+        assert [[f"Bearer {TOKEN}"], [f"Bearer {TOKEN_2}"]] == [
+            values(h, "Authorization") for h in fake.handshakes]
+        assert 1 == daemon.registry.get_sample_value(
+            "tokenproxy_auth_retries_total", {"route": "/", "outcome": "success"})
+        await eventually(lambda: bool(logs.events("request")))
+        assert [(101, True)] == [(e["status"], e["retried"]) for e in logs.events("request")]
 
     async def test_h2c_upgrade_never_honoured(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream

@@ -478,29 +478,24 @@ class FastConnection(asyncio.Protocol):
         except RequestRejected as exc:
             proxy.metrics.rejected.labels(exc.cause).inc()
             keep = linger = False   # a stalled body is not waited for twice
-            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
-                                      close=True), outcome, exc.status)
+            self._answer(outcome, exc.status, exc.cause, exc.detail, close=True)
         except UpstreamError as exc:
             proxy.metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
             keep = keep and self._body_done()
-            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
-                                      close=not keep), outcome, exc.status)
+            self._answer(outcome, exc.status, exc.cause, exc.detail, close=not keep)
         except TokenUnavailable as exc:
             keep = keep and self._body_done(drop=True)
-            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
-                                      retry_after=exc.retry_after, close=not keep),
-                         outcome, exc.status)
+            self._answer(outcome, exc.status, exc.cause, exc.detail, close=not keep,
+                         retry_after=exc.retry_after)
         except TokenError as exc:
             keep = keep and self._body_done(drop=True)
-            self._answer(wire.problem(exc.status, exc.cause, exc.detail, self._env.date(),
-                                      close=not keep), outcome, exc.status)
+            self._answer(outcome, exc.status, exc.cause, exc.detail, close=not keep)
         except Exception as exc:
             keep = False
             log.get_logger().error("internal_error", error=type(exc).__name__)
             if outcome.status == CLIENT_GONE:
-                self._answer(wire.problem(500, "internal",
-                                          "tokenproxy failed to handle the request",
-                                          self._env.date(), close=True), outcome, 500)
+                self._answer(outcome, 500, "internal",
+                             "tokenproxy failed to handle the request", close=True)
         finally:
             proxy.metrics.inflight.dec()
             try:
@@ -510,10 +505,15 @@ class FastConnection(asyncio.Protocol):
                 log.get_logger().error("internal_error", error=type(exc).__name__)
         self._finish(keep, linger=linger)
 
-    def _answer(self, data: bytes, outcome: Outcome, status: int) -> None:
+    def _answer(self, outcome: Outcome, status: int, cause: str, detail: str, *, close: bool,
+                retry_after: float | None = None) -> None:
+        """An error of ours, as problem+json; its body counts in the access log's bytes."""
+        head, body = wire.problem(status, cause, detail, self._env.date(),
+                                  retry_after=retry_after, close=close)
         outcome.status = status
+        outcome.bytes += len(body)
         if self._transport is not None:
-            self._transport.write(data)
+            self._transport.write(head + body)
 
     def _body_done(self, *, drop: bool = False) -> bool:
         """Whether the connection can carry another request after this answer."""

@@ -26,7 +26,7 @@ from tokenproxy.proxy.headers import (
     forward_request_headers,
     forward_response_headers,
 )
-from tokenproxy.proxy.problem import problem_response
+from tokenproxy.proxy.problem import ProblemResponse, problem_response
 from tokenproxy.proxy.retry import RetryAction, retry_action
 from tokenproxy.proxy.security import SecurityPolicy
 from tokenproxy.proxy.target import CompiledRoute, RouteTable, split_target
@@ -134,6 +134,8 @@ class Proxy:
         try:
             resp = await self._dispatch(request, outcome)
             outcome.status = resp.status
+            if isinstance(resp, ProblemResponse):
+                outcome.bytes += resp.content_length or 0
             return resp
         finally:
             self.metrics.inflight.dec()
@@ -306,8 +308,9 @@ class Proxy:
         client_auth: bool, retried: bool, replayable: bool, drop: Callable[[], None],
     ) -> Token | None:
         """After an upstream answer (both paths): the token to send the request once more
-        with, or None to relay this answer. Counts the retry's outcome; *drop* frees the
-        refused answer's connection when the wait for a new token fails."""
+        with, or None to relay this answer. Counts the retry's outcome -- success and failure
+        only for requests sent again, so the metric agrees with the access log's ``retried``;
+        *drop* frees the refused answer's connection when the wait for a new token fails."""
         action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
         if action is RetryAction.RELAY:
             if retried:
@@ -330,7 +333,7 @@ class Proxy:
             drop()   # the refused answer will not be relayed: free its connection now
             raise
         if fresh is None:
-            self._retry_outcome(compiled, "failure")
+            self._retry_outcome(compiled, "no_new_token")
         return fresh
 
     # -- the fast path's pieces (fastpath.py) ------------------------------------------------

@@ -93,6 +93,7 @@ async def proxy_websocket(
         headers = base.copy()
         if not client_auth:
             headers[route.header] = compiled.header_value(token.value)
+        refusal: aiohttp.WSServerHandshakeError | None = None
         try:
             async with asyncio.timeout(route.timeout):
                 upstream = await proxy.session.ws_connect(
@@ -100,27 +101,30 @@ async def proxy_websocket(
                     autoclose=False, max_msg_size=MAX_MESSAGE, ssl=proxy.ssl_for(compiled),
                     compress=0,
                 )
-            break
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status in route.retry_on and attempt == 0 and not client_auth:
-                fresh = await bounded(source.renew(token, "unauthorized"), compiled,
-                                      source.name)
-                if fresh is not None:
-                    token = fresh
-                    outcome.retried = True
-                    continue
-            if 400 <= exc.status <= 599:
-                # The upstream's refusal, passed back with its headers (WWW-Authenticate...);
-                # aiohttp does not keep the body of a refused handshake.
-                headers = forward_response_headers(
-                    CIMultiDictProxy(CIMultiDict(exc.headers or {})), token=token.value,
-                    rewrite_location=lambda loc: loc)
-                headers.popall("Content-Length", None)
-                headers.popall("Content-Encoding", None)
-                return web.Response(status=exc.status, headers=headers)
-            raise UpstreamError("reset", "the upstream refused the WebSocket upgrade") from None
+            refusal = exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from None
+        # The handshake has no body: a refused one can always be sent again.
+        fresh = await proxy.token_for_retry(
+            101 if refusal is None else refusal.status, compiled, source, token, client_auth,
+            attempt == 1, True, lambda: None)
+        if fresh is not None:
+            token = fresh
+            outcome.retried = True
+            continue
+        if refusal is None:
+            break
+        if 400 <= refusal.status <= 599:
+            # The upstream's refusal, passed back with its headers (WWW-Authenticate...);
+            # aiohttp does not keep the body of a refused handshake.
+            headers = forward_response_headers(
+                CIMultiDictProxy(CIMultiDict(refusal.headers or {})), token=token.value,
+                rewrite_location=lambda loc: loc)
+            headers.popall("Content-Length", None)
+            headers.popall("Content-Encoding", None)
+            return web.Response(status=refusal.status, headers=headers)
+        raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
     if upstream is None:   # pragma: no cover - the loop either breaks or returns
         return problem_response(502, "upstream_unreachable", "no WebSocket connection")
     client = web.WebSocketResponse(
@@ -130,8 +134,6 @@ async def proxy_websocket(
     try:
         await client.prepare(request)
         outcome.status = 101
-        if not client_auth:
-            source.accepted(token)
         tasks = [asyncio.create_task(_pump(client, upstream)),
                  asyncio.create_task(_pump(upstream, client))]
         try:

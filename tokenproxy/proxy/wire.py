@@ -193,8 +193,8 @@ def chunk(data: bytes) -> bytes:
 
 
 def problem(status: int, cause: str, detail: str, date: bytes, *,
-            retry_after: float | None = None, close: bool = False) -> bytes:
-    """problem.problem_response as bytes: the same fields and headers."""
+            retry_after: float | None = None, close: bool = False) -> tuple[bytes, bytes]:
+    """problem.problem_response as bytes, the same fields and headers: (head, body)."""
     body = problem_body(status, cause, detail)
     headers: list[Header] = [
         (b"Tokenproxy-Error", cause.encode()),
@@ -205,4 +205,4 @@ def problem(status: int, cause: str, detail: str, date: bytes, *,
         headers.append((b"Retry-After", b"%d" % max(1, math.ceil(retry_after))))
     head = render_response(status, b"", headers, b"Content-Length: %d\r\n" % len(body), date,
                            close)
-    return head + body
+    return head, body

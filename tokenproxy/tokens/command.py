@@ -60,6 +60,7 @@ class CommandGrantor:
     can_refresh = False
     can_login = True
     initial_refresh_token: str | None = None
+    login_grant = refresh_grant = "command"
 
     def __init__(self, cfg: CommandProvider, redactor: Redactor) -> None:
         self._cfg = cfg

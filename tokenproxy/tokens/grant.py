@@ -34,6 +34,7 @@ class GrantFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.grant: str | None = None   # set by the token manager: which call failed
 
 
 class GrantRejected(Exception):
@@ -43,6 +44,7 @@ class GrantRejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
+        self.grant: str | None = None
 
 
 def _no_constants(name: str) -> Any:

@@ -36,6 +36,8 @@ class JsonGrantor:
 
     can_login = True
     initial_refresh_token: str | None = None
+    login_grant = "json_login"
+    refresh_grant = "json_refresh"
 
     @property
     def can_refresh(self) -> bool:

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Final, Protocol
 
 from tokenproxy import log
@@ -44,11 +44,19 @@ BACKOFF_MAX: Final = 60.0
 # (revoked), and it is refreshed at once -- at most once per window that way, so that a path
 # refused for scope among accepted ones cannot make every request a refresh.
 UNAUTHORIZED_REFRESH_GAP: Final = 5.0
+# The grant label of tokens taken from the state file (another process had refreshed).
+STATE_FILE: Final = "state_file"
 
 
 class Grantor(Protocol):
     @property
     def can_login(self) -> bool: ...
+
+    @property
+    def login_grant(self) -> str: ...
+
+    @property
+    def refresh_grant(self) -> str: ...
 
     @property
     def can_refresh(self) -> bool: ...
@@ -289,16 +297,14 @@ class TokenManager:
 
     async def _fetch(self, trigger: Trigger) -> Token:
         started = time.perf_counter()
-        result = "failure"
         try:
             token = await self._obtain_guarded(trigger)
-            result = "success"
             self._failures = 0
             self._next_attempt = 0.0
             self._last_error = None
             return token
         except GrantRejected as exc:
-            self._become_unauthenticated(exc.reason)
+            self._become_unauthenticated(exc.reason, exc.grant)
             raise self._unauthenticated_error() from None
         except GrantFailed as exc:
             self._failures += 1
@@ -307,25 +313,26 @@ class TokenManager:
             delay = max(delay, exc.retry_after or 0.0)
             self._next_attempt = self._clock.monotonic() + delay
             self._last_error = exc.reason
-            self._log.warning(log.TOKEN_REFRESH_FAILED, trigger=trigger, error=exc.reason,
-                              retry_in_s=round(delay, 2), failures=self._failures)
+            self._log.warning(log.TOKEN_REFRESH_FAILED, trigger=trigger, grant=exc.grant,
+                              error=exc.reason, retry_in_s=round(delay, 2),
+                              failures=self._failures)
             raise TokenUnavailable(
                 self.name, f"provider {self.name!r}: token endpoint failing", delay
             ) from None
         finally:
             self._inflight = None
-            self._metrics.token_refresh.labels(self.name, trigger, result).inc()
             self._metrics.token_refresh_duration.labels(self.name).observe(
                 time.perf_counter() - started)
             self._wake.set()
 
-    def _become_unauthenticated(self, reason: str) -> None:
+    def _become_unauthenticated(self, reason: str, grant: str | None) -> None:
         self._unauthenticated = True
         self._token = None
         self._last_error = reason
         self._metrics.provider_authenticated.labels(self.name).set(0)
         self._metrics.token_expiry.labels(self.name).set(0)
-        self._log.warning(log.TOKEN_REFRESH_FAILED, error=reason, failures=self._failures + 1)
+        self._log.warning(log.TOKEN_REFRESH_FAILED, grant=grant, error=reason,
+                          failures=self._failures + 1)
         self._log.error(log.PROVIDER_UNAUTHENTICATED, error=reason)
 
     # -- one exchange ------------------------------------------------------------------------
@@ -338,7 +345,10 @@ class TokenManager:
             async with self._store.locked(self._key, self._lock_timeout):
                 return await self._obtain_locked(trigger, stale)
         except StateLockTimeout as exc:
-            raise GrantFailed(str(exc)) from None
+            self._count(trigger, STATE_FILE, "error")
+            failed = GrantFailed(str(exc))
+            failed.grant = STATE_FILE
+            raise failed from None
 
     async def _obtain_locked(self, trigger: Trigger, stale: Token | None) -> Token:
         if self._store is not None:
@@ -347,13 +357,14 @@ class TokenManager:
             if stored is not None:
                 adopted = self._adopt_stored(stored, stale=stale)
                 if adopted is not None:
-                    self._log.info(log.TOKEN_REFRESHED, trigger=trigger, source="state_file",
+                    self._count(trigger, STATE_FILE, "success")
+                    self._log.info(log.TOKEN_REFRESHED, trigger=trigger, grant=STATE_FILE,
                                    expires_in=self._rounded_lifetime())
                     return adopted
         # expires_in counts from when the issuer answered, which is after we asked: timing the
         # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
-        grant, used_refresh = await self._exchange()
+        grant, used_refresh, grant_type = await self._exchange(trigger)
         # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
         refresh_token = grant.refresh_token or used_refresh
         life = lifetime(grant.expires_in, grant.access_token, now_wall)
@@ -366,25 +377,47 @@ class TokenManager:
         token = self._install(grant.access_token, refresh_token, life, now_mono, now_wall)
         if grant.expires_in_ignored:
             self._log.warning("expires_in_ignored", reason="not a finite positive number")
-        self._log.info(log.TOKEN_REFRESHED, trigger=trigger, expires_in=self._rounded_lifetime())
+        self._log.info(log.TOKEN_REFRESHED, trigger=trigger, grant=grant_type,
+                       expires_in=self._rounded_lifetime())
         return token
 
     def _rounded_lifetime(self) -> float | None:
         return None if self._lifetime is None else round(self._lifetime, 1)
 
-    async def _exchange(self) -> tuple[Grant, str | None]:
-        """Refresh grant when we hold a refresh token; on rejection a fresh login if possible."""
+    async def _exchange(self, trigger: Trigger) -> tuple[Grant, str | None, str]:
+        """Refresh grant when we hold a refresh token; on rejection a fresh login if possible.
+        Returns the answer, the refresh token used, and the grant that succeeded."""
         rt = self._refresh_token
-        if rt and self._grantor.can_refresh:
+        grantor = self._grantor
+        if rt and grantor.can_refresh:
             try:
-                return await self._grantor.refresh(rt), rt
+                return (await self._call(trigger, grantor.refresh_grant, grantor.refresh(rt)),
+                        rt, grantor.refresh_grant)
             except GrantRejected as exc:
-                if not self._grantor.can_login:
+                if not grantor.can_login:
                     raise
-                self._log.warning(log.TOKEN_REFRESH_FAILED, error=exc.reason,
+                self._log.warning(log.TOKEN_REFRESH_FAILED, grant=exc.grant, error=exc.reason,
                                   next_step="login")
                 self._refresh_token = None
-        return await self._grantor.login(), None
+        return (await self._call(trigger, grantor.login_grant, grantor.login()), None,
+                grantor.login_grant)
+
+    async def _call(self, trigger: Trigger, grant: str, answer: Awaitable[Grant]) -> Grant:
+        """One token-endpoint call, counted by its grant and result."""
+        try:
+            got = await answer
+        except (GrantRejected, GrantFailed) as exc:
+            exc.grant = grant
+            self._count(trigger, grant, "rejected" if isinstance(exc, GrantRejected) else "error")
+            raise
+        except Exception:
+            self._count(trigger, grant, "error")   # a provider bug: _obtain_guarded logs it
+            raise
+        self._count(trigger, grant, "success")
+        return got
+
+    def _count(self, trigger: Trigger, grant: str, result: str) -> None:
+        self._metrics.token_refresh.labels(self.name, trigger, grant, result).inc()
 
     def _install(self, access: str, refresh_token: str | None, life: float | None,
                  now_mono: float, now_wall: float) -> Token:

@@ -30,6 +30,11 @@ class OAuth2Grantor:
         self._token_url: str | None = cfg.token_url.url if cfg.token_url else None
 
     can_refresh = True
+    refresh_grant = "refresh_token"
+
+    @property
+    def login_grant(self) -> str:
+        return self._cfg.grant_type
 
     @property
     def can_login(self) -> bool:

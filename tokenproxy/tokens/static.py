@@ -67,8 +67,10 @@ class StaticSource:
         if value != self._token.value:
             self._redactor.track(self.name, value)
             self._token = Token(value, None, self._token.generation + 1)
-            self._metrics.token_refresh.labels(self.name, "manual", "success").inc()
-            self._log.info("token_refreshed", trigger="manual", expires_in=None)
+            self._metrics.token_refresh.labels(self.name, "manual", "token_file",
+                                               "success").inc()
+            self._log.info("token_refreshed", trigger="manual", grant="token_file",
+                           expires_in=None)
 
     async def start(self) -> None:
         self._metrics.provider_authenticated.labels(self.name).set(1)
