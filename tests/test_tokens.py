@@ -51,6 +51,7 @@ from tests.idp import (
 from tokenproxy.app import Daemon, obtain_token
 from tokenproxy.config import build_config
 from tokenproxy.log import Redactor
+from tokenproxy.tokens.discovery import discovery_urls
 
 StartIdp = Callable[..., Awaitable[Idp]]
 PASSWORD_GRANT: dict[str, Any] = {"grant_type": "password", "username": "demo",
@@ -247,21 +248,129 @@ async def test_issuer_discovery_instead_of_token_url(
     assert ["client_credentials"] == idp.calls.grants()
 
 
-async def test_failed_discovery_is_a_failure_with_backoff(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    logs: CapturedLogs, clock: JumpClock,
-) -> None:
-    """An issuer without a discovery document: the provider backs off, requests get 503."""
-    idp = await start()
+class Metadata:
+    """An authorization server's metadata documents at chosen locations (a path issuer's
+    server publishing only some of the three), on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, Any] = {}
+        self.status = 404
+        self.seen: list[str] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.path)
+        if request.path in self.docs:
+            return web.json_response(self.docs[request.path])
+        return web.Response(status=self.status)
+
+    @property
+    def issuer(self) -> str:
+        return self.url + "/o"
+
+
+@pytest.fixture(name="metadata")
+async def _metadata(aiohttp_server: AiohttpServer) -> Metadata:
+    meta = Metadata()
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", meta.handle)
+    server = await aiohttp_server(app)
+    meta.url = f"http://127.0.0.1:{server.port}"
+    return meta
+
+
+def issuer_config(idp: Idp, issuer: str, tmp_path: Path) -> dict[str, Any]:
     prov = oauth2(idp)
     del prov["token_url"]
-    prov["issuer"] = idp.url + "/nowhere"
-    daemon = await make_proxy(config(prov, idp.url + "/api/", tmp_path))
-    await wait_for(lambda: refreshes(daemon, "initial", "failure") == 1, "a failed call")
-    assert ["OIDC discovery: status 404"] == failures(logs)
+    prov["issuer"] = issuer
+    return config(prov, idp.url + "/api/", tmp_path)
+
+
+LOCATIONS = {
+    "openid": "/o/.well-known/openid-configuration",
+    "rfc8414": "/.well-known/oauth-authorization-server/o",
+    "appended": "/o/.well-known/oauth-authorization-server",
+}
+
+
+@pytest.mark.parametrize("where", LOCATIONS)
+async def test_discovery_finds_the_metadata_where_the_server_publishes_it(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    metadata: Metadata, where: str,
+) -> None:
+    """OpenID location first, then RFC 8414's (inserted before the issuer's path), then the
+    same document appended to the path (django-oauth-toolkit publishes it there)."""
+    idp = await start()
+    metadata.docs[LOCATIONS[where]] = {"issuer": metadata.issuer,
+                                       "token_endpoint": idp.token_url}
+    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
+    await wait_ready(daemon)
+    assert 200 == (await fetch(http, daemon)).status
+    assert ["client_credentials"] == idp.calls.grants()
+    order = list(LOCATIONS.values())
+    assert order[:order.index(LOCATIONS[where]) + 1] == metadata.seen
+
+
+@pytest.mark.parametrize("problem", ["nothing", "another issuer", "no token_endpoint",
+                                     "not json"])
+async def test_discovery_without_usable_metadata_is_a_configuration_problem(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    metadata: Metadata, logs: CapturedLogs, clock: JumpClock, problem: str,
+) -> None:
+    """Every location answered, none with a document for this issuer: not an outage (no
+    backoff loop, no 503) but a misconfiguration, named with every URL tried, in the log, in
+    /readyz and in the 502 requests get, until a reload."""
+    idp = await start()
+    doc: Any = {
+        "nothing": None,
+        "another issuer": {"issuer": "https://evil.example", "token_endpoint": idp.token_url},
+        "no token_endpoint": {"issuer": metadata.issuer},
+        "not json": "<html>",
+    }[problem]
+    if doc is not None:
+        metadata.docs[LOCATIONS["openid"]] = doc
+    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
+    await wait_for(lambda: bool(logs.events("provider_misconfigured")), "misconfigured")
+    [event] = logs.events("provider_misconfigured")
+    for path in LOCATIONS.values():
+        assert metadata.url + path in event["error"]
     resp = await fetch(http, daemon)
-    assert 503 == resp.status
-    assert [] == idp.calls.seen
+    assert (502, "provider_misconfigured") == (resp.status, resp.headers["Tokenproxy-Error"])
+    assert metadata.url + LOCATIONS["appended"] in resp.json()["detail"]
+    status, ready = await readyz(daemon)
+    assert (503, "misconfigured") == (status, ready["providers"]["idp"]["state"])
+    assert metadata.url + LOCATIONS["rfc8414"] in ready["providers"]["idp"]["error"]
+    seen = len(metadata.seen)
+    await clock.tick(120)
+    await settle()
+    assert (seen, []) == (len(metadata.seen), idp.calls.seen)   # no retry loop
+    assert 1 == count(daemon, "tokenproxy_token_refresh_total", provider="idp",
+                      trigger="initial", grant="discovery", result="rejected")
+
+
+async def test_discovery_during_an_outage_backs_off_and_names_the_urls(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    metadata: Metadata, logs: CapturedLogs,
+) -> None:
+    """5xx answers are an outage: backoff, 503 with Retry-After, the URLs named."""
+    idp = await start()
+    metadata.status = 503
+    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
+    await wait_for(lambda: refreshes(daemon, "initial", "error") == 1, "a failed call")
+    [error] = failures(logs)
+    assert f"{metadata.url}{LOCATIONS['openid']} (status 503)" in error
+    resp = await fetch(http, daemon)
+    assert (503, "token_unavailable") == (resp.status, resp.headers["Tokenproxy-Error"])
+    assert "Retry-After" in resp.headers
+
+
+def test_discovery_locations() -> None:
+    assert ["https://h/.well-known/openid-configuration",
+            "https://h/.well-known/oauth-authorization-server"] == discovery_urls("https://h/")
+    assert ["https://h/o/t/.well-known/openid-configuration",
+            "https://h/.well-known/oauth-authorization-server/o/t",
+            "https://h/o/t/.well-known/oauth-authorization-server"] == discovery_urls(
+        "https://h/o/t/")
 
 
 async def test_invalid_client_from_the_issuer_is_named_and_unauthenticates(
@@ -1156,7 +1265,7 @@ async def test_token_endpoint_503_backs_off_and_recovers(
 
 async def test_outage_during_proactive_refresh_keeps_the_valid_token_in_use(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, logs: CapturedLogs,
 ) -> None:
     """A failing background refresh leaves the valid token in use and is retried."""
     idp = await start()
@@ -1171,7 +1280,7 @@ async def test_outage_during_proactive_refresh_keeps_the_valid_token_in_use(
                                  doc["providers"]["idp"]["failures"])
     idp.calls.default = None
     await advance(clock, 1.26)   # past the longest first backoff (1 s + 25 % jitter)
-    await wait_for(lambda: refreshes(daemon, "expiry") == 1, "the retried refresh")
+    await wait_for(lambda: bool(logs.events("token_refreshed")[1:]), "the retried refresh")
     assert 200 == (await fetch(http, daemon)).status
     assert 3 == len(idp.calls.seen)
     assert "failures" not in (await readyz(daemon))[1]["providers"]["idp"]
@@ -1237,7 +1346,7 @@ async def _too_slow(request: web.Request, grant: str) -> None:
 
 
 @pytest.mark.parametrize(("fault", "timeout", "error"), [
-    (_too_slow, "0.3s", "no answer within 0.3s"),
+    (_too_slow, "0.3s", "{where}: no answer within 0.3s"),
     (respond(200, "<html><body>Sign in to the Wi-Fi</body></html>", content_type="text/html"),
      "10s", "the answer is not valid JSON"),
     (respond(502, "<html>Bad gateway</html>", content_type="text/html"), "10s",
@@ -1259,7 +1368,7 @@ async def _too_slow(request: web.Request, grant: str) -> None:
     (respond(200, b'{"access_token": "' + b"a" * 70_000 + b'"}'), "10s",
      "the answer is larger than 65536 bytes"),
     (respond(302, "", headers={"Location": "/oauth/token"}), "10s",
-     "the endpoint redirected (status 302); not followed"),
+     "{where}: redirected (status 302); not followed"),
 ], ids=["timeout", "html-200", "html-502", "json-500", "truncated", "nan-literal",
         "infinity-literal", "duplicate-keys", "no-access-token", "crlf-token", "oversize",
         "redirect"])
@@ -1272,7 +1381,7 @@ async def test_bad_token_answers_fail_with_backoff_and_recover(
     idp.calls.default = fault
     daemon = await make_proxy(oauth2_config(idp, tmp_path, timeout=timeout))
     await wait_for(lambda: refreshes(daemon, "initial", "failure") == 1, "the failure")
-    assert [error] == failures(logs)
+    assert [error.format(where=idp.url)] == failures(logs)   # a failed call names the host
     assert 1 == len(idp.calls.seen)   # a redirect is not followed
     resp = await fetch(http, daemon)
     assert 503 == resp.status

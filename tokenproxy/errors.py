@@ -6,7 +6,8 @@ TokenProxyError
 ├── UpstreamError(kind)    connect | tls | reset -> 502, timeout -> 504
 └── TokenError
     ├── TokenUnavailable   endpoint unreachable, failing, bad answer, or in backoff -> 503
-    └── Unauthenticated    credentials rejected -> 502, type ending /unauthenticated
+    ├── Unauthenticated    credentials rejected -> 502, type ending /unauthenticated
+    └── ProviderMisconfigured  the issuer publishes no usable metadata -> 502
 
 Messages never include token-endpoint bodies, header values or query strings.
 """
@@ -77,3 +78,11 @@ class Unauthenticated(TokenError):
 
     status = 502
     cause = "unauthenticated"
+
+
+class ProviderMisconfigured(TokenError):
+    """The provider's configuration does not lead to a token endpoint (discovery found no
+    usable metadata at the issuer); only a corrected config helps."""
+
+    status = 502
+    cause = "provider_misconfigured"

@@ -24,6 +24,7 @@ _TITLES: Final = {
     "upstream_timeout": "Upstream timed out",
     "token_unavailable": "No access token available",
     "unauthenticated": "Credentials rejected by the token endpoint",
+    "provider_misconfigured": "Token provider misconfigured",
     "internal": "Internal error",
 }
 

@@ -7,6 +7,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -47,6 +48,29 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+def where(url: str) -> str:
+    """The scheme, host and port of *url*: enough to name it, never its path or query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong in words ("connection refused"), not only the exception's class."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "host name not found"
+    if isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError):
+        return "TLS failure"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return (exc.os_error.strerror or "connection failed").lower()
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "connection closed before a complete answer"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "malformed answer"
+    return f"request failed ({type(exc).__name__})"
+
+
 async def call(
     session: aiohttp.ClientSession,
     method: str,
@@ -54,22 +78,22 @@ async def call(
     *,
     within: float,
     ssl_context: ssl.SSLContext | bool = True,
+    redirects_fail: bool = True,
     **kwargs: Any,
 ) -> Answer:
-    """One token-endpoint exchange within *timeout*; a redirect or an oversize body fails it."""
+    """One exchange within *within* seconds, never redirected: an oversize body fails it, and
+    so does a redirect unless the caller takes it as an answer. Failures name the host."""
     try:
         async with asyncio.timeout(within):
             async with session.request(method, url, allow_redirects=False, ssl=ssl_context,
                                        **kwargs) as resp:
                 answer = Answer(resp.status, resp.headers, await _read_capped(resp))
     except TimeoutError:
-        raise GrantFailed(f"no answer within {within:g}s") from None
-    except aiohttp.ClientError as exc:
-        raise GrantFailed(f"request failed ({type(exc).__name__})") from None
-    except ssl.SSLError:
-        raise GrantFailed("TLS failure") from None
-    if 300 <= answer.status < 400:
-        raise GrantFailed(f"the endpoint redirected (status {answer.status}); not followed")
+        raise GrantFailed(f"{where(url)}: no answer within {within:g}s") from None
+    except (aiohttp.ClientError, ssl.SSLError) as exc:
+        raise GrantFailed(f"{where(url)}: {failure_reason(exc)}") from None
+    if redirects_fail and 300 <= answer.status < 400:
+        raise GrantFailed(f"{where(url)}: redirected (status {answer.status}); not followed")
     return answer
 
 

@@ -22,9 +22,10 @@ from typing import Any, Final, Protocol
 
 from tokenproxy import log
 from tokenproxy.clock import Clock
-from tokenproxy.errors import TokenUnavailable, Unauthenticated
+from tokenproxy.errors import ProviderMisconfigured, TokenUnavailable, Unauthenticated
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.discovery import DiscoveryFailed
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
 from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
 from tokenproxy.tokens.model import Token, Trigger
@@ -119,7 +120,8 @@ class TokenManager:
         self._inflight: asyncio.Task[Token] | None = None
         self._failures = 0
         self._next_attempt = 0.0
-        self._unauthenticated = False
+        self._unauthenticated = False   # or misconfigured: stuck until a reload either way
+        self._misconfigured = False
         self._last_error: str | None = None
         self._last_unauthorized_refresh = -1e18
         self._last_revocation_refresh = -1e18
@@ -241,7 +243,7 @@ class TokenManager:
         now = self._clock.monotonic()
         tok = self._token
         if self._unauthenticated:
-            state = "unauthenticated"
+            state = "misconfigured" if self._misconfigured else "unauthenticated"
         elif tok is not None and not tok.expired(now):
             state = "valid"
         elif now < self._next_attempt:
@@ -264,7 +266,10 @@ class TokenManager:
 
     # -- single flight -----------------------------------------------------------------------
 
-    def _unauthenticated_error(self) -> Unauthenticated:
+    def _unauthenticated_error(self) -> Unauthenticated | ProviderMisconfigured:
+        if self._misconfigured:
+            return ProviderMisconfigured(
+                self.name, f"provider {self.name!r}: {self._last_error}; fix it and reload")
         return Unauthenticated(self.name, f"provider {self.name!r}: credentials were rejected")
 
     def _raise_if_backing_off(self) -> None:
@@ -304,7 +309,8 @@ class TokenManager:
             self._last_error = None
             return token
         except GrantRejected as exc:
-            self._become_unauthenticated(exc.reason, exc.grant)
+            self._become_unauthenticated(exc.reason, exc.grant,
+                                         misconfigured=isinstance(exc, DiscoveryFailed))
             raise self._unauthenticated_error() from None
         except GrantFailed as exc:
             self._failures += 1
@@ -325,15 +331,18 @@ class TokenManager:
                 time.perf_counter() - started)
             self._wake.set()
 
-    def _become_unauthenticated(self, reason: str, grant: str | None) -> None:
+    def _become_unauthenticated(self, reason: str, grant: str | None, *,
+                                misconfigured: bool = False) -> None:
         self._unauthenticated = True
+        self._misconfigured = misconfigured
         self._token = None
         self._last_error = reason
         self._metrics.provider_authenticated.labels(self.name).set(0)
         self._metrics.token_expiry.labels(self.name).set(0)
         self._log.warning(log.TOKEN_REFRESH_FAILED, grant=grant, error=reason,
                           failures=self._failures + 1)
-        self._log.error(log.PROVIDER_UNAUTHENTICATED, error=reason)
+        self._log.error(log.PROVIDER_MISCONFIGURED if misconfigured
+                        else log.PROVIDER_UNAUTHENTICATED, error=reason)
 
     # -- one exchange ------------------------------------------------------------------------
 
@@ -394,7 +403,7 @@ class TokenManager:
                 return (await self._call(trigger, grantor.refresh_grant, grantor.refresh(rt)),
                         rt, grantor.refresh_grant)
             except GrantRejected as exc:
-                if not grantor.can_login:
+                if not grantor.can_login or isinstance(exc, DiscoveryFailed):
                     raise
                 self._log.warning(log.TOKEN_REFRESH_FAILED, grant=exc.grant, error=exc.reason,
                                   next_step="login")
@@ -407,8 +416,9 @@ class TokenManager:
         try:
             got = await answer
         except (GrantRejected, GrantFailed) as exc:
-            exc.grant = grant
-            self._count(trigger, grant, "rejected" if isinstance(exc, GrantRejected) else "error")
+            exc.grant = exc.grant or grant   # discovery names itself
+            self._count(trigger, exc.grant,
+                        "rejected" if isinstance(exc, GrantRejected) else "error")
             raise
         except Exception:
             self._count(trigger, grant, "error")   # a provider bug: _obtain_guarded logs it

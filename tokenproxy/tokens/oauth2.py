@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import ssl
-from typing import Final
 from urllib.parse import quote
 
 import aiohttp
 
 from tokenproxy.config import OAuth2Provider
-from tokenproxy.config.values import parse_http_url
-from tokenproxy.errors import ConfigError
-from tokenproxy.tokens.grant import Grant, GrantFailed, grant_from
+from tokenproxy.tokens.discovery import ServerMetadata, discover
+from tokenproxy.tokens.grant import Grant, grant_from
 from tokenproxy.tokens.http import call, raise_for_answer
-
-DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 
 
 class OAuth2Grantor:
@@ -28,6 +24,7 @@ class OAuth2Grantor:
         self._session = session
         self._ssl = ssl_context
         self._token_url: str | None = cfg.token_url.url if cfg.token_url else None
+        self.metadata: ServerMetadata | None = None   # from discovery, once it succeeded
 
     can_refresh = True
     refresh_grant = "refresh_token"
@@ -45,26 +42,15 @@ class OAuth2Grantor:
     def initial_refresh_token(self) -> str | None:
         return self._cfg.refresh_token.value if self._cfg.refresh_token else None
 
-    async def _endpoint(self) -> str:
+    async def endpoint(self) -> str:
+        """The token endpoint: configured, or discovered from the issuer (once)."""
         if self._token_url is not None:
             return self._token_url
         assert self._cfg.issuer is not None
-        issuer = self._cfg.issuer.url.rstrip("/")
-        answer = await call(self._session, "GET", issuer + DISCOVERY_PATH,
-                            within=self._cfg.timeout, ssl_context=self._ssl,
-                            headers={"Accept": "application/json"})
-        if answer.status != 200:
-            raise GrantFailed(f"OIDC discovery: status {answer.status}")
-        doc = answer.json()
-        endpoint = doc.get("token_endpoint") if isinstance(doc, dict) else None
-        try:
-            url = parse_http_url(endpoint, "token_endpoint")
-        except ConfigError:
-            raise GrantFailed("OIDC discovery: no usable token_endpoint") from None
-        if url.scheme != self._cfg.issuer.scheme:
-            raise GrantFailed("OIDC discovery: token_endpoint changes the scheme")
-        self._token_url = url.url
-        return url.url
+        self.metadata = await discover(self._session, self._cfg.issuer,
+                                       within=self._cfg.timeout, ssl_context=self._ssl)
+        self._token_url = self.metadata.token_endpoint
+        return self._token_url
 
     async def _request(self, form: dict[str, str], what: str) -> Grant:
         cfg = self._cfg
@@ -83,7 +69,7 @@ class OAuth2Grantor:
             form.setdefault("scope", cfg.scope)
         for key, value in cfg.params:
             form.setdefault(key, value)
-        url = await self._endpoint()
+        url = await self.endpoint()
         answer = await call(self._session, "POST", url, within=cfg.timeout,
                             ssl_context=self._ssl, data=form, headers=headers)
         raise_for_answer(answer, what)
