@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from tests.fakes import (
     SECRETS,
     TOKEN,
     TOKEN_2,
+    FakeClock,
 )
+from tests.idp import start_idp
 from tokenproxy import __version__
 from tokenproxy.app import fast_path_setting
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
@@ -428,3 +431,94 @@ def test_unknown_fast_path_value_exits_2_before_starting(
     _, err = capsys.readouterr()
     assert 1 == len(err.splitlines())
     assert err.startswith("tokenproxy: TOKENPROXY_FAST_PATH: expected 1/0")
+
+
+# ---------------------------------------------------------------- options and --online
+
+
+def _minimal(tmp_path: Path) -> Path:
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump({
+        "providers": {"api": {"type": "static", "token": "${API_TOKEN:-x}"}},
+        "routes": [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "api"}],
+    }))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_option_before_or_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    path = str(_minimal(tmp_path))
+    argv = ["-c", path, "check-config"] if where == "before" else ["check-config", "-c", path]
+    assert 0 == main(argv)
+    assert f"config: {path}" == capsys.readouterr().out.splitlines()[0]
+
+
+def test_help_names_config_discovery_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for needed in ("TOKENPROXY_CONFIG", "./tokenproxy.yaml", "/etc/tokenproxy/config.yaml",
+                   "exit codes", "2 bad configuration"):
+        assert needed in text
+
+
+def test_summary_names_an_issuer_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_path": str(tmp_path / "s.json"),
+        "providers": {"corp": {"type": "oauth2", "issuer": "https://login.example.com/o",
+                               "client_id": "c", "client_secret": "${S:-x}"}},
+        "routes": [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "corp"}],
+    }))
+    [line] = [x for x in summary(load_config(path, {})) if x.startswith("  corp:")]
+    assert "issuer=https://login.example.com/o" in line
+    assert "endpoint=" not in line
+
+
+async def test_check_config_online_contacts_each_provider_once(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """--online: discovery and one token request per provider, the token never printed; a
+    rotating refresh token is never spent; exit 1 when any provider fails."""
+    idp = await start_idp(aiohttp_server, FakeClock())
+    good = {"type": "oauth2", "issuer": idp.url, "client_id": idp.issuer.client_id,
+            "client_secret": CLIENT_SECRET}
+    raw: dict[str, Any] = {
+        "state_path": str(tmp_path / "state.json"),
+        "providers": {
+            "good": good,
+            "wrong": {**good, "client_secret": "not-the-secret-7"},
+            "rt": {"type": "oauth2", "token_url": idp.token_url, "grant_type": "refresh_token",
+                   "client_id": "c", "client_auth": "none", "refresh_token": REFRESH_TOKEN},
+            "fixed": {"type": "static", "token": TOKEN},
+        },
+        "routes": [{"prefix": "/", "upstream": "https://api.example.com/", "provider": "good"}],
+    }
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.chmod(0o600)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenproxy", "check-config", "--online", "-c", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=child_env({}, tmp_path))
+    out_b, err_b = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = out_b.decode(), err_b.decode()
+    assert 1 == proc.returncode, (out, err)
+    lines = out.splitlines()
+    online = lines[lines.index("online:") + 1:]
+    assert [
+        f"  good: ok (expires in 10 s); token endpoint {idp.token_url} (discovered)",
+        "  wrong: failed: client_credentials grant: status 401 (invalid_client); token "
+        f"endpoint {idp.token_url} (discovered)",
+        "  rt: not exchanged (it would rotate the refresh token the daemon holds); "
+        "`tokenproxy token` uses it",
+        "  fixed: ok (static token)",
+        "failed: wrong",
+    ] == online
+    assert ["client_credentials", "client_credentials"] == idp.calls.grants()
+    for issued in [*idp.issuer._access, REFRESH_TOKEN, TOKEN, CLIENT_SECRET]:
+        assert issued not in out + err
+    assert not (tmp_path / "state.json").exists()

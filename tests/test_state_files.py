@@ -240,6 +240,20 @@ def test_token_command_refuses_an_unsafe_state_file(
     assert line.startswith(f"tokenproxy: state_path: {path}: {problem}")
 
 
+def test_check_config_refuses_an_unsafe_state_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config says what `run` would: exit 2, one line."""
+    path, raw, problem = unsafe_state(tmp_path, "file-world-writable", dead_oauth2,
+                                      time.time())
+    config = write_config(tmp_path, raw)
+    assert 2 == main(["check-config", "-c", str(config)])
+    out, err = capsys.readouterr()
+    assert ("", [f"tokenproxy: state_path: {path}: {problem}"]) == (
+        out, [line[:len(f"tokenproxy: state_path: {path}: {problem}")] for line in
+              err.splitlines()])
+
+
 def test_run_refuses_an_unsafe_state_file(tmp_path: Path) -> None:
     """`tokenproxy run` exits 2 with one stderr line saying what is wrong and how to fix it."""
     path, raw, _ = unsafe_state(tmp_path, "file-world-writable", dead_oauth2, time.time())

@@ -17,6 +17,7 @@ from tokenproxy import __version__, log, systemd
 from tokenproxy.admin import AdminHandler
 from tokenproxy.clock import Clock, SystemClock
 from tokenproxy.config import (
+    CommandProvider,
     Config,
     JsonProvider,
     OAuth2Provider,
@@ -109,24 +110,24 @@ class SourceFactory:
             self._ssl.update(ssl_contexts([ca_file]))
         return self._ssl[ca_file]
 
+    def grantor(self, cfg: OAuth2Provider | JsonProvider | CommandProvider) -> Grantor:
+        """What talks to the provider's token endpoint (or runs its command)."""
+        if isinstance(cfg, OAuth2Provider):
+            return OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        if isinstance(cfg, JsonProvider):
+            return JsonGrantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        return CommandGrantor(cfg, self._redactor)
+
     def build(self, cfg: Provider) -> TokenSource:
         common: dict[str, Any] = {"clock": self._clock, "metrics": self._metrics,
                                   "redactor": self._redactor}
         if isinstance(cfg, StaticProvider):
             return StaticSource(cfg, **common)
-        grantor: Grantor
-        lifetime: float | None = None
+        lifetime = cfg.cache_for if isinstance(cfg, CommandProvider) else None
         # Another holder of the state lock may take up to its whole call timeout.
         lock_wait = cfg.timeout + 1.0
-        if isinstance(cfg, OAuth2Provider):
-            grantor = OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
-        elif isinstance(cfg, JsonProvider):
-            grantor = JsonGrantor(cfg, self._session, self._ssl_for(cfg.ca_file))
-        else:
-            grantor = CommandGrantor(cfg, self._redactor)
-            lifetime = cfg.cache_for
         return TokenManager(
-            cfg.name, cfg.type_name(), grantor, identity=cfg.identity(),
+            cfg.name, cfg.type_name(), self.grantor(cfg), identity=cfg.identity(),
             refresh_margin=cfg.refresh_margin, store=self.store, default_lifetime=lifetime,
             lock_timeout=lock_wait, **common,
         )

@@ -14,11 +14,12 @@ import aiohttp
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
-from tokenproxy.app import fast_path_setting, obtain_token, serve
-from tokenproxy.config import Config, find_config_file, load_config
+from tokenproxy.app import fast_path_setting, obtain_token, open_state_store, serve
+from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_config
 from tokenproxy.config.secrets import config_secrets, exposed_warning
 from tokenproxy.demo import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
+from tokenproxy.online import check_providers
 
 T = TypeVar("T")
 
@@ -56,19 +57,44 @@ def http_stack_problem(version: str, c_parser: bool) -> str | None:
     return None
 
 
+EPILOG = """\
+The config file is the first of: -c FILE, $TOKENPROXY_CONFIG, ./tokenproxy.yaml,
+$XDG_CONFIG_HOME/tokenproxy/config.yaml (~/.config/...), /etc/tokenproxy/config.yaml.
+-c may come before or after the command. The configuration reference is docs/configuration.md.
+
+exit codes: 0 ok; 1 failed (a token could not be obtained, an online check failed, the HTTP
+stack is unsafe); 2 bad configuration (the message names the key)
+"""
+
+
+def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", default=default,
+                        help="config file (default: see below)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenproxy",
         description="A local authenticating reverse proxy: plain HTTP in, fresh tokens attached.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tokenproxy {__version__}")
+    _config_option(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("-c", "--config", metavar="FILE", help="config file")
-    check = sub.add_parser("check-config", help="validate the config and print a summary")
-    check.add_argument("-c", "--config", metavar="FILE", help="config file")
-    token = sub.add_parser("token", help="print a provider's current token")
-    token.add_argument("-c", "--config", metavar="FILE", help="config file")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: a -c given before the command is not reset to None by the subparser.
+        _config_option(p, argparse.SUPPRESS)
+        return p
+
+    command("run", "run the daemon in the foreground")
+    check = command("check-config", "validate the config and print a summary")
+    check.add_argument("--online", action="store_true",
+                       help="also contact each provider once (discovery, one token request; "
+                       "the token is never printed); exit 1 if any fails")
+    token = command("token", "print a provider's current token")
     token.add_argument("provider", nargs="?", help="provider name (optional with one provider)")
     demo = sub.add_parser("demo", help="run a self-contained demo with short-lived tokens")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
@@ -97,8 +123,10 @@ def summary(cfg: Config) -> list[str]:
     lines.append(f"state_path: {cfg.state_path or 'none (static providers keep no state)'}")
     lines.append(f"providers ({len(cfg.providers)}):")
     for name, p in cfg.providers.items():
-        # Endpoints without their query: a query string may carry a key (SPEC section 6).
+        # Endpoints without their query: a query string may carry a key.
         ident = {k: v.split("?", 1)[0] for k, v in p.identity().items() if k != "type" and v}
+        if isinstance(p, OAuth2Provider) and p.issuer is not None:
+            ident = {("issuer" if k == "endpoint" else k): v for k, v in ident.items()}
         detail = " ".join(f"{k}={v}" for k, v in ident.items() if "\x00" not in v)
         lines.append(f"  {name}: {p.type_name()}" + (f" {detail}" if detail else ""))
     lines.append(f"routes ({len(cfg.routes)}):")
@@ -110,6 +138,7 @@ def summary(cfg: Config) -> list[str]:
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     cfg = _load(args.config)
+    run_async(open_state_store(cfg))   # an unsafe state file fails here as it would at start
     redactor = log.Redactor(config_secrets(cfg))
     for line in summary(cfg):
         out.write(redactor.scrub(line) + "\n")
@@ -117,8 +146,18 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     warning = exposed_warning(cfg)
     if warning is not None:
         out.write(redactor.scrub(warning) + "\n")
-    out.write("ok\n")
-    return EXIT_OK
+    if not args.online:
+        out.write("ok\n")
+        return EXIT_OK
+    log.configure("error", "console", redactor=redactor)   # the report says what went wrong
+    checks = run_async(check_providers(cfg, redactor))
+    out.write("online:\n")
+    for check in checks:
+        found = f"; token endpoint {check.endpoint} (discovered)" if check.endpoint else ""
+        out.write(redactor.scrub(f"  {check.name}: {check.text}{found}") + "\n")
+    failed = [c.name for c in checks if not c.ok]
+    out.write(f"failed: {', '.join(failed)}\n" if failed else "ok\n")
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

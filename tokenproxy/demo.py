@@ -58,8 +58,10 @@ async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout) -> i
                     "tokenproxy demo: a built-in issuer hands out 10-second access tokens and\n"
                     "rotating refresh tokens; the proxy refreshes them before they expire\n"
                     "(see the log below).\n\n"
-                    f"  Try:    curl http://127.0.0.1:{daemon.port()}/hello\n"
-                    f"  Issuer: {issuer.base_url}  (the API behind the proxy answers 401 "
+                    f"  Try:     curl http://127.0.0.1:{daemon.port()}/hello\n"
+                    f"  Metrics: curl http://127.0.0.1:{daemon.admin_port}/metrics   "
+                    "(also /healthz, /readyz)\n"
+                    f"  Issuer:  {issuer.base_url}  (the API behind the proxy answers 401 "
                     "without a token)\n\n"
                     "Stop with Ctrl-C.\n\n"
                 )

@@ -361,7 +361,7 @@ class StateStore:
         fd: int | None = None
         try:
             try:
-                fd = self._open_lock(self._lock_path(key))
+                fd = await asyncio.to_thread(self._open_lock, self._lock_path(key))
             except UnsafeStateFile as exc:
                 self._unsafe(exc)   # unlocked, like an unwritable directory below
             except OSError as exc:
