@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, TOKEN, TOKEN_2
 from tokenproxy.config import (
@@ -25,6 +27,7 @@ from tokenproxy.config import (
     load_config,
     parse_yaml,
 )
+from tokenproxy.config.load import accepted_keys
 from tokenproxy.config.secrets import config_secrets
 from tokenproxy.config.values import expand_env, parse_duration, parse_listener, parse_size
 from tokenproxy.errors import ConfigError
@@ -437,6 +440,14 @@ def test_unreadable_secret_file_names_the_file_key(tmp_path: Path, key: str, kin
     assert f"{key}: cannot read {path}: {reason}" == error_of(secret_file_config(key, str(path)))
 
 
+@pytest.mark.parametrize("content", ["", "\n", "  \n\n"])
+@pytest.mark.parametrize("key", ["security.client_key_file", "providers.corp.client_secret_file"])
+def test_empty_secret_file_is_refused(tmp_path: Path, key: str, content: str) -> None:
+    """An empty secret file (a volume not mounted yet) is refused, never taken as a secret."""
+    path = write(tmp_path / "secret", content)
+    assert f"{key}: {path} is empty" == error_of(secret_file_config(key, path))
+
+
 def test_empty_token_file_is_refused(tmp_path: Path) -> None:
     """An empty token file gives no usable token: a ConfigError naming token_file."""
     path = write(tmp_path / "token", "\n")
@@ -482,33 +493,38 @@ def test_secrets_are_masked_in_repr() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (base(listne="127.0.0.1:8080"), "listne: unknown key"),
-        ({"rotues": base()["routes"], "providers": base()["providers"]}, "rotues: unknown key"),
-        (base(security={"client_kye": CLIENT_KEY}), "security.client_kye: unknown key"),
-        (base(limits={"max_body": 10}), "limits.max_body: unknown key"),
-        (base(log={"levle": "debug"}), "log.levle: unknown key"),
+        (base(listne="127.0.0.1:8080"), "listne: unknown key (did you mean 'listen'?)"),
+        ({"rotues": base()["routes"], "providers": base()["providers"]},
+         "rotues: unknown key (did you mean 'routes'?)"),
+        (base(security={"client_kye": CLIENT_KEY}),
+         "security.client_kye: unknown key (did you mean 'client_key'?)"),
+        (base(limits={"max_body": 10}),
+         "limits.max_body: unknown key (did you mean 'max_replay_body'?)"),
+        (base(limits={"frobnicate": 10}), "limits.frobnicate: unknown key"),
+        (base(log={"levle": "debug"}), "log.levle: unknown key (did you mean 'level'?)"),
         (base(providers={"api": {"type": "static", "token": TOKEN, "refresh": 1}}),
-         "providers.api.refresh: unknown key"),
+         "providers.api.refresh: unknown key (did you mean 'refresh_margin'?)"),
         (base(providers={"api": {"type": "static", "tokne": TOKEN}}),
-         "providers.api.tokne: unknown key"),
+         "providers.api.tokne: unknown key (did you mean 'token'?)"),
         (with_provider("corp", oauth2(client_secert=CLIENT_SECRET, client_secret=None)),
-         "providers.corp.client_secert: unknown key"),
+         "providers.corp.client_secert: unknown key (did you mean 'client_secret'?)"),
         (with_provider("cli", {"type": "command", "comand": ["x"]}),
-         "providers.cli.comand: unknown key"),
-        (with_route(timout="5s"), "routes[0].timout: unknown key"),
+         "providers.cli.comand: unknown key (did you mean 'command'?)"),
+        (with_route(timout="5s"), "routes[0].timout: unknown key (did you mean 'timeout'?)"),
         (with_route(upstrem="https://api.example.com/", upstream=None),
-         "routes[0].upstrem: unknown key"),
+         "routes[0].upstrem: unknown key (did you mean 'upstream'?)"),
         (with_provider("legacy", json_provider(login={"ulr": "https://h/", "url": None})),
-         "providers.legacy.login.ulr: unknown key"),
+         "providers.legacy.login.ulr: unknown key (did you mean 'url'?)"),
         (with_provider("legacy", json_provider(login={"acess_token": "/t"})),
-         "providers.legacy.login.acess_token: unknown key"),
+         "providers.legacy.login.acess_token: unknown key (did you mean 'access_token'?)"),
         (with_provider("legacy", json_provider(refresh={**JSON["refresh"], "methd": "PUT"})),
-         "providers.legacy.refresh.methd: unknown key"),
+         "providers.legacy.refresh.methd: unknown key (did you mean 'method'?)"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_unknown_keys_are_rejected_at_every_level(raw: dict[str, Any], message: str) -> None:
-    """An unknown key (a typo) is an error naming its full path, even if it hides a required key."""
+    """An unknown key (a typo) is an error naming its full path, even if it hides a required
+    key, and the known key it is closest to when there is one."""
     assert message == error_of(raw)
 
 
@@ -1127,11 +1143,57 @@ def test_config_example_loads_with_empty_environment() -> None:
     """config.example.yaml at the repo root loads with nothing set but $HOME (it has defaults;
     the state file goes under $HOME)."""
     cfg = load_config(REPO / "config.example.yaml", HOME)
-    assert {"fixed": StaticProvider, "corp": OAuth2Provider, "legacy": JsonProvider,
+    assert {"fixed": StaticProvider, "corp": OAuth2Provider, "user": OAuth2Provider,
+            "session": OAuth2Provider, "legacy": JsonProvider,
             "cli": CommandProvider} == {n: type(p) for n, p in cfg.providers.items()}
     assert ["/", "/corp"] == [r.prefix for r in cfg.routes]
     assert Config().listen == cfg.listen
     assert Config().admin_listen == cfg.admin_listen
+
+
+def _example_sections() -> dict[str, set[str]]:
+    """The keys config.example.yaml names in each section: those it sets, and those its
+    comments inside that section mention ("or token_file: ..."), by the loader's sections."""
+    text = (REPO / "config.example.yaml").read_text()
+    lines = text.splitlines()
+    named: dict[str, set[str]] = {}
+
+    def mentioned(node: yaml.Node) -> set[str]:
+        span = lines[node.start_mark.line:node.end_mark.line + 1]
+        return {m[1] for line in span if "#" in line
+                for m in re.finditer(r"([a-z_]+):", line.split("#", 1)[1])}
+
+    def note(section: str, node: yaml.Node) -> None:
+        assert isinstance(node, yaml.MappingNode)
+        keys = {k.value for k, _ in node.value}
+        named.setdefault(section, set()).update(keys | mentioned(node))
+
+    root = yaml.compose(text)
+    note("", root)
+    for key, value in root.value:
+        if key.value in ("log", "security", "limits"):
+            note(key.value, value)
+        elif key.value == "routes":
+            for item in value.value:
+                note("routes[]", item)
+        elif key.value == "providers":
+            for _, provider in value.value:
+                kind = next(v.value for k, v in provider.value if k.value == "type")
+                note(f"providers.{kind}", provider)
+                note("providers.*", provider)
+                for k, v in provider.value:
+                    if kind == "json" and k.value in ("login", "refresh"):
+                        note("providers.json.<call>", v)
+    return named
+
+
+def test_config_example_names_every_key_the_loader_accepts() -> None:
+    """config.example.yaml says it lists every key: each one the loader accepts appears in
+    its section, set or mentioned in a comment there."""
+    named = _example_sections()
+    missing = [f"{section}.{key}".lstrip(".") for section, keys in accepted_keys().items()
+               for key in keys if key not in named.get(section, set())]
+    assert [] == missing
 
 
 def test_config_example_takes_env_values() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import ssl
@@ -150,12 +151,18 @@ class _Map:
         """Report a typo first, before the "required" error it would otherwise cause."""
         for key in self.raw:
             if key not in known:
-                raise ConfigError(f"{self.path(key)}: unknown key")
+                raise ConfigError(f"{self.path(key)}: unknown key{_did_you_mean(key, known)}")
 
     def done(self) -> None:
         for key in self.raw:
             if key not in self._used:
-                raise ConfigError(f"{self.path(key)}: unknown key")
+                raise ConfigError(f"{self.path(key)}: unknown key"
+                                  f"{_did_you_mean(key, tuple(self._used))}")
+
+
+def _did_you_mean(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _read_secret_file(path: Path, where: str) -> str:
@@ -164,7 +171,11 @@ def _read_secret_file(path: Path, where: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{where}: cannot read {path}: {reason}") from None
-    return text.rstrip("\r\n")
+    secret = text.rstrip("\r\n")
+    if not secret.strip():
+        # An empty secret is a mistake (a volume not mounted yet), never a credential.
+        raise ConfigError(f"{where}: {path} is empty")
+    return secret
 
 
 def _expand_tree(node: Any, env: Mapping[str, str], where: str) -> Any:
@@ -212,8 +223,20 @@ def _listeners(raw: object, where: str) -> tuple[Listener, ...]:
     return out
 
 
+_LOG_KEYS: Final = ("level", "format")
+_SECURITY_KEYS: Final = (
+    "allowed_hosts", "admin_allowed_hosts", "reject_cross_site", "reject_forwarded",
+    "require_header", "client_key", "client_key_file",
+)
+_LIMITS_KEYS: Final = (
+    "max_replay_body", "max_replay_total", "max_header_size", "header_timeout",
+    "keepalive_timeout", "max_connections",
+)
+
+
 def _log(raw: object) -> LogConfig:
     m = _Map(raw, "log")
+    m.reject_unknown(_LOG_KEYS)
     cfg = LogConfig(
         level=m.choice("level", ("debug", "info", "warning", "error"), "info"),
         format=m.choice("format", ("json", "console"), "json"),
@@ -234,6 +257,7 @@ def _host_list(m: _Map, key: str) -> frozenset[str] | None:
 
 def _security(raw: object) -> SecurityConfig:
     m = _Map(raw, "security")
+    m.reject_unknown(_SECURITY_KEYS)
     explicit = m.has("allowed_hosts")
     hosts = _host_list(m, "allowed_hosts") if explicit else SecurityConfig().allowed_hosts
     admin_explicit = m.has("admin_allowed_hosts")
@@ -278,6 +302,7 @@ def _positive_int(raw: object, where: str) -> int:
 
 def _limits(raw: object) -> LimitsConfig:
     m = _Map(raw, "limits")
+    m.reject_unknown(_LIMITS_KEYS)
     d = LimitsConfig()
     cfg = LimitsConfig(
         max_replay_body=m.parse("max_replay_body", parse_size, d.max_replay_body),
@@ -472,7 +497,8 @@ _PROVIDER_TYPES: Final[dict[str, Callable[[str, _Map], Provider]]] = {
 }
 
 
-# The keys each provider type reads (besides type and refresh_margin); see reject_unknown.
+_COMMON_KEYS: Final = ("type", "refresh_margin")
+# The keys each provider type reads besides those; see reject_unknown.
 _PROVIDER_KEYS: Final = {
     "static": ("token", "token_file"),
     "oauth2": (
@@ -497,7 +523,7 @@ def _providers(raw: object) -> dict[str, Provider]:
         kind = m.get("type")
         if kind not in _PROVIDER_TYPES:
             raise ConfigError(f"{m.path('type')}: expected one of {', '.join(_PROVIDER_TYPES)}")
-        m.reject_unknown(("type", "refresh_margin", *_PROVIDER_KEYS[kind]))
+        m.reject_unknown((*_COMMON_KEYS, *_PROVIDER_KEYS[kind]))
         out[name] = _PROVIDER_TYPES[kind](name, m)
         m.done()
     return out
@@ -594,6 +620,18 @@ _TOP_KEYS: Final = (
     "listen", "admin_listen", "socket_group", "log", "state_path", "shutdown_grace", "security",
     "limits", "providers", "routes",
 )
+
+
+def accepted_keys() -> dict[str, tuple[str, ...]]:
+    """Every key the loader accepts, by section: "providers.*" for every provider's,
+    "providers.<type>" for one type's own, "providers.json.<call>" for login and refresh.
+    The test of config.example.yaml checks that the example names each one."""
+    keys = {"": _TOP_KEYS, "log": _LOG_KEYS, "security": _SECURITY_KEYS,
+            "limits": _LIMITS_KEYS, "routes[]": _ROUTE_KEYS, "providers.*": _COMMON_KEYS,
+            "providers.json.<call>": _JSON_CALL_KEYS}
+    for kind, own in _PROVIDER_KEYS.items():
+        keys[f"providers.{kind}"] = own
+    return keys
 
 
 def build_config(raw: object, env: Mapping[str, str], source: Path | None = None) -> Config:
