@@ -1,4 +1,4 @@
-"""The floor of a protocol-level relay here: what issue 5's fast path can aim at.
+"""The floor of a protocol-level relay here: what the fast path can aim at.
 
     pip install httptools   # not a tokenproxy dependency (yet)
     python benchmarks/relay_floor.py LISTEN_PORT UPSTREAM_PORT

@@ -49,7 +49,7 @@ def assert_problem(resp: RawResponse, status: int, cause: str) -> None:
     assert "application/problem+json" == (resp.get("Content-Type") or "").split(";")[0]
     doc = resp.json()
     assert status == doc["status"]
-    assert doc["type"].endswith("/" + cause)
+    assert "urn:tokenproxy:problem:" + cause == doc["type"]
 
 
 class RawConnection:

@@ -1,4 +1,4 @@
-"""The command line of SPEC.md section 2: --version, check-config, exit codes, no secrets."""
+"""The command line: --version, check-config, exit codes, no secrets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The YAML schema of SPEC.md section 3: values, environment, secrets, validation, defaults."""
+"""The YAML schema: values, environment, secrets, validation, defaults."""
 
 from __future__ import annotations
 
@@ -745,7 +745,7 @@ def test_other_route_keys_are_validated(key: str, value: object) -> None:
 
 
 def test_route_defaults() -> None:
-    """A route without optional keys gets SPEC §3's defaults."""
+    """A route without optional keys gets the documented defaults."""
     route = build_config(base(), {}).routes[0]
     assert ("/", "", "Authorization", "Bearer {token}", frozenset({401}), "replace", False,
             60.0, None) == (route.prefix, route.match, route.header, route.value, route.retry_on,
@@ -1075,7 +1075,7 @@ def test_bad_log_settings(log: dict[str, Any], key: str) -> None:
 
 
 def test_six_line_config_yields_spec_defaults(tmp_path: Path) -> None:
-    """The README's six-line file loads, and every other key gets SPEC §3's default."""
+    """The README's six-line file loads, and every other key gets its documented default."""
     path = tmp_path / "tokenproxy.yaml"
     path.write_text(SIX_LINES, encoding="utf-8")
     cfg = load_config(path, {"API_TOKEN": TOKEN, "STATE_DIRECTORY": "/var/lib/tp"})

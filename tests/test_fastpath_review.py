@@ -1,6 +1,6 @@
 """Adversarial review of the fast path (proxy/fastpath.py, pool.py, wire.py).
 
-Each test shows one defect found in review; each failed on the fast path at a7e7c17 and
+Each test shows one defect found in review; each failed on the fast path when it was found and
 passes since the fixes that followed. Tests marked ``both_paths`` also run against the
 aiohttp path, which always passed them.
 """

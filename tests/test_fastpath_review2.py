@@ -1,6 +1,6 @@
 """Second adversarial review of the fast path (proxy/fastpath.py, pool.py, wire.py, forward.py).
 
-Each test shows one defect of HEAD (4fcdf76, after the fixes of 5175b4e). Tests marked
+Each test shows one defect found by a second review of the fast path. Tests marked
 ``both_paths`` also run against the aiohttp path, which passes them.
 """
 
@@ -46,7 +46,7 @@ async def _recv_until(sock: socket.socket, end: bytes, timeout: float) -> bytes:
 async def test_pipelined_request_sent_later_behind_an_unread_answer_is_not_a_504(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
-    """5175b4e made _finish hold the next request while the client is not reading
+    """An earlier fix made _finish hold the next request while the client is not reading
     (_next_waits, fastpath.py:513-517) -- but only for bytes already buffered. A request that
     arrives *after* A's answer was written goes through data_received -> _next_head
     (fastpath.py:180-191), which ignores _write_paused: B is sent upstream at once, _send

@@ -1,4 +1,4 @@
-"""SPEC.md section 4, forwarding: what goes upstream, what comes back, and what never does."""
+"""Forwarding: what goes upstream, what comes back, and what never does."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Hostile peers on every side: a faulty upstream speaking raw TCP, clients that hang up or
 bend HTTP/1.x, confused-deputy inputs against a second "evil" origin, and a slow token
-endpoint under a queue of requests. Rows of issue 6 the other test files do not cover."""
+endpoint under a queue of requests. Cases the other test files do not cover."""
 
 from __future__ import annotations
 

@@ -501,7 +501,7 @@ async def test_json_login_rejected_is_unauthenticated(
     assert "login: status 401" in failures(logs)
     resp = await fetch(http, daemon)
     assert 502 == resp.status
-    assert problem_type(resp).endswith("/unauthenticated")
+    assert "urn:tokenproxy:problem:unauthenticated" == problem_type(resp)
 
 
 # -- providers: command ----------------------------------------------------------------------
@@ -1208,7 +1208,7 @@ async def test_rejected_refresh_without_credentials_is_unauthenticated(
     await wait_for(lambda: bool(logs.events("provider_unauthenticated")), "unauthenticated")
     resp = await fetch(http, daemon)
     assert 502 == resp.status
-    assert problem_type(resp).endswith("/unauthenticated")
+    assert "urn:tokenproxy:problem:unauthenticated" == problem_type(resp)
     assert "unauthenticated" == resp.headers["Tokenproxy-Error"]
     status, doc = await readyz(daemon)
     assert 503 == status
@@ -1244,7 +1244,7 @@ async def test_token_endpoint_503_backs_off_and_recovers(
     resp = await fetch(http, daemon)
     assert 503 == resp.status
     assert resp.headers["Retry-After"] in ("1", "2")
-    assert problem_type(resp).endswith("/token_unavailable")
+    assert "urn:tokenproxy:problem:token_unavailable" == problem_type(resp)
     status, doc = await readyz(daemon)
     assert (503, "backoff") == (status, doc["providers"]["idp"]["state"])
     await advance(clock, 0.99)

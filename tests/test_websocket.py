@@ -1,4 +1,4 @@
-"""SPEC.md section 4, WebSocket upgrades: the handshake carries the token, frames flow both ways,
+"""WebSocket upgrades: the handshake carries the token, frames flow both ways,
 close propagates, refusals pass back; other upgrades (h2c) are never honoured."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def llhttp_parser_loaded() -> bool:
     return http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy
 
 
-# The lowest aiohttp without a known advisory that touches a proxy (notes/security.md section 6).
+# The lowest aiohttp without a known advisory that touches a proxy (docs/security.md).
 SAFE_AIOHTTP = (3, 14, 4)
 ALLOW_UNSAFE_ENV = "TOKENPROXY_ALLOW_UNSAFE_HTTP"
 

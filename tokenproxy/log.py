@@ -21,7 +21,7 @@ from typing import Any, Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-# The event names of SPEC.md section 6; a rename here is a visible, reviewed change.
+# The event names of docs/logging.md; a rename here is a visible, reviewed change.
 REQUEST: Final = "request"
 TOKEN_REFRESHED: Final = "token_refreshed"
 TOKEN_REFRESH_FAILED: Final = "token_refresh_failed"
@@ -195,7 +195,7 @@ _json_string: Final = json.encoder.encode_basestring_ascii
 
 
 class AccessLog:
-    """The ``request`` event without structlog's per-call pipeline (issue 5: it cost a fifth
+    """The ``request`` event without structlog's per-call pipeline (measured: it cost a fifth
     of a proxied request). Same fields and JSON shape; the path goes through the Redactor's
     rules (query cut, secrets masked); written by the same BatchedWriter, so order holds."""
 

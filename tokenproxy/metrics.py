@@ -1,4 +1,4 @@
-"""Every tokenproxy collector, bound to one injected registry (SPEC.md section 6)."""
+"""Every tokenproxy collector, bound to one injected registry (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def method_label(method: str) -> str:
 
 
 class Metrics:
-    """The SPEC.md collectors; one instance per daemon (and per test)."""
+    """The collectors; one instance per daemon (and per test)."""
 
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
         self.registry = registry

@@ -1,4 +1,4 @@
-"""Configuration: the YAML schema of SPEC.md section 3, validated into frozen dataclasses."""
+"""Configuration: the YAML schema (docs/configuration.md), validated into frozen dataclasses."""
 
 from tokenproxy.config.load import build_config, find_config_file, load_config, parse_yaml
 from tokenproxy.config.model import (

@@ -7,7 +7,7 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-# SPEC.md section 4's hop-by-hop set; Proxy-* is matched by prefix.
+# The hop-by-hop set (RFC 9110 section 7.6.1, plus the obsolete ones); Proxy-* by prefix.
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
 })

@@ -8,7 +8,8 @@ from typing import Final
 
 from aiohttp import web
 
-PROBLEM_BASE: Final = "https://tokenproxy.dev/problems/"
+# A URN the project controls (RFC 9457 allows any URI); docs/errors.md lists every name.
+PROBLEM_BASE: Final = "urn:tokenproxy:problem:"
 _TITLES: Final = {
     "bad_request": "Bad request",
     "forbidden_host": "Host not allowed",

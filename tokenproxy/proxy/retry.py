@@ -14,7 +14,7 @@ class RetryAction(enum.Enum):
 
 def retry_action(status: int, retry_on: frozenset[int], client_auth: bool, retried: bool,
                  replayable: bool) -> RetryAction:
-    """What to do with an upstream answer, given the route's ``retry_on`` (SPEC section 5)."""
+    """What to do with an upstream answer, given the route's ``retry_on`` (docs/tokens.md)."""
     if status not in retry_on or client_auth:
         return RetryAction.RELAY
     if retried:

@@ -42,7 +42,7 @@ def check_host(headers: CIMultiDictProxy[str], allowed: frozenset[str] | None) -
 
 
 class SecurityPolicy:
-    """SPEC.md section 3 ``security``: each check raises RequestRejected with its status."""
+    """The ``security`` settings: each check raises RequestRejected with its status."""
 
     def __init__(self, cfg: SecurityConfig, limits: LimitsConfig) -> None:
         self._hosts = cfg.allowed_hosts

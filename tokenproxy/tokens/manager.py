@@ -1,4 +1,4 @@
-"""The token lifecycle of SPEC.md section 5 for providers that talk to a token endpoint.
+"""The token lifecycle (docs/tokens.md) for providers that talk to a token endpoint.
 
 One TokenManager per provider. Invariants:
 - at most one token-endpoint call in flight (``_inflight``), shared by every waiter through
