@@ -434,7 +434,8 @@ def test_unknown_security_key_still_refused() -> None:
     """A typo of the new key is an unknown key, not silently ignored."""
     msg = config_error(config_base(admin_listen="0.0.0.0:9100",
                                    security={"admin_allowed_host": ["10.1.2.3"]}))
-    assert "security.admin_allowed_host: unknown key" == msg
+    assert ("security.admin_allowed_host: unknown key (did you mean "
+            "'admin_allowed_hosts'?)") == msg
 
 
 @pytest.mark.parametrize("command", ["check-config", "run"])
