@@ -33,7 +33,7 @@ from tokenproxy.proxy.body import ReplayBudget
 from tokenproxy.proxy.fastpath import FastConnection, FastEnv
 from tokenproxy.proxy.forward import Proxy
 from tokenproxy.proxy.pool import UpstreamPool
-from tokenproxy.proxy.upstream import make_upstream_session, ssl_contexts
+from tokenproxy.proxy.upstream import UpstreamSessions, ssl_contexts
 from tokenproxy.server import (
     ConnectionGate,
     GuardedRequestHandler,
@@ -157,7 +157,7 @@ class Daemon:
         self.sources: dict[str, TokenSource] = {}
         self.listeners: list[ListeningSocket] = []
         self.admin_listeners: list[ListeningSocket] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: UpstreamSessions | None = None
         self._token_session: aiohttp.ClientSession | None = None
         self._server: web.Server | None = None
         self._admin_server: web.Server | None = None
@@ -242,8 +242,8 @@ class Daemon:
             )
             for name, provider in cfg.providers.items():
                 self.sources[name] = self._factory_sources.build(provider)
-            self._session = make_upstream_session(cfg.limits.max_connections)
-            self._proxy = Proxy(cfg, sources=self.sources, session=self._session,
+            self._sessions = UpstreamSessions.make(cfg.limits.max_connections)
+            self._proxy = Proxy(cfg, sources=self.sources, sessions=self._sessions,
                                 budget=self.replay_budget,
                                 metrics=self.metrics)
             # handler_cancellation: a client that hangs up cancels its upstream request.
@@ -294,7 +294,7 @@ class Daemon:
         assert self._gate is not None
         assert self._admin_gate is not None
         assert self._factory_sources is not None
-        assert self._session is not None
+        assert self._sessions is not None
         # Listeners first: the only step that can fail, and it must fail before anything moves.
         keep = [ls for ls in self.listeners if ls.listener in new.listen]
         kept = {ls.listener for ls in keep}
@@ -337,7 +337,7 @@ class Daemon:
                            and not stuck)
                 plan.append((fresh, current, inherit))
                 sources[name] = fresh
-            proxy = Proxy(new, sources=sources, session=self._session, metrics=self.metrics,
+            proxy = Proxy(new, sources=sources, sessions=self._sessions, metrics=self.metrics,
                           budget=self.replay_budget)
         except BaseException:
             for ls in added + admin_added:
@@ -406,10 +406,12 @@ class Daemon:
         for source in self.sources.values():
             with contextlib.suppress(Exception):
                 await source.close()
-        for session in (self._session, self._token_session):
-            if session is not None:
-                await session.close()
-        self._session = self._token_session = None
+        if self._sessions is not None:
+            await self._sessions.close()
+        if self._token_session is not None:
+            await self._token_session.close()
+        self._sessions = None
+        self._token_session = None
 
     # -- for tests and the CLI ---------------------------------------------------------------
 

@@ -30,7 +30,12 @@ from tokenproxy.proxy.problem import ProblemResponse, problem_response
 from tokenproxy.proxy.retry import RetryAction, retry_action
 from tokenproxy.proxy.security import SecurityPolicy
 from tokenproxy.proxy.target import CompiledRoute, RouteTable, split_target
-from tokenproxy.proxy.upstream import error_kind, ssl_contexts, upstream_error
+from tokenproxy.proxy.upstream import (
+    UpstreamSessions,
+    error_kind,
+    ssl_contexts,
+    upstream_error,
+)
 from tokenproxy.proxy.websocket import is_websocket_upgrade, proxy_websocket
 from tokenproxy.proxy.wire import Header
 from tokenproxy.tokens.model import Token, TokenSource
@@ -85,7 +90,7 @@ class Proxy:
         cfg: Config,
         *,
         sources: Mapping[str, TokenSource],
-        session: aiohttp.ClientSession,
+        sessions: UpstreamSessions,
         metrics: Metrics,
         budget: ReplayBudget,
     ) -> None:
@@ -93,7 +98,7 @@ class Proxy:
         self.policy = SecurityPolicy(cfg.security, cfg.limits)
         self._local_headers = self.policy.local_headers
         self._sources = sources
-        self._session = session
+        self._sessions = sessions
         self.metrics = metrics
         self._dropped_underscore = metrics.dropped_headers.labels("underscore")
         self.max_replay = cfg.limits.max_replay_body
@@ -230,7 +235,8 @@ class Proxy:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        return self._session
+        """The pooled client, for requests that carry no body of a client's."""
+        return self._sessions.pooled
 
     async def _read_body(
         self, request: web.BaseRequest, compiled: CompiledRoute
@@ -283,22 +289,23 @@ class Proxy:
         headers, client_auth = self.request_headers(request, compiled)
         # aiohttp's pool cannot keep a connection for one client (proxy/reuse.py): one that
         # carried a client's body is closed after its answer, and the upstream told so.
-        reuse = not request.body_exists
-        if not reuse:
+        carries_body = request.body_exists
+        if carries_body:
             headers["Connection"] = "close"
         retried = False
         while True:
             if not client_auth:
                 headers[route.header] = compiled.header_value(token.value)
-            up = await self.send(compiled, request.method, url, headers, body.payload())
+            up = await self.send(compiled, request.method, url, headers, body.payload(),
+                                 closing=carries_body)
             fresh = await self.token_for_retry(up.status, compiled, source, token, client_auth,
                                                retried, body.replayable, up.close)
             if fresh is None:
                 break
-            await _discard(up, reuse)
+            await _discard(up)
             token, retried = fresh, True
             outcome.retried = True
-        return await self._relay(request, compiled, up, token, outcome, reuse)
+        return await self._relay(request, compiled, up, token, outcome)
 
     def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
         self.metrics.auth_retries.labels(compiled.route.label, outcome).inc()
@@ -384,11 +391,15 @@ class Proxy:
         url: Any,
         headers: Any,
         data: Any,
+        *,
+        closing: bool = False,
     ) -> aiohttp.ClientResponse:
-        """Send upstream; the route timeout runs until the response head has arrived."""
+        """Send upstream; the route timeout runs until the response head has arrived.
+        *closing*: on a connection used for this request alone (proxy/reuse.py)."""
+        session = self._sessions.closing if closing else self._sessions.pooled
         try:
             async with asyncio.timeout(compiled.route.timeout):
-                return await self._session.request(
+                return await session.request(
                     method, url, headers=headers, data=data, allow_redirects=False,
                     ssl=self.ssl_for(compiled),
                 )
@@ -402,7 +413,6 @@ class Proxy:
         up: aiohttp.ClientResponse,
         token: Token,
         outcome: Outcome,
-        reuse: bool,
     ) -> web.StreamResponse:
         headers = forward_response_headers(
             up.headers,
@@ -442,17 +452,17 @@ class Proxy:
             await out.write_eof()
             return out
         finally:
-            if complete and reuse:
+            if complete:
                 up.release()
             else:
                 up.close()
 
 
-async def _discard(up: aiohttp.ClientResponse, reuse: bool) -> None:
+async def _discard(up: aiohttp.ClientResponse) -> None:
     """Finish a response we will not relay: read a small body so the connection is reused."""
     try:
         length = up.content_length
-        if reuse and length is not None and length <= DISCARD_LIMIT:
+        if length is not None and length <= DISCARD_LIMIT:
             await up.read()
             up.release()
         else:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -51,13 +52,35 @@ class IdleGuardConnector(aiohttp.TCPConnector):
         return protocol in self._acquired
 
 
-def make_upstream_session(max_connections: int) -> aiohttp.ClientSession:
-    """One pooled client for all upstreams; never per request."""
+@dataclass(frozen=True, slots=True)
+class UpstreamSessions:
+    """The aiohttp path's clients: a pool for requests without a body, and one that closes
+    every connection for requests with one (proxy/reuse.py). aiohttp's client returns a
+    connection to its pool as soon as the answer's body ends, before the caller could close
+    it, and ignores a request's own ``Connection: close``: only a connector that never pools
+    keeps a connection a client's body went into from serving another client."""
+
+    pooled: aiohttp.ClientSession
+    closing: aiohttp.ClientSession
+
+    @classmethod
+    def make(cls, max_connections: int) -> UpstreamSessions:
+        return cls(_session(max_connections, force_close=False),
+                   _session(max_connections, force_close=True))
+
+    async def close(self) -> None:
+        await self.pooled.close()
+        await self.closing.close()
+
+
+def _session(max_connections: int, *, force_close: bool) -> aiohttp.ClientSession:
+    """A client for all upstreams; never per request."""
     connector = IdleGuardConnector(
         limit=max_connections,
         limit_per_host=0,
-        keepalive_timeout=15.0,   # below common upstream idle timeouts (nginx 75 s, ALB 60 s)
-        ttl_dns_cache=10,
+        force_close=force_close,
+        keepalive_timeout=None if force_close else 15.0,   # below common upstream idle
+        ttl_dns_cache=10,                                  # timeouts (nginx 75 s, ALB 60 s)
     )
     return aiohttp.ClientSession(
         connector=connector,
