@@ -28,6 +28,7 @@ from tokenproxy.proxy.headers import (
 )
 from tokenproxy.proxy.problem import ProblemResponse, problem_response
 from tokenproxy.proxy.retry import RetryAction, retry_action
+from tokenproxy.proxy.reuse import last_request
 from tokenproxy.proxy.security import SecurityPolicy
 from tokenproxy.proxy.target import CompiledRoute, RouteTable, split_target
 from tokenproxy.proxy.upstream import (
@@ -288,16 +289,17 @@ class Proxy:
         url = compiled.upstream_url(path, query)
         headers, client_auth = self.request_headers(request, compiled)
         # aiohttp's pool cannot keep a connection for one client (proxy/reuse.py): one that
-        # carried a client's body is closed after its answer, and the upstream told so.
-        carries_body = request.body_exists
-        if carries_body:
+        # carried a client's body, or a HEAD, is closed after its answer, and the upstream
+        # told so.
+        closing = request.body_exists or last_request(request.method, False)
+        if closing:
             headers["Connection"] = "close"
         retried = False
         while True:
             if not client_auth:
                 headers[route.header] = compiled.header_value(token.value)
             up = await self.send(compiled, request.method, url, headers, body.payload(),
-                                 closing=carries_body)
+                                 closing=closing)
             fresh = await self.token_for_retry(up.status, compiled, source, token, client_auth,
                                                retried, body.replayable, up.close)
             if fresh is None:

@@ -8,6 +8,9 @@ headers or body, reflected back by any endpoint that echoes. So:
 
 - a body on a method that usually has none (GET, HEAD, DELETE, OPTIONS) is sent with
   ``Connection: close``, and the connection is never used again;
+- so is every HEAD request: its answer has no body, but servers that answer HEAD with their
+  GET handler send one anyway, and its bytes could arrive once the connection carried the
+  next client's request, as that client's answer;
 - any other request body taints its connection: it is reused only for later requests of the
   same client connection (whose own bytes it carries), never for another client;
 - bytes that arrive on an idle connection condemn it.
@@ -26,4 +29,4 @@ BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 def last_request(method: str, has_body: bool) -> bool:
     """Whether the upstream connection must close after this request (see the module doc)."""
-    return has_body and method in BODILESS_METHODS
+    return method == "HEAD" or (has_body and method in BODILESS_METHODS)
