@@ -29,13 +29,14 @@ TABLE = _table(("/api", "http://upstream.example/v1/"), ("/ext", "http://other.e
     ("/v1", "/api"),
     ("/v1/", "/api"),
     ("http://upstream.example/v2/next", "http://upstream.example/v2/next"),   # outside
+    ("/v2/next?x=1", "http://upstream.example/v2/next?x=1"),   # relative outside: made absolute
     ("http://upstream.example:8080/v1/x", "http://upstream.example:8080/v1/x"),
     ("https://upstream.example/v1/x", "https://upstream.example/v1/x"),       # other scheme
     ("//upstream.example/v1/x", "//upstream.example/v1/x"),
 ])
 def test_a_location_inside_the_routes_upstream_is_rewritten(location: str, rewritten: str
                                                            ) -> None:
-    assert rewritten == _route(TABLE, "/api").rewrite_location(location)
+    assert rewritten == TABLE.rewrite_location(location, _route(TABLE, "/api"))
 
 
 @pytest.mark.parametrize(("prefix", "location"), [
@@ -47,4 +48,23 @@ def test_a_location_inside_the_routes_upstream_is_rewritten(location: str, rewri
 def test_a_location_into_another_routes_upstream_passes_unchanged(prefix: str, location: str
                                                                  ) -> None:
     """Upstream A cannot send a redirect-following client through the proxy to route B."""
-    assert location == _route(TABLE, prefix).rewrite_location(location)
+    assert location == TABLE.rewrite_location(location, _route(TABLE, prefix))
+
+
+SHARED = _table(("/", "http://a.example/"), ("/internal", "http://b.example/"))
+
+
+@pytest.mark.parametrize(("location", "rewritten"), [
+    ("http://a.example/internal/x", "http://a.example/internal/x"),
+    ("/internal/x", "http://a.example/internal/x"),
+    ("/internal", "http://a.example/internal"),
+    ("/public/x", "/public/x"),
+    ("http://a.example/public/x?q=1", "/public/x?q=1"),
+])
+def test_a_location_that_would_reach_another_route_through_the_proxy_stays_upstream(
+    location: str, rewritten: str
+) -> None:
+    """Route / is upstream A; route /internal is upstream B. A Location on A's own
+    /internal/x must not become the proxy path /internal/x, which B would serve with B's
+    token: it points at A itself instead."""
+    assert rewritten == SHARED.rewrite_location(location, _route(SHARED, "/"))

@@ -701,7 +701,7 @@ class FastConnection(asyncio.Protocol):
         token_bytes = token.value.encode()
         headers = wire.response_headers(
             resp.headers, token=token_bytes,
-            rewrite_location=compiled.rewrite_location,
+            rewrite_location=lambda loc: proxy.table.rewrite_location(loc, compiled),
         )
         body = self._body
         # More unread body than we would drop: this connection closes after the answer.

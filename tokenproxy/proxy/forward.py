@@ -419,7 +419,7 @@ class Proxy:
         headers = forward_response_headers(
             up.headers,
             token=token.value,
-            rewrite_location=compiled.rewrite_location,
+            rewrite_location=lambda loc: self.table.rewrite_location(loc, compiled),
         )
         reason = up.reason
         if reason and len(token.value) >= MIN_ECHO_TOKEN and token.value in reason:

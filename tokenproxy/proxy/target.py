@@ -159,36 +159,28 @@ class CompiledRoute:
         proxy_path = (self.match + rest) if rest else self.route.prefix
         return proxy_path + (sep + query if sep else "")
 
-    def rewrite_location(self, location: str) -> str:
-        """Point a Location inside this route's upstream at the proxy; leave any other as is.
-
-        Only this route's: a Location into another route's upstream passes unchanged, or
-        upstream A could send a redirect-following client, through the proxy, to upstream B
-        with B's token attached.
-        """
+    def location_target(self, location: str) -> tuple[str, str] | None:
+        """(origin, path and query) a Location from this route's upstream points at, or None
+        when it names no http(s) place of its own (scheme-relative, another scheme, junk)."""
         if location.startswith("//"):
-            return location  # scheme-relative: another host as far as we can tell
+            return None  # scheme-relative: another host as far as we can tell
         if location.startswith("/"):
-            origin, rest = self.origin, location
-        else:
-            try:
-                url = URL(location, encoded=True)
-            except ValueError:
-                return location
-            if not url.absolute or url.scheme not in ("http", "https"):
-                return location
-            origin = str(url.origin())
-            rest = location[len(origin):]
-            # The normalised origin drops a default port: "http://h:80/x" starts with "http://h"
-            # but its rest is the path, not ":80/x".
-            if not location.startswith(origin) or rest[:1] not in ("", "/", "?", "#"):
-                rest = url.raw_path_qs
-            if not rest.startswith("/"):
-                rest = "/" + rest
-        if origin != self.origin:
-            return location
-        rewritten = self.proxy_location(rest)
-        return location if rewritten is None else rewritten
+            return self.origin, location
+        try:
+            url = URL(location, encoded=True)
+        except ValueError:
+            return None
+        if not url.absolute or url.scheme not in ("http", "https"):
+            return None
+        origin = str(url.origin())
+        rest = location[len(origin):]
+        # The normalised origin drops a default port: "http://h:80/x" starts with "http://h"
+        # but its rest is the path, not ":80/x".
+        if not location.startswith(origin) or rest[:1] not in ("", "/", "?", "#"):
+            rest = url.raw_path_qs
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        return origin, rest
 
 
 class RouteTable:
@@ -205,3 +197,21 @@ class RouteTable:
             if not c.match or path == c.match or path.startswith(c.match_slash):
                 return c
         return None
+
+    def rewrite_location(self, location: str, current: CompiledRoute) -> str:
+        """A Location from *current*'s upstream, for the client.
+
+        Into that route's own upstream path, and back to that route through the proxy: the
+        proxy path. Anywhere else on the same upstream: an absolute URL at the upstream
+        itself, never a proxy path -- read as one, another route would serve it with its
+        token, so upstream A could send a redirect-following client to upstream B. Another
+        origin passes unchanged (the token never goes there).
+        """
+        target = current.location_target(location)
+        if target is None or target[0] != current.origin:
+            return location
+        origin, rest = target
+        proxied = current.proxy_location(rest)
+        if proxied is not None and self.match(proxied.partition("?")[0]) is current:
+            return proxied
+        return location if location.startswith(origin) else origin + rest
