@@ -451,7 +451,8 @@ class TestRequestHeaders:
         self, make_proxy: MakeProxy, recorder: Recorder
     ) -> None:
         """CGI and WSGI servers read Content_Length as Content-Length and X_Forwarded_For as
-        X-Forwarded-For: names with an underscore are dropped, as nginx does, and counted."""
+        X-Forwarded-For: names with anything but letters, digits and "-" are dropped, as nginx
+        does, and counted."""
         daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
@@ -466,7 +467,7 @@ class TestRequestHeaders:
         assert ["yes"] == recorder.last.header("X-Keep")
         assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
         assert 4 == daemon.registry.get_sample_value(
-            "tokenproxy_request_headers_dropped_total", {"reason": "underscore"})
+            "tokenproxy_request_headers_dropped_total", {"reason": "invalid_name"})
 
     async def test_connection_cannot_strip_the_token(
         self, make_proxy: MakeProxy, recorder: Recorder

@@ -173,7 +173,7 @@ class Daemon:
 
     # -- start -------------------------------------------------------------------------------
 
-    def _factory(self, server: web.Server) -> Any:
+    def _factory(self, server: web.Server, *, lingering_time: float = 10.0) -> Any:
         """Protocol factory; reads the limits at each connection, so a reload applies them."""
         loop = asyncio.get_running_loop()
 
@@ -181,6 +181,7 @@ class Daemon:
             limits = self.config.limits
             return GuardedRequestHandler(
                 server, loop=loop, header_timeout=limits.header_timeout, on_close=on_close,
+                send_timeout=limits.send_timeout, lingering_time=lingering_time,
                 keepalive_timeout=limits.keepalive_timeout,
                 access_log=None,                  # the proxy emits its own `request` event
                 max_line_size=limits.max_header_size,
@@ -189,6 +190,12 @@ class Daemon:
             )
 
         return make
+
+    def _admin_factory(self) -> Any:
+        # A request whose body never comes is not read for 10 s after its answer: the
+        # connection closes at once, so that probes do not wait behind it.
+        assert self._admin_server is not None
+        return self._factory(self._admin_server, lingering_time=0)
 
     def _fast_factory(self, env: FastEnv) -> Any:
         if not self.fast_path:
@@ -263,7 +270,7 @@ class Daemon:
                 ADMIN_MAX_CONNECTIONS, reusable=guarded_connections(self._admin_server))
             if cfg.admin_listen is not None:
                 self.admin_listeners = self._bind_all(
-                    [cfg.admin_listen], cfg.socket_group, self._factory(self._admin_server),
+                    [cfg.admin_listen], cfg.socket_group, self._admin_factory(),
                     self._admin_gate)
             for source in self.sources.values():
                 await source.start()
@@ -307,7 +314,7 @@ class Daemon:
         if new.admin_listen is not None and not admin_keep:
             try:
                 admin_added = self._bind_all([new.admin_listen], new.socket_group,
-                                             self._factory(self._admin_server),
+                                             self._admin_factory(),
                                              self._admin_gate)
             except BaseException:
                 for ls in added:

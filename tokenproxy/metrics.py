@@ -84,7 +84,8 @@ class Metrics:
             ("route",), registry=registry)
         self.dropped_headers = Counter(
             "tokenproxy_request_headers_dropped_total",
-            "Request header fields not forwarded, by reason (underscore: a name with '_').",
+            "Request header fields not forwarded, by reason (invalid_name: a name with other "
+            "than letters, digits and '-', which CGI-style servers read as another header).",
             ("reason",), registry=registry)
         self.handovers = Counter(
             "tokenproxy_fast_path_handovers_total",

@@ -53,11 +53,15 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         *,
         loop: asyncio.AbstractEventLoop,
         header_timeout: float,
+        send_timeout: float,
         on_close: Callable[[], None] | None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._tp_header_timeout = header_timeout
+        self._tp_send_timeout = send_timeout
+        self._tp_send_timer: asyncio.TimerHandle | None = None
+        self._tp_paused_since = 0.0
         self._tp_timer: asyncio.TimerHandle | None = None
         self._tp_on_close = on_close
         self._tp_idle_since = loop.time()
@@ -90,9 +94,31 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             request.content.set_exception(message.exc)
             request.content.feed_eof()   # nothing more will come: no lingering read after
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # A client that takes none of its answer for send_timeout is cut off (nginx's
+        # send_timeout): it would hold its slot, and with it the answer, for ever.
+        self._tp_paused_since = self._loop.time()
+        self._tp_send_timer = self._loop.call_later(self._tp_send_timeout, self._tp_send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._tp_send_timer is not None:
+            self._tp_send_timer.cancel()
+            self._tp_send_timer = None
+
+    def _tp_send_expired(self) -> None:
+        self._tp_send_timer = None
+        log.get_logger().info("send_timeout", timeout_s=self._tp_send_timeout)
+        if self.transport is not None:
+            self.transport.abort()
+
     def idle_since(self) -> float | None:
         """Since when this connection has been waiting for a request head (idle after a
-        response, or with no complete head yet); None while it has a request to handle."""
+        response, or with no complete head yet), or for a client that takes none of its
+        answer; None while it has a request to handle."""
+        if self.writing_paused and self.transport is not None:
+            return self._tp_paused_since   # a client that does not read is as good as idle
         # aiohttp's own test for "idle" (_process_keepalive): its loop awaits the next message.
         waiter = self._waiter
         if waiter is None or waiter.done() or self.transport is None:
@@ -132,9 +158,10 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         return result
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._tp_timer is not None:
-            self._tp_timer.cancel()
-            self._tp_timer = None
+        for timer in (self._tp_timer, self._tp_send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._tp_timer = self._tp_send_timer = None
         try:
             super().connection_lost(exc)
         finally:

@@ -230,7 +230,7 @@ _SECURITY_KEYS: Final = (
 )
 _LIMITS_KEYS: Final = (
     "max_replay_body", "max_replay_total", "max_header_size", "header_timeout",
-    "keepalive_timeout", "max_connections",
+    "keepalive_timeout", "send_timeout", "max_connections",
 )
 
 
@@ -316,6 +316,9 @@ def _limits(raw: object) -> LimitsConfig:
             lambda r, w: parse_duration(r, w, allow_zero=False),
             d.keepalive_timeout,
         ),
+        send_timeout=m.parse(
+            "send_timeout", lambda r, w: parse_duration(r, w, allow_zero=False),
+            d.send_timeout),
         max_connections=m.parse("max_connections", _positive_int, d.max_connections),
     )
     if cfg.max_header_size < 1024:

@@ -44,6 +44,7 @@ class LimitsConfig:
     max_header_size: int = 16 * 1024
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    send_timeout: float = 60.0
     max_connections: int = 1024
 
 

@@ -70,12 +70,12 @@ class ReplayableBody:
         cls, content: StreamReader, content_length: int | None, limit: int,
         budget: ReplayBudget, route: str,
     ) -> ReplayableBody:
-        """Buffer up to *limit* bytes within the budget; past either, keep what was read as
-        the stream's prefix (its reservation is kept until release())."""
-        if content_length is not None and (
-                content_length > limit or not budget.reserve(content_length, route)):
+        """Buffer up to *limit* bytes within the budget, reserved as they arrive (a head
+        alone pins nothing); past either, keep what was read as the stream's prefix (its
+        reservation is kept until release())."""
+        if content_length is not None and content_length > limit:
             return cls(None, b"", content)
-        reserved = content_length or 0
+        reserved = 0
         chunks: list[bytes] = []
         size = 0
         try:
@@ -85,10 +85,9 @@ class ReplayableBody:
                     return cls(b"".join(chunks), b"", None, budget, reserved)
                 chunks.append(chunk)
                 size += len(chunk)
-                if content_length is None:   # chunked: reserved as it arrives
-                    if size > limit or not budget.reserve(len(chunk), route):
-                        break
-                    reserved += len(chunk)
+                if size > limit or not budget.reserve(len(chunk), route):
+                    break
+                reserved += len(chunk)
         except BaseException:
             budget.release(reserved)
             raise

@@ -31,6 +31,7 @@ from tokenproxy import log
 from tokenproxy.config import LimitsConfig
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.proxy import wire
+from tokenproxy.proxy.body import ReplayBudget
 from tokenproxy.proxy.deadline import bounded
 from tokenproxy.proxy.forward import CLIENT_GONE, Outcome
 from tokenproxy.proxy.pool import (
@@ -127,8 +128,12 @@ class _Body:
     size: int = 0
     target: UpstreamConn | None = None
     drop: bool = False
+    # Done when every byte is in, or when a body meant to be read whole must stream instead.
     complete: asyncio.Future[None] | None = None
     whole: bool = False   # read entirely before sending, so a 401 can be retried with it
+    reserved: int = 0     # bytes of the replay budget it holds (as they arrive)
+    budget: ReplayBudget | None = None
+    route: str = "-"
 
     def take(self) -> bytes:
         data = b"".join(self.chunks)
@@ -166,6 +171,7 @@ class FastConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._next_waits = False   # the next request waits until the client reads again
         self._task: asyncio.Task[None] | None = None
         self._body: _Body | None = None
@@ -221,9 +227,21 @@ class FastConnection(asyncio.Protocol):
         self._write_paused = True
         if self._upstream is not None:
             self._upstream.pause_reading()
+        # A client that takes none of its answer for send_timeout is cut off (nginx's
+        # send_timeout): it would hold its slot and its upstream connection for ever.
+        self._send_timer = self._loop.call_later(self._env.limits().send_timeout,
+                                                 self._send_expired)
+
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        log.get_logger().info("send_timeout", timeout_s=self._env.limits().send_timeout)
+        self.abort()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._upstream is not None:
             self._upstream.resume_reading()
         if self._next_waits and not self._busy:
@@ -255,10 +273,10 @@ class FastConnection(asyncio.Protocol):
                 self._transport.resume_reading()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._idle_timer, self._drain_timer):
+        for timer in (self._head_timer, self._idle_timer, self._drain_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._idle_timer = self._drain_timer = None
+        self._head_timer = self._idle_timer = self._drain_timer = self._send_timer = None
 
     def _arm_idle(self) -> None:
         # One timer per idle spell would be one call_later per request; instead the timer
@@ -353,10 +371,10 @@ class FastConnection(asyncio.Protocol):
             rest = self._feed_body(request.body, rest)
             buf += rest
         self._task = self._loop.create_task(self._exchange(request))
-        if request.body is not None and request.body.whole:
+        body = request.body
+        if body is not None and body.whole:
             # On the task, not in _exchange: a task cancelled before it ran never enters it.
-            budget, size = request.proxy.budget, request.length or 0
-            self._task.add_done_callback(lambda _: budget.release(size))
+            self._task.add_done_callback(lambda _: _release_reserved(body))
 
     def _parse(self, head: bytes) -> _Request | str:
         """The request if the fast path takes it, else why not (it is handed over):
@@ -413,9 +431,9 @@ class FastConnection(asyncio.Protocol):
             return "refused"
         body = None
         if length:   # None or 0: no body
-            whole = (bool(compiled.route.retry_on) and length <= proxy.max_replay
-                     and proxy.budget.reserve(length, compiled.route.label))
-            body = _Body(length, complete=self._loop.create_future(), whole=whole)
+            whole = bool(compiled.route.retry_on) and length <= proxy.max_replay
+            body = _Body(length, complete=self._loop.create_future(), whole=whole,
+                         budget=proxy.budget, route=compiled.route.label)
         return _Request(method, method_str, target, path, query, headers, length, keep_alive,
                         compiled, proxy, body)
 
@@ -434,6 +452,8 @@ class FastConnection(asyncio.Protocol):
         if body.target is not None:
             body.target.write(part)
         elif not body.drop:
+            if body.whole:
+                self._reserve(body, len(part))
             body.chunks.append(part)
             body.size += len(part)
             # A body read whole for replay is bounded by max_replay_body; one to be streamed
@@ -454,6 +474,19 @@ class FastConnection(asyncio.Protocol):
                 elif not self._busy:
                     self._next_head()
         return rest
+
+    def _reserve(self, body: _Body, size: int) -> None:
+        """Hold *size* more bytes of the replay budget for *body*, as they arrive (a head
+        alone pins nothing); past the budget the body streams instead, unreplayable."""
+        if body.budget is None:
+            return   # the exchange is over: these bytes are only being dropped
+        if body.budget.reserve(size, body.route):
+            body.reserved += size
+            return
+        body.whole = False
+        assert body.complete is not None
+        if not body.complete.done():
+            body.complete.set_result(None)   # _whole_body: stop waiting, stream what is held
 
     def _upload_writable(self, writable: bool) -> None:
         if writable:
@@ -593,10 +626,9 @@ class FastConnection(asyncio.Protocol):
             token = await bounded(source.current(), compiled, source.name)
         body: bytes | None = b""
         if req.body is not None:
-            if req.body.whole:
-                body = await self._whole_body(req.body, route.timeout)
-            else:
-                body = None   # streamed: sent once, never replayed
+            # None: streamed, sent once and never replayed (from the start, or once the
+            # replay budget ran out while it arrived).
+            body = await self._whole_body(req.body, route.timeout) if req.body.whole else None
         last = last_request(req.method_str, req.body is not None)
         head, client_auth = proxy.fast_request_head(req.method, req.path, req.query,
                                                     req.headers, req.length, compiled,
@@ -615,7 +647,8 @@ class FastConnection(asyncio.Protocol):
             outcome.retried = True
         return await self._relay(req, conn, resp, done, token, outcome)
 
-    async def _whole_body(self, body: _Body, wait: float) -> bytes:
+    async def _whole_body(self, body: _Body, wait: float) -> bytes | None:
+        """The whole body, or None when it must stream after all (the budget ran out)."""
         assert body.complete is not None
         if not body.complete.done():
             try:
@@ -624,7 +657,7 @@ class FastConnection(asyncio.Protocol):
             except TimeoutError:
                 raise RequestRejected(408, "request_timeout",
                                       "the request body did not arrive in time") from None
-        return body.take()
+        return body.take() if body.whole else None
 
     async def _send(self, req: _Request, head: bytes, body: bytes | None, last: bool,
                     ) -> tuple[UpstreamConn, ResponseHead, asyncio.Future[None]]:
@@ -784,6 +817,13 @@ class FastConnection(asyncio.Protocol):
         conn, self._private = self._private, None
         if conn is not None:
             conn.abort()
+
+
+def _release_reserved(body: _Body) -> None:
+    if body.budget is not None:
+        body.budget.release(body.reserved)
+        body.reserved = 0
+        body.budget = None
 
 
 def _forget_frames(exc: BaseException) -> None:

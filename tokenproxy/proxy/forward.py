@@ -101,7 +101,7 @@ class Proxy:
         self._sources = sources
         self._sessions = sessions
         self.metrics = metrics
-        self._dropped_underscore = metrics.dropped_headers.labels("underscore")
+        self._dropped_invalid = metrics.dropped_headers.labels("invalid_name")
         self.max_replay = cfg.limits.max_replay_body
         self.budget = budget   # the daemon's, shared across reloads
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
@@ -217,15 +217,15 @@ class Proxy:
         self, request: web.BaseRequest, compiled: CompiledRoute
     ) -> tuple[Any, bool]:
         route = compiled.route
-        out, client_auth, underscored = forward_request_headers(
+        out, client_auth, invalid = forward_request_headers(
             request.headers,
             drop=self._local_headers,
             auth_header=route.header,
             keep_client_auth=route.client_authorization == "keep",
             preserve_host=route.preserve_host,
         )
-        if underscored:
-            self._dropped_underscore.inc(underscored)
+        if invalid:
+            self._dropped_invalid.inc(invalid)
         return out, client_auth
 
     def ssl_for(self, compiled: CompiledRoute) -> ssl.SSLContext | bool:
@@ -357,13 +357,13 @@ class Proxy:
     ) -> tuple[bytes, bool]:
         """The upstream request head without the token line: (head, client_sent_auth)."""
         route = compiled.route
-        out, client_auth, underscored = wire.request_headers(
+        out, client_auth, invalid = wire.request_headers(
             headers, drop=self._fast_drop, auth_header=compiled.auth_header_low,
             keep_client_auth=route.client_authorization == "keep",
             preserve_host=route.preserve_host,
         )
-        if underscored:
-            self._dropped_underscore.inc(underscored)
+        if invalid:
+            self._dropped_invalid.inc(invalid)
         target = compiled.upstream_target(path, query).encode("utf-8", "surrogateescape")
         host = None if route.preserve_host else compiled.host_header
         return wire.render_request(method, target, host, out, length, close=close), client_auth

@@ -37,23 +37,24 @@ def forward_request_headers(
 ) -> tuple[CIMultiDict[str], bool, int]:
     """Copy the client's headers for the upstream.
 
-    Returns (headers, client_sent_auth_header, names dropped for an underscore). Hop-by-hop
-    and Connection-listed names are removed before the token is attached, so
+    Returns (headers, client_sent_auth_header, names dropped as invalid). Hop-by-hop and
+    Connection-listed names are removed before the token is attached, so
     ``Connection: Authorization`` cannot strip it. With ``replace`` the client's own value of
     the auth header is dropped; with ``keep`` it passes untouched and no token is added.
-    Names with an underscore are dropped, as nginx does: CGI and WSGI servers map
-    ``Content_Length`` or ``X_Forwarded_For`` to the same variable as the real header.
+    Names other than letters, digits and "-" are dropped, as nginx does: CGI, WSGI and FastCGI
+    servers map ``Content_Length`` or ``X.Forwarded.For`` to the same variable as the real
+    header.
     """
     listed = connection_listed(headers)
     auth_low = auth_header.lower()
     out: CIMultiDict[str] = CIMultiDict()
     client_auth = False
-    underscored = 0
+    invalid = 0
     spelling: dict[str, str] = {}
     for name, value in headers.items():
         low = name.lower()
-        if "_" in low:
-            underscored += 1
+        if not (low.isascii() and low.replace("-", "").isalnum()):
+            invalid += 1
             continue
         # One spelling per name: aiohttp's client keeps "X-Foo" and "x-foo" apart in a
         # case-sensitive set and lets the second replace the first.
@@ -78,7 +79,7 @@ def forward_request_headers(
                 continue
             client_auth = True
         out.add(name, value)
-    return out, client_auth, underscored
+    return out, client_auth, invalid
 
 
 def forward_response_headers(

@@ -19,9 +19,10 @@ from tokenproxy.config import Route
 from tokenproxy.errors import RequestRejected
 
 REFUSED_METHODS: Final = frozenset({"CONNECT", "TRACE", "TRACK"})
-# Overlong UTF-8 forms of "." and "/" that lenient decoders upstream turn into the real thing.
-_OVERLONG: Final = ((b"\xc0\xae", b"."), (b"\xe0\x80\xae", b"."),
-                    (b"\xc0\xaf", b"/"), (b"\xe0\x80\xaf", b"/"))
+# Overlong UTF-8 (a character spelled with more bytes than it needs): lenient decoders upstream
+# turn "%c0%ae" into "." and "%c1%9c" into "\\". No valid path needs one: all are refused.
+_OVERLONG: Final = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}")
 # Decoding layers looked through; a path still encoded after that many is refused.
 _DECODE_ROUNDS: Final = 8
 _PERCENT_U: Final = re.compile(rb"%[uU]([0-9a-fA-F]{4})")   # IIS-style %u002e
@@ -72,9 +73,10 @@ def _percent_u(m: re.Match[bytes]) -> bytes:
 
 
 def _check_layer(raw: bytes) -> None:
-    """One decoding layer of the path: no NUL, no "." or ".." segment in any spelling."""
-    for bad, good in _OVERLONG:
-        raw = raw.replace(bad, good)
+    """One decoding layer of the path: no NUL, no overlong UTF-8, no "." or ".." segment in
+    any spelling."""
+    if _OVERLONG.search(raw):
+        raise _bad("the request path contains overlong UTF-8")
     text = raw.decode("utf-8", "surrogateescape")
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)

@@ -43,15 +43,15 @@ def request_headers(
     preserve_host: bool,
 ) -> tuple[list[Header], bool, int]:
     """headers.forward_request_headers on byte pairs: (headers for the upstream, client_auth,
-    names dropped for an underscore)."""
+    names dropped as invalid)."""
     listed = connection_listed(headers)
     out: list[Header] = []
     client_auth = False
-    underscored = 0
+    invalid = 0
     for name, value in headers:
         low = name.lower()
-        if b"_" in low:
-            underscored += 1
+        if not low.replace(b"-", b"").isalnum():   # bytes.isalnum: ASCII letters and digits
+            invalid += 1
             continue
         if low == b"host":
             # Before the Connection-listed check: "Connection: Host" must not leave an
@@ -70,7 +70,7 @@ def request_headers(
                 continue
             client_auth = True
         out.append((name, value))
-    return out, client_auth, underscored
+    return out, client_auth, invalid
 
 
 def response_headers(

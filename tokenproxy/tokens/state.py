@@ -342,6 +342,16 @@ class StateStore:
             fd, _ = _open_regular(path, os.O_RDWR | os.O_CREAT, dir_fd, _NOT_REGULAR_LOCK)
         return fd
 
+    async def _open_lock_off_loop(self, path: Path) -> int:
+        """_open_lock in a thread. A caller cancelled meanwhile does not get the descriptor,
+        so it is closed when the thread hands it over, never leaked."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_lock, path))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
+
     @contextlib.asynccontextmanager
     async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
         """Exclusive for one provider identity, across tasks and processes sharing the file.
@@ -361,7 +371,7 @@ class StateStore:
         fd: int | None = None
         try:
             try:
-                fd = await asyncio.to_thread(self._open_lock, self._lock_path(key))
+                fd = await self._open_lock_off_loop(self._lock_path(key))
             except UnsafeStateFile as exc:
                 self._unsafe(exc)   # unlocked, like an unwritable directory below
             except OSError as exc:
@@ -387,3 +397,6 @@ class StateStore:
             mutex.release()
 
 
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
