@@ -70,7 +70,31 @@ async def test_a_body_on_a_bodiless_method_smuggles_no_request(
         second = await conn.response()
     assert_no_secret(first.raw + second.raw)
     assert (200, 200, b"ok") == (first.status, second.status, second.body)
-    assert f"{method} /status HTTP/1.1" == stdlib.requests[0]   # bodies on GET still work
+    assert f"{method} /status HTTP/1.1" == stdlib.requests[0]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_on_a_get_still_reaches_the_upstream_whole(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, framing: str
+) -> None:
+    """Elasticsearch-style APIs send bodies on GET: the upstream gets every byte, with
+    Connection: close, and the client's connection goes on."""
+    up = await raw_upstream(serving())
+    daemon = await start_proxy(make_proxy, up)
+    body = b'{"query": {"match_all": {}}}'
+    if framing == "chunked":
+        request = get("/_search", "localhost", "Transfer-Encoding: chunked") + (
+            b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+    else:
+        request = get("/_search", "localhost", f"Content-Length: {len(body)}") + body
+    async with connected(daemon.port()) as conn:
+        await conn.send(request)
+        first = await conn.response()
+        await conn.send(get("/next"))
+        second = await conn.response()
+    assert (len(body), 200, 200) == (first.json()["len"], first.status, second.status)
+    [seen] = [r for r in up.requests if r.target == "/_search"]
+    assert (body, "close") == (seen.body, seen.get("Connection"))
 
 
 async def test_a_handed_over_body_on_a_get_smuggles_no_request(
@@ -148,6 +172,33 @@ async def test_an_answer_arriving_on_an_idle_connection_reaches_nobody(
         if path == "/first":
             await asyncio.sleep(0.3)   # the stray answer arrives while the connection idles
     assert [b"/first", b"/second", b"/third", b"/fourth"] == bodies
+
+
+async def test_an_answer_arriving_on_an_idle_connection_reaches_no_handed_over_client(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
+    """The same for HTTP/1.0 keep-alive clients, whom the fast path hands to aiohttp's path
+    and its pool: the stray answer condemns the connection there too."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        while (req := await read_request(reader, conn)) is not None:
+            writer.write(response(req.target.encode()))
+            await writer.drain()
+            if req.target == "/first":
+                await asyncio.sleep(0.15)
+                writer.write(response(b"POISON"))
+
+    up = await raw_upstream(script)
+    daemon = await start_proxy(make_proxy, up)
+    bodies = []
+    for path in ("/first", "/second", "/third"):
+        async with connected(daemon.port()) as conn:
+            await conn.send(_http10("GET", path, b""))
+            bodies.append((await conn.response()).body)
+        if path == "/first":
+            await asyncio.sleep(0.3)
+    assert [b"/first", b"/second", b"/third"] == bodies
 
 
 # -- redirects ----------------------------------------------------------------------------------
