@@ -3,6 +3,7 @@
     python benchmarks/run.py            # about 2 minutes on 2 cores
     python benchmarks/run.py --levers   # plus static with one lever off at a time (+1 minute)
     python benchmarks/run.py --quick    # a smoke run (CI): seconds, figures meaningless
+    python benchmarks/run.py --baseline /tmp/old   # also a checkout of another commit, same run
 
 Variants, each against the same upstream (nginx when installed, else a small aiohttp server):
   direct      the load generator talks to the upstream itself
@@ -10,8 +11,11 @@ Variants, each against the same upstream (nginx when installed, else a small aio
   static      tokenproxy with a static token
   oauth2      tokenproxy with an oauth2 provider whose tokens expire every few seconds
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
-a large body (uploads go to a sink that reads every byte before answering), CPU per request
-and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to nginx. The
+a large body (uploads go to a sink that reads every byte before answering) -- the first ones of
+the freshly started process apart, since a heap that earlier load grew flatters later ones --,
+CPU per request and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to
+nginx. --baseline DIR measures the static variant of another checkout (its tokenproxy package
+first on PYTHONPATH) right after this one's, for before/after figures from one run. The
 upstream and the load generator share one core, the proxy gets the other (when there are two).
 Installs nothing; says what is missing. Only 127.0.0.1 is used.
 """
@@ -229,6 +233,8 @@ class Result:
     p99_1c_us: list[float] = field(default_factory=list)
     down_mbs: list[float] = field(default_factory=list)
     up_mbs: list[float] = field(default_factory=list)
+    first_down_mbs: list[float] = field(default_factory=list)   # of the fresh process
+    first_up_mbs: list[float] = field(default_factory=list)
     cpu_us_per_req: list[float] = field(default_factory=list)
     errors: int = 0
     peak_rss_mb: float | None = None
@@ -336,6 +342,9 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
     so a proxy that forgot to add it counts as errors)."""
     headers = headers or {}
     curl_headers = [item for name, value in headers.items() for item in ("-H", f"{name}: {value}")]
+    if big and shutil.which("curl"):
+        # Before any other load: what a process that just started does.
+        transfers(res, url, args, load_core, curl_headers, upload_url, first=True)
     for _ in range(args.repeat):
         cpu0 = cpu_seconds(pid) if pid else 0.0
         heavy = load(url + SMALL_PATH, 64, args.seconds, load_core, headers)
@@ -350,19 +359,26 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
         res.p99_1c_us.append(one.p99_us)
         res.errors += one.errors
         if big and shutil.which("curl"):
-            size = args.big_mib * 1024 * 1024
-            for attr, direction, extra in (
-                ("down_mbs", "download", [url + "/big"]),
-                ("up_mbs", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
-                                      upload_url or url + "/upload"]),
-            ):
-                mbs = curl_speed([*curl_headers, *extra], load_core, size, direction)
-                if mbs is None:
-                    res.errors += 1
-                else:
-                    getattr(res, attr).append(mbs)
+            transfers(res, url, args, load_core, curl_headers, upload_url, first=False)
     if pid:
         res.peak_rss_mb = peak_rss_mb(pid)
+
+
+def transfers(res: Result, url: str, args: argparse.Namespace, load_core: int | None,
+              curl_headers: list[str], upload_url: str | None, *, first: bool) -> None:
+    """One large download and one large upload, each checked for size and status."""
+    size = args.big_mib * 1024 * 1024
+    prefix = "first_" if first else ""
+    for attr, direction, extra in (
+        ("down_mbs", "download", [url + "/big"]),
+        ("up_mbs", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
+                              upload_url or url + "/upload"]),
+    ):
+        mbs = curl_speed([*curl_headers, *extra], load_core, size, direction)
+        if mbs is None:
+            res.errors += 1
+        else:
+            getattr(res, prefix + attr).append(mbs)
 
 
 async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> float:
@@ -393,6 +409,8 @@ def main() -> int:
     ap.add_argument("--storm", type=int, default=1000)
     ap.add_argument("--token-delay-ms", type=float, default=300.0)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="also measure the static variant of the tokenproxy checkout in DIR")
     ap.add_argument("--levers", action="store_true",
                     help="also measure static with one lever off at a time: the aiohttp path "
                          "instead of the fast path, no access log, asyncio's loop instead of "
@@ -453,7 +471,13 @@ def main() -> int:
                          "3", "0"], up_core)
             wait_port(token_port)
             variants: list[tuple[str, int | None, dict[str, str], str, bool]] = [
-                ("static", None, {}, "info", False), ("oauth2", token_port, {}, "info", False)]
+                ("static", None, {}, "info", False)]
+            if args.baseline:
+                # Right after "static", so both see the same machine; its own package first.
+                where = str(args.baseline.resolve())
+                variants.append((f"static, baseline {args.baseline.name}", None,
+                                 {"PYTHONPATH": where}, "info", False))
+            variants.append(("oauth2", token_port, {}, "info", False))
             if args.levers:
                 # One lever off at a time, against the static variant above.
                 variants += [
@@ -552,13 +576,14 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
           f"{args.big_mib} MiB bodies; medians; took {elapsed:.0f} s\n")
     head = ("| variant | req/s @64 | × direct | × nginx | p50 @64 | p99 @64 | p50 @1 | p99 @1 | "
             "added p50 @1 | "
-            "download MB/s | × nginx | upload MB/s | × nginx | CPU µs/req | × nginx | "
-            "peak RSS MB | errors |")
+            "download MB/s | × nginx | upload MB/s | × nginx | first down / up MB/s | × nginx | "
+            "CPU µs/req | × nginx | peak RSS MB | errors |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
         rps, p50_1 = r.median("rps"), r.median("p50_1c_us")
         down, upl, cpu_req = r.median("down_mbs"), r.median("up_mbs"), r.median("cpu_us_per_req")
+        first_down, first_up = r.median("first_down_mbs"), r.median("first_up_mbs")
 
         def ratio(value: float | None, attr: str, ref: Result | None) -> str:
             other = ref.median(attr) if ref else None
@@ -571,9 +596,20 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
               f"{_fmt(r.median('p99_1c_us'), '.0f')} µs | "
               f"{'-' if added is None else f'+{added:.0f} µs'} | {_fmt(down, ',.0f')} | "
               f"{ratio(down, 'down_mbs', nginx)} | {_fmt(upl, ',.0f')} | "
-              f"{ratio(upl, 'up_mbs', nginx)} | {_fmt(cpu_req, '.1f')} | "
+              f"{ratio(upl, 'up_mbs', nginx)} | {_fmt(first_down, ',.0f')} / "
+              f"{_fmt(first_up, ',.0f')} | {ratio(first_down, 'first_down_mbs', nginx)} / "
+              f"{ratio(first_up, 'first_up_mbs', nginx)} | {_fmt(cpu_req, '.1f')} | "
               f"{ratio(cpu_req, 'cpu_us_per_req', nginx)} | {_fmt(r.peak_rss_mb, '.0f')} | "
               f"{r.errors} |")
+    baseline = next((r for r in results if r.name.startswith("static, baseline")), None)
+    static = by.get("static")
+    if baseline is not None and static is not None:
+        def change(attr: str) -> str:
+            new, old = static.median(attr), baseline.median(attr)
+            return "-" if not new or not old else f"{(new / old - 1) * 100:+.1f} %"
+
+        print(f"\nstatic against {baseline.name}: req/s {change('rps')}, CPU per request "
+              f"{change('cpu_us_per_req')}, added p50 @1 {change('p50_1c_us')}")
     if storm:
         print(f"\nstorm: {storm['requests']} concurrent requests at an expired token: "
               f"{storm['elapsed_s'] * 1000:.0f} ms (median of {args.repeat}); ideal = the token "
