@@ -19,6 +19,7 @@ from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_con
 from tokenproxy.config.secrets import config_secrets, exposed_warning
 from tokenproxy.demo import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
+from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
 
 T = TypeVar("T")
@@ -181,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")
         return EXIT_FAILURE
     os.umask(0o077)   # state files and sockets are ours alone
+    tune_allocator()
     redactor = log.Redactor(config_secrets(cfg))
     log.configure(cfg.log.level, cfg.log.format, redactor=redactor)
     return run_async(serve(cfg, redactor=redactor))
@@ -208,6 +210,7 @@ def _token(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    tune_allocator()
     redactor = log.Redactor()
     log.configure("info", "console", redactor=redactor)
     return run_async(run_demo(args.port, redactor))
