@@ -108,6 +108,12 @@ async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
         result = await asyncio.to_thread(subprocess.run, [curl, "-s", *line.split()[1:]],
                                          capture_output=True, text=True, timeout=30)
         assert "demo" == json.loads(result.stdout)["hello"]
+        # Its metrics, on the admin port it picked (the README's :9100 does not apply).
+        metrics = re.search(r"curl (http://127\.0\.0\.1:\d+/metrics)", out.read_text())
+        assert metrics is not None
+        scraped = await asyncio.to_thread(subprocess.run, [curl, "-s", metrics[1]],
+                                          capture_output=True, text=True, timeout=30)
+        assert "tokenproxy_token_refresh_total" in scraped.stdout
     finally:
         proc.terminate()
         proc.wait(timeout=10)
