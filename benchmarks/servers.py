@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenproxy.issuer import Issuer
+from tokenproxy.demo.issuer import Issuer
 
 SMALL = b'{"ok":true,"n":12345}'
 

@@ -4,7 +4,7 @@
     python benchmarks/soak.py --seconds 600   # the 10-minute soak
 
 One tokenproxy daemon (a subprocess) sits in front of an upstream that checks every bearer
-token against a real issuer (tokenproxy.issuer, rotating refresh tokens, reuse detection);
+token against a real issuer (tokenproxy.demo.issuer, rotating refresh tokens, reuse detection);
 both run in this process on 127.0.0.1. Access tokens live LIFETIME s and the provider refreshes
 MARGIN s early, so a proactive refresh comes every GAP = LIFETIME - min(MARGIN, LIFETIME/2) s.
 CLIENTS concurrent clients send a mix: small GETs, POSTs below and above max_replay_body, a
@@ -62,7 +62,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tokenproxy.issuer import Issuer
+from tokenproxy.demo.issuer import Issuer
 
 LIFETIME = 3.0
 MARGIN = 1.0

@@ -14,8 +14,8 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.fakes import SECRETS, FakeClock, FakeUpstream
 from tokenproxy import log
-from tokenproxy.app import Daemon
 from tokenproxy.config import build_config
+from tokenproxy.daemon import Daemon
 
 
 class CapturedLogs:

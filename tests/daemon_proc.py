@@ -43,7 +43,7 @@ def write_config(directory: Path, raw: dict[str, Any], name: str = "tokenproxy.y
 
 def password_grant_config(issuer: Any, state: Path, margin: str) -> dict[str, Any]:
     """A daemon config whose oauth2 provider logs in with the password grant at *issuer* (a
-    tokenproxy.issuer.Issuer) and refreshes *margin* before expiry, on ephemeral ports."""
+    tokenproxy.demo.issuer.Issuer) and refreshes *margin* before expiry, on ephemeral ports."""
     from tests.fakes import CLIENT_SECRET, PASSWORD
 
     return {

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from tests.fakes import CLIENT_SECRET, PASSWORD, FakeClock
-from tokenproxy.app import Daemon
-from tokenproxy.issuer import Issuer, _Family
+from tokenproxy.daemon import Daemon
+from tokenproxy.demo.issuer import Issuer, _Family
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
 web_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -19,7 +19,7 @@ from typing import Any
 from tests.conftest import MakeProxy, proxy_config
 from tests.fakes import TOKEN, TOKEN_2
 from tests.rawhttp import RawConnection, get
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 
 @dataclass

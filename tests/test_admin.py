@@ -25,9 +25,9 @@ from tests.daemon_proc import child_env, running_daemon, write_config
 from tests.fakes import CLIENT_KEY, PASSWORD, REFRESH_TOKEN, SECRETS, TOKEN, TOKEN_2, FakeUpstream
 from tests.rawhttp import RawConnection, assert_problem, exchange, get
 from tokenproxy import __version__
-from tokenproxy.app import ADMIN_MAX_CONNECTIONS, Daemon
 from tokenproxy.cli import summary
 from tokenproxy.config import build_config
+from tokenproxy.daemon import ADMIN_MAX_CONNECTIONS, Daemon
 from tokenproxy.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

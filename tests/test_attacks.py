@@ -35,10 +35,10 @@ from tests.rawupstream import (
     serving,
     start_proxy,
 )
-from tokenproxy.app import ADMIN_MAX_CONNECTIONS, Daemon
 from tokenproxy.config import build_config
+from tokenproxy.daemon import ADMIN_MAX_CONNECTIONS, Daemon
 from tokenproxy.errors import RequestRejected
-from tokenproxy.proxy.target import check_path
+from tokenproxy.proxy.rules.target import check_path
 from tokenproxy.tokens.state import StateStore
 
 # Short timers, so that "forever" can be told from "until a timer fires" within a test.

@@ -25,9 +25,9 @@ from tests.fakes import (
 )
 from tests.idp import start_idp
 from tokenproxy import __version__
-from tokenproxy.app import fast_path_setting
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import load_config
+from tokenproxy.daemon import fast_path_setting
 
 ROUTES = [
     {"prefix": "/", "upstream": "https://api.example.com/v1/", "provider": "fixed"},

@@ -47,7 +47,7 @@ from tests.daemon_proc import (
     write_config,
 )
 from tests.fakes import CLIENT_SECRET, PASSWORD
-from tokenproxy.issuer import Issuer
+from tokenproxy.demo.issuer import Issuer
 from tokenproxy.tokens.state import SCHEMA_VERSION, STRAY_TEMP_AGE
 
 LIFETIME = 1.0      # real seconds

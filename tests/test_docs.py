@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from tokenproxy import log
 from tokenproxy.config.load import accepted_keys
 from tokenproxy.metrics import Metrics
-from tokenproxy.proxy.problem import _TITLES
+from tokenproxy.proxy.rules.problem import TITLES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -56,7 +56,7 @@ def test_every_log_event_is_in_the_reference() -> None:
 
 
 def test_every_problem_cause_is_in_the_reference() -> None:
-    assert [] == sorted(set(_TITLES) - _backticked(DOCS / "errors.md"))
+    assert [] == sorted(set(TITLES) - _backticked(DOCS / "errors.md"))
 
 
 def test_nothing_points_outside_the_repository() -> None:

@@ -50,8 +50,8 @@ from tests.rawupstream import (
     serving,
     start_proxy,
 )
-from tokenproxy.app import Daemon
-from tokenproxy.proxy.pool import UpstreamPool
+from tokenproxy.daemon import Daemon
+from tokenproxy.proxy.fast_path.connect import AddrInfo, open_connection
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -1058,28 +1058,30 @@ class TestDateAndServer:
 
 
 
+class _Peer(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+
 async def test_a_name_with_several_addresses_falls_through_to_one_that_answers() -> None:
     """Happy eyeballs (RFC 8305) on the fast path's connects: a name whose first address
     refuses (nothing listens on ::1 here) connects over the next one, at once."""
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()   # until the pool's connection closes
+        await reader.read()   # until the connection closes
         writer.close()
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    pool = UpstreamPool()
-    # Seed the pool's resolver cache: a name with an IPv6 and an IPv4 address, in that order.
-    pool._dns[("upstream.test", port)] = (time.monotonic() + 60, [
+    # What a resolver gives for a name with an IPv6 and an IPv4 address, in that order.
+    addresses: list[AddrInfo] = [
         (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0)),
         (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
-    ])
+    ]
     try:
         started = time.monotonic()
-        conn = await asyncio.wait_for(pool.connect("http", "upstream.test", port, None), 5)
-        assert conn.transport is not None
-        assert "127.0.0.1" == conn.transport.get_extra_info("peername")[0]
+        peer = await asyncio.wait_for(open_connection(addresses, "upstream.test", None, _Peer), 5)
         assert time.monotonic() - started < 2
-        conn.abort()
+        assert "127.0.0.1" == peer.transport.get_extra_info("peername")[0]
+        peer.transport.close()
     finally:
-        pool.close()
         server.close()

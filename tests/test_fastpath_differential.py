@@ -41,9 +41,9 @@ from tests.conftest import proxy_config
 from tests.fakes import CLIENT_KEY, SECRETS, TOKEN, TOKEN_2, FakeClock
 from tests.rawhttp import assert_no_secret
 from tokenproxy import log
-from tokenproxy.app import Daemon
 from tokenproxy.config import build_config
-from tokenproxy.proxy.reuse import last_request
+from tokenproxy.daemon import Daemon
+from tokenproxy.proxy.rules.reuse import last_request
 
 # A deadline for every connect and read (all of an example's answers, both daemons at once):
 # an answer that does not end by then fails the test.

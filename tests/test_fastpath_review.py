@@ -30,7 +30,7 @@ from tests.rawupstream import (
     start_proxy,
 )
 from tests.rawupstream import reset as rst
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 # -- the raw upstream (tests/rawupstream.py) answers each request with its target by default
 

@@ -25,7 +25,7 @@ from tests.rawupstream import (
     start_proxy,
 )
 from tests.test_fastpath_review import serving, slow_client
-from tokenproxy.proxy import wire
+from tokenproxy.proxy.fast_path import exchange
 
 # -- 1. a pipelined request that arrives after the unread answer ------------------------------
 
@@ -210,7 +210,7 @@ async def test_upstream_connection_closed_when_the_relay_fails_internally(
 
     up = await raw_upstream(serving())
     daemon = await start_proxy(make_proxy, up)
-    monkeypatch.setattr(wire, "response_headers", boom)
+    monkeypatch.setattr(exchange, "response_headers", boom)
     async with connected(daemon.port()) as conn:
         await conn.send(get("/x"))
         resp = await conn.response()

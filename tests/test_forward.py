@@ -22,7 +22,7 @@ from yarl import URL
 
 from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
 from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 # Every test here runs against both request paths (tests/conftest.py).
 pytestmark = pytest.mark.both_paths

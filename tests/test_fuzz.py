@@ -11,14 +11,13 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from tokenproxy.config import build_config, parse_yaml
 from tokenproxy.config.model import Route
 from tokenproxy.config.values import parse_http_url
 from tokenproxy.errors import ConfigError, RequestRejected
-from tokenproxy.proxy.headers import HOP_BY_HOP, forward_request_headers
-from tokenproxy.proxy.target import RouteTable, split_target
+from tokenproxy.proxy.rules.headers import HOP_BY_HOP, request_headers
+from tokenproxy.proxy.rules.target import RouteTable, split_target
 from tokenproxy.tokens.grant import (
     MAX_LIFETIME,
     GrantFailed,
@@ -26,7 +25,7 @@ from tokenproxy.tokens.grant import (
     parse_expires_in,
     strict_json,
 )
-from tokenproxy.tokens.model import is_usable_token
+from tokenproxy.tokens.source import is_usable_token
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -132,18 +131,18 @@ def test_forwarded_headers_never_carry_hop_by_hop_or_the_key(
     pairs: list[tuple[str, str]], keep: bool
 ) -> None:
     """No hop-by-hop field, Connection-listed name, Proxy-* or Tokenproxy-Key goes upstream."""
-    headers = CIMultiDictProxy(CIMultiDict(pairs))
-    listed = {n.strip().lower() for k, v in pairs if k.lower() == "connection"
+    headers = [(k.encode(), v.encode()) for k, v in pairs]
+    listed = {n.strip().lower().encode() for k, v in pairs if k.lower() == "connection"
               for n in v.split(",") if n.strip()}
-    out, _, _ = forward_request_headers(headers, drop=frozenset({"tokenproxy-key"}),
-                                     auth_header="Authorization", keep_client_auth=keep,
-                                     preserve_host=False)
-    for name in out:
+    out, _, _ = request_headers(headers, drop=frozenset({b"tokenproxy-key"}),
+                                auth_header=b"authorization", keep_client_auth=keep,
+                                preserve_host=False)
+    for name, _ in out:
         low = name.lower()
         assert low not in HOP_BY_HOP
         assert low not in listed
-        assert not low.startswith("proxy-")
-        assert low not in ("tokenproxy-key", "host", "expect")
+        assert not low.startswith(b"proxy-")
+        assert low not in (b"tokenproxy-key", b"host", b"expect")
 
 
 JSON_VALUES = st.recursive(

@@ -33,7 +33,7 @@ from tests.idp import (
     wait_ready,
 )
 from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 from tokenproxy.tokens.manager import UNAUTHORIZED_REFRESH_GAP
 
 # Every test here runs against both request paths (tests/conftest.py).

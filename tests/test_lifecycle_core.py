@@ -11,7 +11,7 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import MakeProxy
 from tests.fakes import CLIENT_SECRET, FakeClock
-from tokenproxy.issuer import Issuer
+from tokenproxy.demo.issuer import Issuer
 
 
 async def start_issuer(aiohttp_server: AiohttpServer, clock: FakeClock, **kw: Any) -> tuple[

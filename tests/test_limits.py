@@ -30,10 +30,10 @@ from tests.rawupstream import (
     response,
     start_proxy,
 )
-from tokenproxy.app import Daemon
 from tokenproxy.config import build_config
+from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
-from tokenproxy.server import ListenError
+from tokenproxy.listeners import ListenError
 
 
 async def start(make_proxy: MakeProxy, upstream: TestServer, **overrides: Any) -> Daemon:

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import MakeProxy, proxy_config, upstream_url
 from tests.fakes import TOKEN, FakeUpstream
 from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 # Every test here runs against both request paths (tests/conftest.py).
 pytestmark = pytest.mark.both_paths

@@ -24,7 +24,7 @@ from tests.rawhttp import (
     exchange,
     get,
 )
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 
 async def start(make_proxy: MakeProxy, upstream: TestServer, **overrides: Any) -> Daemon:

@@ -26,12 +26,13 @@ from tests.conftest import CapturedLogs, MakeProxy, proxy_config
 from tests.daemon_proc import child_env, write_config
 from tests.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, SECRETS, TOKEN
 from tests.idp import Idp, JumpClock, oauth2_config, start_idp, wait_ready
-from tokenproxy.app import Daemon, SourceFactory
 from tokenproxy.cli import main
 from tokenproxy.config import build_config, load_config
+from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.factory import SourceFactory
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenproxy.config import build_config
-from tokenproxy.proxy.target import CompiledRoute, RouteTable
+from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable
 
 
 def _table(*routes: tuple[str, str]) -> RouteTable:

@@ -48,10 +48,11 @@ from tests.idp import (
     wait_for,
     wait_ready,
 )
-from tokenproxy.app import Daemon, obtain_token
 from tokenproxy.config import build_config
+from tokenproxy.daemon import Daemon
 from tokenproxy.log import Redactor
 from tokenproxy.tokens.discovery import discovery_urls
+from tokenproxy.tokens.factory import obtain_token
 
 StartIdp = Callable[..., Awaitable[Idp]]
 PASSWORD_GRANT: dict[str, Any] = {"grant_type": "password", "username": "demo",

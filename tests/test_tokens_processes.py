@@ -14,7 +14,7 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.daemon_proc import child_env, password_grant_config, running_daemon, write_config
 from tests.fakes import CLIENT_SECRET, PASSWORD
-from tokenproxy.issuer import Issuer
+from tokenproxy.demo.issuer import Issuer
 
 LIFETIME = 1.0   # real seconds: tokens expire several times during the test
 

@@ -29,7 +29,7 @@ from tokenproxy.tokens.grant import (
     resolve_pointer,
     strict_json,
 )
-from tokenproxy.tokens.model import MAX_TOKEN_LENGTH, Token, is_usable_token
+from tokenproxy.tokens.source import MAX_TOKEN_LENGTH, Token, is_usable_token
 from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key
 
 NOW = 1_800_000_000.0

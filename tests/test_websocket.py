@@ -19,7 +19,7 @@ from pytest_aiohttp import AiohttpServer
 from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
 from tests.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.test_forward import RawConnection
-from tokenproxy.app import Daemon
+from tokenproxy.daemon import Daemon
 
 WS_TIMEOUT = 5.0
 

@@ -10,9 +10,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from tokenproxy.errors import RequestRejected
-from tokenproxy.proxy.problem import problem_response
-from tokenproxy.proxy.security import check_host
-from tokenproxy.tokens.model import TokenSource
+from tokenproxy.proxy.aiohttp_path.responses import problem_response
+from tokenproxy.proxy.rules.problem import Problem
+from tokenproxy.proxy.rules.security import check_host
+from tokenproxy.tokens.source import TokenSource
 
 
 def _json(status: int, doc: object, **headers: str) -> web.Response:
@@ -37,9 +38,9 @@ class AdminHandler:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # First: a DNS-rebinding page must not learn even which paths or methods exist.
         try:
-            check_host(request.headers, self._allowed_hosts())
+            check_host(request.raw_headers, self._allowed_hosts())
         except RequestRejected as exc:
-            return problem_response(exc.status, exc.cause, exc.detail)
+            return problem_response(Problem.of(exc))
         if request.method not in ("GET", "HEAD"):
             return _json(405, {"error": "method not allowed"}, Allow="GET, HEAD")
         path = request.raw_path.split("?", 1)[0]

@@ -14,13 +14,15 @@ import aiohttp
 from aiohttp import http_parser
 
 from tokenproxy import __version__, log
-from tokenproxy.app import fast_path_setting, obtain_token, open_state_store, serve
 from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_config
 from tokenproxy.config.secrets import config_secrets, exposed_warning
-from tokenproxy.demo import run_demo
+from tokenproxy.daemon import fast_path_setting
+from tokenproxy.demo.run import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
 from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
+from tokenproxy.run import serve
+from tokenproxy.tokens.factory import obtain_token, open_state_store
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ Messages never include token-endpoint bodies, header values or query strings.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 UpstreamErrorKind = Literal["connect", "timeout", "reset", "tls"]
 
@@ -42,10 +42,20 @@ class RequestRejected(TokenProxyError):
         self.detail = detail
 
 
+# What a client is told for each kind of upstream failure, on either request path.
+UPSTREAM_DETAILS: Final[dict[UpstreamErrorKind, str]] = {
+    "tls": "the upstream's TLS certificate could not be verified",
+    "timeout": "the upstream did not answer in time",
+    "connect": "the upstream could not be reached",
+    "reset": "the upstream closed the connection or sent a malformed response",
+}
+
+
 class UpstreamError(TokenProxyError):
     """The upstream could not be reached or did not answer in time."""
 
-    def __init__(self, kind: UpstreamErrorKind, detail: str) -> None:
+    def __init__(self, kind: UpstreamErrorKind, detail: str | None = None) -> None:
+        detail = UPSTREAM_DETAILS[kind] if detail is None else detail
         super().__init__(detail)
         self.kind = kind
         self.detail = detail

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from tokenproxy import __version__
-from tokenproxy.app import SourceFactory, open_state_store
 from tokenproxy.clock import SystemClock
 from tokenproxy.config import Config, OAuth2Provider, Provider, StaticProvider
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.factory import SourceFactory, open_state_store
 from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.oauth2 import OAuth2Grantor

@@ -10,7 +10,7 @@ from typing import Final
 from tokenproxy.config import CommandProvider
 from tokenproxy.log import Redactor, get_logger
 from tokenproxy.tokens.grant import Grant, GrantFailed, grant_from, strict_json
-from tokenproxy.tokens.model import is_usable_token
+from tokenproxy.tokens.source import is_usable_token
 
 MAX_OUTPUT: Final = 64 * 1024
 MAX_STDERR_LOGGED: Final = 2048

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tokenproxy.tokens.model import is_usable_token
+from tokenproxy.tokens.source import is_usable_token
 
 MAX_RESPONSE: Final = 64 * 1024
 MAX_LIFETIME: Final = 86400.0   # a day: longer claims are capped, not trusted

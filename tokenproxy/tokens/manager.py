@@ -28,7 +28,7 @@ from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.discovery import DiscoveryFailed
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
 from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
-from tokenproxy.tokens.model import Token, Trigger
+from tokenproxy.tokens.source import Token, Trigger
 from tokenproxy.tokens.state import (
     StateFileError,
     StateLockTimeout,

@@ -10,7 +10,7 @@ from tokenproxy.clock import Clock
 from tokenproxy.config import StaticProvider
 from tokenproxy.log import Redactor, get_logger
 from tokenproxy.metrics import Metrics
-from tokenproxy.tokens.model import Token, Trigger, is_usable_token
+from tokenproxy.tokens.source import Token, Trigger, is_usable_token
 
 # How often a token_file is checked for changes on the request path: a stat() per second at most.
 STAT_INTERVAL: Final = 1.0

@@ -9,11 +9,12 @@ from typing import TextIO
 
 from aiohttp import web
 
-from tokenproxy.app import Daemon, serve
 from tokenproxy.config import build_config
-from tokenproxy.issuer import Issuer
+from tokenproxy.daemon import Daemon
+from tokenproxy.demo.issuer import Issuer
+from tokenproxy.listeners import ListenError
 from tokenproxy.log import Redactor
-from tokenproxy.server import ListenError
+from tokenproxy.run import serve
 
 DEMO_LIFETIME = 10.0
 

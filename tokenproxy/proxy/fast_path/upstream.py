@@ -1,4 +1,4 @@
-"""The fast path's upstream side: HTTP/1.1 connections parsed by llhttp, kept alive in a pool.
+"""One upstream HTTP/1.1 connection of the fast path, its answers parsed by llhttp.
 
 One UpstreamConn carries one exchange at a time. Its response head arrives as a future; the
 body is pushed chunk by chunk into a sink the relay attaches (chunks that come before the sink
@@ -9,30 +9,18 @@ pass through a queue the size of the body: a slow client pauses the upstream soc
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Final, cast
 
-import aiohappyeyeballs
 import httptools
 
-from tokenproxy.errors import UpstreamError
-from tokenproxy.proxy.upstream import MAX_UPSTREAM_FIELD
-from tokenproxy.proxy.wire import Header
+from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD, Header
 
-KEEPALIVE: Final = 15.0        # below common upstream idle timeouts (nginx 75 s, ALB 60 s)
-MAX_IDLE_PER_ORIGIN: Final = 256
+MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
 # Body bytes held before the relay attaches its sink; past this the upstream socket pauses.
 PENDING_LIMIT: Final = 256 * 1024
-MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
-DNS_TTL: Final = 10.0          # as aiohttp's ttl_dns_cache on the aiohttp path
-CONNECT_TIMEOUT: Final = 30.0  # as the aiohttp path's sock_connect
-HAPPY_EYEBALLS_DELAY: Final = 0.25
-AddrInfo = tuple[int, int, int, str, Any]
 
 
 class UpstreamBroke(Exception):
@@ -296,136 +284,3 @@ class UpstreamConn(asyncio.Protocol):
                 fut.set_exception(exc)
                 fut.exception()   # retrieved: the relay may be waiting on only one of them
         self.abort()
-
-
-OriginKey = tuple[str, str, int, int]
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per origin; newest first, expired ones closed."""
-
-    def __init__(self, keepalive: float = KEEPALIVE) -> None:
-        self.keepalive = keepalive
-        self._idle: dict[tuple[object, ...], list[UpstreamConn]] = {}
-        self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
-
-    def take(self, scheme: str, host: str, port: int,
-             tls: ssl.SSLContext | None) -> UpstreamConn | None:
-        """An idle connection to this origin that is still open and fresh, else None."""
-        idle = self._idle.get((scheme, host, port, id(tls)))
-        while idle:
-            conn = idle.pop()
-            if conn.fresh(self.keepalive):
-                return conn
-            conn.abort()
-        return None
-
-    async def connect(self, scheme: str, host: str, port: int,
-                      tls: ssl.SSLContext | None) -> UpstreamConn:
-        """A new connection. Raises OSError or ssl errors (TimeoutError after CONNECT_TIMEOUT).
-
-        Happy eyeballs (RFC 8305) as on the aiohttp path: the next address is tried 0.25 s
-        into the last, so an address family that drops packets costs a quarter second, not
-        the route's whole timeout.
-        """
-        key = (scheme, host, port, id(tls))
-        loop = asyncio.get_running_loop()
-        addresses = await self._addresses(host, port)
-        if len(addresses) == 1:
-            # One address (an IP literal, the common upstream): the loop's own connect, done
-            # in C by uvloop, without the Python-level race (a storm opens hundreds at once).
-            address = addresses[0][4]
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConn(key), address[0], address[1], ssl=tls,
-                    server_hostname=host if tls is not None else None,
-                )
-            return conn
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            sock = await aiohappyeyeballs.start_connection(
-                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1)
-        try:
-            _, conn = await loop.create_connection(
-                lambda: UpstreamConn(key), sock=sock, ssl=tls,
-                server_hostname=host if tls is not None else None,
-            )
-        except BaseException:
-            sock.close()
-            raise
-        return conn
-
-    async def _addresses(self, host: str, port: int) -> list[AddrInfo]:
-        """Where to connect: IP literals as they are, names resolved at most every DNS_TTL s.
-
-        A resolution per connection would run getaddrinfo in the loop's thread pool each time
-        (uvloop: libuv's), whose threads each grow a malloc arena of their own.
-        """
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-        now = time.monotonic()
-        cached = self._dns.get((host, port))
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        infos: list[AddrInfo] = list(await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM))
-        self._dns[(host, port)] = (now + DNS_TTL, infos)
-        return infos
-
-    def release(self, conn: UpstreamConn) -> None:
-        """Keep a connection whose exchange completed cleanly; close any other.
-
-        A tainted connection is the caller's to keep for its own client (see
-        UpstreamConn.tainted): it never comes here.
-        """
-        assert not conn.tainted
-        if conn.closed or not conn.reusable:
-            conn.abort()
-            return
-        conn.idle()
-        idle = self._idle.setdefault(conn.key, [])
-        if len(idle) >= MAX_IDLE_PER_ORIGIN:
-            idle.pop(0).abort()
-        # Expired connections sit at the front (oldest first): drop them on the way.
-        while idle and conn.idle_since - idle[0].idle_since >= self.keepalive:
-            idle.pop(0).abort()
-        idle.append(conn)
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive, self._sweep)
-
-    def _sweep(self) -> None:
-        """Close idle connections past the keep-alive time, for origins no request visits."""
-        self._sweeper = None
-        now = time.monotonic()
-        for idle in self._idle.values():
-            while idle and now - idle[0].idle_since >= self.keepalive:
-                idle.pop(0).abort()
-        if any(self._idle.values()):
-            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive / 2,
-                                                                  self._sweep)
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.abort()
-        self._idle.clear()
-
-
-def connect_error(exc: BaseException) -> UpstreamError:
-    """Map a connect-time failure to the error kinds of upstream.py."""
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return UpstreamError("tls", "the upstream's TLS certificate could not be verified")
-    if isinstance(exc, TimeoutError):
-        return UpstreamError("timeout", "the upstream did not answer in time")
-    if isinstance(exc, UpstreamBroke):
-        return UpstreamError("reset",
-                             "the upstream closed the connection or sent a malformed response")
-    return UpstreamError("connect", "the upstream could not be reached")

@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
 from tokenproxy.errors import UpstreamError, UpstreamErrorKind
+from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD
 
 # The proxy sends what the client sent: no invented Accept, Accept-Encoding, User-Agent or
 # Content-Type (an invented Accept-Encoding would get compressed bodies the client never asked for).
 SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-# Upstream header lines up to 64 KiB: large cookies are legitimate, gigantic blocks are not.
-MAX_UPSTREAM_FIELD: Final = 64 * 1024
 
 
 class _IdleGuard(ResponseHandler):
@@ -95,17 +92,6 @@ def _session(max_connections: int, *, force_close: bool) -> aiohttp.ClientSessio
     )
 
 
-def ssl_contexts(ca_files: Iterable[Path | None]) -> dict[Path, ssl.SSLContext]:
-    """One context per extra CA file, built once. The system roots stay trusted too."""
-    out: dict[Path, ssl.SSLContext] = {}
-    for path in ca_files:
-        if path is not None and path not in out:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(cafile=str(path))
-            out[path] = ctx
-    return out
-
-
 def error_kind(exc: BaseException) -> UpstreamErrorKind:
     """Classify a client failure; TLS first, since TLS errors are also connector errors."""
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError |
@@ -119,11 +105,4 @@ def error_kind(exc: BaseException) -> UpstreamErrorKind:
 
 
 def upstream_error(exc: BaseException) -> UpstreamError:
-    kind = error_kind(exc)
-    detail = {
-        "tls": "the upstream's TLS certificate could not be verified",
-        "timeout": "the upstream did not answer in time",
-        "connect": "the upstream could not be reached",
-        "reset": "the upstream closed the connection or sent a malformed response",
-    }[kind]
-    return UpstreamError(kind, detail)
+    return UpstreamError(error_kind(exc))

@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from tokenproxy.errors import UpstreamError
-from tokenproxy.proxy.deadline import bounded
-from tokenproxy.proxy.headers import forward_response_headers
-from tokenproxy.proxy.problem import problem_response
-from tokenproxy.proxy.upstream import upstream_error
+from tokenproxy.proxy.aiohttp_path.client import upstream_error
+from tokenproxy.proxy.aiohttp_path.responses import as_multidict, problem_response
+from tokenproxy.proxy.rules.headers import response_headers
+from tokenproxy.proxy.rules.problem import Problem
+from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
 
 if TYPE_CHECKING:
-    from tokenproxy.proxy.forward import Outcome, Proxy
-    from tokenproxy.proxy.target import CompiledRoute
+    from tokenproxy.proxy.aiohttp_path.handler import AiohttpHandler
+    from tokenproxy.proxy.rules.target import CompiledRoute
 
 MAX_MESSAGE: Final = 4 * 1024 * 1024
 # Handshake fields the client library sets itself for the upstream leg.
@@ -67,6 +67,7 @@ async def _pump(
 
 
 async def proxy_websocket(
+    handler: AiohttpHandler,
     proxy: Proxy,
     request: web.BaseRequest,
     compiled: CompiledRoute,
@@ -78,7 +79,7 @@ async def proxy_websocket(
     source = proxy.source_for(compiled)
     token = await bounded(source.current(), compiled, source.name)
     url = compiled.upstream_url(path, query)
-    base, client_auth = proxy.request_headers(request, compiled)
+    base, client_auth = handler.request_headers(proxy, request, compiled)
     for name in list(base.keys()):
         if name.lower() in _HANDSHAKE:
             del base[name]
@@ -96,7 +97,7 @@ async def proxy_websocket(
         refusal: aiohttp.WSServerHandshakeError | None = None
         try:
             async with asyncio.timeout(route.timeout):
-                upstream = await proxy.session.ws_connect(
+                upstream = await handler.session.ws_connect(
                     url, headers=headers, protocols=protocols, autoping=False,
                     autoclose=False, max_msg_size=MAX_MESSAGE, ssl=proxy.ssl_for(compiled),
                     compress=0,
@@ -107,8 +108,8 @@ async def proxy_websocket(
             raise upstream_error(exc) from None
         # The handshake has no body: a refused one can always be sent again.
         fresh = await proxy.token_for_retry(
-            101 if refusal is None else refusal.status, compiled, source, token, client_auth,
-            attempt == 1, True, lambda: None)
+            101 if refusal is None else refusal.status, compiled, source, token,
+            client_auth=client_auth, retried=attempt == 1, replayable=True, drop=lambda: None)
         if fresh is not None:
             token = fresh
             outcome.retried = True
@@ -118,15 +119,15 @@ async def proxy_websocket(
         if 400 <= refusal.status <= 599:
             # The upstream's refusal, passed back with its headers (WWW-Authenticate...);
             # aiohttp does not keep the body of a refused handshake.
-            headers = forward_response_headers(
-                CIMultiDictProxy(CIMultiDict(refusal.headers or {})), token=token.value,
-                rewrite_location=lambda loc: loc)
-            headers.popall("Content-Length", None)
-            headers.popall("Content-Encoding", None)
-            return web.Response(status=refusal.status, headers=headers)
+            raw = [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                   for k, v in (refusal.headers or {}).items()]
+            kept = as_multidict(response_headers(raw, token=token.value.encode(),
+                                                 rewrite_location=lambda loc: loc))
+            kept.popall("Content-Encoding", None)
+            return web.Response(status=refusal.status, headers=kept)
         raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
     if upstream is None:   # pragma: no cover - the loop either breaks or returns
-        return problem_response(502, "upstream_unreachable", "no WebSocket connection")
+        return problem_response(Problem(502, "upstream_unreachable", "no WebSocket connection"))
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE, compress=False,

@@ -1,0 +1,307 @@
+"""The daemon: wires config, token sources, the proxy, listeners and the admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from tokenproxy import __version__, log
+from tokenproxy.admin import AdminHandler
+from tokenproxy.clock import Clock, SystemClock
+from tokenproxy.config import Config, Listener
+from tokenproxy.config.secrets import config_secrets, exposed_mode
+from tokenproxy.errors import ConfigError
+from tokenproxy.listeners import ConnectionGate, ListeningSocket, bind
+from tokenproxy.log import Redactor
+from tokenproxy.metrics import Metrics
+from tokenproxy.proxy.aiohttp_path.client import UpstreamSessions
+from tokenproxy.proxy.aiohttp_path.handler import AiohttpHandler
+from tokenproxy.proxy.aiohttp_path.protocol import GuardedRequestHandler, guarded_connections
+from tokenproxy.proxy.fast_path.connection import FastConnection, FastEnv
+from tokenproxy.proxy.fast_path.pool import UpstreamPool
+from tokenproxy.proxy.rules.budget import ReplayBudget
+from tokenproxy.proxy.runtime import Proxy
+from tokenproxy.reload import ListenerChange, ProviderPlan, close_quietly
+from tokenproxy.tokens.factory import SourceFactory, open_state_store
+from tokenproxy.tokens.http import make_token_session
+from tokenproxy.tokens.source import TokenSource
+
+FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
+_ON: Final = frozenset({"1", "true", "yes", "on"})
+_OFF: Final = frozenset({"0", "false", "no", "off"})
+
+
+def fast_path_setting(environ: Mapping[str, str]) -> bool:
+    """TOKENPROXY_FAST_PATH: on unless 0/false/no/off; anything else is refused (exit 2), so a
+    typo cannot leave an operator believing the fast path is off."""
+    raw = environ.get(FAST_PATH_ENV)
+    if raw is None or raw.strip().lower() in _ON:
+        return True
+    if raw.strip().lower() in _OFF:
+        return False
+    raise ConfigError(f"{FAST_PATH_ENV}: expected 1/0, true/false, yes/no or on/off, "
+                      f"not {raw!r}")
+# The admin listener serves a few scrapers and probes, not traffic.
+ADMIN_MAX_CONNECTIONS = 64
+
+
+class Daemon:
+    """One running tokenproxy: start() opens every listener, stop() drains and closes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
+        redactor: Redactor | None = None,
+        fast_path: bool | None = None,
+    ) -> None:
+        self.config = cfg
+        # TOKENPROXY_FAST_PATH=0 serves every request through aiohttp (for comparison, or as
+        # an escape hatch); the answers are the same, only slower.
+        self.fast_path = fast_path_setting(os.environ) if fast_path is None else fast_path
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.clock = clock if clock is not None else SystemClock()
+        self.redactor = redactor if redactor is not None else Redactor()
+        self.metrics = Metrics(self.registry, __version__)
+        self.replay_budget = ReplayBudget(cfg.limits.max_replay_total, self.metrics)
+        self.sources: dict[str, TokenSource] = {}
+        self.listeners: list[ListeningSocket] = []
+        self.admin_listeners: list[ListeningSocket] = []
+        self._sessions: UpstreamSessions | None = None
+        self._token_session: aiohttp.ClientSession | None = None
+        self._server: web.Server | None = None
+        self._admin_server: web.Server | None = None
+        self._proxy: Proxy | None = None
+        self._factory_sources: SourceFactory | None = None
+        self._gate: ConnectionGate | None = None
+        self._fast: FastEnv | None = None
+        self._admin_gate: ConnectionGate | None = None
+        self._reload_lock = asyncio.Lock()
+        self._log = log.get_logger()
+        for secret in config_secrets(cfg):
+            self.redactor.add(secret)
+
+    # -- start -------------------------------------------------------------------------------
+
+    def _factory(self, server: web.Server, *, lingering_time: float = 10.0) -> Any:
+        """Protocol factory; reads the limits at each connection, so a reload applies them."""
+        loop = asyncio.get_running_loop()
+
+        def make(on_close: Any) -> GuardedRequestHandler:
+            limits = self.config.limits
+            return GuardedRequestHandler(
+                server, loop=loop, header_timeout=limits.header_timeout, on_close=on_close,
+                send_timeout=limits.send_timeout, lingering_time=lingering_time,
+                keepalive_timeout=limits.keepalive_timeout,
+                access_log=None,                  # the proxy emits its own `request` event
+                max_line_size=limits.max_header_size,
+                max_field_size=limits.max_header_size,
+                auto_decompress=False,            # a gzip upload passes through as sent
+            )
+
+        return make
+
+    def _admin_factory(self) -> Any:
+        # A request whose body never comes is not read for 10 s after its answer: the
+        # connection closes at once, so that probes do not wait behind it.
+        assert self._admin_server is not None
+        return self._factory(self._admin_server, lingering_time=0)
+
+    def _fast_factory(self, env: FastEnv) -> Any:
+        if not self.fast_path:
+            return env.slow
+
+        def make(on_close: Any) -> FastConnection:
+            return FastConnection(env, on_close)
+
+        return make
+
+    def _current_proxy(self) -> Proxy:
+        assert self._proxy is not None
+        return self._proxy
+
+    def _bind_all(self, listeners: Sequence[Listener], group: str | None, factory: Any,
+                  gate: ConnectionGate) -> list[ListeningSocket]:
+        """Bind every address or none: a failure closes what this call opened."""
+        opened: list[ListeningSocket] = []
+        try:
+            for listener in listeners:
+                for sock in bind(listener, group):
+                    opened.append(ListeningSocket(sock, listener))
+        except BaseException:
+            for ls in opened:
+                ls.sock.close()
+                if ls.listener.kind == "unix":
+                    with contextlib.suppress(OSError):
+                        os.unlink(ls.listener.path)
+            raise
+        for ls in opened:
+            ls.start(factory, gate)
+        return opened
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            store = await open_state_store(cfg)
+            mode = await asyncio.to_thread(exposed_mode, cfg)
+            if mode is not None:
+                self._log.warning("config_file_permissions", path=str(cfg.source),
+                                  mode=oct(mode))
+            self._token_session = make_token_session()
+            self._factory_sources = SourceFactory(
+                clock=self.clock, metrics=self.metrics, redactor=self.redactor,
+                session=self._token_session, store=store,
+            )
+            for name, provider in cfg.providers.items():
+                self.sources[name] = self._factory_sources.build(provider)
+            self._sessions = UpstreamSessions.make(cfg.limits.max_connections)
+            self._proxy = Proxy(cfg, sources=self.sources, budget=self.replay_budget,
+                                metrics=self.metrics)
+            # The Proxy is looked up per request: a reload swaps it under open connections.
+            handler = AiohttpHandler(self._current_proxy, self._sessions)
+            # handler_cancellation: a client that hangs up cancels its upstream request.
+            self._server = web.Server(handler.handle, handler_cancellation=True)
+            self._gate = ConnectionGate(cfg.limits.max_connections,
+                                        on_change=self.metrics.connections.set)
+            self._fast = FastEnv(proxy=self._current_proxy, limits=lambda: self.config.limits,
+                                 slow=self._factory(self._server), pool=UpstreamPool())
+            self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
+                                            self._fast_factory(self._fast), self._gate)
+            # Both read at each request, so a reload applies to open connections too.
+            admin = AdminHandler(self.registry, lambda: self.sources,
+                                 lambda: self.config.security.admin_hosts)
+            self._admin_server = web.Server(admin.handle, handler_cancellation=True)
+            # Idle clients must not starve probes: a waiting one takes the longest-idle slot.
+            self._admin_gate = ConnectionGate(
+                ADMIN_MAX_CONNECTIONS, reusable=guarded_connections(self._admin_server))
+            if cfg.admin_listen is not None:
+                self.admin_listeners = self._bind_all(
+                    [cfg.admin_listen], cfg.socket_group, self._admin_factory(),
+                    self._admin_gate)
+            for source in self.sources.values():
+                await source.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._log.info(
+            log.LISTENING,
+            listen=[ls.address for ls in self.listeners],
+            admin=[ls.address for ls in self.admin_listeners],
+            version=__version__,
+            fast_path=self.fast_path,
+        )
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply *new* without dropping a connection. Listeners that did not change keep their
+        sockets; providers whose identity did not change keep their tokens. Either the whole
+        config applies or (on a bind error) nothing does. Returns what changed."""
+        async with self._reload_lock:
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> dict[str, list[str]]:
+        old = self.config
+        assert self._fast is not None
+        assert self._gate is not None
+        assert self._admin_gate is not None
+        assert self._factory_sources is not None
+        fast, gate, admin_gate = self._fast, self._gate, self._admin_gate
+        listeners = ListenerChange.bind(
+            self.listeners, new.listen,
+            lambda add: self._bind_all(add, new.socket_group, self._fast_factory(fast), gate))
+        try:
+            admin = ListenerChange.bind(
+                self.admin_listeners, [] if new.admin_listen is None else [new.admin_listen],
+                lambda add: self._bind_all(add, new.socket_group, self._admin_factory(),
+                                           admin_gate))
+        except BaseException:
+            await listeners.undo()
+            raise
+        # Build everything before anything running changes: a failure here leaves the old
+        # config serving untouched (only the listeners bound above are closed again).
+        try:
+            plan = await ProviderPlan.build(old, new, self.sources, self._factory_sources)
+            proxy = Proxy(new, sources=plan.sources, metrics=self.metrics,
+                          budget=self.replay_budget)
+        except BaseException:
+            await listeners.undo()
+            await admin.undo()
+            raise
+
+        for secret in config_secrets(new):
+            self.redactor.add(secret)
+        self._factory_sources = plan.factory
+        retired = await plan.commit(self.sources)
+        changed = plan.changed(self.sources)
+        self.config = new
+        self.sources = plan.sources
+        self._proxy = proxy
+        # Idle upstream connections may belong to routes (or TLS settings) that just went.
+        fast.pool.close()
+        gate.resize(new.limits.max_connections)
+        self.replay_budget.total = new.limits.max_replay_total
+        await listeners.commit()
+        await admin.commit()
+        self.listeners = listeners.listening
+        self.admin_listeners = admin.listening
+        await close_quietly(retired)
+        return {
+            "listen_added": [ls.address for ls in listeners.added + admin.added],
+            "listen_removed": [str(ls.listener) for ls in listeners.drop + admin.drop],
+            "providers_changed": changed,
+            "providers_removed": [n for n in old.providers if n not in new.providers],
+        }
+
+    # -- stop --------------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within *grace*, then close."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        # aiohttp reads a shutdown timeout of 0 as "no timeout" (helpers.ceil_timeout), which
+        # would wait for every in-flight request: cut at once with a tiny positive one instead.
+        grace = max(grace, 0.001)
+        for ls in self.listeners + self.admin_listeners:
+            await ls.close()
+        self.listeners.clear()
+        self.admin_listeners.clear()
+        for server in (self._server, self._admin_server):
+            if server is not None:
+                server.pre_shutdown()
+        await asyncio.gather(
+            *(server.shutdown(grace) for server in (self._server, self._admin_server)
+              if server is not None),
+            *([self._fast.shutdown(grace)] if self._fast is not None else []),
+        )
+        self._fast = None
+        self._server = self._admin_server = None
+        for source in self.sources.values():
+            with contextlib.suppress(Exception):
+                await source.close()
+        if self._sessions is not None:
+            await self._sessions.close()
+        if self._token_session is not None:
+            await self._token_session.close()
+        self._sessions = None
+        self._token_session = None
+
+    # -- for tests and the CLI ---------------------------------------------------------------
+
+    def port(self, index: int = 0) -> int:
+        return self.listeners[index].port
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin_listeners[0].port
+
+    def source(self, name: str) -> TokenSource:
+        return self.sources[name]

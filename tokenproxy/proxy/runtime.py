@@ -1,0 +1,207 @@
+"""What both request paths share for one config: routes, checks, token sources, upstream TLS,
+the retry-once decision, error accounting and the access log.
+
+A Proxy is built once per config (start and every reload) and handed to the fast path
+(fast_path/) and the aiohttp path (aiohttp_path/) alike; neither holds rules of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from yarl import URL
+
+from tokenproxy import log
+from tokenproxy.config import Config
+from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
+from tokenproxy.metrics import Metrics, method_label
+from tokenproxy.proxy.rules.budget import ReplayBudget
+from tokenproxy.proxy.rules.problem import Problem
+from tokenproxy.proxy.rules.retry import RetryAction, retry_action
+from tokenproxy.proxy.rules.security import SecurityPolicy
+from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable
+from tokenproxy.tls import ssl_contexts
+from tokenproxy.tokens.source import Token, TokenSource
+
+CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection first"
+
+T = TypeVar("T")
+Origin = tuple[str, str, int, ssl.SSLContext | None]   # scheme, host, port, TLS context
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the access log and metrics report about one request."""
+
+    route: str = "-"
+    status: int = CLIENT_GONE
+    bytes: int = 0
+    retried: bool = False
+
+
+async def bounded(waiting: Awaitable[T], compiled: CompiledRoute, provider: str) -> T:
+    """Wait for a token no longer than the route's timeout: the refresh itself goes on (it is
+    shielded), but this request answers 503 instead of hanging."""
+    try:
+        async with asyncio.timeout(compiled.route.timeout):
+            return await waiting
+    except TimeoutError:
+        raise TokenUnavailable(provider, f"provider {provider!r}: no token within the route "
+                               "timeout", 1.0) from None
+
+
+class Proxy:
+    """Everything the request paths need, built once per config (start or reload)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        sources: Mapping[str, TokenSource],
+        metrics: Metrics,
+        budget: ReplayBudget,
+    ) -> None:
+        self.table = RouteTable(cfg.routes)
+        self.policy = SecurityPolicy(cfg.security, cfg.limits)
+        self._sources = sources
+        self.metrics = metrics
+        self._dropped_invalid = metrics.dropped_headers.labels("invalid_name")
+        self.max_replay = cfg.limits.max_replay_body
+        self.budget = budget   # the daemon's, shared across reloads
+        self._background: set[asyncio.Task[Any]] = set()
+        self._count_cache: dict[tuple[str, str, int], Any] = {}
+        self._duration_cache: dict[str, Any] = {}
+        self._token_lines: dict[str, tuple[Token | None, bytes]] = {}
+        # Per route: the TLS context aiohttp is given (True: the system roots), and the
+        # origin the fast path connects to.
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._origin: dict[str, Origin] = {}
+        contexts = ssl_contexts(r.ca_file for r in cfg.routes)
+        default_tls: ssl.SSLContext | None = None
+        for r in cfg.routes:
+            self._ssl[r.prefix] = contexts[r.ca_file] if r.ca_file else True
+            url = URL(r.upstream.origin)
+            tls: ssl.SSLContext | None = None
+            if url.scheme == "https":
+                if r.ca_file:
+                    tls = contexts[r.ca_file]
+                else:
+                    if default_tls is None:
+                        default_tls = ssl.create_default_context()
+                    tls = default_tls
+            assert url.raw_host is not None
+            assert url.port is not None
+            self._origin[r.prefix] = (url.scheme, url.raw_host, url.port, tls)
+
+    # -- per route ---------------------------------------------------------------------------
+
+    def source_for(self, compiled: CompiledRoute) -> TokenSource:
+        return self._sources[compiled.route.provider]
+
+    def ssl_for(self, compiled: CompiledRoute) -> ssl.SSLContext | bool:
+        """The TLS setting for aiohttp's client: a context, or True for the system roots."""
+        return self._ssl[compiled.route.prefix]
+
+    def upstream_origin(self, compiled: CompiledRoute) -> Origin:
+        """(scheme, host, port, TLS context or None) to connect to for this route."""
+        return self._origin[compiled.route.prefix]
+
+    def token_line(self, compiled: CompiledRoute, token: Token) -> bytes:
+        """``Authorization: Bearer <token>\\r\\n``, rendered once per token and route."""
+        cached = self._token_lines.get(compiled.route.prefix)
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        line = (compiled.route.header + ": " + compiled.header_value(token.value)
+                + "\r\n").encode("latin-1")
+        self._token_lines[compiled.route.prefix] = (token, line)
+        return line
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def count_invalid_names(self, n: int) -> None:
+        """Header fields dropped for a name outside letters, digits and "-"."""
+        if n:
+            self._dropped_invalid.inc(n)
+
+    def failed(self, exc: RequestRejected | UpstreamError | TokenError, route: str) -> Problem:
+        """The answer for an error raised while handling a request on *route*, counted."""
+        if isinstance(exc, RequestRejected):
+            self.metrics.rejected.labels(exc.cause).inc()
+        elif isinstance(exc, UpstreamError):
+            self.metrics.upstream_errors.labels(route, exc.kind).inc()
+        return Problem.of(exc)
+
+    def record(self, method: str, raw_path: str, outcome: Outcome, duration: float) -> None:
+        """Count, time and log one answered request (both paths)."""
+        method = method_label(method)
+        key = (outcome.route, method, outcome.status)
+        counter = self._count_cache.get(key)
+        if counter is None:
+            counter = self.metrics.requests.labels(outcome.route, method, str(outcome.status))
+            self._count_cache[key] = counter
+        counter.inc()
+        if outcome.route != "-":
+            hist = self._duration_cache.get(outcome.route)
+            if hist is None:
+                hist = self.metrics.request_duration.labels(outcome.route)
+                self._duration_cache[outcome.route] = hist
+            hist.observe(duration)
+        log.access().request(
+            route=outcome.route,
+            method=method,
+            path=raw_path,
+            status=outcome.status,
+            duration_ms=round(duration * 1000, 3),
+            bytes=outcome.bytes,
+            retried=outcome.retried,
+        )
+
+    # -- the 401 retry -----------------------------------------------------------------------
+
+    async def token_for_retry(
+        self, status: int, compiled: CompiledRoute, source: TokenSource, token: Token, *,
+        client_auth: bool, retried: bool, replayable: bool, drop: Callable[[], None],
+    ) -> Token | None:
+        """After an upstream answer (every path): the token to send the request once more
+        with, or None to relay this answer. Counts the retry's outcome -- success and failure
+        only for requests sent again, so the metric agrees with the access log's ``retried``;
+        *drop* frees the refused answer's connection when the wait for a new token fails."""
+        action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
+        if action is RetryAction.RELAY:
+            if retried:
+                self._retry_outcome(compiled, "success")
+            if status < 400 and not client_auth:
+                source.accepted(token)   # proof the token is good (TokenManager.renew)
+            return None
+        if action is RetryAction.FAILED:
+            self._retry_outcome(compiled, "failure")
+            return None
+        if action is RetryAction.SKIP:
+            # The body is gone upstream: pass the 401 back, and let a refresh run so the
+            # client's own retry finds a fresh token.
+            self._retry_outcome(compiled, "skipped")
+            self._spawn(source.renew(token, "unauthorized"))
+            return None
+        try:
+            fresh = await bounded(source.renew(token, "unauthorized"), compiled, source.name)
+        except BaseException:
+            drop()   # the refused answer will not be relayed: free its connection now
+            raise
+        if fresh is None:
+            self._retry_outcome(compiled, "no_new_token")
+        return fresh
+
+    def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
+        self.metrics.auth_retries.labels(compiled.route.label, outcome).inc()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # A failed refresh is logged by its provider; retrieve the exception so asyncio does
+        # not log "Task exception was never retrieved" as an error besides.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())

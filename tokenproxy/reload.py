@@ -1,0 +1,106 @@
+"""Applying a new config to a running daemon, in three steps: bind the listeners the new
+config adds (the one step that can fail for outside reasons, so it goes first), build the new
+token sources and Proxy without touching what serves, then commit -- after which nothing can
+fail and nothing is half applied."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tokenproxy.config import Config, Listener
+from tokenproxy.listeners import ListeningSocket
+from tokenproxy.tokens.factory import SourceFactory, open_state_store
+from tokenproxy.tokens.manager import TokenManager
+from tokenproxy.tokens.source import TokenSource
+
+Bind = Callable[[Sequence[Listener]], list[ListeningSocket]]
+
+
+@dataclass(slots=True)
+class ListenerChange:
+    """One group of listeners (proxy or admin): which stay, which were bound, which go."""
+
+    keep: list[ListeningSocket]
+    added: list[ListeningSocket]
+    drop: list[ListeningSocket]
+
+    @classmethod
+    def bind(cls, current: list[ListeningSocket], wanted: Sequence[Listener],
+             bind: Bind) -> ListenerChange:
+        """Bind what *wanted* adds to *current*; a listener both name keeps its socket."""
+        keep = [ls for ls in current if ls.listener in wanted]
+        kept = {ls.listener for ls in keep}
+        added = bind([li for li in wanted if li not in kept])
+        drop = [ls for ls in current if ls.listener not in wanted]
+        return cls(keep, added, drop)
+
+    @property
+    def listening(self) -> list[ListeningSocket]:
+        return self.keep + self.added
+
+    async def undo(self) -> None:
+        for ls in self.added:
+            await ls.close()
+
+    async def commit(self) -> None:
+        for ls in self.drop:
+            await ls.close()
+
+
+@dataclass(slots=True)
+class ProviderPlan:
+    """The token sources of the new config: unchanged ones kept, the others built anew --
+    inheriting the running one's token when only non-identity settings changed."""
+
+    factory: SourceFactory
+    sources: dict[str, TokenSource]
+    steps: list[tuple[TokenSource, TokenSource | None, bool]] = field(default_factory=list)
+
+    @classmethod
+    async def build(cls, old: Config, new: Config, current: Mapping[str, TokenSource],
+                    factory: SourceFactory) -> ProviderPlan:
+        store = factory.store
+        if new.state_path != old.state_path or not old.persists_tokens:
+            store = await open_state_store(new)   # not yet checked for token providers
+        plan = cls(factory.with_store(store), {})
+        for name, provider in new.providers.items():
+            before, running = old.providers.get(name), current.get(name)
+            # A provider whose credentials were rejected starts over with the new config.
+            stuck = isinstance(running, TokenManager) and running.unauthenticated
+            if (running is not None and before == provider
+                    and new.state_path == old.state_path and not stuck):
+                plan.sources[name] = running
+                continue
+            fresh = plan.factory.build(provider)
+            inherit = (isinstance(fresh, TokenManager) and isinstance(running, TokenManager)
+                       and before is not None and before.identity() == provider.identity()
+                       and not stuck)
+            plan.steps.append((fresh, running, inherit))
+            plan.sources[name] = fresh
+        return plan
+
+    async def commit(self, current: Mapping[str, TokenSource]) -> list[TokenSource]:
+        """Start the new sources (handing tokens over); returns the ones to close."""
+        retired: list[TokenSource] = []
+        for fresh, running, inherit in self.steps:
+            if inherit:
+                assert isinstance(fresh, TokenManager)
+                assert isinstance(running, TokenManager)
+                await running.close()   # lets a refresh in flight finish and persist first
+                fresh.inherit(running)
+            elif running is not None:
+                retired.append(running)
+            await fresh.start()
+        retired += [src for name, src in current.items() if name not in self.sources]
+        return retired
+
+    def changed(self, current: Mapping[str, TokenSource]) -> list[str]:
+        return [name for name, src in self.sources.items() if src is not current.get(name)]
+
+
+async def close_quietly(sources: Sequence[TokenSource]) -> None:
+    for src in sources:
+        with contextlib.suppress(Exception):
+            await src.close()

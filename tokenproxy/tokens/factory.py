@@ -1,0 +1,116 @@
+"""Token sources from provider config: the grantor for each provider type, the shared token
+client and state file, and the one-shot ``tokenproxy token``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from tokenproxy import __version__
+from tokenproxy.clock import Clock, SystemClock
+from tokenproxy.config import (
+    CommandProvider,
+    Config,
+    JsonProvider,
+    OAuth2Provider,
+    Provider,
+    StaticProvider,
+)
+from tokenproxy.errors import ConfigError
+from tokenproxy.log import Redactor
+from tokenproxy.metrics import Metrics
+from tokenproxy.tls import ssl_contexts
+from tokenproxy.tokens.command import CommandGrantor
+from tokenproxy.tokens.http import make_token_session
+from tokenproxy.tokens.json_login import JsonGrantor
+from tokenproxy.tokens.manager import Grantor, TokenManager
+from tokenproxy.tokens.oauth2 import OAuth2Grantor
+from tokenproxy.tokens.source import TokenSource
+from tokenproxy.tokens.state import StateStore, UnsafeStateFile
+from tokenproxy.tokens.static import StaticSource
+
+
+async def open_state_store(cfg: Config) -> StateStore | None:
+    """The config's state file, refused (exit 2) when someone else could have written it:
+    its tokens would be theirs. Checked in a thread, like every state-file access."""
+    if cfg.state_path is None:
+        return None
+    store = StateStore(cfg.state_path)
+    if cfg.persists_tokens:
+        try:
+            await asyncio.to_thread(store.check)
+        except UnsafeStateFile as exc:
+            raise ConfigError(f"state_path: {exc}") from None
+    return store
+
+
+class SourceFactory:
+    """Builds one token source per provider, sharing the token client and the state file."""
+
+    def __init__(
+        self, *, clock: Clock, metrics: Metrics, redactor: Redactor,
+        session: aiohttp.ClientSession, store: StateStore | None,
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._redactor = redactor
+        self._session = session
+        self.store = store
+        self._ssl = ssl_contexts([])
+
+    def with_store(self, store: StateStore | None) -> SourceFactory:
+        if store is self.store:
+            return self
+        return SourceFactory(clock=self._clock, metrics=self._metrics, redactor=self._redactor,
+                             session=self._session, store=store)
+
+    def _ssl_for(self, ca_file: Any) -> Any:
+        if ca_file is None:
+            return True
+        if ca_file not in self._ssl:
+            self._ssl.update(ssl_contexts([ca_file]))
+        return self._ssl[ca_file]
+
+    def grantor(self, cfg: OAuth2Provider | JsonProvider | CommandProvider) -> Grantor:
+        """What talks to the provider's token endpoint (or runs its command)."""
+        if isinstance(cfg, OAuth2Provider):
+            return OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        if isinstance(cfg, JsonProvider):
+            return JsonGrantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+        return CommandGrantor(cfg, self._redactor)
+
+    def build(self, cfg: Provider) -> TokenSource:
+        common: dict[str, Any] = {"clock": self._clock, "metrics": self._metrics,
+                                  "redactor": self._redactor}
+        if isinstance(cfg, StaticProvider):
+            return StaticSource(cfg, **common)
+        lifetime = cfg.cache_for if isinstance(cfg, CommandProvider) else None
+        # Another holder of the state lock may take up to its whole call timeout.
+        lock_wait = cfg.timeout + 1.0
+        return TokenManager(
+            cfg.name, cfg.type_name(), self.grantor(cfg), identity=cfg.identity(),
+            refresh_margin=cfg.refresh_margin, store=self.store, default_lifetime=lifetime,
+            lock_timeout=lock_wait, **common,
+        )
+
+
+async def obtain_token(cfg: Config, name: str, *, redactor: Redactor) -> str:
+    """The current token of one provider for ``tokenproxy token``: a valid one from the state
+    file (the daemon's, when one runs) if there is one, else a new one, persisted."""
+    metrics = Metrics(CollectorRegistry(), __version__)
+    store = await open_state_store(cfg)
+    async with make_token_session() as session:
+        factory = SourceFactory(
+            clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
+            store=store,
+        )
+        source = factory.build(cfg.providers[name])
+        if isinstance(source, TokenManager):
+            await source.load()
+        try:
+            return (await source.current()).value
+        finally:
+            await source.close()
