@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
-from tokenproxy.errors import UpstreamError, UpstreamErrorKind
 from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD
 
 # The proxy sends what the client sent: no invented Accept, Accept-Encoding, User-Agent or
@@ -90,19 +88,3 @@ def _session(max_connections: int, *, force_close: bool) -> aiohttp.ClientSessio
         max_field_size=MAX_UPSTREAM_FIELD,
         raise_for_status=False,
     )
-
-
-def error_kind(exc: BaseException) -> UpstreamErrorKind:
-    """Classify a client failure; TLS first, since TLS errors are also connector errors."""
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError |
-                  ssl.SSLError):
-        return "tls"
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    return "reset"
-
-
-def upstream_error(exc: BaseException) -> UpstreamError:
-    return UpstreamError(error_kind(exc))

@@ -19,9 +19,10 @@ from multidict import CIMultiDict
 from tokenproxy import log
 from tokenproxy.errors import RequestRejected, TokenError, UpstreamError
 from tokenproxy.proxy.aiohttp_path.body import ReplayableBody
-from tokenproxy.proxy.aiohttp_path.client import UpstreamSessions, error_kind, upstream_error
+from tokenproxy.proxy.aiohttp_path.client import UpstreamSessions
 from tokenproxy.proxy.aiohttp_path.responses import ProblemResponse, as_multidict, problem_response
 from tokenproxy.proxy.aiohttp_path.websocket import is_websocket_upgrade, proxy_websocket
+from tokenproxy.proxy.failures import failure_kind, upstream_error
 from tokenproxy.proxy.rules.headers import Header, request_headers, response_headers, safe_reason
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
@@ -244,7 +245,7 @@ class AiohttpHandler:
                 # The upstream broke mid-body. Never finish the response: a truncated body
                 # must look truncated to the client, so close its connection instead.
                 proxy.metrics.upstream_errors.labels(compiled.route.label,
-                                                      error_kind(exc)).inc()
+                                                      failure_kind(exc)).inc()
                 self._log.warning("upstream_body_failed", route=compiled.route.label,
                                   error=type(exc).__name__)
                 if request.transport is not None:

@@ -10,8 +10,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from tokenproxy.errors import UpstreamError
-from tokenproxy.proxy.aiohttp_path.client import upstream_error
 from tokenproxy.proxy.aiohttp_path.responses import as_multidict, problem_response
+from tokenproxy.proxy.failures import upstream_error
 from tokenproxy.proxy.rules.headers import response_headers
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.runtime import Outcome, Proxy, bounded

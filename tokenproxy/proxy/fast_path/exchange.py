@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Final
 
 from tokenproxy import log
 from tokenproxy.errors import RequestRejected, TokenError, UpstreamError
-from tokenproxy.errors import UpstreamErrorKind as Kind
+from tokenproxy.proxy.failures import upstream_error
 from tokenproxy.proxy.fast_path import wire
 from tokenproxy.proxy.fast_path.body import DISCARD_LIMIT, RequestBody
 from tokenproxy.proxy.fast_path.head import Request
@@ -187,7 +187,7 @@ class Exchange:
             forget_frames(exc)
             if conn is not None:
                 conn.abort()
-            raise UpstreamError(failure_kind(exc)) from None
+            raise upstream_error(exc) from None
 
     def _stream_body(self, conn: UpstreamConn, head: bytes) -> None:
         """Send the head, what the client sent so far, and pipe the rest as it comes."""
@@ -266,17 +266,6 @@ class Exchange:
             client.keep_private(conn)
         else:
             client.env.pool.release(conn)
-
-
-def failure_kind(exc: BaseException) -> Kind:
-    """What a failed connect, send or head wait was, for its answer and metric."""
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return "tls"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, UpstreamBroke):
-        return "reset"
-    return "connect"
 
 
 def forget_frames(exc: BaseException) -> None:
