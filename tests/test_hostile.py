@@ -34,7 +34,7 @@ from tests.idp import (
 )
 from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
 from tokenproxy.daemon import Daemon
-from tokenproxy.tokens.manager import UNAUTHORIZED_REFRESH_GAP
+from tokenproxy.tokens.guard import UNAUTHORIZED_REFRESH_GAP
 
 # Every test here runs against both request paths (tests/conftest.py).
 pytestmark = pytest.mark.both_paths

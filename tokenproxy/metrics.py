@@ -39,15 +39,17 @@ class Metrics:
             ("route", "kind"), registry=registry)
         self.auth_retries = Counter(
             "tokenproxy_auth_retries_total",
-            "Answers with a retry_on status, by outcome: retried and then accepted (success) "
-            "or refused again (failure); not retried because the body could not be sent again "
-            "(skipped) or no newer token could be had (no_new_token).",
+            "Answers with a retry_on status, by outcome: retried and then accepted (success), "
+            "refused again (failure) or not answered (upstream_error); not retried because the "
+            "body could not be sent again (skipped) or no newer token could be had "
+            "(no_new_token).",
             ("route", "outcome"), registry=registry)
         self.token_refresh = Counter(
             "tokenproxy_token_refresh_total",
             "Token-endpoint calls, by trigger, grant and result: success; rejected (the issuer "
-            "said no: invalid_grant, invalid_client, a 4xx); error (network, 5xx, timeout, a "
-            "bad answer). grant=\"state_file\": tokens another process had already refreshed.",
+            "said no: invalid_grant, invalid_client, a 4xx but 408 and 429); error (network, 5xx, "
+            "408, 429, timeout, a bad answer). grant=\"state_file\": tokens another process had "
+            "already refreshed.",
             ("provider", "trigger", "grant", "result"), registry=registry)
         self.token_refresh_duration = Histogram(
             "tokenproxy_token_refresh_duration_seconds", "Duration of token-endpoint calls.",

@@ -25,7 +25,7 @@ from tokenproxy.proxy.rules.retry import RetryAction, retry_action
 from tokenproxy.proxy.rules.security import SecurityPolicy
 from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable
 from tokenproxy.tls import ssl_contexts
-from tokenproxy.tokens.source import Token, TokenSource
+from tokenproxy.tokens.source import Target, Token, TokenSource
 
 CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection first"
 
@@ -127,12 +127,16 @@ class Proxy:
         if n:
             self._dropped_invalid.inc(n)
 
-    def failed(self, exc: RequestRejected | UpstreamError | TokenError, route: str) -> Problem:
-        """The answer for an error raised while handling a request on *route*, counted."""
+    def failed(self, exc: RequestRejected | UpstreamError | TokenError, outcome: Outcome
+               ) -> Problem:
+        """The answer for an error raised while handling a request, counted. A request sent
+        again after a 401 whose second send failed counts as the retry's upstream_error."""
         if isinstance(exc, RequestRejected):
             self.metrics.rejected.labels(exc.cause).inc()
         elif isinstance(exc, UpstreamError):
-            self.metrics.upstream_errors.labels(route, exc.kind).inc()
+            self.metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
+            if outcome.retried:
+                self.metrics.auth_retries.labels(outcome.route, "upstream_error").inc()
         return Problem.of(exc)
 
     def record(self, method: str, raw_path: str, outcome: Outcome, duration: float) -> None:
@@ -164,31 +168,38 @@ class Proxy:
 
     async def token_for_retry(
         self, status: int, compiled: CompiledRoute, source: TokenSource, token: Token, *,
-        client_auth: bool, retried: bool, replayable: bool, drop: Callable[[], None],
+        target: Target, client_auth: bool, retried: bool, replayable: bool,
+        drop: Callable[[], None],
     ) -> Token | None:
         """After an upstream answer (every path): the token to send the request once more
-        with, or None to relay this answer. Counts the retry's outcome -- success and failure
-        only for requests sent again, so the metric agrees with the access log's ``retried``;
-        *drop* frees the refused answer's connection when the wait for a new token fails."""
+        with, or None to relay this answer. Counts the retry's outcome -- success, failure
+        and upstream_error only for requests sent again, so the metric agrees with the access
+        log's ``retried``; *drop* frees the refused answer's connection when the wait for a
+        new token fails. *target* tells the token source where the answer came from (its
+        storm guard, tokens/guard.py)."""
         action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
         if action is RetryAction.RELAY:
             if retried:
                 self._retry_outcome(compiled, "success")
             if status < 400 and not client_auth:
-                source.accepted(token)   # proof the token is good (TokenManager.renew)
+                source.accepted(target)
             return None
         if action is RetryAction.FAILED:
             self._retry_outcome(compiled, "failure")
+            source.refused(target)   # a fresh token refused: scope, not expiry
             return None
         if action is RetryAction.SKIP:
             # The body is gone upstream: pass the 401 back, and let a refresh run so the
             # client's own retry finds a fresh token.
             self._retry_outcome(compiled, "skipped")
-            self._spawn(source.renew(token, "unauthorized"))
+            self._spawn(source.renew(token, "unauthorized", target))
             return None
         try:
-            fresh = await bounded(source.renew(token, "unauthorized"), compiled, source.name)
-        except BaseException:
+            fresh = await bounded(source.renew(token, "unauthorized", target), compiled,
+                                  source.name)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):   # not when the client left
+                self._retry_outcome(compiled, "no_new_token")
             drop()   # the refused answer will not be relayed: free its connection now
             raise
         if fresh is None:

@@ -28,7 +28,8 @@ from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.discovery import DiscoveryFailed
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
 from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
-from tokenproxy.tokens.source import Token, Trigger
+from tokenproxy.tokens.guard import UnauthorizedGuard
+from tokenproxy.tokens.source import Target, Token, Trigger
 from tokenproxy.tokens.state import (
     StateFileError,
     StateLockTimeout,
@@ -39,12 +40,6 @@ from tokenproxy.tokens.state import (
 
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
-# A second 401-triggered refresh within this window is not started: a token that is fresh and
-# still refused is a scope or permission problem, and refreshing per request would be a storm.
-# Unless the upstream has accepted the current token since: then the 401 means it went bad
-# (revoked), and it is refreshed at once -- at most once per window that way, so that a path
-# refused for scope among accepted ones cannot make every request a refresh.
-UNAUTHORIZED_REFRESH_GAP: Final = 5.0
 # The grant label of tokens taken from the state file (another process had refreshed).
 STATE_FILE: Final = "state_file"
 
@@ -123,9 +118,7 @@ class TokenManager:
         self._unauthenticated = False   # or misconfigured: stuck until a reload either way
         self._misconfigured = False
         self._last_error: str | None = None
-        self._last_unauthorized_refresh = -1e18
-        self._last_revocation_refresh = -1e18
-        self._accepted_generation = 0   # the newest token an upstream accepted
+        self._guard = UnauthorizedGuard()
         self._loop_task: asyncio.Task[None] | None = None
         self._inherited = False
         self._wake = asyncio.Event()
@@ -202,11 +195,13 @@ class TokenManager:
         self._raise_if_backing_off()
         return await self._refresh("initial" if tok is None else "expiry", waiter=True)
 
-    def accepted(self, token: Token) -> None:
-        if token.generation > self._accepted_generation:
-            self._accepted_generation = token.generation
+    def accepted(self, target: Target) -> None:
+        self._guard.accepted(target)
 
-    async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
+    def refused(self, target: Target) -> None:
+        self._guard.refused(target)
+
+    async def renew(self, stale: Token, trigger: Trigger, target: Target) -> Token | None:
         if self._unauthenticated:
             raise self._unauthenticated_error()
         now = self._clock.monotonic()
@@ -214,20 +209,12 @@ class TokenManager:
         if cur is not None and cur.generation != stale.generation and not cur.expired(now):
             return cur   # someone already replaced the refused token: just retry
         if self._inflight is None:
-            if now - self._last_unauthorized_refresh < UNAUTHORIZED_REFRESH_GAP:
-                if not self._went_bad(stale, now):
-                    return None
-                self._last_revocation_refresh = now
+            if not self._guard.admits(target, now):
+                return None   # the storm guard (guard.py)
             self._raise_if_backing_off()
-            self._last_unauthorized_refresh = now
+            self._guard.started(now)
         fresh = await self._refresh(trigger, waiter=True)
         return fresh if fresh.generation != stale.generation else None
-
-    def _went_bad(self, refused: Token, now: float) -> bool:
-        """Within the storm guard's window: whether this 401 is for a token the upstream had
-        accepted (so it was revoked, not short of a scope), and no such refresh ran lately."""
-        return (refused.generation <= self._accepted_generation
-                and now - self._last_revocation_refresh >= UNAUTHORIZED_REFRESH_GAP)
 
     def ready(self) -> bool:
         if self._unauthenticated:
@@ -417,8 +404,8 @@ class TokenManager:
             got = await answer
         except (GrantRejected, GrantFailed) as exc:
             exc.grant = exc.grant or grant   # discovery names itself
-            self._count(trigger, exc.grant,
-                        "rejected" if isinstance(exc, GrantRejected) else "error")
+            refused = isinstance(exc, GrantRejected) or exc.refused
+            self._count(trigger, exc.grant, "rejected" if refused else "error")
             raise
         except Exception:
             self._count(trigger, grant, "error")   # a provider bug: _obtain_guarded logs it

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 Trigger = Literal["initial", "expiry", "unauthorized", "manual"]
+# Where a request went: (route, method, path without the query).
+Target = tuple[str, str, str]
 
 # RFC 6750 b64token plus the characters real tokens use; no spaces, CR, LF or NUL.
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/=!#$%&'*^`|]+")
@@ -46,11 +48,15 @@ class TokenSource(Protocol):
     def valid_now(self) -> Token | None:
         """The token ``current()`` would return without waiting, else None (the fast path)."""
 
-    async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
-        """A token newer than *stale*, or None when nothing newer can be had (do not retry)."""
+    async def renew(self, stale: Token, trigger: Trigger, target: Target) -> Token | None:
+        """A token newer than *stale*, which *target* refused; or None when nothing newer can
+        be had (do not retry)."""
 
-    def accepted(self, token: Token) -> None:
-        """An upstream answered a request carrying *token* without refusing it."""
+    def accepted(self, target: Target) -> None:
+        """*target* answered a request carrying this source's token without refusing it."""
+
+    def refused(self, target: Target) -> None:
+        """*target* refused a token this source had just renewed for it."""
 
     def ready(self) -> bool:
         """True while the source holds a valid token or can get one without waiting."""

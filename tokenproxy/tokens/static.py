@@ -10,7 +10,7 @@ from tokenproxy.clock import Clock
 from tokenproxy.config import StaticProvider
 from tokenproxy.log import Redactor, get_logger
 from tokenproxy.metrics import Metrics
-from tokenproxy.tokens.source import Token, Trigger, is_usable_token
+from tokenproxy.tokens.source import Target, Token, Trigger, is_usable_token
 
 # How often a token_file is checked for changes on the request path: a stat() per second at most.
 STAT_INTERVAL: Final = 1.0
@@ -86,14 +86,17 @@ class StaticSource:
     async def current(self) -> Token:
         return self.valid_now() or self._token
 
-    async def renew(self, stale: Token, trigger: Trigger) -> Token | None:
+    async def renew(self, stale: Token, trigger: Trigger, target: Target) -> Token | None:
         self._check_file(force=True)
         if self._token.generation != stale.generation:
             return self._token
         return None
 
-    def accepted(self, token: Token) -> None:
+    def accepted(self, target: Target) -> None:
         pass   # a fixed token has nothing to learn from it
+
+    def refused(self, target: Target) -> None:
+        pass
 
     def ready(self) -> bool:
         return True

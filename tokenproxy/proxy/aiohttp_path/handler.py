@@ -78,8 +78,8 @@ class AiohttpHandler:
         try:
             resp = await self._dispatch(proxy, request, outcome)
             outcome.status = resp.status
-            if isinstance(resp, ProblemResponse):
-                outcome.bytes += resp.content_length or 0
+            if isinstance(resp, ProblemResponse) and request.method != "HEAD":
+                outcome.bytes += resp.content_length or 0   # aiohttp sends no body for HEAD
             return resp
         finally:
             proxy.metrics.inflight.dec()
@@ -109,9 +109,9 @@ class AiohttpHandler:
                 # The body's framing broke while it streamed upstream: the client's fault.
                 proxy.metrics.rejected.labels("bad_request").inc()
                 return problem_response(MALFORMED_BODY)
-            return problem_response(proxy.failed(exc, outcome.route))
+            return problem_response(proxy.failed(exc, outcome))
         except (RequestRejected, TokenError) as exc:
-            return problem_response(proxy.failed(exc, outcome.route))
+            return problem_response(proxy.failed(exc, outcome))
 
     # -- plain HTTP --------------------------------------------------------------------------
 
@@ -191,6 +191,7 @@ class AiohttpHandler:
             up = await self.send(proxy, compiled, request.method, url, headers, body.payload(),
                                  closing=closing)
             fresh = await proxy.token_for_retry(up.status, compiled, source, token,
+                                                target=(route.label, request.method, path),
                                                 client_auth=client_auth, retried=retried,
                                                 replayable=body.replayable, drop=up.close)
             if fresh is None:

@@ -109,7 +109,8 @@ async def proxy_websocket(
         # The handshake has no body: a refused one can always be sent again.
         fresh = await proxy.token_for_retry(
             101 if refusal is None else refusal.status, compiled, source, token,
-            client_auth=client_auth, retried=attempt == 1, replayable=True, drop=lambda: None)
+            target=(route.label, "GET", path), client_auth=client_auth,
+            retried=attempt == 1, replayable=True, drop=lambda: None)
         if fresh is not None:
             token = fresh
             outcome.retried = True

@@ -51,7 +51,7 @@ class Exchange:
             keep = False
             raise
         except (RequestRejected, UpstreamError, TokenError) as exc:
-            problem = proxy.failed(exc, outcome.route)
+            problem = proxy.failed(exc, outcome)
             if isinstance(exc, RequestRejected):
                 keep = linger = False   # a stalled body is not waited for twice
             else:
@@ -75,6 +75,10 @@ class Exchange:
     def _answer(self, problem: Problem, *, close: bool) -> None:
         """An error of ours; its body counts in the access log's bytes."""
         head, body = wire.problem(problem, self._conn.env.date(), close=close)
+        if self._req.method == b"HEAD":
+            # The head says the length a GET would get; a body would be read as the start of
+            # the next answer on this connection.
+            body = b""
         self._outcome.status = problem.status
         self._outcome.bytes += len(body)
         if self._conn.transport is not None:
@@ -101,6 +105,8 @@ class Exchange:
             auth = b"" if client_auth else proxy.token_line(compiled, token)
             conn, resp, done = await self._send(head + auth + wire.CRLF, body, last)
             fresh = await proxy.token_for_retry(resp.status, compiled, source, token,
+                                                target=(outcome.route, req.method_str,
+                                                        req.path),
                                                 client_auth=client_auth, retried=retried,
                                                 replayable=body is not None, drop=conn.abort)
             if fresh is None:
