@@ -112,6 +112,12 @@ def _host_list(hosts: frozenset[str] | None) -> str:
     return "*" if hosts is None else ",".join(sorted(hosts))
 
 
+def visible(text: str) -> str:
+    """*text* with control characters escaped: what an issuer or token endpoint sent must not
+    drive the terminal it is printed on (clear it, retitle it, hide a line)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def summary(cfg: Config) -> list[str]:
     """What check-config prints: structure, never secrets."""
     lines = [f"config: {cfg.source}" if cfg.source else "config: (built in)"]
@@ -157,7 +163,7 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     out.write("online:\n")
     for check in checks:
         found = f"; token endpoint {check.endpoint} (discovered)" if check.endpoint else ""
-        out.write(redactor.scrub(f"  {check.name}: {check.text}{found}") + "\n")
+        out.write(visible(redactor.scrub(f"  {check.name}: {check.text}{found}")) + "\n")
     failed = [c.name for c in checks if not c.ok]
     out.write(f"failed: {', '.join(failed)}\n" if failed else "ok\n")
     return EXIT_FAILURE if failed else EXIT_OK

@@ -54,7 +54,7 @@ async def _stored(cfg: Config, store: StateStore | None) -> dict[str, float | No
     """Seconds left of each provider's stored access token (None when it has no expiry)."""
     if store is None:
         return {}
-    entries = await asyncio.to_thread(store.read_all)
+    entries = await asyncio.to_thread(lambda: store.read_all(look_only=True))
     now = time.time()
     return {name: (None if e.expires_at is None else e.expires_at - now)
             for name, p in cfg.providers.items()
@@ -76,6 +76,8 @@ async def _check(p: Provider, factory: SourceFactory, stored: dict[str, float | 
         grant = await grantor.login()
     except (GrantFailed, GrantRejected) as exc:
         return ProviderCheck(p.name, False, f"failed: {exc.reason}", endpoint)
+    except Exception as exc:   # a provider's own bug: reported, as the daemon logs it
+        return ProviderCheck(p.name, False, f"failed: {type(exc).__name__}", endpoint)
     return ProviderCheck(p.name, True, _lifetime(grant.expires_in), endpoint)
 
 

@@ -26,7 +26,7 @@ import aiohttp
 from tokenproxy.config.values import HttpUrl, parse_http_url
 from tokenproxy.errors import ConfigError
 from tokenproxy.tokens.grant import GrantFailed, GrantRejected
-from tokenproxy.tokens.http import call
+from tokenproxy.tokens.http import AnswerTooLarge, call
 
 OPENID: Final = "/.well-known/openid-configuration"
 RFC8414: Final = "/.well-known/oauth-authorization-server"
@@ -81,6 +81,15 @@ def _endpoint(doc: dict[str, Any], name: str, issuer: HttpUrl) -> str | None:
     return url.url
 
 
+def _optional_endpoint(doc: dict[str, Any], name: str, issuer: HttpUrl) -> str | None:
+    """An endpoint not used yet: one tokenproxy could not use (a query, as RFC 6749 section
+    3.1 allows for the authorization endpoint) is left out, not held against the document."""
+    try:
+        return _endpoint(doc, name, issuer)
+    except ValueError:
+        return None
+
+
 def parse_metadata(doc: object, issuer: HttpUrl) -> ServerMetadata:
     """The metadata *doc* as ServerMetadata; ValueError says what is wrong with it."""
     if not isinstance(doc, dict):
@@ -92,10 +101,11 @@ def parse_metadata(doc: object, issuer: HttpUrl) -> ServerMetadata:
         raise ValueError("it has no token_endpoint")
     return ServerMetadata(
         issuer=issuer.url, token_endpoint=token,
-        authorization_endpoint=_endpoint(doc, "authorization_endpoint", issuer),
-        device_authorization_endpoint=_endpoint(doc, "device_authorization_endpoint", issuer),
-        revocation_endpoint=_endpoint(doc, "revocation_endpoint", issuer),
-        userinfo_endpoint=_endpoint(doc, "userinfo_endpoint", issuer),
+        authorization_endpoint=_optional_endpoint(doc, "authorization_endpoint", issuer),
+        device_authorization_endpoint=_optional_endpoint(
+            doc, "device_authorization_endpoint", issuer),
+        revocation_endpoint=_optional_endpoint(doc, "revocation_endpoint", issuer),
+        userinfo_endpoint=_optional_endpoint(doc, "userinfo_endpoint", issuer),
     )
 
 
@@ -110,7 +120,8 @@ async def discover(session: aiohttp.ClientSession, issuer: HttpUrl, *, within: f
                                 headers={"Accept": "application/json"}, redirects_fail=False)
         except GrantFailed as exc:
             tried.append(f"{url} ({exc.reason})")
-            outage = True
+            # An answer too large to be metadata (a web app's catch-all page) is an answer.
+            outage = outage or not isinstance(exc, AnswerTooLarge)
             continue
         if answer.status != 200:
             tried.append(f"{url} (status {answer.status})")

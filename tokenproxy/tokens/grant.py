@@ -35,6 +35,7 @@ class GrantFailed(Exception):
         self.reason = reason
         self.retry_after = retry_after
         self.grant: str | None = None   # set by the token manager: which call failed
+        self.refused = False            # a 4xx answer: counted as rejected, still retried
 
 
 class GrantRejected(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ REJECTING_ERRORS: Final = frozenset({
     "invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type",
     "invalid_scope", "access_denied",
 })
+
+
+class AnswerTooLarge(GrantFailed):
+    """An answer over MAX_RESPONSE: no token endpoint or metadata document is that large."""
 
 
 def make_token_session() -> aiohttp.ClientSession:
@@ -63,7 +68,10 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError):
         return "TLS failure"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return (exc.os_error.strerror or "connection failed").lower()
+        # The OS's words for the errno ("connection refused"); asyncio's strerror is a
+        # sentence of its own ("connect call failed ('127.0.0.1', 1)").
+        errno = exc.os_error.errno
+        return os.strerror(errno).lower() if errno else "connection failed"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return "connection closed before a complete answer"
     if isinstance(exc, aiohttp.ClientResponseError):
@@ -104,7 +112,7 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     async for chunk in resp.content.iter_any():
         size += len(chunk)
         if size > MAX_RESPONSE:
-            raise GrantFailed(f"the answer is larger than {MAX_RESPONSE} bytes")
+            raise AnswerTooLarge(f"the answer is larger than {MAX_RESPONSE} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -129,4 +137,9 @@ def raise_for_answer(answer: Answer, what: str) -> None:
     reason = f"{what}: status {answer.status}" + (f" ({code})" if code else "")
     if code in REJECTING_ERRORS or answer.status in (400, 401, 403):
         raise GrantRejected(reason, code)
-    raise GrantFailed(reason, retry_after(answer.headers))
+    failed = GrantFailed(reason, retry_after(answer.headers))
+    # Another 4xx (a 404 from a misrouted ingress, a 405) is the endpoint saying no, though
+    # not to these credentials: retried later, but counted as refused. 408 and 429 ask us to
+    # come back.
+    failed.refused = 400 <= answer.status < 500 and answer.status not in (408, 429)
+    raise failed

@@ -214,12 +214,13 @@ class StateStore:
         self._log.warning("state_file_corrupt", path=str(self.path), reason=reason,
                           moved_to=str(target))
 
-    def read_all(self) -> dict[str, StoredTokens]:
-        """Every provider's entry; a missing file is empty, a corrupt one is set aside, an
-        unsafe one (see check) is logged and read as empty."""
+    def read_all(self, *, look_only: bool = False) -> dict[str, StoredTokens]:
+        """Every provider's entry; a missing file is empty, a corrupt one is set aside (left
+        alone with *look_only*: a check must not take the daemon's file away), an unsafe one
+        (see check) is logged and read as empty."""
         def read() -> dict[str, StoredTokens]:
             with self._directory() as dir_fd:
-                return self._read_all(dir_fd)
+                return self._read_all(dir_fd, set_aside=not look_only)
 
         return self._guarded(read)
 
@@ -237,7 +238,7 @@ class StateStore:
                               error=exc.strerror or type(exc).__name__)
             return {}
 
-    def _read_all(self, dir_fd: int) -> dict[str, StoredTokens]:
+    def _read_all(self, dir_fd: int, *, set_aside: bool) -> dict[str, StoredTokens]:
         fd, st = _open_regular(self.path, os.O_RDONLY, dir_fd, _NOT_REGULAR_STATE)
         with os.fdopen(fd, "rb") as fh:
             _check_file(self.path, st)
@@ -249,11 +250,13 @@ class StateStore:
         try:
             doc = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
-            self._set_aside("not JSON")
+            if set_aside:
+                self._set_aside("not JSON")
             return {}
         if (not isinstance(doc, dict) or doc.get("version") != SCHEMA_VERSION
                 or not isinstance(doc.get("providers"), dict)):
-            self._set_aside("unknown schema")
+            if set_aside:
+                self._set_aside("unknown schema")
             return {}
         out: dict[str, StoredTokens] = {}
         for key, entry in doc["providers"].items():
@@ -307,7 +310,7 @@ class StateStore:
 
     def _replace(self, key: str, tokens: StoredTokens, dir_fd: int) -> None:
         # An unsafe file reads as empty here too: its entries are not carried over.
-        entries = self._guarded(lambda: self._read_all(dir_fd))
+        entries = self._guarded(lambda: self._read_all(dir_fd, set_aside=True))
         entries[key] = tokens
         doc = {"version": SCHEMA_VERSION,
                "providers": {k: v.to_json() for k, v in sorted(entries.items())}}
