@@ -190,10 +190,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")
         return EXIT_FAILURE
     os.umask(0o077)   # state files and sockets are ours alone
-    tune_allocator()
+    tuned = tune_allocator()
     redactor = log.Redactor(config_secrets(cfg))
     log.configure(cfg.log.level, cfg.log.format, redactor=redactor)
-    return run_async(serve(cfg, redactor=redactor))
+    return run_async(serve(cfg, redactor=redactor, allocator_tuned=tuned))
 
 
 def _token(args: argparse.Namespace, out: TextIO) -> int:
@@ -218,10 +218,10 @@ def _token(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    tune_allocator()
+    tuned = tune_allocator()
     redactor = log.Redactor()
     log.configure("info", "console", redactor=redactor)
-    return run_async(run_demo(args.port, redactor))
+    return run_async(run_demo(args.port, redactor, allocator_tuned=tuned))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

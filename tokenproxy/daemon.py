@@ -63,8 +63,10 @@ class Daemon:
         clock: Clock | None = None,
         redactor: Redactor | None = None,
         fast_path: bool | None = None,
+        allocator_tuned: bool = False,
     ) -> None:
         self.config = cfg
+        self.allocator_tuned = allocator_tuned   # said in the listening event (memory.py)
         # TOKENPROXY_FAST_PATH=0 serves every request through aiohttp (for comparison, or as
         # an escape hatch); the answers are the same, only slower.
         self.fast_path = fast_path_setting(os.environ) if fast_path is None else fast_path
@@ -198,6 +200,7 @@ class Daemon:
             admin=[ls.address for ls in self.admin_listeners],
             version=__version__,
             fast_path=self.fast_path,
+            allocator_tuned=self.allocator_tuned,
         )
 
     # -- reload ------------------------------------------------------------------------------

@@ -38,12 +38,13 @@ async def reload_file(daemon: Daemon, redactor: Redactor) -> None:
 
 
 async def serve(
-    cfg: Config, *, redactor: Redactor, on_started: Callable[[Daemon], None] | None = None
+    cfg: Config, *, redactor: Redactor, on_started: Callable[[Daemon], None] | None = None,
+    allocator_tuned: bool = False,
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain within shutdown_grace; a second signal cuts the
     drain short. SIGHUP reloads the config file. systemd is told READY, RELOADING, STOPPING."""
     loop = asyncio.get_running_loop()
-    daemon = Daemon(cfg, redactor=redactor)
+    daemon = Daemon(cfg, redactor=redactor, allocator_tuned=allocator_tuned)
     await daemon.start()
     if on_started is not None:
         on_started(daemon)

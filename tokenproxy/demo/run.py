@@ -42,7 +42,8 @@ def demo_config(issuer_url: str, port: int, state_dir: Path) -> dict[str, object
     }
 
 
-async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout) -> int:
+async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout, *,
+                   allocator_tuned: bool = False) -> int:
     issuer = Issuer(lifetime=DEMO_LIFETIME)
     runner = web.AppRunner(issuer.app(), access_log=None)
     await runner.setup()
@@ -69,7 +70,8 @@ async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout) -> i
                 out.flush()
 
             try:
-                return await serve(cfg, redactor=redactor, on_started=banner)
+                return await serve(cfg, redactor=redactor, on_started=banner,
+                                   allocator_tuned=allocator_tuned)
             except ListenError as exc:
                 raise ListenError(f"{exc} (pick another port with --port)") from None
     finally:
