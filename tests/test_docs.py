@@ -62,7 +62,8 @@ def test_every_problem_cause_is_in_the_reference() -> None:
 def test_nothing_points_outside_the_repository() -> None:
     """Code, tests, docs and the project file speak for themselves: no pointer at a spec or
     notes a user of tokenproxy does not have, nor at issue numbers."""
-    pattern = re.compile(r"SPEC\.md|SPEC §|shared/notes|notes/security|\bissue [0-9]+\b")
+    pattern = re.compile(r"SPEC\.md|§|shared/notes|notes/security|security notes|"
+                         r"\bissue [0-9]+\b|\bcommit [0-9a-f]{7,40}\b")
     files = [*ROOT.glob("tokenproxy/**/*.py"), *ROOT.glob("tests/**/*.py"),
              *ROOT.glob("docs/*.md"), ROOT / "README.md", ROOT / "CHANGELOG.md",
              ROOT / "pyproject.toml", *ROOT.glob("benchmarks/*.py")]
