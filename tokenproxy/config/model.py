@@ -1,12 +1,36 @@
-"""The validated configuration: frozen dataclasses, built only by ``config.load``."""
+"""The validated configuration: frozen dataclasses, built only by the loader (``config.load``
+and the section modules it calls).
+
+They are also the schema of the YAML file: each section's keys are its dataclass's fields (less
+the ones marked COMPUTED; a Secret field takes a ``_file`` form too), a key left out takes the
+field's default, and a Literal field's choices are its arguments. ``yaml_keys``, ``default_of``
+and ``choices_of`` read them for the loader, so nothing restates them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from tokenproxy.config.values import HttpUrl, Listener, Secret
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# A field the loader works out rather than reads: no key of the file.
+COMPUTED: Final = MappingProxyType({"key": False})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -19,7 +43,7 @@ class LogConfig:
 class SecurityConfig:
     # None means "*": the Host check is off.
     allowed_hosts: frozenset[str] | None = frozenset({"localhost", "127.0.0.1", "::1"})
-    allowed_hosts_explicit: bool = False
+    allowed_hosts_explicit: bool = field(default=False, metadata=COMPUTED)
     reject_cross_site: bool = True
     reject_forwarded: bool = True
     require_header: tuple[str, str] | None = None
@@ -27,7 +51,7 @@ class SecurityConfig:
     # Unless explicit, the admin listener follows allowed_hosts; a list of its own lets a
     # scraper's Host (a pod IP) in without widening the proxy listener's allowlist.
     admin_allowed_hosts: frozenset[str] | None = None
-    admin_allowed_hosts_explicit: bool = False
+    admin_allowed_hosts_explicit: bool = field(default=False, metadata=COMPUTED)
 
     @property
     def admin_hosts(self) -> frozenset[str] | None:
@@ -50,7 +74,9 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderBase:
-    name: str
+    # The provider's ``type`` in the file.
+    kind: ClassVar[str]
+    name: str = field(metadata=COMPUTED)     # the key it is listed under
     refresh_margin: float = 60.0
 
     def identity(self) -> dict[str, str]:
@@ -58,23 +84,22 @@ class ProviderBase:
         return {"type": self.type_name()}
 
     def type_name(self) -> str:
-        raise NotImplementedError
+        return self.kind
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StaticProvider(ProviderBase):
+    kind: ClassVar[str] = "static"
     token: Secret | None = None
     token_file: Path | None = None
 
-    def type_name(self) -> str:
-        return "static"
-
     def identity(self) -> dict[str, str]:
-        return {"type": "static", "token_file": str(self.token_file or "")}
+        return {"type": self.kind, "token_file": str(self.token_file or "")}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OAuth2Provider(ProviderBase):
+    kind: ClassVar[str] = "oauth2"
     token_url: HttpUrl | None = None
     issuer: HttpUrl | None = None
     grant_type: Literal["client_credentials", "password", "refresh_token"] = "client_credentials"
@@ -89,13 +114,10 @@ class OAuth2Provider(ProviderBase):
     timeout: float = 10.0
     ca_file: Path | None = None
 
-    def type_name(self) -> str:
-        return "oauth2"
-
     def identity(self) -> dict[str, str]:
         where = self.token_url or self.issuer
         return {
-            "type": "oauth2",
+            "type": self.kind,
             "endpoint": where.url if where else "",
             "client_id": self.client_id or "",
             "user": self.username or "",
@@ -116,13 +138,11 @@ class JsonCall:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JsonProvider(ProviderBase):
+    kind: ClassVar[str] = "json"
     login: JsonCall
     refresh: JsonCall | None = None
     timeout: float = 10.0
     ca_file: Path | None = None
-
-    def type_name(self) -> str:
-        return "json"
 
     def identity(self) -> dict[str, str]:
         user = ""
@@ -131,11 +151,12 @@ class JsonProvider(ProviderBase):
                 if isinstance(self.login.json.get(key), str):
                     user = self.login.json[key]
                     break
-        return {"type": "json", "endpoint": self.login.url.url, "user": user}
+        return {"type": self.kind, "endpoint": self.login.url.url, "user": user}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandProvider(ProviderBase):
+    kind: ClassVar[str] = "command"
     command: tuple[str, ...]
     output: Literal["text", "json"] = "text"
     access_token: str = "/access_token"
@@ -143,11 +164,8 @@ class CommandProvider(ProviderBase):
     cache_for: float = 300.0
     timeout: float = 30.0
 
-    def type_name(self) -> str:
-        return "command"
-
     def identity(self) -> dict[str, str]:
-        return {"type": "command", "command": "\x00".join(self.command)}
+        return {"type": self.kind, "command": "\x00".join(self.command)}
 
 
 Provider = StaticProvider | OAuth2Provider | JsonProvider | CommandProvider
@@ -156,7 +174,7 @@ Provider = StaticProvider | OAuth2Provider | JsonProvider | CommandProvider
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     prefix: str                 # as configured, starts with "/"
-    match: str                  # prefix without a trailing "/" ("" for the root route)
+    match: str = field(metadata=COMPUTED)   # prefix without a trailing "/" ("" for the root)
     upstream: HttpUrl
     provider: str
     header: str = "Authorization"
@@ -185,12 +203,47 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     providers: dict[str, Provider] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
-    source: Path | None = None
+    source: Path | None = field(default=None, metadata=COMPUTED)
     # A secret is written in the source file itself (not ${NAME} or *_file): the file's mode
     # then matters.
-    inline_secrets: bool = False
+    inline_secrets: bool = field(default=False, metadata=COMPUTED)
 
     @property
     def persists_tokens(self) -> bool:
         """Whether a provider keeps tokens in the state file (static ones have nothing to)."""
         return any(not isinstance(p, StaticProvider) for p in self.providers.values())
+
+
+def yaml_keys(schema: type[DataclassInstance]) -> tuple[str, ...]:
+    """The keys a section read as *schema* may hold, in field order: each field not COMPUTED,
+    and after a Secret one its ``_file`` form (a file holding the secret)."""
+    hints = _hints(schema)
+    keys: dict[str, None] = {}
+    for f in fields(schema):
+        if f.metadata.get("key", True):
+            keys[f.name] = None
+            if Secret in (hints[f.name], *get_args(hints[f.name])):
+                keys[f"{f.name}_file"] = None
+    return tuple(keys)
+
+
+def default_of(schema: type[DataclassInstance], key: str) -> Any:
+    """The default of *schema*'s field *key*; None for a required field or a key of no field."""
+    f = schema.__dataclass_fields__.get(key)
+    if f is not None and f.default is not MISSING:
+        return f.default
+    if f is not None and f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def choices_of(schema: type[DataclassInstance], key: str) -> tuple[str, ...]:
+    """The values *schema*'s Literal field *key* may take, in the order written."""
+    hint = _hints(schema)[key]
+    assert get_origin(hint) is Literal, f"{schema.__name__}.{key} is not a Literal"
+    return get_args(hint)
+
+
+@functools.cache
+def _hints(schema: type[DataclassInstance]) -> dict[str, Any]:
+    return get_type_hints(schema)

@@ -65,6 +65,11 @@ def parse_duration(raw: object, where: str, *, allow_zero: bool = True) -> float
     return value
 
 
+def parse_positive_duration(raw: object, where: str) -> float:
+    """As parse_duration, refusing 0: a timeout or a cache lifetime."""
+    return parse_duration(raw, where, allow_zero=False)
+
+
 def parse_size(raw: object, where: str) -> int:
     """Accept 1024, "64KiB", "1MiB", "2GB" and return bytes."""
     value: float | None = None
