@@ -1,6 +1,6 @@
 """Configuration: the YAML schema (docs/configuration.md), validated into frozen dataclasses."""
 
-from tokenproxy.config.load import build_config, find_config_file, load_config, parse_yaml
+from tokenproxy.config.load import build_config, load_config
 from tokenproxy.config.model import (
     CommandProvider,
     Config,
@@ -14,6 +14,7 @@ from tokenproxy.config.model import (
     SecurityConfig,
     StaticProvider,
 )
+from tokenproxy.config.source import find_config_file, parse_yaml
 from tokenproxy.config.values import HttpUrl, Listener, Secret
 
 __all__ = [
