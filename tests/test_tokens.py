@@ -320,7 +320,7 @@ async def test_discovery_without_usable_metadata_is_a_configuration_problem(
 ) -> None:
     """Every location answered, none with a document for this issuer: not an outage (no
     backoff loop, no 503) but a misconfiguration, named with every URL tried, in the log, in
-    /readyz and in the 502 requests get, until a reload."""
+    /readyz and in the 502 requests get; looked at again once a minute, not sooner."""
     idp = await start()
     doc: Any = {
         "nothing": None,
@@ -342,11 +342,35 @@ async def test_discovery_without_usable_metadata_is_a_configuration_problem(
     assert (503, "misconfigured") == (status, ready["providers"]["idp"]["state"])
     assert metadata.url + LOCATIONS["rfc8414"] in ready["providers"]["idp"]["error"]
     seen = len(metadata.seen)
-    await clock.tick(120)
+    await clock.tick(59)
     await settle()
-    assert (seen, []) == (len(metadata.seen), idp.calls.seen)   # no retry loop
-    assert 1 == count(daemon, "tokenproxy_token_refresh_total", provider="idp",
-                      trigger="initial", grant="discovery", result="rejected")
+    assert (seen, []) == (len(metadata.seen), idp.calls.seen)   # no backoff loop
+    await clock.tick(2)
+    await wait_for(lambda: count(daemon, "tokenproxy_token_refresh_total", provider="idp",
+                                 trigger="initial", grant="discovery", result="rejected") == 2,
+                   "one more look a minute later")
+    assert 2 * seen == len(metadata.seen)
+    assert [] == idp.calls.seen
+    status, ready = await readyz(daemon)
+    assert (503, "misconfigured") == (status, ready["providers"]["idp"]["state"])
+
+
+async def test_discovery_that_finds_metadata_later_heals_without_a_reload(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    metadata: Metadata, logs: CapturedLogs, clock: JumpClock,
+) -> None:
+    """An issuer whose metadata answered 404 (still starting behind its ingress) and is there
+    a minute later: the provider gets its token and requests pass, with no reload."""
+    idp = await start()
+    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
+    await wait_for(lambda: bool(logs.events("provider_misconfigured")), "misconfigured")
+    assert 502 == (await fetch(http, daemon)).status
+    metadata.docs[LOCATIONS["openid"]] = {"issuer": metadata.issuer,
+                                          "token_endpoint": idp.token_url}
+    await clock.tick(61)
+    await wait_ready(daemon)
+    assert 200 == (await fetch(http, daemon)).status
+    assert ["client_credentials"] == idp.calls.grants()
 
 
 async def test_discovery_during_an_outage_backs_off_and_names_the_urls(

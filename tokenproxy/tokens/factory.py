@@ -23,10 +23,11 @@ from tokenproxy.errors import ConfigError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.tls import ssl_contexts
+from tokenproxy.tokens.calls import Grantor
 from tokenproxy.tokens.command import CommandGrantor
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.json_login import JsonGrantor
-from tokenproxy.tokens.manager import Grantor, TokenManager
+from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
 from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, UnsafeStateFile

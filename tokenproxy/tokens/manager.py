@@ -17,17 +17,18 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Mapping
-from typing import Any, Final, Protocol
+from collections.abc import Mapping
+from typing import Any, Final
 
 from tokenproxy import log
 from tokenproxy.clock import Clock
 from tokenproxy.errors import ProviderMisconfigured, TokenUnavailable, Unauthenticated
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.calls import Grantor, TokenCalls
 from tokenproxy.tokens.discovery import DiscoveryFailed
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
-from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected
+from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.guard import UnauthorizedGuard
 from tokenproxy.tokens.source import Target, Token, Trigger
 from tokenproxy.tokens.state import (
@@ -42,27 +43,8 @@ BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
 # The grant label of tokens taken from the state file (another process had refreshed).
 STATE_FILE: Final = "state_file"
-
-
-class Grantor(Protocol):
-    @property
-    def can_login(self) -> bool: ...
-
-    @property
-    def login_grant(self) -> str: ...
-
-    @property
-    def refresh_grant(self) -> str: ...
-
-    @property
-    def can_refresh(self) -> bool: ...
-
-    @property
-    def initial_refresh_token(self) -> str | None: ...
-
-    async def login(self) -> Grant: ...
-
-    async def refresh(self, refresh_token: str) -> Grant: ...
+# What a refresh raises to its waiters; the background loop carries on after each.
+_REFRESH_ERRORS: Final = (TokenUnavailable, Unauthenticated, ProviderMisconfigured)
 
 
 def _seed(refresh_token: str | None) -> str | None:
@@ -73,7 +55,14 @@ def _seed(refresh_token: str | None) -> str | None:
 
 
 class TokenManager:
-    """Implements TokenSource for oauth2, json and command providers."""
+    """Implements TokenSource for oauth2, json and command providers.
+
+    Longer than most classes here because it is one state machine: the token, the refresh
+    token, the call in flight, the backoff and the unauthenticated state change together,
+    under the invariants in the module docstring. What has no share in that state lives
+    apart: the calls to the endpoint (calls.py), the storm guard (guard.py), expiry
+    arithmetic (expiry.py), the state file (state.py).
+    """
 
     def __init__(
         self,
@@ -93,7 +82,6 @@ class TokenManager:
     ) -> None:
         self.name = name
         self._kind = kind
-        self._grantor = grantor
         self._key = identity_key(name, identity)
         self._margin = refresh_margin
         self._clock = clock
@@ -104,6 +92,7 @@ class TokenManager:
         self._lock_timeout = lock_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = log.get_logger(provider=name)
+        self._calls = TokenCalls(name, grantor, metrics, self._log)
 
         self._token: Token | None = None
         self._lifetime: float | None = None
@@ -256,7 +245,8 @@ class TokenManager:
     def _unauthenticated_error(self) -> Unauthenticated | ProviderMisconfigured:
         if self._misconfigured:
             return ProviderMisconfigured(
-                self.name, f"provider {self.name!r}: {self._last_error}; fix it and reload")
+                self.name, f"provider {self.name!r}: {self._last_error}; fix it and reload "
+                "(it is looked at again every minute)")
         return Unauthenticated(self.name, f"provider {self.name!r}: credentials were rejected")
 
     def _raise_if_backing_off(self) -> None:
@@ -291,6 +281,9 @@ class TokenManager:
         started = time.perf_counter()
         try:
             token = await self._obtain_guarded(trigger)
+            if self._misconfigured:   # the issuer's metadata is there now
+                self._unauthenticated = self._misconfigured = False
+                self._metrics.provider_authenticated.labels(self.name).set(1)
             self._failures = 0
             self._next_attempt = 0.0
             self._last_error = None
@@ -324,6 +317,8 @@ class TokenManager:
         self._misconfigured = misconfigured
         self._token = None
         self._last_error = reason
+        if misconfigured:
+            self._next_attempt = self._clock.monotonic() + BACKOFF_MAX
         self._metrics.provider_authenticated.labels(self.name).set(0)
         self._metrics.token_expiry.labels(self.name).set(0)
         self._log.warning(log.TOKEN_REFRESH_FAILED, grant=grant, error=reason,
@@ -341,7 +336,7 @@ class TokenManager:
             async with self._store.locked(self._key, self._lock_timeout):
                 return await self._obtain_locked(trigger, stale)
         except StateLockTimeout as exc:
-            self._count(trigger, STATE_FILE, "error")
+            self._calls.count(trigger, STATE_FILE, "error")
             failed = GrantFailed(str(exc))
             failed.grant = STATE_FILE
             raise failed from None
@@ -353,14 +348,15 @@ class TokenManager:
             if stored is not None:
                 adopted = self._adopt_stored(stored, stale=stale)
                 if adopted is not None:
-                    self._count(trigger, STATE_FILE, "success")
+                    self._calls.count(trigger, STATE_FILE, "success")
                     self._log.info(log.TOKEN_REFRESHED, trigger=trigger, grant=STATE_FILE,
                                    expires_in=self._rounded_lifetime())
                     return adopted
         # expires_in counts from when the issuer answered, which is after we asked: timing the
         # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
-        grant, used_refresh, grant_type = await self._exchange(trigger)
+        grant, used_refresh, grant_type = await self._calls.exchange(
+            trigger, self._refresh_token, self._forget_refresh)
         # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
         refresh_token = grant.refresh_token or used_refresh
         life = lifetime(grant.expires_in, grant.access_token, now_wall)
@@ -380,41 +376,8 @@ class TokenManager:
     def _rounded_lifetime(self) -> float | None:
         return None if self._lifetime is None else round(self._lifetime, 1)
 
-    async def _exchange(self, trigger: Trigger) -> tuple[Grant, str | None, str]:
-        """Refresh grant when we hold a refresh token; on rejection a fresh login if possible.
-        Returns the answer, the refresh token used, and the grant that succeeded."""
-        rt = self._refresh_token
-        grantor = self._grantor
-        if rt and grantor.can_refresh:
-            try:
-                return (await self._call(trigger, grantor.refresh_grant, grantor.refresh(rt)),
-                        rt, grantor.refresh_grant)
-            except GrantRejected as exc:
-                if not grantor.can_login or isinstance(exc, DiscoveryFailed):
-                    raise
-                self._log.warning(log.TOKEN_REFRESH_FAILED, grant=exc.grant, error=exc.reason,
-                                  next_step="login")
-                self._refresh_token = None
-        return (await self._call(trigger, grantor.login_grant, grantor.login()), None,
-                grantor.login_grant)
-
-    async def _call(self, trigger: Trigger, grant: str, answer: Awaitable[Grant]) -> Grant:
-        """One token-endpoint call, counted by its grant and result."""
-        try:
-            got = await answer
-        except (GrantRejected, GrantFailed) as exc:
-            exc.grant = exc.grant or grant   # discovery names itself
-            refused = isinstance(exc, GrantRejected) or exc.refused
-            self._count(trigger, exc.grant, "rejected" if refused else "error")
-            raise
-        except Exception:
-            self._count(trigger, grant, "error")   # a provider bug: _obtain_guarded logs it
-            raise
-        self._count(trigger, grant, "success")
-        return got
-
-    def _count(self, trigger: Trigger, grant: str, result: str) -> None:
-        self._metrics.token_refresh.labels(self.name, trigger, grant, result).inc()
+    def _forget_refresh(self) -> None:
+        self._refresh_token = None
 
     def _install(self, access: str, refresh_token: str | None, life: float | None,
                  now_mono: float, now_wall: float) -> Token:
@@ -496,11 +459,11 @@ class TokenManager:
 
     async def _run(self) -> None:
         while True:
-            if self._unauthenticated:
-                await self._nap(None)
+            if self._unauthenticated and not self._misconfigured:
+                await self._nap(None)   # only new credentials (a reload) help
                 continue
             if self._inflight is not None:
-                with contextlib.suppress(TokenUnavailable, Unauthenticated):
+                with contextlib.suppress(*_REFRESH_ERRORS):
                     await asyncio.shield(self._inflight)
                 continue
             now = self._clock.monotonic()
@@ -508,19 +471,26 @@ class TokenManager:
                 await self._nap(self._next_attempt - now)
                 continue
             tok = self._token
+            if self._misconfigured:
+                # Looked at again every BACKOFF_MAX: an issuer that answered 404 may have been
+                # one still starting behind its ingress. Requests get 502 meanwhile.
+                with contextlib.suppress(*_REFRESH_ERRORS):
+                    await self._refresh("initial" if self._generation == 0 else "expiry",
+                                        waiter=False)
+                continue
             if tok is None or tok.expired(now):
                 if tok is not None and self._margin <= 0:
                     await self._nap(None)   # demand-only: a request will refresh it
                     continue
                 trigger: Trigger = "initial" if tok is None and self._generation == 0 else "expiry"
-                with contextlib.suppress(TokenUnavailable, Unauthenticated):
+                with contextlib.suppress(*_REFRESH_ERRORS):
                     await self._refresh(trigger, waiter=False)
                 continue
             due = self._due()
             if due is None or now < due:
                 await self._nap(None if due is None else due - now)
                 continue
-            with contextlib.suppress(TokenUnavailable, Unauthenticated):
+            with contextlib.suppress(*_REFRESH_ERRORS):
                 await self._refresh("expiry", waiter=False)
 
 
