@@ -10,8 +10,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from tokenproxy.errors import UpstreamErrorKind
-from tokenproxy.proxy.failures import failure_kind, upstream_error
-from tokenproxy.proxy.fast_path.upstream import UpstreamBroke
+from tokenproxy.proxy.failures import UpstreamBroke, failure_kind, upstream_error
 
 KEY = ConnectionKey("upstream.test", 443, True, True, None, None, None)
 

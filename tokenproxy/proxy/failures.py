@@ -9,7 +9,11 @@ import ssl
 import aiohttp
 
 from tokenproxy.errors import UpstreamError, UpstreamErrorKind
-from tokenproxy.proxy.fast_path.upstream import UpstreamBroke
+
+
+class UpstreamBroke(Exception):
+    """The fast path's upstream connection failed mid-exchange: reset, malformed, or
+    truncated (aiohttp's client raises its own ClientError for the same)."""
 
 
 def failure_kind(exc: BaseException) -> UpstreamErrorKind:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Final
 
 from tokenproxy import log
 from tokenproxy.errors import RequestRejected, TokenError, UpstreamError
-from tokenproxy.proxy.failures import upstream_error
+from tokenproxy.proxy.failures import UpstreamBroke, upstream_error
 from tokenproxy.proxy.fast_path import wire
 from tokenproxy.proxy.fast_path.body import DISCARD_LIMIT, RequestBody
 from tokenproxy.proxy.fast_path.head import Request
-from tokenproxy.proxy.fast_path.upstream import ResponseHead, UpstreamBroke, UpstreamConn
+from tokenproxy.proxy.fast_path.upstream import ResponseHead, UpstreamConn
 from tokenproxy.proxy.rules.headers import request_headers, response_headers, safe_reason
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request

@@ -16,15 +16,12 @@ from typing import Final, cast
 
 import httptools
 
+from tokenproxy.proxy.failures import UpstreamBroke
 from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD, Header
 
 MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
 # Body bytes held before the relay attaches its sink; past this the upstream socket pauses.
 PENDING_LIMIT: Final = 256 * 1024
-
-
-class UpstreamBroke(Exception):
-    """The upstream connection failed mid-exchange: reset, malformed, or truncated."""
 
 
 @dataclass(slots=True)
