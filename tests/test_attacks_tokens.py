@@ -1060,12 +1060,12 @@ async def test_a_4xx_from_the_token_endpoint_is_counted_rejected(
     assert 1 == refreshes(daemon, "initial", "rejected"), "counted as error"
 
 
-async def test_online_check_reports_a_provider_error_it_does_not_expect(
+async def test_online_check_of_a_header_that_would_split_is_a_config_error(
     tmp_path: Path, servers: Callable[[], Awaitable[MetaServer]],
 ) -> None:
-    """A provider failing in a way no grant expects (here a login header value holding a
-    line break) is reported on its line, with the others, and the check exits 1 -- no
-    traceback."""
+    """A json provider whose login header value holds a line break (it would inject a
+    header into every login call) is refused when the config loads: check-config --online
+    exits 2 naming the key, before contacting anything, with no traceback."""
     meta = await servers()
     directory = tmp_path / "cfg"
     raw = {"state_path": str(directory / "state.json"),
@@ -1075,9 +1075,10 @@ async def test_online_check_reports_a_provider_error_it_does_not_expect(
            "routes": [{"prefix": "/", "upstream": meta.url + "/", "provider": "j"}]}
     path = write_private(directory, raw)
     code, out, _ = await run_cli(directory, "check-config", "--online", "-c", str(path))
-    assert 1 == code, out
-    assert "Traceback" not in out, out[-400:]
-    assert "failed: j" in out
+    assert 2 == code, out
+    assert "Traceback" not in out
+    assert "providers.j.login.headers.X-Key: not a valid header value" in out
+    assert [] == meta.seen
 
 
 # -- documentation -------------------------------------------------------------------------------

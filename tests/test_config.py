@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import re
 from pathlib import Path
@@ -1330,3 +1331,34 @@ class TestScalarsFromTheEnvironment:
         assert PASSWORD in secrets
         assert CLIENT_SECRET in secrets
         assert "me" not in secrets
+
+
+# ---------------------------------------------------------------- values a call would send
+
+
+@pytest.mark.parametrize(("provider", "message"), [
+    (json_provider(login={"headers": {"X-Key": "abc\nX-Injected: 1"}}),
+     "providers.api.login.headers.X-Key: not a valid header value"),
+    (json_provider(login={"headers": {"X Key": "abc"}}),
+     "providers.api.login.headers.X Key: not a valid header name"),
+    (json_provider(login={"headers": {"X-Key": None}}),
+     "providers.api.login.headers.X-Key: expected a string"),
+    (oauth2(params={"audience": None}), "providers.api.params.audience: expected a string"),
+    (json_provider(login={"json": {"since": datetime.date(2024, 1, 1)}}),
+     "providers.api.login.json.since: not a JSON value"),
+    (json_provider(login={"json": {1: "one"}}),
+     "providers.api.login.json: JSON object keys must be strings"),
+    (json_provider(login={"json": [float("nan")]}),
+     "providers.api.login.json[0]: not a finite number"),
+    ({"type": ["oauth2"]}, "providers.api.type: expected one of"),
+    (oauth2(token_url="https://auth.example.com/\x1b[2Jtoken"),
+     "providers.api.token_url: not an absolute http(s) URL"),
+], ids=["header-line-break", "header-name", "header-null", "param-null", "json-date",
+        "json-key", "json-nan", "type-list", "url-control-character"])
+def test_what_a_token_call_would_send_is_checked_when_loading(
+    provider: dict[str, Any], message: str
+) -> None:
+    """A value a call could not send -- one that would split a header, a YAML date in a JSON
+    body, a control character in a URL -- is one config error naming the key, not a failure
+    of every call (nor a traceback) later."""
+    assert error_of(with_provider("api", provider)).startswith(message)

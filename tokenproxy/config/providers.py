@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from tokenproxy.config.values import (
     Secret,
     is_header_value,
     parse_duration,
+    parse_header_name,
     parse_http_url,
     parse_json_pointer,
     parse_positive_duration,
@@ -43,7 +45,7 @@ def read_providers(raw: object) -> dict[str, Provider]:
             raise ConfigError(f"{where}: provider names use letters, digits, '_', '.', '-'")
         m = Section(top.raw[name], where)
         kind = m.value("type")
-        if kind not in _TYPES:
+        if not isinstance(kind, str) or kind not in _TYPES:
             raise ConfigError(f"{m.path('type')}: expected one of {', '.join(_TYPES)}")
         schema, read = _TYPES[kind]
         m.read_as(schema, "type")
@@ -163,8 +165,8 @@ def _json_call(raw: object, where: str, *, login: JsonCall | None = None) -> Jso
     return JsonCall(
         url=parse_http_url(m.value("url"), m.path("url"), allow_query=True),
         method=method,
-        json=m.value("json"),
-        headers=m.parse("headers", _str_pairs),
+        json=m.parse("json", _json_value),
+        headers=m.parse("headers", _header_pairs),
         # A refresh call's token is where the login's is, unless it says otherwise.
         access_token=(login.access_token if login is not None and not m.has("access_token")
                       else m.parse("access_token", parse_json_pointer)),
@@ -205,9 +207,40 @@ def _str_pairs(raw: object, where: str) -> tuple[tuple[str, str], ...]:
     out = []
     for key in list(m.raw):
         value = m.string(key)
-        assert value is not None
+        if value is None:
+            raise ConfigError(f"{m.path(key)}: expected a string")
         out.append((key, value))
     return tuple(out)
+
+
+def _json_value(raw: object, where: str) -> object:
+    """A body to send as JSON: YAML also has dates, sets and non-string keys, which JSON
+    has not (a date would fail every call, not the config)."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: JSON object keys must be strings")
+            _json_value(value, f"{where}.{key}")
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            _json_value(value, f"{where}[{i}]")
+    elif isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{where}: not a finite number (JSON has no NaN or infinity)")
+    elif raw is not None and not isinstance(raw, str | int | float | bool):
+        raise ConfigError(f"{where}: not a JSON value (quote a date or time to send it as "
+                          "a string)")
+    return raw
+
+
+def _header_pairs(raw: object, where: str) -> tuple[tuple[str, str], ...]:
+    """Header fields to send: valid names, and values that cannot split a header."""
+    pairs = _str_pairs(raw, where)
+    for name, value in pairs:
+        parse_header_name(name, f"{where}.{name}")
+        if not is_header_value(value):
+            raise ConfigError(f"{where}.{name}: not a valid header value (visible ASCII and "
+                              "inner spaces only)")
+    return pairs
 
 
 _Reader = Callable[[str, Section], Provider]

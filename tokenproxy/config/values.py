@@ -208,8 +208,8 @@ def parse_http_url(raw: object, where: str, *, allow_query: bool = False) -> Htt
         raise ConfigError(f"{where}: credentials in the URL are not allowed; use a provider")
     if parts.fragment or (parts.query and not allow_query):
         raise ConfigError(f"{where}: a query string or fragment is not allowed here")
-    if any(c in raw for c in "\r\n\t\x00 "):
-        raise ConfigError(bad)
+    if any(c.isspace() or not c.isprintable() for c in raw):
+        raise ConfigError(bad)   # whitespace or control characters: no URL has them
     return HttpUrl(
         url=raw.strip(),
         scheme=parts.scheme,
