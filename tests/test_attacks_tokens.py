@@ -741,7 +741,8 @@ async def test_a_hostile_client_forces_at_most_one_refresh_per_window_from_one_p
     """A local client that alternates a request the upstream accepts and one it refuses with
     401 (any header the upstream reads as a bad credential does), once per second for 60 s,
     makes one 401-triggered token call per 5 s window: the refused path is a known refuser,
-    so it never spends the heal. 12 in the minute, as with the storm guard alone."""
+    so it never spends the heal: one refresh, then none until strictly more than 5 s later
+    (at the next whole second here), so 10 in the minute, as with the storm guard alone."""
     idp = await start(lifetime=3600)
     idp.tap.deny.add("/api/deny")
     daemon = await make_proxy(oauth2_config(idp, tmp_path))
@@ -750,7 +751,7 @@ async def test_a_hostile_client_forces_at_most_one_refresh_per_window_from_one_p
         assert 200 == await status_of(http, daemon, "/ok")
         assert 401 == await status_of(http, daemon, "/deny")
         await clock.tick(1)
-    assert 60 / 5 == refreshes(daemon, "unauthorized")
+    assert 60 / 6 == refreshes(daemon, "unauthorized")
 
 
 async def test_a_client_walking_refused_paths_forces_at_most_two_refreshes_per_window(
@@ -769,7 +770,7 @@ async def test_a_client_walking_refused_paths_forces_at_most_two_refreshes_per_w
         assert 401 == await status_of(http, daemon, f"/deny/{i}")
         await clock.tick(1)
     forced = refreshes(daemon, "unauthorized")
-    assert 60 / 5 < forced <= 2 * 60 / 5, forced
+    assert 60 / 6 < forced <= 2 * 60 / 5, forced
 
 
 # -- problem answers -------------------------------------------------------------------------

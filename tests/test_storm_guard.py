@@ -23,8 +23,8 @@ def test_the_first_401_refreshes_and_a_known_refuser_waits_out_the_window() -> N
     assert refresh(guard, DENY, 0.0)
     guard.refused(DENY)                        # the retry with the fresh token: 401 again
     assert not refresh(guard, DENY, 1.0)
-    assert not refresh(guard, DENY, GAP - 0.1)
-    assert refresh(guard, DENY, GAP)           # a new window: one refresh again
+    assert not refresh(guard, DENY, GAP)
+    assert refresh(guard, DENY, GAP + 0.001)   # a new window: one refresh again
 
 
 def test_another_target_heals_once_per_window() -> None:
@@ -33,7 +33,17 @@ def test_another_target_heals_once_per_window() -> None:
     guard.refused(DENY)
     assert refresh(guard, OK, 1.0)             # may be a revocation: refreshed at once
     assert not refresh(guard, ("/", "GET", "/other"), 2.0)   # the heal is spent
-    assert refresh(guard, ("/", "GET", "/other"), 1.0 + GAP)
+    assert refresh(guard, ("/", "GET", "/other"), 1.0 + GAP + 0.001)
+
+
+def test_at_most_two_refreshes_in_any_window_of_the_gap() -> None:
+    """Two at t (the refresh and the heal), none more until strictly after t + gap."""
+    guard = UnauthorizedGuard()
+    assert refresh(guard, DENY, 0.0)
+    assert refresh(guard, OK, 0.0)
+    assert not refresh(guard, ("/", "GET", "/a"), GAP)
+    assert not refresh(guard, ("/", "GET", "/b"), GAP)
+    assert refresh(guard, ("/", "GET", "/a"), GAP + 0.001)
 
 
 def test_a_target_that_accepts_a_token_is_no_refuser_any_more() -> None:

@@ -40,7 +40,8 @@ class Metrics:
         self.auth_retries = Counter(
             "tokenproxy_auth_retries_total",
             "Answers with a retry_on status, by outcome: retried and then accepted (success), "
-            "refused again (failure) or not answered (upstream_error); not retried because the "
+            "refused again (failure), not answered (upstream_error) or left by the client "
+            "(abandoned); not retried because the "
             "body could not be sent again (skipped) or no newer token could be had "
             "(no_new_token).",
             ("route", "outcome"), registry=registry)
@@ -87,7 +88,8 @@ class Metrics:
         self.dropped_headers = Counter(
             "tokenproxy_request_headers_dropped_total",
             "Request header fields not forwarded, by reason (invalid_name: a name with other "
-            "than letters, digits and '-', which CGI-style servers read as another header).",
+            "than letters, digits and '-', which CGI-style servers read as another header; "
+            "not_utf8: bytes the aiohttp path cannot send unchanged).",
             ("reason",), registry=registry)
         self.handovers = Counter(
             "tokenproxy_fast_path_handovers_total",

@@ -40,7 +40,8 @@ class Outcome:
     route: str = "-"
     status: int = CLIENT_GONE
     bytes: int = 0
-    retried: bool = False
+    retried: bool = False    # sent again with a newer token after a retry_on answer
+    retry: str | None = None  # the retry's outcome, once counted
 
 
 async def bounded(waiting: Awaitable[T], compiled: CompiledRoute, provider: str) -> T:
@@ -123,9 +124,13 @@ class Proxy:
     # -- accounting --------------------------------------------------------------------------
 
     def count_invalid_names(self, n: int) -> None:
-        """Header fields dropped for a name outside letters, digits and "-"."""
+        """Request fields dropped for a name outside letters, digits and "-"."""
         if n:
             self._dropped_invalid.inc(n)
+
+    def count_not_utf8(self, n: int) -> None:
+        """Request fields the aiohttp path dropped for bytes that are not UTF-8."""
+        self.metrics.dropped_headers.labels("not_utf8").inc(n)
 
     def failed(self, exc: RequestRejected | UpstreamError | TokenError, outcome: Outcome
                ) -> Problem:
@@ -135,8 +140,8 @@ class Proxy:
             self.metrics.rejected.labels(exc.cause).inc()
         elif isinstance(exc, UpstreamError):
             self.metrics.upstream_errors.labels(outcome.route, exc.kind).inc()
-            if outcome.retried:
-                self.metrics.auth_retries.labels(outcome.route, "upstream_error").inc()
+            if outcome.retried and outcome.retry is None:
+                self._retry_outcome(outcome, "upstream_error")
         return Problem.of(exc)
 
     def record(self, method: str, raw_path: str, outcome: Outcome, duration: float) -> None:
@@ -148,6 +153,10 @@ class Proxy:
             counter = self.metrics.requests.labels(outcome.route, method, str(outcome.status))
             self._count_cache[key] = counter
         counter.inc()
+        if outcome.retried and outcome.retry is None:
+            # Every request the log line below shows retried has one outcome: this one, when
+            # the client left before the second answer.
+            self._retry_outcome(outcome, "abandoned")
         if outcome.route != "-":
             hist = self._duration_cache.get(outcome.route)
             if hist is None:
@@ -168,30 +177,31 @@ class Proxy:
 
     async def token_for_retry(
         self, status: int, compiled: CompiledRoute, source: TokenSource, token: Token, *,
-        target: Target, client_auth: bool, retried: bool, replayable: bool,
+        outcome: Outcome, target: Target, client_auth: bool, replayable: bool,
         drop: Callable[[], None],
     ) -> Token | None:
         """After an upstream answer (every path): the token to send the request once more
-        with, or None to relay this answer. Counts the retry's outcome -- success, failure
-        and upstream_error only for requests sent again, so the metric agrees with the access
-        log's ``retried``; *drop* frees the refused answer's connection when the wait for a
-        new token fails. *target* tells the token source where the answer came from (its
-        storm guard, tokens/guard.py)."""
+        with (and *outcome* marked retried), or None to relay this answer. Counts the
+        retry's outcome, once per request (``failed`` and ``record`` count the ones decided
+        later: the second send failed, or the client left); *drop* frees the refused answer's
+        connection when the wait for a new token fails. *target* tells the token source where
+        the answer came from (its storm guard, tokens/guard.py)."""
+        retried = outcome.retried
         action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
         if action is RetryAction.RELAY:
             if retried:
-                self._retry_outcome(compiled, "success")
+                self._retry_outcome(outcome, "success")
             if status < 400 and not client_auth:
                 source.accepted(target)
             return None
         if action is RetryAction.FAILED:
-            self._retry_outcome(compiled, "failure")
+            self._retry_outcome(outcome, "failure")
             source.refused(target)   # a fresh token refused: scope, not expiry
             return None
         if action is RetryAction.SKIP:
             # The body is gone upstream: pass the 401 back, and let a refresh run so the
             # client's own retry finds a fresh token.
-            self._retry_outcome(compiled, "skipped")
+            self._retry_outcome(outcome, "skipped")
             self._spawn(source.renew(token, "unauthorized", target))
             return None
         try:
@@ -199,15 +209,18 @@ class Proxy:
                                   source.name)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):   # not when the client left
-                self._retry_outcome(compiled, "no_new_token")
+                self._retry_outcome(outcome, "no_new_token")
             drop()   # the refused answer will not be relayed: free its connection now
             raise
         if fresh is None:
-            self._retry_outcome(compiled, "no_new_token")
+            self._retry_outcome(outcome, "no_new_token")
+        else:
+            outcome.retried = True
         return fresh
 
-    def _retry_outcome(self, compiled: CompiledRoute, outcome: str) -> None:
-        self.metrics.auth_retries.labels(compiled.route.label, outcome).inc()
+    def _retry_outcome(self, outcome: Outcome, name: str) -> None:
+        outcome.retry = name
+        self.metrics.auth_retries.labels(outcome.route, name).inc()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

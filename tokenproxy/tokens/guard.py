@@ -9,7 +9,8 @@ But a token can also be revoked right after such a refresh. The guard tells the 
 is a known refuser, and its 401s never refresh within the window; a 401 from any other target
 means the token may have gone bad, and refreshes at once -- at most once per window that way,
 so that a client walking through refused paths cannot turn each request into a refresh. At
-most two 401-triggered refreshes per window, whatever the clients do.
+most two 401-triggered refreshes within any UNAUTHORIZED_REFRESH_GAP, whatever the clients
+do.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ class UnauthorizedGuard:
 
     def admits(self, target: Target, now: float) -> bool:
         """Whether a 401 from *target* for the newest token may start a refresh now."""
-        if now - self._last_refresh >= UNAUTHORIZED_REFRESH_GAP:
+        # Strictly more than the gap: two refreshes at t and two more at exactly t + gap
+        # would be four within one closed window of the gap's length.
+        if now - self._last_refresh > UNAUTHORIZED_REFRESH_GAP:
             return True
         return (hash(target) not in self._refusers
-                and now - self._last_bypass >= UNAUTHORIZED_REFRESH_GAP)
+                and now - self._last_bypass > UNAUTHORIZED_REFRESH_GAP)
 
     def started(self, now: float) -> None:
         """A 401-triggered refresh starts now (after admits said so)."""
-        if now - self._last_refresh < UNAUTHORIZED_REFRESH_GAP:
+        if now - self._last_refresh <= UNAUTHORIZED_REFRESH_GAP:
             self._last_bypass = now
         self._last_refresh = now
 

@@ -100,6 +100,7 @@ class TokenManager:
         self._obtained_wall = 0.0
         self._generation = 0
         self._refresh_token = grantor.initial_refresh_token
+        self._rejected_refresh: str | None = None   # a fingerprint (_seed) of the last one
         self._config_seed = _seed(grantor.initial_refresh_token)
         self._inflight: asyncio.Task[Token] | None = None
         self._failures = 0
@@ -377,6 +378,9 @@ class TokenManager:
         return None if self._lifetime is None else round(self._lifetime, 1)
 
     def _forget_refresh(self) -> None:
+        """The refresh token was rejected: never presented again, not even when the state
+        file (ours, written before, or another process's) still holds it."""
+        self._rejected_refresh = _seed(self._refresh_token)
         self._refresh_token = None
 
     def _install(self, access: str, refresh_token: str | None, life: float | None,
@@ -409,7 +413,8 @@ class TokenManager:
         if stored.seed != self._config_seed and self._config_seed is not None:
             return None   # the config carries a new refresh token: it wins over the file
         newer = stored.obtained_at >= self._obtained_wall
-        if stored.refresh_token and newer:
+        if (stored.refresh_token and newer
+                and _seed(stored.refresh_token) != self._rejected_refresh):
             self._refresh_token = stored.refresh_token
             self._redactor.track(self.name + ":refresh", stored.refresh_token)
         if not newer or not stored.access_token:

@@ -57,18 +57,39 @@ class UpstreamSessions:
 
     pooled: aiohttp.ClientSession
     closing: aiohttp.ClientSession
+    # WebSocket handshakes: aiohttp's ws_connect follows redirects (with a custom token
+    # header, to any host), and takes no allow_redirects; this client refuses them.
+    websocket: aiohttp.ClientSession
 
     @classmethod
     def make(cls, max_connections: int) -> UpstreamSessions:
         return cls(_session(max_connections, force_close=False),
-                   _session(max_connections, force_close=True))
+                   _session(max_connections, force_close=True),
+                   _session(max_connections, force_close=True, follow_redirects=False))
 
     async def close(self) -> None:
         await self.pooled.close()
         await self.closing.close()
+        await self.websocket.close()
 
 
-def _session(max_connections: int, *, force_close: bool) -> aiohttp.ClientSession:
+class RedirectRefused(Exception):
+    """A redirect the client was about to follow; its answer, for the caller to pass back."""
+
+    def __init__(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.headers = headers
+
+
+async def _refuse_redirect(session: aiohttp.ClientSession, context: object,
+                           params: aiohttp.TraceRequestRedirectParams) -> None:
+    params.response.close()
+    raise RedirectRefused(params.response.status, params.response.raw_headers)
+
+
+def _session(max_connections: int, *, force_close: bool, follow_redirects: bool = True
+             ) -> aiohttp.ClientSession:
     """A client for all upstreams; never per request."""
     connector = IdleGuardConnector(
         limit=max_connections,
@@ -87,4 +108,11 @@ def _session(max_connections: int, *, force_close: bool) -> aiohttp.ClientSessio
         max_line_size=MAX_UPSTREAM_FIELD,
         max_field_size=MAX_UPSTREAM_FIELD,
         raise_for_status=False,
+        trace_configs=[] if follow_redirects else [_redirect_refusal()],
     )
+
+
+def _redirect_refusal() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(_refuse_redirect)
+    return trace

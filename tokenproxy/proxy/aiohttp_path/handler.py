@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final
 
 import aiohttp
@@ -20,10 +20,16 @@ from tokenproxy import log
 from tokenproxy.errors import RequestRejected, TokenError, UpstreamError
 from tokenproxy.proxy.aiohttp_path.body import ReplayableBody
 from tokenproxy.proxy.aiohttp_path.client import UpstreamSessions
-from tokenproxy.proxy.aiohttp_path.responses import ProblemResponse, as_multidict, problem_response
+from tokenproxy.proxy.aiohttp_path.responses import (
+    ProblemResponse,
+    RelayedResponse,
+    as_multidict,
+    problem_response,
+    relayed_headers,
+)
 from tokenproxy.proxy.aiohttp_path.websocket import is_websocket_upgrade, proxy_websocket
 from tokenproxy.proxy.failures import failure_kind, upstream_error
-from tokenproxy.proxy.rules.headers import Header, request_headers, response_headers, safe_reason
+from tokenproxy.proxy.rules.headers import request_headers, safe_reason
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
 from tokenproxy.proxy.rules.target import CompiledRoute, split_target
@@ -31,34 +37,7 @@ from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
 from tokenproxy.tokens.source import Token
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
-# A 401 body read before retrying, so the pooled connection can be reused; larger ones close it.
-REFUSAL_READ_LIMIT: Final = 64 * 1024
 MALFORMED_BODY: Final = Problem(400, "bad_request", "the request body is malformed")
-
-
-class RelayedResponse(web.StreamResponse):
-    """A StreamResponse that sends the upstream's headers as they were.
-
-    aiohttp invents ``Content-Type: application/octet-stream`` for a body without one; a
-    proxy must not add what the upstream did not say (browsers would stop sniffing, and a
-    client could not tell). Nor its ``Server`` (which names versions); its Date stays, as on
-    the fast path.
-    """
-
-    async def _prepare_headers(self) -> None:
-        had_type = "Content-Type" in self.headers
-        had_server = "Server" in self.headers
-        request = self._req
-        if (request is not None and request.version < aiohttp.HttpVersion11
-                and "Content-Length" not in self.headers):
-            # An HTTP/1.0 client can only see the end of an unframed body as the close:
-            # decided before aiohttp renders the head, or it keeps the connection open.
-            self.force_close()
-        await super()._prepare_headers()
-        if not had_type:
-            self.headers.popall("Content-Type", None)
-        if not had_server:
-            self.headers.popall("Server", None)   # aiohttp's, naming its version
 
 
 class AiohttpHandler:
@@ -127,15 +106,15 @@ class AiohttpHandler:
             preserve_host=route.preserve_host,
         )
         proxy.count_invalid_names(invalid)
-        headers = as_multidict(out)
-        if request.content_length is not None and request.body_exists:
-            headers["Content-Length"] = str(request.content_length)
+        headers = as_multidict(out, proxy.count_not_utf8)
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)   # "0" too, as it came
         return headers, client_auth
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled client, for requests that carry no body of a client's."""
-        return self._sessions.pooled
+    def websocket_session(self) -> aiohttp.ClientSession:
+        """The client for WebSocket handshakes (it refuses to follow redirects)."""
+        return self._sessions.websocket
 
     async def _read_body(self, proxy: Proxy, request: web.BaseRequest,
                          compiled: CompiledRoute) -> ReplayableBody:
@@ -184,21 +163,22 @@ class AiohttpHandler:
         closing = request.body_exists or last_request(request.method, False)
         if closing:
             headers["Connection"] = "close"
-        retried = False
         while True:
             if not client_auth:
                 headers[route.header] = compiled.header_value(token.value)
             up = await self.send(proxy, compiled, request.method, url, headers, body.payload(),
                                  closing=closing)
             fresh = await proxy.token_for_retry(up.status, compiled, source, token,
+                                                outcome=outcome,
                                                 target=(route.label, request.method, path),
-                                                client_auth=client_auth, retried=retried,
+                                                client_auth=client_auth,
                                                 replayable=body.replayable, drop=up.close)
             if fresh is None:
                 break
-            await _discard(up)
-            token, retried = fresh, True
-            outcome.retried = True
+            # The refused answer is not relayed. Its body is not worth reading: an upstream
+            # that stalls in it would hold this request past any deadline.
+            up.close()
+            token = fresh
         return await self._relay(proxy, request, compiled, up, token, outcome)
 
     async def send(self, proxy: Proxy, compiled: CompiledRoute, method: str, url: Any,
@@ -225,8 +205,11 @@ class AiohttpHandler:
         if length is not None:
             headers["Content-Length"] = length   # aiohttp frames the body by it
         reason = safe_reason((up.reason or "").encode("utf-8", "surrogateescape"), token_bytes)
-        out = RelayedResponse(status=up.status, headers=headers,
-                              reason=reason.decode("utf-8", "surrogateescape") or None)
+        try:
+            shown = reason.decode("utf-8") or None
+        except UnicodeDecodeError:
+            shown = None   # the standard phrase: aiohttp would drop the bytes that are not
+        out = RelayedResponse(status=up.status, headers=headers, reason=shown)
         complete = False
         try:
             outcome.status = up.status
@@ -260,24 +243,3 @@ class AiohttpHandler:
                 up.release()
             else:
                 up.close()
-
-
-def relayed_headers(proxy: Proxy, compiled: CompiledRoute, raw: Iterable[Header],
-                    token: bytes) -> CIMultiDict[str]:
-    """The upstream's fields for the client (rules/headers.py), framing left to aiohttp."""
-    return as_multidict(response_headers(
-        raw, token=token,
-        rewrite_location=lambda loc: proxy.table.rewrite_location(loc, compiled)))
-
-
-async def _discard(up: aiohttp.ClientResponse) -> None:
-    """Finish a response we will not relay: read a small body so the connection is reused."""
-    try:
-        length = up.content_length
-        if length is not None and length <= REFUSAL_READ_LIMIT:
-            await up.read()
-            up.release()
-        else:
-            up.close()
-    except (aiohttp.ClientError, TimeoutError):
-        up.close()

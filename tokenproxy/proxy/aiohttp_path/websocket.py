@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
 from tokenproxy.errors import UpstreamError
-from tokenproxy.proxy.aiohttp_path.responses import as_multidict, problem_response
+from tokenproxy.proxy.aiohttp_path.client import RedirectRefused
+from tokenproxy.proxy.aiohttp_path.responses import RelayedResponse, relayed_headers
 from tokenproxy.proxy.failures import upstream_error
-from tokenproxy.proxy.rules.headers import response_headers
-from tokenproxy.proxy.rules.problem import Problem
+from tokenproxy.proxy.rules.headers import Header
 from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
 
 if TYPE_CHECKING:
@@ -90,45 +91,46 @@ async def proxy_websocket(
         if p.strip()
     ]
     upstream: aiohttp.ClientWebSocketResponse | None = None
-    for attempt in (0, 1):
+    while True:
         headers = base.copy()
         if not client_auth:
             headers[route.header] = compiled.header_value(token.value)
-        refusal: aiohttp.WSServerHandshakeError | None = None
+        refusal: tuple[int, Sequence[Header]] | None = None
         try:
             async with asyncio.timeout(route.timeout):
-                upstream = await handler.session.ws_connect(
+                upstream = await handler.websocket_session.ws_connect(
                     url, headers=headers, protocols=protocols, autoping=False,
                     autoclose=False, max_msg_size=MAX_MESSAGE, ssl=proxy.ssl_for(compiled),
                     compress=0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            refusal = exc
+            refusal = exc.status, [(k.encode("utf-8", "surrogateescape"),
+                                    v.encode("utf-8", "surrogateescape"))
+                                   for k, v in (exc.headers or {}).items()]
+        except RedirectRefused as exc:
+            refusal = exc.status, exc.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from None
         # The handshake has no body: a refused one can always be sent again.
         fresh = await proxy.token_for_retry(
-            101 if refusal is None else refusal.status, compiled, source, token,
-            target=(route.label, "GET", path), client_auth=client_auth,
-            retried=attempt == 1, replayable=True, drop=lambda: None)
-        if fresh is not None:
-            token = fresh
-            outcome.retried = True
-            continue
-        if refusal is None:
+            101 if refusal is None else refusal[0], compiled, source, token, outcome=outcome,
+            target=(route.label, "GET", path), client_auth=client_auth, replayable=True,
+            drop=lambda: None)
+        if fresh is None:
             break
-        if 400 <= refusal.status <= 599:
-            # The upstream's refusal, passed back with its headers (WWW-Authenticate...);
-            # aiohttp does not keep the body of a refused handshake.
-            raw = [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
-                   for k, v in (refusal.headers or {}).items()]
-            kept = as_multidict(response_headers(raw, token=token.value.encode(),
-                                                 rewrite_location=lambda loc: loc))
-            kept.popall("Content-Encoding", None)
-            return web.Response(status=refusal.status, headers=kept)
-        raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
-    if upstream is None:   # pragma: no cover - the loop either breaks or returns
-        return problem_response(Problem(502, "upstream_unreachable", "no WebSocket connection"))
+        token = fresh
+    if refusal is not None:
+        status, raw = refusal
+        if not 300 <= status <= 599:
+            raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
+        # The upstream's refusal or redirect, passed back with its headers
+        # (WWW-Authenticate, Location into the proxy) -- never followed with the token.
+        # aiohttp does not keep the body of a refused handshake.
+        kept = relayed_headers(proxy, compiled, raw, token.value.encode())
+        kept.popall("Content-Encoding", None)
+        kept["Content-Length"] = "0"
+        return RelayedResponse(status=status, headers=kept)
+    assert upstream is not None
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE, compress=False,

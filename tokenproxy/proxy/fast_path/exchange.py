@@ -100,20 +100,18 @@ class Exchange:
             body = await self._whole_body(self._body) if self._body.whole else None
         last = last_request(req.method_str, self._body is not None)
         head, client_auth = self._render_head(last)
-        retried = False
         while True:
             auth = b"" if client_auth else proxy.token_line(compiled, token)
             conn, resp, done = await self._send(head + auth + wire.CRLF, body, last)
             fresh = await proxy.token_for_retry(resp.status, compiled, source, token,
                                                 target=(outcome.route, req.method_str,
                                                         req.path),
-                                                client_auth=client_auth, retried=retried,
+                                                outcome=outcome, client_auth=client_auth,
                                                 replayable=body is not None, drop=conn.abort)
             if fresh is None:
                 break
             conn.abort()   # the refused answer is not relayed; its body is not worth reading
-            token, retried = fresh, True
-            outcome.retried = True
+            token = fresh
         return await self._relay(conn, resp, done, token)
 
     def _render_head(self, last: bool) -> tuple[bytes, bool]:

@@ -92,20 +92,22 @@ def response_headers(
     """The upstream's fields for the client; repeated ones (Set-Cookie) survive.
 
     Hop-by-hop fields go, and framing (Content-Length) is the caller's; a field that echoes
-    the token is dropped so the token never reaches the client; a Location is rewritten by
-    *rewrite_location* (into the proxy, where it points back into the route). A rewritten
-    Location goes out as UTF-8; bytes that are not survive the round trip unchanged.
+    the token (in its value or its name) is dropped so the token never reaches the client;
+    a Location is rewritten by *rewrite_location* (into the proxy, where it points back into
+    the route). A rewritten Location goes out as UTF-8; bytes that are not survive the round
+    trip unchanged.
     """
     headers = list(headers)
     listed = connection_listed(headers)
     echoes_token = len(token) >= MIN_ECHO_TOKEN
+    token_low = token.lower()   # names are compared lower-cased
     out: list[Header] = []
     for name, value in headers:
         low = name.lower()
         if (low in HOP_BY_HOP or low in listed or low.startswith(b"proxy-")
                 or low == b"content-length"):
             continue
-        if echoes_token and token in value:
+        if echoes_token and (token in value or token_low in low):
             continue
         if low == b"location":
             value = rewrite_location(value.decode("utf-8", "surrogateescape")).encode(
