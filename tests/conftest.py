@@ -1,10 +1,10 @@
-"""Shared fixtures: the log sweep, a fake upstream, and a real tokenproxy daemon in-process."""
+"""The fixtures every test module shares: the log sweep, the fake clock, the upstreams, and real
+tokenproxy daemons in-process. The helpers behind them are in tests/helpers/."""
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -12,37 +12,18 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
-from tests.fakes import SECRETS, FakeClock, FakeUpstream
+from tests.helpers.config import MakeProxy
+from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.rawupstream import MakeRaw, RawUpstream, Script
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 
 
-class CapturedLogs:
-    """Every log line the test produced, as text and as parsed JSON events."""
-
-    def __init__(self) -> None:
-        self.stream = io.StringIO()
-        self.redactor = log.Redactor()
-
-    @property
-    def text(self) -> str:
-        log.flush()   # lines are batched per event-loop turn (log.BatchedWriter)
-        return self.stream.getvalue()
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.text.splitlines():
-            if line.strip():
-                ev = json.loads(line)
-                if name is None or ev.get("event") == name:
-                    out.append(ev)
-        return out
-
-
 @pytest.fixture(autouse=True, name="logs")
 def _logs() -> Iterator[CapturedLogs]:
-    """Capture all logs; fail the test if any secret of tests/fakes.py shows up in them."""
+    """Capture all logs; fail the test if any secret of tests/helpers/fakes.py shows up."""
     captured = CapturedLogs()
     log.configure("debug", "json", redactor=captured.redactor, stream=captured.stream)
     yield captured
@@ -66,25 +47,6 @@ async def _upstream(aiohttp_server: AiohttpServer, fake_upstream: FakeUpstream) 
     return await aiohttp_server(fake_upstream.app(), auto_decompress=False)
 
 
-def upstream_url(server: TestServer, path: str = "/") -> str:
-    return f"http://127.0.0.1:{server.port}{path}"
-
-
-MakeProxy = Callable[..., Awaitable[Daemon]]
-
-
-def proxy_config(upstream: str, token: str, **overrides: Any) -> dict[str, Any]:
-    """A one-route config on ephemeral loopback ports; overrides replace top-level keys."""
-    raw: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "providers": {"api": {"type": "static", "token": token}},
-        "routes": [{"prefix": "/", "upstream": upstream, "provider": "api"}],
-    }
-    raw.update(overrides)
-    return raw
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked ``both_paths`` run against the fast path and against the aiohttp path."""
     if ("make_proxy" in metafunc.fixturenames
@@ -94,7 +56,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(name="serving_path")
 def _serving_path(request: pytest.FixtureRequest) -> str:
-    """Which request path the daemons of this test serve with (tokenproxy/proxy/fastpath.py)."""
+    """Which request path the daemons of this test serve with (tokenproxy/proxy/fast_path or
+    tokenproxy/proxy/aiohttp_path); "fast" unless the test is parametrized."""
     return str(getattr(request, "param", "fast"))
 
 
@@ -119,13 +82,12 @@ async def _make_proxy(clock: FakeClock, serving_path: str) -> AsyncIterator[Make
 
 
 @pytest.fixture(name="raw_upstream")
-async def _raw_upstream() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
-    """Start raw upstreams (tests/rawupstream.py) that run a script per connection."""
-    from tests.rawupstream import RawUpstream  # it imports this module: not at the top
-
+async def _raw_upstream() -> AsyncIterator[MakeRaw]:
+    """Start raw upstreams (tests/helpers/rawupstream.py) that run a script per connection;
+    each is stopped, its open connections cut, when the test ends."""
     started: list[RawUpstream] = []
 
-    async def make(script: Any) -> RawUpstream:
+    async def make(script: Script) -> RawUpstream:
         up = await RawUpstream(script).start()
         started.append(up)
         return up
@@ -133,3 +95,12 @@ async def _raw_upstream() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     yield make
     for up in started:
         await up.stop()
+
+
+@pytest.fixture(name="closing")
+def _closing() -> Iterator[list[socket.socket]]:
+    """Sockets the test opened, closed when it ends."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,20 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
-from tests.daemon_proc import child_env, running_daemon, write_config
-from tests.fakes import CLIENT_KEY, PASSWORD, REFRESH_TOKEN, SECRETS, TOKEN, TOKEN_2, FakeUpstream
-from tests.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url, write_config
+from tests.helpers.daemon_proc import child_env, running_daemon
+from tests.helpers.fakes import (
+    CLIENT_KEY,
+    PASSWORD,
+    REFRESH_TOKEN,
+    SECRETS,
+    TOKEN,
+    TOKEN_2,
+    FakeUpstream,
+)
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.net import stall
+from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
 from tokenproxy import __version__
 from tokenproxy.cli import summary
 from tokenproxy.config import build_config
@@ -351,6 +363,38 @@ async def test_reload_applies_admin_allowed_hosts(
     assert 200 == resp.status
 
 
+@pytest.mark.parametrize(("host", "status"), [
+    ("localhost", 200), ("LOCALHOST:9100", 200), ("[::1]:9100", 200), ("127.0.0.1", 200),
+    ("localhost.", 403), ("127.0.0.1.", 403), ("[::ffff:127.0.0.1]", 403), ("127.1", 403),
+    ("localhost:9100:80", 403), ("[::1].evil.example", 403), ("evil.example, localhost", 403),
+    ("localhost@evil.example", 403), ("evil.example#localhost", 403), ("0x7f.0.0.1", 403),
+])
+async def test_admin_host_spellings(make_proxy: MakeProxy, upstream: TestServer, host: str,
+                                    status: int) -> None:
+    """Only exact loopback spellings reach the admin paths; trailing dots, mapped and
+    short IPv4 forms, extra ports and userinfo are refused."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/echo/"), TOKEN))
+    resp, _ = await exchange(daemon.admin_port, get("/metrics", host))
+    assert status == resp.status
+
+
+@pytest.mark.parametrize("head", [
+    b"GET http://localhost/metrics HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    b"GET http://evil.example/metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /metrics HTTP/1.0\r\n\r\n",
+    b"GET //localhost/metrics HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+])
+async def test_admin_absolute_form_and_missing_host_reveal_nothing(
+    make_proxy: MakeProxy, upstream: TestServer, head: bytes
+) -> None:
+    """An absolute-form target neither replaces a foreign Host nor reaches a path
+    under an allowed one; HTTP/1.0 without Host is refused."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/echo/"), TOKEN))
+    resp, _ = await exchange(daemon.admin_port, head)
+    assert resp.status in (400, 403, 404)
+    assert b"tokenproxy_requests_total" not in resp.body
+
+
 # ---------------------------------------------------------------- exposed admin listener
 
 
@@ -562,6 +606,71 @@ async def test_a_request_whose_body_never_comes_frees_its_connection(daemon: Dae
         assert [] == [i for i, at in enumerate(closed) if at is not None]
     finally:
         await close_all(conns)
+
+
+# Short timers: the admin gate must make room for a probe before any send timeout does.
+HEAD_TIMERS = {"header_timeout": "0.3s", "keepalive_timeout": "0.3s"}
+
+
+async def test_admin_probe_answered_while_clients_that_never_read_hold_every_slot(
+    make_proxy: MakeProxy, upstream: TestServer, closing: list[socket.socket]
+) -> None:
+    """64 connections each pipeline /metrics requests and never read. Every answer after the
+    first few kilobytes waits for the client to drain it (GuardedRequestHandler.finish_response,
+    proxy/aiohttp_path/protocol.py), so each connection has "a request to handle":
+    header_timeout and keepalive_timeout do not apply, and were such a connection never idle
+    to ConnectionGate, /healthz would wait in the backlog indefinitely (a liveness probe
+    fails, the container is restarted). A connection whose answer waits on the client counts
+    as idle, and send_timeout ends it."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/echo/"), TOKEN,
+                                           limits=HEAD_TIMERS))
+    port = daemon.admin_port
+    for _ in range(ADMIN_MAX_CONNECTIONS):
+        closing.append(await stall(port, get("/metrics"), 300))
+    await asyncio.sleep(1.0)   # > header_timeout and keepalive_timeout: no timer frees a slot
+    assert daemon._admin_server is not None
+    busy = [h for h in daemon._admin_server.connections if h.idle_since() is None]
+    started = time.monotonic()
+    try:
+        resp, _ = await exchange(port, get("/healthz", "127.0.0.1:9100"), timeout=2.0)
+        status: int | None = resp.status
+    except TimeoutError:
+        status = None
+    assert (200, True) == (status, time.monotonic() - started < 2.0), (
+        f"/healthz unanswered: {len(busy)} of {ADMIN_MAX_CONNECTIONS} admin connections "
+        "are stuck draining answers to clients that do not read")
+
+
+LINGERING = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n"
+
+
+async def test_admin_probe_does_not_wait_behind_requests_whose_body_never_comes(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """A request whose body never comes would make its connection busy (aiohttp's lingering
+    read, 10 s) and so never chosen by the gate: 64 of them, each a single head, would keep
+    /healthz waiting beyond a probe's 1 s timeout, and re-queued connections (the backlog is
+    first-in first-out) keep it up. The admin listener closes such a connection after its
+    answer instead. Meanwhile the gate does not spin."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream, "/echo/"), TOKEN))
+    port = daemon.admin_port
+    conns = [await RawConnection.open(port) for _ in range(ADMIN_MAX_CONNECTIONS)]
+    try:
+        for conn in conns:
+            await conn.send(LINGERING)
+        for conn in conns:
+            assert 200 == (await conn.response()).status
+        cpu = time.process_time()
+        try:
+            resp, _ = await exchange(port, get("/healthz", "127.0.0.1:9100"), timeout=1.0)
+            status: int | None = resp.status
+        except TimeoutError:
+            status = None
+        spent = time.process_time() - cpu
+    finally:
+        await asyncio.gather(*(conn.close() for conn in conns))
+    assert spent < 0.3, f"the full gate burnt {spent:.2f} s of CPU in 1 s"
+    assert 200 == status, "/healthz unanswered behind 64 one-line requests"
 
 
 async def test_probes_answered_under_uvloop_daemon(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ Everything runs on 127.0.0.1 with bounded waits; the daemons share the fake cloc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 import subprocess
@@ -21,22 +20,14 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config
-from tests.fakes import PASSWORD, TOKEN, TOKEN_2
-from tests.idp import (
-    Idp,
-    JumpClock,
-    count,
-    gate,
-    oauth2_config,
-    respond_json,
-    start_idp,
-    wait_for,
-    wait_ready,
-)
-from tests.rawhttp import RawConnection, RawResponse, get
-from tests.rawupstream import Req, UpConn, read_request, response, start_proxy
-from tests.rawupstream import reset as rst
+from tests.helpers.config import MakeProxy, proxy_config
+from tests.helpers.fakes import PASSWORD, TOKEN, TOKEN_2, JumpClock
+from tests.helpers.idp import Idp, gate, oauth2_config, respond_json, start_idp
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.metrics import count
+from tests.helpers.rawhttp import RawConnection, RawResponse, get
+from tests.helpers.rawupstream import Req, UpConn, read_request, reset, response, start_proxy
+from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.listeners import ListenError
@@ -408,7 +399,7 @@ def _upstream_fault(kind: str) -> Callable[..., Awaitable[None]]:
         if await read_request(reader, conn) is None:
             return
         if kind == "reset":
-            rst(writer)
+            reset(writer)
         elif kind == "malformed":
             writer.write(b"HTTP/1.1 2OO OK\r\n\r\n")
             await writer.drain()

@@ -13,20 +13,21 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.fakes import (
+from tests.helpers.config import proxy_config
+from tests.helpers.fakes import (
     CLIENT_KEY,
     CLIENT_SECRET,
     PASSWORD,
     REFRESH_TOKEN,
-    SECRETS,
     TOKEN,
     TOKEN_2,
     FakeClock,
+    assert_no_secret,
 )
-from tests.idp import start_idp
+from tests.helpers.idp import start_idp
 from tokenproxy import __version__
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
-from tokenproxy.config import load_config
+from tokenproxy.config import build_config, load_config
 from tokenproxy.daemon import fast_path_setting
 
 ROUTES = [
@@ -40,7 +41,8 @@ ROUTES = [
 
 
 def secret_config(tmp_path: Path, mode: str) -> tuple[Path, dict[str, str]]:
-    """A config carrying every secret of tests/fakes.py, each inline, in a *_file or in ${ENV}.
+    """A config carrying every secret of tests/helpers/fakes.py, each inline, in a *_file or
+    in ${ENV}.
 
     Returns the file and the environment it needs.
     """
@@ -122,11 +124,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(empty))
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     monkeypatch.chdir(empty)
-
-
-def assert_no_secret(*texts: str) -> None:
-    leaked = [s for s in SECRETS if any(s in t for t in texts)]
-    assert [] == leaked
 
 
 # ---------------------------------------------------------------- in-process
@@ -313,10 +310,21 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
     assert "usage: tokenproxy" in capsys.readouterr().err
 
 
+def test_check_config_hides_query_strings(tmp_path: Path) -> None:
+    """A json provider's login URL with a query prints without the query."""
+    raw = proxy_config("https://h.example/", TOKEN, state_path=str(tmp_path / "state.json"))
+    raw["providers"] = {"legacy": {"type": "json", "login": {
+        "url": "https://h.example/login?api_key=QUERYSECRET123", "json": {"u": "me"}}}}
+    raw["routes"][0]["provider"] = "legacy"
+    text = "\n".join(summary(build_config(raw, {})))
+    assert "QUERYSECRET123" not in text
+    assert "https://h.example/login" in text
+
+
 # ---------------------------------------------------------------- real processes
 
 
-def child_env(extra: dict[str, str], cwd: Path) -> dict[str, str]:
+def cli_env(extra: dict[str, str], cwd: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENPROXY_", "TP_"))}
     env.update(XDG_CONFIG_HOME=str(cwd), STATE_DIRECTORY=str(cwd / "state"), **extra)
     env.pop("API_TOKEN", None)
@@ -328,7 +336,7 @@ def run_cli(argv: list[str], cwd: Path, extra: dict[str, str] | None = None,
     """Run tokenproxy as `python -m tokenproxy` or as the installed console script."""
     exe = [str(Path(sys.executable).parent / "tokenproxy")] if script else [
         sys.executable, "-m", "tokenproxy"]
-    return subprocess.run([*exe, *argv], cwd=cwd, env=child_env(extra or {}, cwd),
+    return subprocess.run([*exe, *argv], cwd=cwd, env=cli_env(extra or {}, cwd),
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -503,7 +511,7 @@ async def test_check_config_online_contacts_each_provider_once(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenproxy", "check-config", "--online", "-c", str(path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=child_env({}, tmp_path))
+        env=cli_env({}, tmp_path))
     out_b, err_b = await asyncio.wait_for(proc.communicate(), 60)
     out, err = out_b.decode(), err_b.decode()
     assert 1 == proc.returncode, (out, err)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, TOKEN, TOKEN_2
+from tests.helpers.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, TOKEN, TOKEN_2
 from tokenproxy.config import (
     CommandProvider,
     Config,

@@ -38,15 +38,11 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from tests.daemon_proc import (
-    DaemonProcess,
-    password_grant_config,
-    running_daemon,
-    spawn,
-    wait_until,
-    write_config,
-)
-from tests.fakes import CLIENT_SECRET, PASSWORD
+from tests.helpers.config import write_config
+from tests.helpers.daemon_proc import DaemonProcess, running_daemon, spawn
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD
+from tests.helpers.idp import password_grant_config
+from tests.helpers.wait import wait_for
 from tokenproxy.demo.issuer import Issuer
 from tokenproxy.tokens.state import SCHEMA_VERSION, STRAY_TEMP_AGE
 
@@ -142,8 +138,8 @@ async def test_sigkill_during_refreshes_never_corrupts_or_loses_state(
                 armed[:] = [rng.uniform(0.0, 0.03)]
                 answer_kills += 1
                 await daemon.wait_for_event("listening", 10.0)
-                await wait_until(lambda d=daemon: not armed or d.proc.poll() is not None, 3.0,
-                                 "a token call")
+                await wait_for(lambda d=daemon: not armed or d.proc.poll() is not None,
+                               "a token call", 3.0)
                 await asyncio.sleep(0.035)
             else:
                 armed.clear()

@@ -1,4 +1,4 @@
-"""The fast path (proxy/fastpath.py, pool.py, wire.py) on the wire.
+"""The fast path (tokenproxy/proxy/fast_path) on the wire.
 
 Real daemons on 127.0.0.1 in front of a raw asyncio upstream that reads exactly what the proxy
 sends (request line, header lines, body bytes) and answers with exactly the bytes a test
@@ -13,35 +13,27 @@ connection to aiohttp's protocol for good. Neither side invents a ``Server`` hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import os
 import socket
 import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import MakeProxy, proxy_config
-from tests.fakes import TOKEN, TOKEN_2
-from tests.idp import wait_for
-from tests.rawhttp import (
-    RawConnection,
-    RawResponse,
-    assert_no_secret,
-    assert_problem,
-    exchange,
-    get,
-)
-from tests.rawupstream import (
+from tests.helpers.config import MakeProxy, proxy_config, rotate_token, token_file_config
+from tests.helpers.fakes import TOKEN, TOKEN_2, assert_no_secret
+from tests.helpers.metrics import count
+from tests.helpers.rawhttp import RawConnection, RawResponse, assert_problem, exchange, get
+from tests.helpers.rawupstream import (
     MakeRaw,
-    RawUpstream,
     Req,
     Script,
     UpConn,
     connected,
     echo,
+    echo_target,
     post,
     read_body,
     read_request,
@@ -50,14 +42,12 @@ from tests.rawupstream import (
     serving,
     start_proxy,
 )
+from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
+from tokenproxy.proxy.fast_path import exchange as fast_exchange
 from tokenproxy.proxy.fast_path.connect import AddrInfo, open_connection
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def metric(daemon: Daemon, name: str, **labels: str) -> float:
-    return daemon.registry.get_sample_value(name, labels) or 0.0
 
 
 def chunked_post(path: str, parts: list[bytes]) -> bytes:
@@ -76,7 +66,7 @@ def blob(n: int, seed: int = 7) -> bytes:
 
 def handovers(daemon: Daemon) -> float:
     """Connections the fast path has handed to aiohttp's protocol so far."""
-    return sum(metric(daemon, "tokenproxy_fast_path_handovers_total", reason=reason)
+    return sum(count(daemon, "tokenproxy_fast_path_handovers_total", reason=reason)
                for reason in ("protocol", "refused", "malformed", "shutdown"))
 
 
@@ -91,7 +81,6 @@ async def final_response(conn: RawConnection) -> RawResponse:
         resp = await conn.response()
         if resp.status >= 200:
             return resp
-
 
 
 # -- 1. pipelining ----------------------------------------------------------------------------
@@ -194,7 +183,7 @@ class TestHandover:
             await conn.send(request)
             resp = await conn.response()
             assert 200 == resp.status
-            assert 1 == metric(daemon, "tokenproxy_fast_path_handovers_total",
+            assert 1 == count(daemon, "tokenproxy_fast_path_handovers_total",
                                reason="protocol")
             doc = resp.json()
             assert ("/h", len(body), sha(body)) == (doc["target"], doc["len"], doc["sha256"])
@@ -220,7 +209,7 @@ class TestHandover:
         assert ["/a", "/b", "/c"] == [r.json()["target"] for r in answers]
         assert fast(answers[0])
         # /a was the fast path's: a handover keeps the connection, so it happened once, at /b
-        assert 1 == metric(daemon, "tokenproxy_fast_path_handovers_total", reason="protocol")
+        assert 1 == count(daemon, "tokenproxy_fast_path_handovers_total", reason="protocol")
         assert b"hello chunked world" == up.requests[1].body
         assert ["/a", "/b", "/c"] == up.targets
 
@@ -267,7 +256,7 @@ class TestHandover:
                 assert 200 == (await conn.response()).status
         assert ["/f1", "/f2"] == up.targets[:2]
         assert not any(t in ("/x", "/a/../b", "/b") for t in up.targets)
-        assert 1.0 == metric(daemon, "tokenproxy_rejected_requests_total", cause=cause)
+        assert 1.0 == count(daemon, "tokenproxy_rejected_requests_total", cause=cause)
 
     async def test_bare_lf_request_is_answered_400(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
@@ -286,19 +275,6 @@ class TestHandover:
 # -- 3. uploads: streamed once, or replayed after a 401 -----------------------------------------
 
 
-def token_file_config(up: RawUpstream, path: Path, **top: Any) -> dict[str, Any]:
-    path.write_text(TOKEN + "\n")
-    return proxy_config(up.url(), TOKEN, providers={
-        "api": {"type": "static", "token_file": str(path)}}, **top)
-
-
-def rotate(path: Path) -> None:
-    """Put TOKEN_2 in the token file (a new inode: the change is seen on the next renew)."""
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_text(TOKEN_2 + "\n")
-    os.replace(tmp, path)
-
-
 class TestUploads:
     async def test_body_over_max_replay_streams_and_its_401_is_skipped(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw, tmp_path: Path
@@ -314,9 +290,9 @@ class TestUploads:
                          conn: UpConn) -> None:
             while (req := await read_request(reader, conn, body=False)) is not None:
                 head_seen.set()
-                req.body = await read_body(reader, req)
+                req.body = await read_body(reader, req, conn)
                 if req.get("Authorization") == f"Bearer {TOKEN}":
-                    rotate(token_path)
+                    rotate_token(token_path)
                     writer.write(response(b"refused", "401 Unauthorized",
                                           'WWW-Authenticate: Bearer error="invalid_token"'))
                 else:
@@ -325,7 +301,7 @@ class TestUploads:
 
         up = await raw_upstream(script)
         daemon = await make_proxy(token_file_config(
-            up, token_path, limits={"max_replay_body": "64KiB"}))
+            up.url(), token_path, limits={"max_replay_body": "64KiB"}))
         body = blob(1024 * 1024)
         request = post("/up", body)[:-len(body)]   # the head alone
         async with connected(daemon.port()) as conn:
@@ -337,9 +313,9 @@ class TestUploads:
         assert fast(resp, daemon)
         [seen] = up.requests
         assert sha(body) == sha(seen.body)
-        assert 1.0 == metric(daemon, "tokenproxy_auth_retries_total", route="/",
+        assert 1.0 == count(daemon, "tokenproxy_auth_retries_total", route="/",
                              outcome="skipped")
-        assert 0.0 == metric(daemon, "tokenproxy_auth_retries_total", route="/",
+        assert 0.0 == count(daemon, "tokenproxy_auth_retries_total", route="/",
                              outcome="success")
 
     @pytest.mark.parametrize("size", [600 * 1024, 1024 * 1024], ids=["600KiB", "1MiB"])
@@ -372,12 +348,12 @@ class TestUploads:
 
         def answer(req: Req) -> bytes:
             if req.get("Authorization") == f"Bearer {TOKEN}":
-                rotate(token_path)
+                rotate_token(token_path)
                 return response(b"refused", "401 Unauthorized")
             return echo(req)
 
         up = await raw_upstream(serving(answer))
-        raw = token_file_config(up, token_path, limits={"max_replay_body": limit})
+        raw = token_file_config(up.url(), token_path, limits={"max_replay_body": limit})
         raw["routes"][0]["timeout"] = "1s"
         daemon = await make_proxy(raw)
         body = blob(size)
@@ -394,7 +370,7 @@ class TestUploads:
             r.get("Authorization") for r in up.requests]
         assert [body, body] == [r.body for r in up.requests[:2]]
         assert (200, "/next") == (nxt.status, nxt.json()["target"])
-        assert 1.0 == metric(daemon, "tokenproxy_auth_retries_total", route="/",
+        assert 1.0 == count(daemon, "tokenproxy_auth_retries_total", route="/",
                              outcome="success")
 
 
@@ -408,7 +384,7 @@ def early(answer: bytes) -> Script:
         while (req := await read_request(reader, conn, body=False)) is not None:
             writer.write(answer)
             await writer.drain()
-            req.body = await read_body(reader, req)
+            req.body = await read_body(reader, req, conn)
 
     return script
 
@@ -473,6 +449,32 @@ class TestEarlyAnswer:
         assert (413, b"too big") == (resp.status, resp.body)
         resp, _ = await exchange(daemon.port(), get("/next"))
         assert (200, "/next") == (resp.status, resp.json()["target"])
+
+    async def test_unfinished_body_after_an_early_answer_does_not_hold_the_connection(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """The upstream answers before the body is complete; the client then sends nothing more.
+        The connection is kept to read and drop the rest of the body (FastConnection.body_done,
+        proxy/fast_path/connection.py), and that drain has a deadline of its own (header_timeout)
+        because no other timer runs while it lasts -- neither header_timeout for a next head nor
+        keepalive_timeout: without it the connection and its max_connections slot would be held
+        for ever. (aiohttp's protocol bounds the same drain by lingering_time, 10 s.)"""
+        async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        conn: UpConn) -> None:
+            while await read_request(reader, conn, body=False) is not None:
+                writer.write(response(b"early"))
+                await writer.drain()
+
+        up = await raw_upstream(early)
+        daemon = await start_proxy(make_proxy, up, {"retry_on": []},
+                                   limits={"header_timeout": "1s", "keepalive_timeout": "1s"})
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/up", "localhost", "Content-Length: 100000", method="POST")
+                            + b"x" * 1000)
+            resp = await conn.response()
+            assert (200, b"early") == (resp.status, resp.body)
+            closed = await conn.wait_closed(5)
+        assert closed is not None, "connection still open 5 s after the answer (timeouts: 1 s)"
 
 
 # -- 5. response framing ----------------------------------------------------------------------
@@ -565,7 +567,7 @@ class TestResponseFraming:
             with pytest.raises(asyncio.IncompleteReadError) as info:
                 await conn.response()
             assert b"y" * 100 == info.value.partial
-        await wait_for(lambda: metric(daemon, "tokenproxy_upstream_errors_total", route="/",
+        await wait_for(lambda: count(daemon, "tokenproxy_upstream_errors_total", route="/",
                                       kind="reset") == 1, "the reset counted")
 
     async def test_truncated_chunked_body_cuts_the_client(
@@ -594,8 +596,9 @@ class TestResponseFraming:
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
         """HEAD: the upstream's Content-Length comes back with no body, and the client
-        connection carries the next request; the upstream connection does not (proxy/reuse.py:
-        a body sent after a HEAD answer anyway would be the next request's answer)."""
+        connection carries the next request; the upstream connection does not
+        (proxy/rules/reuse.py: a body sent after a HEAD answer anyway would be the next
+        request's answer)."""
         def answer(req: Req) -> bytes:
             if req.method == "HEAD":
                 return b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
@@ -636,6 +639,40 @@ class TestResponseFraming:
         assert (200, b"ok") == (first.status, first.body)
         assert b"PWND" != second.body
         assert (200, "/second") == (second.status, second.json()["target"])
+
+    async def test_reset_in_a_close_delimited_body_is_visible_to_the_client(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """A response without Content-Length or chunked ends with the connection -- cleanly. An
+        RST is not an end: the fast path must not finish the re-chunked body with 0\\r\\n\\r\\n,
+        or the client takes a truncated body as complete. Fast path only: aiohttp's client reports
+        a close-delimited body as complete whether the connection ended with FIN or RST (its
+        connection_lost feeds EOF either way), a known gap of the aiohttp path (README)."""
+        release = asyncio.Event()
+
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         conn: UpConn) -> None:
+            await read_request(reader, conn)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial-")
+            await writer.drain()
+            await release.wait()
+            reset(writer)
+
+        up = await raw_upstream(script)
+        daemon = await start_proxy(make_proxy, up)
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/x"))
+            head = await conn.response(head_only=True)
+            assert 200 == head.status
+            got = b""
+            while b"partial-" not in got:
+                got += await asyncio.wait_for(conn.reader.read(1024), 2)
+            release.set()
+            await conn.wait_closed(0.5)
+            got += conn.trailing
+        framing = (head.get("Transfer-Encoding") or "").lower()
+        assert not (framing == "chunked" and got.endswith(b"0\r\n\r\n")), \
+            "a reset upstream body was relayed as complete"
 
 
 # -- 6. the raw target ------------------------------------------------------------------------
@@ -873,6 +910,52 @@ class TestPool:
             await conn.close()
         assert (200, "/next") == (resp.status, resp.json().get("target"))
 
+    async def test_upstream_connection_closed_when_the_relay_fails_internally(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Any exception between sending the request and releasing its upstream connection (here:
+        the response-head rendering fails) ends in the exchange's 500; the connection it held is
+        then neither pooled nor left open, but aborted (FastConnection.finish,
+        proxy/fast_path/connection.py): forgotten, its socket would stay open, its body unread,
+        until the upstream gave up. The aiohttp path closes it too."""
+        def boom(*args: object, **kwargs: object) -> list[tuple[bytes, bytes]]:
+            raise RuntimeError("injected")
+
+        up = await raw_upstream(serving(echo_target))
+        daemon = await start_proxy(make_proxy, up)
+        monkeypatch.setattr(fast_exchange, "response_headers", boom)
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/x"))
+            resp = await conn.response()
+        assert 500 == resp.status
+        [upconn] = up.conns
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(upconn.ended.wait(), 1)
+        assert upconn.ended.is_set(), "the upstream connection was left open, owned by no one"
+
+    async def test_idle_pooled_connection_is_closed_after_the_pool_keepalive(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """An idle pooled connection is closed once the pool's keep-alive time passes, by a timer
+        (UpstreamPool's sweep, proxy/fast_path/pool.py), not only when take() or release() next
+        visits its origin: else, after a burst, up to MAX_IDLE_PER_ORIGIN sockets per origin
+        would stay open for as long as the upstream keeps them (for ever with an upstream that
+        has no idle timeout), and those of an origin that a reload removed -- or released into
+        the pool after a reload under an old TLS context's key -- would never be taken again.
+        aiohttp's connector closes idle connections after its keepalive_timeout (15 s) with a
+        timer too. (The pool's keepalive is shortened here to keep the test fast.)"""
+        up = await raw_upstream(serving(echo_target))
+        daemon = await start_proxy(make_proxy, up)
+        assert daemon._fast is not None
+        daemon._fast.pool.keepalive = 0.2
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/x"))
+            assert 200 == (await conn.response()).status
+        [upconn] = up.conns
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(upconn.ended.wait(), 1.5)
+        assert upconn.ended.is_set(), "an expired idle upstream connection is still open"
+
 
 # -- 9. client disconnects --------------------------------------------------------------------
 
@@ -901,9 +984,9 @@ class TestClientGone:
         await conn.reader.readexactly(50_000)
         await conn.close()
         await asyncio.wait_for(up.conns[0].ended.wait(), 2)
-        await wait_for(lambda: metric(daemon, "tokenproxy_requests_total", route="/",
+        await wait_for(lambda: count(daemon, "tokenproxy_requests_total", route="/",
                                       method="GET", code="200") == 1, "the request counted")
-        assert 0.0 == metric(daemon, "tokenproxy_inflight_requests")
+        assert 0.0 == count(daemon, "tokenproxy_inflight_requests")
 
     @pytest.mark.parametrize("when", ["before-the-head", "mid-body"])
     async def test_client_leaving_while_the_upstream_is_silent_closes_the_upstream(
@@ -937,7 +1020,7 @@ class TestClientGone:
         await conn.close()
         await asyncio.wait_for(up.conns[0].ended.wait(), 1)
         code = "200" if when == "mid-body" else "499"
-        await wait_for(lambda: metric(daemon, "tokenproxy_requests_total", route="/",
+        await wait_for(lambda: count(daemon, "tokenproxy_requests_total", route="/",
                                       method="GET", code=code) == 1, "the request counted")
 
 
@@ -1054,8 +1137,6 @@ class TestDateAndServer:
         assert_problem(resp, 502, "upstream_unreachable")
         assert 1 == len(resp.header("Date"))
         assert [] == resp.header("Server")
-
-
 
 
 class _Peer(asyncio.Protocol):

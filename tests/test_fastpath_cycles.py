@@ -15,9 +15,9 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-from tests.conftest import MakeProxy
-from tests.rawhttp import RawConnection, get
-from tests.rawupstream import (
+from tests.helpers.config import MakeProxy
+from tests.helpers.rawhttp import RawConnection, get
+from tests.helpers.rawupstream import (
     MakeRaw,
     Req,
     UpConn,

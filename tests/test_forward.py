@@ -6,10 +6,8 @@ import asyncio
 import gzip
 import hashlib
 import json
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,8 +18,13 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen, assert_no_secret
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.net import free_port
+from tests.helpers.rawhttp import RawConnection, get
+from tests.helpers.rawupstream import MakeRaw, connected, echo_target, serving, start_proxy
+from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
 
 # Every test here runs against both request paths (tests/conftest.py).
@@ -120,80 +123,8 @@ def raw_url(daemon: Daemon, target: str) -> URL:
     return URL(base(daemon) + target, encoded=True)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait (bounded) for something the handler does after the client saw the response."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 def header_names(seen: Seen) -> set[str]:
     return {k.lower() for k, _ in seen.headers}
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-class RawConnection:
-    """A client socket for exact request bytes and for checking connection reuse."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawConnection:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def request(self, head: str, body: bytes = b"", method: str = "GET") -> RawResponse:
-        self.writer.write(head.replace("\n", "\r\n").encode("latin-1") + body)
-        await self.writer.drain()
-        async with asyncio.timeout(5):
-            return await self._response(method)
-
-    async def _response(self, method: str) -> RawResponse:
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers.add(name.strip(), value.strip())
-        if method == "HEAD" or status in (204, 304) or status < 200:
-            return RawResponse(status, headers, b"")
-        if "Content-Length" in headers:
-            body = await self.reader.readexactly(int(headers["Content-Length"]))
-        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
-            parts = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await self.reader.readuntil(b"\r\n")
-                    break
-                parts.append(await self.reader.readexactly(size))
-                await self.reader.readexactly(2)
-            body = b"".join(parts)
-        else:
-            body = await self.reader.read()
-        return RawResponse(status, headers, body)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # A regression must fail fast, not hang until pytest's timeout.
@@ -469,6 +400,25 @@ class TestRequestHeaders:
         assert 4 == daemon.registry.get_sample_value(
             "tokenproxy_request_headers_dropped_total", {"reason": "invalid_name"})
 
+    @pytest.mark.parametrize("name", ["X.Forwarded.For", "X+Forwarded+For", "X~Forwarded~For"])
+    async def test_any_punctuation_in_a_header_name_is_dropped(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw, name: str
+    ) -> None:
+        """Dropping names with "_" (CGI/WSGI servers read X_Forwarded_For as X-Forwarded-For) is
+        not enough: lighttpd's CGI/FastCGI/SCGI environment maps *every* non-alphanumeric
+        character to "_" (http_cgi_encode_varname), so X.Forwarded.For becomes
+        HTTP_X_FORWARDED_FOR, past both an underscore drop and reject_forwarded (which refuses
+        X-Forwarded-For itself with 403). So any name with anything but letters, digits and "-"
+        is dropped (nginx's default ignore_invalid_headers drops any outside [A-Za-z0-9-_])."""
+        up = await raw_upstream(serving())
+        daemon = await start_proxy(make_proxy, up)
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/x", "localhost", f"{name}: 203.0.113.9"))
+            assert 200 == (await conn.response()).status
+        [seen] = up.requests
+        cgi = ["".join(c.upper() if c.isalnum() else "_" for c in k) for k, _ in seen.headers]
+        assert "X_FORWARDED_FOR" not in cgi
+
     async def test_connection_cannot_strip_the_token(
         self, make_proxy: MakeProxy, recorder: Recorder
     ) -> None:
@@ -544,6 +494,22 @@ class TestRequestHeaders:
         assert ["1", "2"] == recorder.last.header("X-Multi")
         assert ["br"] == recorder.last.header("Accept-Encoding")
         assert ["client/1.0"] == recorder.last.header("User-Agent")
+
+    async def test_preserve_host_with_connection_listed_host_still_sends_a_host(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """preserve_host: true and ``Connection: Host``: the client's Host is Connection-listed,
+        yet it is kept (request_headers looks at Host before the Connection-listed names,
+        proxy/rules/headers.py); dropped, it would leave the upstream an HTTP/1.1 request
+        without Host (RFC 9112 section 3.2: 400). aiohttp would add one of its own."""
+        up = await raw_upstream(serving(echo_target))
+        daemon = await start_proxy(make_proxy, up, {"preserve_host": True})
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/h", "localhost", "Connection: Host"))
+            resp = await conn.response()
+            assert_no_secret(resp.raw)
+        assert 200 == resp.status
+        assert [1] == [len([v for k, v in r.headers if k.lower() == "host"]) for r in up.requests]
 
 
 class TestAuthorization:
@@ -649,6 +615,17 @@ class TestResponse:
             assert "kept" == resp.headers["X-Other"]
             assert TOKEN not in json.dumps(list(resp.headers.items()))
 
+    async def test_short_static_token_keeps_response_headers(
+        self, make_proxy: MakeProxy, upstream: TestServer
+    ) -> None:
+        """A short token ("1") does not make the proxy drop headers that merely contain it."""
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), "1"))
+        async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.port()}/cookies"
+        ) as resp:
+            assert 2 == len(resp.headers.getall("Set-Cookie"))
+            assert "Date" in resp.headers
+
     async def test_head_has_headers_no_body(
         self, make_proxy: MakeProxy, recorder: Recorder
     ) -> None:
@@ -656,12 +633,12 @@ class TestResponse:
         daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
-            head = await conn.request("HEAD /h HTTP/1.1\nHost: 127.0.0.1\n\n", method="HEAD")
+            head = await conn.request("HEAD /h HTTP/1.1\nHost: 127.0.0.1\n\n", head_only=True)
             after = await conn.request("GET /next HTTP/1.1\nHost: 127.0.0.1\n\n")
         finally:
             await conn.close()
         assert 200 == head.status
-        assert "5" == head.headers["Content-Length"]
+        assert "5" == head.get("Content-Length")
         assert "HEAD" == recorder.seen[0].method
         assert 200 == after.status
         assert "/next" == json.loads(after.body)["raw_path"]
@@ -679,10 +656,35 @@ class TestResponse:
         finally:
             await conn.close()
         assert status == first.status
-        assert "Transfer-Encoding" not in first.headers
-        assert "0" == first.headers.get("Content-Length", "0")
+        assert [] == first.header("Transfer-Encoding")
+        assert first.header("Content-Length")[:1] in ([], ["0"])
         assert 200 == after.status
         assert "/next" == json.loads(after.body)["raw_path"]
+
+    async def test_upstream_trailers_never_become_response_headers(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """llhttp reports trailer fields through the same callback as header fields. Added to the
+        response head's list, they would go out as response headers whenever the whole chunked
+        response arrives in one read (any small one) -- here a Set-Cookie, which RFC 9110
+        section 6.5.1 forbids in trailers and no client applies from one, and a second
+        Content-Type. UpstreamConn.on_header (proxy/fast_path/upstream.py) drops fields that come
+        after the head; aiohttp drops trailers too."""
+        def answer(req: object) -> bytes:
+            return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    b"Transfer-Encoding: chunked\r\n"
+                    b"Trailer: Set-Cookie, Content-Type, X-Trailer\r\n"
+                    b"\r\n2\r\nhi\r\n0\r\nSet-Cookie: sid=planted\r\n"
+                    b"Content-Type: text/html\r\nX-Trailer: 1\r\n\r\n")
+
+        up = await raw_upstream(serving(answer))
+        daemon = await start_proxy(make_proxy, up)
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/t"))
+            resp = await conn.response()
+        assert (200, b"hi") == (resp.status, resp.body)
+        assert [] == resp.header("Set-Cookie") + resp.header("X-Trailer")
+        assert ["text/plain"] == resp.header("Content-Type")
 
 
 class TestStreaming:
@@ -759,6 +761,25 @@ class TestRedirects:
             assert "/api/next?page=2" == resp.headers["Location"]
         assert ["/v1/redirect"] == [seen.raw_path.split("?")[0] for seen in recorder.seen]
 
+    async def test_location_rewritten_with_non_latin1_characters(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """A Location inside the route's upstream carrying UTF-8 is rewritten to the proxy path
+        and goes out as UTF-8 (response_headers, proxy/rules/headers.py): encoded as latin-1 it
+        would raise UnicodeEncodeError and the fast path answer 500 internal. aiohttp sends the
+        302 (its headers are written as UTF-8), and so must the fast path."""
+        location = "/a/x/日本".encode()
+        up = await raw_upstream(serving(lambda req: (
+            b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\nLocation: http://127.0.0.1:%d%b\r\n\r\n"
+            % (up.port, location))))
+        routes = [{"prefix": "/", "upstream": up.url("/a"), "provider": "api"}]
+        daemon = await make_proxy(proxy_config(up.url(), TOKEN, routes=routes))
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/go"))
+            resp = await conn.response()
+        assert 302 == resp.status, resp.body
+        assert "/x/日本".encode() == (resp.get("Location") or "").encode("latin-1")
+
 
 # -- upstream failures -------------------------------------------------------------------------
 
@@ -805,8 +826,9 @@ class TestUpstreamErrors:
             assert 200 == resp.status
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
-        await eventually(lambda: daemon.registry.get_sample_value(
-            "tokenproxy_upstream_errors_total", {"route": "/", "kind": "reset"}) == 1.0)
+        await wait_for(lambda: daemon.registry.get_sample_value(
+            "tokenproxy_upstream_errors_total", {"route": "/", "kind": "reset"}) == 1.0,
+            "the reset counted", 2.0)
 
     async def test_truncated_chunked_body_looks_truncated(
         self, make_proxy: MakeProxy, recorder: Recorder
@@ -853,7 +875,7 @@ class TestObservability:
             return 1.0 == reg.get_sample_value(
                 "tokenproxy_requests_total", {"route": "/", "method": "POST", "code": "404"})
 
-        await eventually(counted)
+        await wait_for(counted, "the POST counted", 2.0)
         assert 2.0 == reg.get_sample_value(
             "tokenproxy_requests_total", {"route": "/", "method": "GET", "code": "200"})
         assert 3.0 == reg.get_sample_value(
@@ -868,7 +890,7 @@ class TestObservability:
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/status/201?secretquery=v") as resp:
             body = await resp.read()
-        await eventually(lambda: bool(logs.events("request")))
+        await wait_for(lambda: bool(logs.events("request")), "the request logged", 2.0)
         [event] = logs.events("request")
         assert {"route": "/", "method": "GET", "path": "/status/201", "status": 201,
                 "bytes": len(body), "retried": False} == {
@@ -886,7 +908,7 @@ class TestObservability:
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/nowhere") as resp:
             assert 404 == resp.status
             body = await resp.read()
-        await eventually(lambda: bool(logs.events("request")))
+        await wait_for(lambda: bool(logs.events("request")), "the request logged", 2.0)
         [event] = logs.events("request")
         assert (404, len(body)) == (event["status"], event["bytes"])
         assert len(body) > 0

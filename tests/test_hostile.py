@@ -1,16 +1,13 @@
-"""Hostile peers on every side: a faulty upstream speaking raw TCP, clients that hang up or
-bend HTTP/1.x, confused-deputy inputs against a second "evil" origin, and a slow token
-endpoint under a queue of requests. Cases the other test files do not cover."""
+"""Hostile peers on every side: a faulty upstream speaking raw TCP (tests/helpers/rawupstream.py),
+clients that hang up or bend HTTP/1.x, confused-deputy inputs against a second "evil" origin,
+and a slow token endpoint under a queue of requests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,151 +17,32 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import SECRETS, TOKEN, FakeUpstream
-from tests.idp import (
-    Idp,
-    JumpClock,
-    count,
-    oauth2_config,
-    refreshes,
-    start_idp,
-    wait_for,
-    wait_ready,
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import SECRETS, TOKEN, FakeUpstream, JumpClock, assert_no_secret
+from tests.helpers.idp import Idp, oauth2_config, start_idp
+from tests.helpers.metrics import count, refreshes
+from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.rawupstream import (
+    MakeRaw,
+    UpConn,
+    answer_with,
+    connected,
+    read_request,
+    reset,
+    response,
+    serving,
+    start_proxy,
 )
-from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
+from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.daemon import Daemon
 from tokenproxy.tokens.guard import UNAUTHORIZED_REFRESH_GAP
 
 # Every test here runs against both request paths (tests/conftest.py).
 pytestmark = pytest.mark.both_paths
 
-# -- a raw TCP upstream -------------------------------------------------------------------------
-
-
-@dataclass
-class UpConn:
-    """One connection the raw upstream accepted: the bytes it read and how it ended."""
-
-    data: bytearray = field(default_factory=bytearray)
-    requests: int = 0
-    aborted: bool = False          # a request body ended before its Content-Length
-    sent: int = 0
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, UpConn], Awaitable[None]]
-
-
-class RawUpstream:
-    """An upstream on 127.0.0.1 that answers with whatever bytes a script writes."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.conns: list[UpConn] = []
-        self.server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    @property
-    def received(self) -> bytes:
-        return b"".join(bytes(c.data) for c in self.conns)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = UpConn()
-        self.conns.append(conn)
-        try:
-            await self.script(reader, writer, conn)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
-        finally:
-            conn.closed.set()
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-
-async def read_head(reader: asyncio.StreamReader, conn: UpConn) -> dict[str, str]:
-    """Read one request head; its header fields, lower-cased (IncompleteReadError at EOF)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    conn.data += head
-    conn.requests += 1
-    fields: dict[str, str] = {}
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        if name:
-            fields[name.strip().lower()] = value.strip()
-    return fields
-
-
-async def well_behaved(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       conn: UpConn) -> None:
-    """Reads whole requests (Content-Length bodies) and answers each 200 "ok"; keeps alive."""
-    while True:
-        fields = await read_head(reader, conn)
-        length = int(fields.get("content-length", "0"))
-        got = 0
-        while got < length:
-            chunk = await reader.read(min(65536, length - got))
-            if not chunk:
-                conn.aborted = True
-                return
-            conn.data += chunk
-            got += len(chunk)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-
-
-def answer_with(data: bytes) -> Script:
-    """Read the request head, write *data*, close."""
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     conn: UpConn) -> None:
-        await read_head(reader, conn)
-        writer.write(data)
-        await writer.drain()
-
-    return script
-
-
-@pytest.fixture(name="raw_upstream")
-async def _raw_upstream() -> AsyncIterator[Callable[[Script], Awaitable[RawUpstream]]]:
-    started: list[RawUpstream] = []
-
-    async def make(script: Script) -> RawUpstream:
-        up = await RawUpstream(script).start()
-        started.append(up)
-        return up
-
-    yield make
-    for up in started:
-        await up.stop()
-
-
-MakeRaw = Callable[[Script], Awaitable[RawUpstream]]
-
-
-def metric(daemon: Daemon, name: str, **labels: str) -> float:
-    return daemon.registry.get_sample_value(name, labels) or 0.0
-
-
-async def settle_until(check: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    await wait_for(check, what, timeout)
+# The upstream of most tests here: reads whole requests (Content-Length bodies; one that ends
+# early marks its connection ``aborted``) and answers each 200 "ok"; keeps alive.
+well_behaved = serving(lambda req: response(b"ok"))
 
 
 async def proxy_to(make_proxy: MakeProxy, url: str, **route: Any) -> Daemon:
@@ -182,19 +60,17 @@ class TestFaultyUpstream:
     ) -> None:
         """An upstream resetting (RST) before any header gives a 502, kind reset; only an
         idempotent request is tried a second time (aiohttp's RFC 9112 9.3.1 retry)."""
-        async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        conn: UpConn) -> None:
-            await read_head(reader, conn)
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+        async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: UpConn) -> None:
+            await read_request(reader, conn, body=False)
+            reset(writer)
 
-        up = await raw_upstream(reset)
+        up = await raw_upstream(rst)
         daemon = await proxy_to(make_proxy, up.url())
         resp, _ = await exchange(daemon.port(), get("/x", method=method))
         assert_problem(resp, 502, "upstream_unreachable")
-        assert 1.0 == metric(daemon, "tokenproxy_upstream_errors_total", route="/", kind="reset")
-        assert attempts == sum(c.requests for c in up.conns)
+        assert 1.0 == count(daemon, "tokenproxy_upstream_errors_total", route="/", kind="reset")
+        assert attempts == len(up.requests)
         auth = [line for line in up.received.decode().split("\r\n")
                 if line.lower().startswith("authorization:")]
         assert [f"Bearer {TOKEN}"] * attempts == [line.split(":", 1)[1].strip() for line in auth]
@@ -247,7 +123,7 @@ class TestFaultyUpstream:
         """A head that never ends: the proxy answers 502 and hangs up after a bounded read."""
         async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           conn: UpConn) -> None:
-            await read_head(reader, conn)
+            await read_request(reader, conn, body=False)
             writer.write(b"HTTP/1.1 200 OK\r\n")
             line = b"X-Flood: " + b"f" * 100 + b"\r\n"
             while conn.sent < 64 * 1024 * 1024:
@@ -259,9 +135,40 @@ class TestFaultyUpstream:
         daemon = await proxy_to(make_proxy, up.url())
         resp, _ = await exchange(daemon.port(), get("/x"), timeout=5)
         assert_problem(resp, 502, "upstream_unreachable")
-        await asyncio.wait_for(up.conns[0].closed.wait(), 3)
+        await asyncio.wait_for(up.conns[0].ended.wait(), 3)
         # what the proxy took in is bounded by its parser limit plus socket buffers
         assert up.conns[0].sent < 16 * 1024 * 1024
+
+    async def test_endless_upstream_header_line_read_is_bounded(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw
+    ) -> None:
+        """One response header line that never ends: llhttp accumulates the partial value itself
+        (quadratically) and hands it over only at its end, so a limit checked per header line
+        never fires; the bytes of an unfinished head are counted as they arrive instead
+        (MAX_UPSTREAM_HEAD, proxy/fast_path/upstream.py), or the proxy would read and keep
+        everything until the route timeout (60 s by default). The same holds for the status
+        reason."""
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        conn: UpConn) -> None:
+            await read_request(reader, conn)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Flood: ")
+            chunk = b"f" * 65536
+            while conn.sent < 256 * 1024 * 1024:
+                writer.write(chunk)
+                conn.sent += len(chunk)
+                await writer.drain()
+
+        up = await raw_upstream(flood)
+        daemon = await start_proxy(make_proxy, up, {"timeout": "3s"})
+        started = time.monotonic()
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/x"))
+            with contextlib.suppress(EOFError, TimeoutError, ConnectionError):
+                await conn.response(timeout=5)
+        await asyncio.wait_for(up.conns[0].ended.wait(), 5)
+        took, sent = time.monotonic() - started, up.conns[0].sent
+        assert sent < 16 * 1024 * 1024, f"read {sent >> 20} MiB in {took:.1f} s"
+        assert took < 2
 
     async def test_slow_body_after_headers_is_relayed_whole(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
@@ -269,7 +176,7 @@ class TestFaultyUpstream:
         """A body dribbled out past the route timeout arrives whole: no 504 once the head came."""
         async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           conn: UpConn) -> None:
-            await read_head(reader, conn)
+            await read_request(reader, conn, body=False)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
             for i in range(5):
                 await writer.drain()
@@ -283,7 +190,7 @@ class TestFaultyUpstream:
         resp, _ = await exchange(daemon.port(), get("/x"), timeout=5)
         assert (200, b"".join(str(i).encode() * 10 for i in range(5))) == (resp.status, resp.body)
         assert time.monotonic() - started > 0.8   # really longer than the route timeout
-        assert 0.0 == metric(daemon, "tokenproxy_upstream_errors_total", route="/", kind="timeout")
+        assert 0.0 == count(daemon, "tokenproxy_upstream_errors_total", route="/", kind="timeout")
 
 
 # -- the 401 storm ----------------------------------------------------------------------------
@@ -398,13 +305,14 @@ class TestHostileClients:
         await conn.send(b"POST /up HTTP/1.1\r\nHost: localhost\r\n"
                         b"Content-Length: %d\r\n\r\n" % length)
         await conn.send(b"u" * (1536 * 1024))
-        await settle_until(lambda: bool(up.conns) and up.conns[0].requests == 1, "upstream head")
+        await wait_for(lambda: bool(up.conns) and len(up.conns[0].requests) == 1,
+                       "upstream head", 3.0)
         conn.writer.transport.abort()
-        await asyncio.wait_for(up.conns[0].closed.wait(), 3)
+        await asyncio.wait_for(up.conns[0].ended.wait(), 3)
         first = up.conns[0]
-        assert (True, 1) == (first.aborted, first.requests)
+        assert (True, 1) == (first.aborted, len(first.requests))
         assert len(first.data) < length
-        await settle_until(lambda: metric(daemon, "tokenproxy_inflight_requests") == 0, "idle")
+        await wait_for(lambda: count(daemon, "tokenproxy_inflight_requests") == 0, "idle", 3.0)
         resp, _ = await exchange(daemon.port(), get("/after"))
         assert (200, b"ok") == (resp.status, resp.body)
 
@@ -417,7 +325,7 @@ class TestHostileClients:
 
         async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            conn: UpConn) -> None:
-            await read_head(reader, conn)
+            await read_request(reader, conn, body=False)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
             chunk = b"d" * 65536
             while conn.sent < total:
@@ -433,9 +341,9 @@ class TestHostileClients:
         assert 200 == resp.status
         await conn.reader.readexactly(65536)
         conn.writer.transport.abort()
-        await asyncio.wait_for(up.conns[0].closed.wait(), 3)
+        await asyncio.wait_for(up.conns[0].ended.wait(), 3)
         assert up.conns[0].sent < total // 4
-        await settle_until(lambda: metric(daemon, "tokenproxy_inflight_requests") == 0, "idle")
+        await wait_for(lambda: count(daemon, "tokenproxy_inflight_requests") == 0, "idle", 3.0)
         up.script = well_behaved
         resp, _ = await exchange(daemon.port(), get("/x"))
         assert (200, b"ok") == (resp.status, resp.body)
@@ -637,7 +545,7 @@ class TestConfusedDeputy:
         leaked = [s for s in SECRETS if s.encode() in evil.received]
         assert [] == leaked
         # the plain follows of the foreign redirects did reach evil, without any token
-        assert 4 <= sum(c.requests for c in evil.conns)
+        assert 4 <= len(evil.requests)
         assert all(f"127.0.0.1:{upstream.port}" == s.header("Host")[0]
                    for s in fake_upstream.seen)
         assert all(s.header("Authorization") == [f"Bearer {TOKEN}"] for s in fake_upstream.seen)

@@ -18,16 +18,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.daemon_proc import (
-    child_env,
-    daemon_command,
-    free_port,
-    running_daemon,
-    wait_until,
-    write_config,
-)
-from tests.fakes import (
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url, write_config
+from tests.helpers.daemon_proc import child_env, daemon_command, running_daemon
+from tests.helpers.fakes import (
     CLIENT_KEY,
     CLIENT_SECRET,
     PASSWORD,
@@ -37,6 +30,8 @@ from tests.fakes import (
     TOKEN_2,
     FakeUpstream,
 )
+from tests.helpers.net import free_port
+from tests.helpers.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +44,8 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
 
 
 async def upstream_saw(fake: FakeUpstream, prefix: str, timeout: float = 5.0) -> None:
-    await wait_until(lambda: any(s.raw_path.startswith(prefix) for s in fake.seen), timeout,
-                     f"the upstream to receive {prefix}")
+    await wait_for(lambda: any(s.raw_path.startswith(prefix) for s in fake.seen),
+                   f"the upstream to receive {prefix}", timeout)
 
 
 async def refused(port: int) -> bool:
@@ -226,7 +221,7 @@ async def test_stderr_never_shows_a_secret(
         await writer.drain()
         bad = await asyncio.wait_for(reader.read(), 5.0)
         writer.close()
-        await wait_until(lambda: len(daemon.events("request")) >= 4, 5.0, "request events")
+        await wait_for(lambda: len(daemon.events("request")) >= 4, "request events", 5.0)
         daemon.send_signal(signal.SIGTERM)
         assert 0 == await daemon.wait(timeout=5.0)
         text = daemon.stderr

@@ -18,18 +18,29 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream
-from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
-from tests.rawupstream import (
+from tests.helpers.config import (
+    MakeProxy,
+    proxy_config,
+    rotate_token,
+    token_file_config,
+    upstream_url,
+)
+from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.rawupstream import (
     MakeRaw,
     UpConn,
     connected,
+    echo,
     post,
+    read_body,
     read_request,
+    reset,
     response,
+    serving,
     start_proxy,
 )
+from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
@@ -268,14 +279,6 @@ def gauge(daemon: Daemon) -> float | None:
     return daemon.registry.get_sample_value("tokenproxy_client_connections")
 
 
-async def eventually(check: Any, timeout: float = 2.0) -> None:
-    """Wait until *check()* is true."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 class TestConnectionCap:
     async def test_excess_connection_waits_in_backlog(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
@@ -306,7 +309,7 @@ class TestConnectionCap:
                     await conn.close()
         assert ["/status/200", "/status/200", "/status/201"] == [
             s.raw_path for s in fake_upstream.seen]
-        await eventually(lambda: gauge(daemon) == 0)
+        await wait_for(lambda: gauge(daemon) == 0, "no client connection", 2.0)
 
     async def test_gauge_counts_open_connections(
         self, make_proxy: MakeProxy, upstream: TestServer
@@ -317,13 +320,13 @@ class TestConnectionCap:
         assert 0 == gauge(daemon)
         conns = [await RawConnection.open(daemon.port()) for _ in range(3)]
         try:
-            await eventually(lambda: gauge(daemon) == 3)
+            await wait_for(lambda: gauge(daemon) == 3, "three client connections", 2.0)
             await conns[0].close()
-            await eventually(lambda: gauge(daemon) == 2)
+            await wait_for(lambda: gauge(daemon) == 2, "two client connections", 2.0)
         finally:
             for conn in conns:
                 await conn.close()
-        await eventually(lambda: gauge(daemon) == 0)
+        await wait_for(lambda: gauge(daemon) == 0, "no client connection", 2.0)
 
 
 def unix_config(upstream: TestServer, path: Path, **overrides: Any) -> dict[str, Any]:
@@ -547,3 +550,165 @@ class TestReplayBudget:
         with pytest.raises(ConfigError, match=r"limits\.max_replay_total"):
             build_config(proxy_config("http://127.0.0.1:1/", TOKEN, limits={
                 "max_replay_body": "2MiB", "max_replay_total": "1MiB"}), {})
+
+
+# -- the replay budget given back, whatever ends a request -------------------------------------
+
+
+def _budget_probe(daemon: Daemon) -> list[int]:
+    """Record every value the budget's held count takes (instrumenting the instance only)."""
+    budget = daemon.replay_budget
+    seen: list[int] = []
+    reserve, release = budget.reserve, budget.release
+
+    def rec_reserve(size: int, route: str) -> bool:
+        ok = reserve(size, route)
+        seen.append(budget.held)
+        return ok
+
+    def rec_release(size: int) -> None:
+        release(size)
+        seen.append(budget.held)
+
+    budget.reserve = rec_reserve    # type: ignore[method-assign]
+    budget.release = rec_release    # type: ignore[method-assign]
+    return seen
+
+
+async def _drained(daemon: Daemon, limit: float = 3.0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while daemon.replay_budget.held and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    return daemon.replay_budget.held
+
+
+BUDGET_CASES = ["client-gone-mid-body", "body-stalls-408", "upstream-reset", "upstream-silent",
+                "chunked-gone-mid-body", "refused-then-replayed", "expect-100-then-gone",
+                "reload-mid-request"]
+
+
+@pytest.mark.both_paths
+@pytest.mark.parametrize("case", BUDGET_CASES)
+async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, tmp_path: Path, case: str
+) -> None:
+    """Every reservation is given back, once, however the request ends: client gone
+    mid-body, a 408, an upstream reset or silence (504), a chunked body cut off, a 401 and
+    its replay, Expect: 100-continue with no body, a reload while a body is held."""
+    hold = asyncio.Event()
+    arrived = asyncio.Event()
+    token = tmp_path / "token"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        while (req := await read_request(reader, conn, body=False)) is not None:
+            req.body = await read_body(reader, req, conn)
+            arrived.set()
+            if req.target == "/reset":
+                reset(writer)
+                return
+            if req.target == "/silent":
+                await asyncio.sleep(5)
+            if req.target == "/hold":
+                await hold.wait()
+            if req.get("Authorization") == f"Bearer {TOKEN}" and req.target == "/refuse":
+                rotate_token(token)
+                writer.write(response(b"no", "401 Unauthorized"))
+            else:
+                writer.write(echo(req))
+            await writer.drain()
+
+    up = await raw_upstream(script)
+    raw = token_file_config(up.url(), token, limits={"max_replay_total": "8KiB",
+                                                      "max_replay_body": "4KiB"})
+    raw["routes"][0]["timeout"] = "0.4s"
+    daemon = await make_proxy(raw)
+    seen = _budget_probe(daemon)
+    body = b"b" * 3000
+    head = get("/x", "localhost", f"Content-Length: {len(body)}", method="POST")
+    conn = await RawConnection.open(daemon.port())
+    try:
+        if case == "client-gone-mid-body":
+            await conn.send(head + body[:1000])
+            await asyncio.sleep(0.1)
+        elif case == "body-stalls-408":
+            await conn.send(head + body[:1000])
+            assert 408 == (await conn.response()).status
+        elif case in ("upstream-reset", "upstream-silent"):
+            path = case.removeprefix("upstream-")
+            await conn.send(get(f"/{path}", "localhost", f"Content-Length: {len(body)}",
+                                method="POST") + body)
+            assert (await conn.response()).status in (502, 504)
+        elif case == "chunked-gone-mid-body":
+            await conn.send(get("/x", "localhost", "Transfer-Encoding: chunked",
+                                method="POST") + b"bb8\r\n" + body[:500])
+            await asyncio.sleep(0.1)
+        elif case == "refused-then-replayed":
+            await conn.send(get("/refuse", "localhost", f"Content-Length: {len(body)}",
+                                method="POST") + body)
+            resp = await conn.response()
+            assert (200, "token-2") == (resp.status, resp.json()["auth"])
+        elif case == "expect-100-then-gone":
+            await conn.send(get("/x", "localhost", f"Content-Length: {len(body)}",
+                                "Expect: 100-continue", method="POST"))
+            await asyncio.sleep(0.1)
+        elif case == "reload-mid-request":
+            await conn.send(get("/hold", "localhost", f"Content-Length: {len(body)}",
+                                method="POST") + body)
+            await asyncio.wait_for(arrived.wait(), 2)
+            assert 3000 == daemon.replay_budget.held
+            raw2 = dict(raw, limits={"max_replay_total": "4KiB", "max_replay_body": "4KiB"})
+            raw2["routes"] = [dict(raw["routes"][0], timeout="2s")]
+            await daemon.reload(build_config(raw2, {}))
+            hold.set()
+            assert 200 == (await conn.response()).status
+    finally:
+        await conn.close()
+    assert 0 == await _drained(daemon)
+    if case == "expect-100-then-gone":
+        assert [] == seen   # reserved as bytes arrive: a head alone holds nothing
+    else:
+        assert max(seen, default=0) > 0, "the case never reserved anything"
+        assert min(seen) >= 0
+    if case == "reload-mid-request":
+        assert 4096 == daemon.replay_budget.total
+
+
+@pytest.mark.both_paths
+async def test_heads_without_bodies_pin_no_replay_budget(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, tmp_path: Path
+) -> None:
+    """The budget is reserved as body bytes arrive, not for a body's whole Content-Length
+    when its head arrives: otherwise one client that opens max_replay_total /
+    max_replay_body connections and sends only heads would hold the whole budget for the
+    route timeout (60 s by default), again and again, for free, and every other client's
+    body would stream and its 401 be passed back instead of retried."""
+    token = tmp_path / "token"
+
+    def answer(req: Any) -> bytes:
+        if req.get("Authorization") == f"Bearer {TOKEN}":
+            rotate_token(token)
+            return response(b"no", "401 Unauthorized")
+        return echo(req)
+
+    up = await raw_upstream(serving(answer))
+    raw = token_file_config(up.url(), token, limits={"max_replay_body": "2KiB",
+                                                      "max_replay_total": "4KiB"})
+    raw["routes"][0]["timeout"] = "5s"
+    daemon = await make_proxy(raw)
+    pinning = [await RawConnection.open(daemon.port()) for _ in range(2)]
+    try:
+        for conn in pinning:
+            await conn.send(get("/x", "localhost", "Content-Length: 2048", method="POST"))
+        await asyncio.sleep(0.2)
+        held = daemon.replay_budget.held
+        async with connected(daemon.port()) as victim:
+            await victim.send(get("/refuse", "localhost", "Content-Length: 10",
+                                  method="POST") + b"0123456789")
+            resp = await victim.response()
+    finally:
+        for conn in pinning:
+            await conn.close()
+    assert 200 == resp.status, (
+        f"victim's 401 passed back: {held} bytes reserved by two clients that sent no body")

@@ -11,8 +11,8 @@ import pytest
 import structlog
 import yarl
 
-from tests.conftest import CapturedLogs
-from tests.fakes import SECRETS, TOKEN
+from tests.helpers.fakes import SECRETS, TOKEN
+from tests.helpers.logs import CapturedLogs
 from tokenproxy import log
 from tokenproxy.log import MASK, Redactor
 
@@ -131,6 +131,16 @@ class TestRedactor:
         for _ in range(50):
             deep = {"d": deep}
         assert REGISTERED not in json.dumps(redact({"deep": deep}))
+
+    def test_redactor_keeps_only_live_tokens(self) -> None:
+        """Tracked tokens: the current and previous one per owner are masked, older ones dropped,
+        so the working set stays small however many refreshes happen."""
+        r = log.Redactor(["config-secret-value"])
+        for n in range(100):
+            r.track("idp", f"token-number-{n:04d}")
+        text = r.scrub(
+            "a token-number-0099 b token-number-0098 c token-number-0001 config-secret-value")
+        assert "a *** b *** c token-number-0001 ***" == text
 
 
 class TestPipeline:

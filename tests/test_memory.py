@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import proxy_config, upstream_url
-from tests.daemon_proc import running_daemon
-from tests.fakes import TOKEN
+from tests.helpers.config import proxy_config, upstream_url
+from tests.helpers.daemon_proc import running_daemon
+from tests.helpers.fakes import TOKEN
 
 pytestmark = pytest.mark.slow
 

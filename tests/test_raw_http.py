@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import TOKEN, FakeUpstream
-from tests.rawhttp import RawConnection, assert_no_secret, assert_problem, exchange, get
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.rawupstream import connected
 from tokenproxy.daemon import Daemon
 
 # Every test here runs against both request paths (tests/conftest.py).
@@ -351,3 +353,34 @@ class TestFraming:
         assert 400 == responses[-1].status
         assert {201} >= {r.status for r in responses[:-1]}
         assert {"/status/201"} >= {s.raw_path for s in fake_upstream.seen}
+
+
+# -- several kinds of request on one connection -----------------------------------------------
+
+
+async def test_drain_wait_does_not_block_100_continue_or_a_websocket_after_a_request(
+    make_proxy: MakeProxy, upstream: TestServer
+) -> None:
+    """On one connection: an answer, then an Expect: 100-continue upload (its interim
+    answer comes before the body is sent), then a WebSocket upgrade; all go through."""
+    daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
+    async with connected(daemon.port()) as conn:
+        await conn.send(get("/echo/a", "localhost", "Connection: keep-alive",
+                            version="HTTP/1.0"))
+        assert 200 == (await conn.response()).status
+        await conn.send(get("/upload", "localhost", "Content-Length: 5",
+                            "Expect: 100-continue", method="POST"))
+        assert 100 == (await conn.response()).status
+        await conn.send(b"hello")
+        assert 200 == (await conn.response()).status
+        await conn.send(get("/echo/b"))
+        assert 200 == (await conn.response()).status
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"http://127.0.0.1:{daemon.port()}/echo/c") as resp:
+            assert 200 == resp.status
+            await resp.read()
+        async with session.ws_connect(f"http://127.0.0.1:{daemon.port()}/ws") as ws:
+            await ws.send_str("hi")
+            msg = await asyncio.wait_for(ws.receive(), 2)
+            assert "echo:hi" == msg.data

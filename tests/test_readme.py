@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_proc import child_env, free_port, wait_until
+from tests.helpers.daemon_proc import child_env
+from tests.helpers.net import free_port
+from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config, load_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,11 +100,11 @@ async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
                                 stdin=subprocess.DEVNULL, stdout=fh, stderr=err,
                                 env=child_env(tmp_path))
     try:
-        await wait_until(lambda: "Try:" in out.read_text(), 15, "the demo banner")
+        await wait_for(lambda: "Try:" in out.read_text(), "the demo banner", 15)
         line = readme_curl[1].replace(":8080", f":{port}")
         assert line in out.read_text()
-        await wait_until(lambda: "token_refreshed" in (tmp_path / "demo.err").read_text(), 15,
-                         "the first token")
+        await wait_for(lambda: "token_refreshed" in (tmp_path / "demo.err").read_text(),
+                       "the first token", 15)
         curl = shutil.which("curl")
         assert curl is not None
         result = await asyncio.to_thread(subprocess.run, [curl, "-s", *line.split()[1:]],

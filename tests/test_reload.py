@@ -12,11 +12,13 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeClock, FakeUpstream
-from tests.test_lifecycle_core import oauth2_config, start_issuer, wait_ready
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeClock, FakeUpstream
+from tests.helpers.idp import oauth2_config, start_idp
+from tests.helpers.wait import wait_ready
 from tokenproxy.config import build_config
 from tokenproxy.errors import TokenProxyError
+from tokenproxy.tokens.manager import TokenManager
 
 
 async def _traffic(url: str, stop: asyncio.Event, results: list[int], workers: int = 8) -> None:
@@ -132,10 +134,10 @@ async def test_provider_with_same_identity_keeps_its_token(
 ) -> None:
     """Changing a provider's refresh_margin keeps its token (no token call); changing its
     client (identity) logs in anew."""
-    issuer, _ = await start_issuer(aiohttp_server, clock)
+    issuer = (await start_idp(aiohttp_server, clock)).issuer
     raw = oauth2_config(issuer, tmp_path, refresh_margin="2s")
     daemon = await make_proxy(raw)
-    await wait_ready(daemon.admin_port)
+    await wait_ready(daemon, timeout=2.0)
     assert 1 == issuer.stats.calls
     raw2 = oauth2_config(issuer, tmp_path, refresh_margin="3s")
     await daemon.reload(build_config(raw2, {}))
@@ -153,3 +155,68 @@ async def test_provider_with_same_identity_keeps_its_token(
         assert 200 == resp.status
     assert 2 == issuer.stats.calls
     assert CLIENT_SECRET not in str(daemon.config)
+
+
+async def test_unauthenticated_provider_recovers_on_reload(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A provider logged out by invalid_client tries again on reload, even when the file did
+    not change (the fix was made at the identity provider)."""
+    issuer = (await start_idp(aiohttp_server, clock)).issuer
+    issuer.client_secret = "rotated-at-the-idp"
+    raw = oauth2_config(issuer, tmp_path)
+    daemon = await make_proxy(raw)
+    for _ in range(300):
+        if daemon.registry.get_sample_value("tokenproxy_provider_authenticated",
+                                            {"provider": "idp"}) == 0:
+            break
+        await asyncio.sleep(0.01)
+    source = daemon.source("idp")
+    assert isinstance(source, TokenManager)
+    assert source.unauthenticated
+    issuer.client_secret = CLIENT_SECRET          # the IdP side is fixed
+    await daemon.reload(build_config(raw, {}))    # same file
+    await wait_ready(daemon, timeout=2.0)
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/x"
+    ) as resp:
+        assert 200 == resp.status
+
+
+async def test_reload_of_token_providers_under_load_fails_no_request(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+) -> None:
+    """An oauth2 provider's settings change (same identity, then a new client) under
+    concurrent traffic: no request fails, and the identity change logs in anew."""
+    issuer = (await start_idp(aiohttp_server, clock)).issuer
+    issuer.lifetime = 3600
+    daemon = await make_proxy(oauth2_config(issuer, tmp_path, refresh_margin="2s"))
+    await wait_ready(daemon, timeout=2.0)
+    stop, results = asyncio.Event(), []
+
+    async def traffic() -> None:
+        async with aiohttp.ClientSession() as s:
+            async def worker() -> None:
+                end = time.monotonic() + 10
+                while not stop.is_set() and time.monotonic() < end:
+                    async with s.get(f"http://127.0.0.1:{daemon.port()}/x") as resp:
+                        await resp.read()
+                        results.append(resp.status)
+            await asyncio.gather(*(worker() for _ in range(6)))
+
+    load = asyncio.create_task(traffic())
+    for margin in ("3s", "4s", "5s"):
+        await asyncio.sleep(0.1)
+        await daemon.reload(build_config(
+            oauth2_config(issuer, tmp_path, refresh_margin=margin), {}))
+    calls_same_identity = issuer.stats.calls
+    issuer.client_id = "second-client"
+    await daemon.reload(build_config(
+        oauth2_config(issuer, tmp_path, refresh_margin="5s", client_id="second-client"), {}))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await load
+    assert 1 == calls_same_identity
+    assert 2 == issuer.stats.calls
+    assert len(results) > 20
+    assert [] == [s for s in results if s != 200]

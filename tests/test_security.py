@@ -14,16 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from tests.conftest import MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_KEY, TOKEN, FakeUpstream
-from tests.rawhttp import (
-    RawConnection,
-    RawResponse,
-    assert_no_secret,
-    assert_problem,
-    exchange,
-    get,
-)
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.rawhttp import RawConnection, RawResponse, assert_problem, exchange, get
 from tokenproxy.daemon import Daemon
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
-from tests.fakes import TOKEN, FakeUpstream
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import TOKEN, FakeUpstream
+from tests.helpers.logs import CapturedLogs
 
 
 async def test_request_gets_token_and_answer(

@@ -19,13 +19,31 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config
-from tests.daemon_proc import child_env, write_config
-from tests.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, SECRETS, TOKEN
-from tests.idp import Idp, JumpClock, oauth2_config, start_idp, wait_ready
+from tests.helpers.config import (
+    MakeProxy,
+    command_provider,
+    proxy_config,
+    upstream_url,
+    write_config,
+)
+from tests.helpers.daemon_proc import child_env
+from tests.helpers.fakes import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PASSWORD,
+    REFRESH_TOKEN,
+    SECRETS,
+    TOKEN,
+    FakeClock,
+    JumpClock,
+)
+from tests.helpers.idp import Idp, oauth2_config, start_idp
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.wait import wait_ready
 from tokenproxy.cli import main
 from tokenproxy.config import build_config, load_config
 from tokenproxy.daemon import Daemon
@@ -487,6 +505,151 @@ async def test_fifo_lock_file_is_not_used(tmp_path: Path, logs: CapturedLogs) ->
         pass
     [ev] = logs.events("state_file_unsafe")
     assert "is a FIFO" in ev["reason"]
+
+
+class _SlowDirStore(StateStore):
+    """A state directory on a slow filesystem (NFS, a busy disk): creating and opening a
+    lock file takes 0.3 s (GatedStore above does the same to reads)."""
+
+    def _open_lock(self, path: Path) -> int:
+        time.sleep(0.3)
+        return super()._open_lock(path)
+
+
+async def test_the_refresh_lock_is_not_opened_on_the_event_loop(tmp_path: Path) -> None:
+    """StateStore.locked() is taken around every refresh; opening the lock file (mkdir, open
+    of the directory, fstat, open, fstat) happens in a thread, or a slow state directory
+    would stall every request of the daemon."""
+    store = _SlowDirStore(tmp_path / "state.json")
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    async with store.locked("idp:0123", 5):
+        pass
+    stop.set()
+    await ticking
+    assert max(gaps) < 0.2, f"the event loop stalled {max(gaps):.2f} s opening a lock file"
+
+
+def _fds_on(path: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                count += 1
+    return count
+
+
+async def test_a_refresh_cancelled_while_its_lock_opens_leaks_no_descriptor(
+    tmp_path: Path,
+) -> None:
+    """The lock file is opened in a thread: a refresh cancelled meanwhile (reload, shutdown,
+    the provider closed) never receives the descriptor the thread goes on to return. Unless
+    the open is shielded and its result closed on cancellation, nobody closes it: one
+    descriptor per such cancellation, for the life of the process."""
+    store = _SlowDirStore(tmp_path / "state.json")
+    lock = tmp_path / "state.json.idp-0123.lock"
+
+    async def refresh() -> None:
+        async with store.locked("idp:0123", 5):
+            await asyncio.sleep(1)
+
+    task = asyncio.create_task(refresh())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)   # the slow open (0.3 s) is over either way
+    assert 0 == _fds_on(lock)
+
+
+@needs_root
+def test_a_symlinked_state_directory_swapped_to_a_foreign_one_is_not_trusted(
+    tmp_path: Path, logs: CapturedLogs
+) -> None:
+    """state_path's directory is a symlink (allowed: systemd's StateDirectory is one)
+    in a place another user can change (simulated here by root). Swapped mid-run for a
+    directory of theirs holding a planted state file: nothing is read from it, nothing is
+    written into it, and it is logged."""
+    public = tmp_path / "public"
+    public.mkdir()
+    public.chmod(0o1777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o755)
+    (foreign / "state.json").write_text(json.dumps({"version": 1, "providers": {
+        "idp:1": StoredTokens(TOKEN, None, None, 1.0).to_json()}}))
+    for p in (foreign, foreign / "state.json"):
+        os.chown(p, 65534, 65534)
+    link = public / "tp"
+    link.symlink_to(private)
+    store = StateStore(link / "state.json")
+    store.check()
+    store.write("idp:1", StoredTokens("mine", None, None, 1.0))
+    assert "mine" == (store.read("idp:1") or StoredTokens()).access_token
+    tmp = public / "tp.new"
+    tmp.symlink_to(foreign)
+    os.replace(tmp, link)   # the swap another user can do in a sticky dir they own the link in
+    assert store.read("idp:1") is None
+    with pytest.raises(StateFileError):
+        store.write("idp:1", StoredTokens("mine-2", None, None, 2.0))
+    assert TOKEN in (foreign / "state.json").read_text()
+    assert [] == [p.name for p in foreign.iterdir() if p.name != "state.json"]
+    assert logs.events("state_file_unsafe")
+
+
+async def test_lock_held_elsewhere_gives_503_not_a_hang(
+    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path, clock: FakeClock
+) -> None:
+    """While another process holds this provider's state lock, a request waits at most the
+    route timeout and gets 503 + Retry-After; the refresh fails into backoff."""
+    state = tmp_path / "s.json"
+    provider = command_provider("print('locked-token-cccccccc')", timeout="0.3s")
+    raw = proxy_config(upstream_url(upstream, "/"), TOKEN, state_path=str(state))
+    raw["providers"] = {"api": provider}
+    raw["routes"][0]["timeout"] = "0.5s"
+    cfg = build_config(raw, {})
+    other = StateStore(state)   # a second process's store, holding the lock
+    key = identity_key("api", cfg.providers["api"].identity())
+    async with other.locked(key, 5):
+        started = time.monotonic()
+        daemon = await make_proxy(raw)
+        async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.port()}/echo/x"
+        ) as resp:
+            assert 503 == resp.status
+            assert "Retry-After" in resp.headers
+        assert time.monotonic() - started < 2.0
+        for _ in range(300):
+            if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
+                    "provider": "api", "trigger": "initial", "grant": "state_file",
+                    "result": "error"}):
+                break
+            await asyncio.sleep(0.01)
+        assert 1.0 == daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
+            "provider": "api", "trigger": "initial", "grant": "state_file", "result": "error"})
+    # Once the lock is free the daemon recovers by itself (backoff, then a new attempt).
+    await clock.tick(1.3)
+    for _ in range(400):
+        async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.port()}/echo/x"
+        ) as resp:
+            if resp.status == 200:
+                break
+        await asyncio.sleep(0.02)
+    assert 200 == resp.status
 
 
 # -- the default location --------------------------------------------------------------------

@@ -13,15 +13,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import proxy_config, upstream_url
-from tests.daemon_proc import (
-    DaemonProcess,
-    child_env,
-    daemon_command,
-    wait_until,
-    write_config,
-)
-from tests.fakes import TOKEN, TOKEN_2
+from tests.helpers.config import proxy_config, upstream_url, write_config
+from tests.helpers.daemon_proc import DaemonProcess, child_env, daemon_command
+from tests.helpers.fakes import TOKEN, TOKEN_2
+from tests.helpers.wait import wait_for
 from tokenproxy import systemd
 
 
@@ -45,7 +40,7 @@ class NotifyListener:
         def seen() -> bool:
             return any(m.startswith(prefix) for m in self.drain())
 
-        await wait_until(seen, timeout, f"{prefix!r} on the notify socket")
+        await wait_for(seen, f"{prefix!r} on the notify socket", timeout)
         match = next(m for m in self.messages if m.startswith(prefix))
         self.messages.remove(match)
         return match

@@ -11,8 +11,10 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import MakeProxy, proxy_config
-from tests.fakes import TOKEN
+from tests.helpers.config import MakeProxy, proxy_config
+from tests.helpers.fakes import TOKEN
+from tokenproxy.config import build_config
+from tokenproxy.errors import ConfigError
 
 
 @pytest.fixture(name="cert")
@@ -68,3 +70,13 @@ async def test_ca_file_trusts_the_upstream(
     ) as resp:
         assert 200 == resp.status
         assert "secure True" == await resp.text()
+
+
+def test_bad_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    """A ca_file that is not a PEM bundle is refused at load, naming the key."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    raw = proxy_config("https://h.example/", TOKEN)
+    raw["routes"][0]["ca_file"] = str(bad)
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.ca_file: .* no usable PEM"):
+        build_config(raw, {})

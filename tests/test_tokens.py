@@ -24,30 +24,26 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import CapturedLogs, MakeProxy, upstream_url
-from tests.fakes import CLIENT_SECRET, PASSWORD, TOKEN
-from tests.idp import (
+from tests.helpers.config import MakeProxy, command_provider, proxy_config, upstream_url
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, TOKEN, JumpClock
+from tests.helpers.idp import (
     Idp,
-    JumpClock,
     advance,
     config,
-    count,
     gate,
     jwt,
-    metric,
     minted,
     oauth2,
     oauth2_config,
     password_grant,
-    readyz,
-    refreshes,
     respond,
     respond_json,
     start_idp,
     state_entry,
-    wait_for,
-    wait_ready,
 )
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.metrics import count, metric, refreshes
+from tests.helpers.wait import readyz, wait_for, wait_ready
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.log import Redactor
@@ -436,6 +432,40 @@ async def test_rfc6749_error_body_named_but_never_echoed(
     assert CLIENT_SECRET not in json.dumps(doc)
 
 
+async def test_token_answer_split_over_several_reads(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """A token answer that arrives in pieces (a 6 KB JSON in three writes) is read whole."""
+    async def token(request: web.Request) -> web.StreamResponse:
+        body = ('{"access_token": "split-answer-token-1234", "expires_in": 300, "pad": "'
+                + "x" * 6000 + '"}').encode()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for part in (body[:10], body[10:3000], body[3000:]):
+            await resp.write(part)
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
+
+    async def api(request: web.Request) -> web.Response:
+        return web.Response(text=request.headers.get("Authorization", ""))
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    app.router.add_get("/api/x", api)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    raw = proxy_config(base + "/api/", TOKEN, state_path=str(tmp_path / "s.json"))
+    raw["providers"] = {"api": {"type": "oauth2", "token_url": base + "/token",
+                                "client_id": "c", "client_secret": CLIENT_SECRET}}
+    daemon = await make_proxy(raw)
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/x"
+    ) as resp:
+        assert 200 == resp.status
+        assert "Bearer split-answer-token-1234" == await resp.text()
+
+
 # -- providers: json -------------------------------------------------------------------------
 
 
@@ -707,6 +737,27 @@ async def test_command_failures(
     assert 503 == (await fetch(http, daemon)).status
 
 
+async def test_a_slow_provider_does_not_hold_up_another(
+    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
+) -> None:
+    """Providers refresh under their own locks: a command taking 2 s does not delay another
+    provider's first token (they share the state file)."""
+    raw = proxy_config(upstream_url(upstream, "/"), TOKEN, state_path=str(tmp_path / "s.json"))
+    raw["providers"] = {
+        "slow": command_provider("import time; time.sleep(2); print('slow-token-aaaaaaaa')"),
+        "fast": command_provider("print('fast-token-bbbbbbbb')"),
+    }
+    raw["routes"] = [{"prefix": "/", "upstream": upstream_url(upstream, "/"),
+                      "provider": "fast"}]
+    started = time.monotonic()
+    daemon = await make_proxy(raw)
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{daemon.port()}/echo/x"
+    ) as resp:
+        assert 200 == resp.status
+    assert time.monotonic() - started < 1.5
+
+
 # -- expiry ----------------------------------------------------------------------------------
 
 
@@ -930,6 +981,24 @@ async def test_margin_zero_no_background_refresh_and_the_request_waits(
     assert 1 == len(idp.tap.seen)
 
 
+async def test_proactive_refresh_before_expiry(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
+) -> None:
+    """Inside refresh_margin the token is refreshed in the background (trigger expiry)."""
+    issuer = (await start()).issuer
+    daemon = await make_proxy(oauth2_config(issuer, tmp_path, refresh_margin="4s"))
+    await wait_ready(daemon, timeout=2.0)
+    await clock.tick(6.5)
+    labels = {"provider": "idp", "trigger": "expiry", "grant": "client_credentials",
+              "result": "success"}
+    for _ in range(300):   # the metric counts once the answer is in, not when the call starts
+        if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", labels):
+            break
+        await asyncio.sleep(0.01)
+    assert 1.0 == daemon.registry.get_sample_value("tokenproxy_token_refresh_total", labels)
+    assert 2 == issuer.stats.calls
+
+
 # -- single flight ---------------------------------------------------------------------------
 
 
@@ -1003,6 +1072,31 @@ async def test_clients_hanging_up_do_not_cancel_the_refresh(
     assert [200] * 5 == [r.status for r in answers]
     assert 2 == len(idp.calls.seen)
     assert (1, 0) == (refreshes(daemon, "expiry"), refreshes(daemon, "expiry", "failure"))
+
+
+async def test_concurrent_requests_after_expiry_make_one_token_call(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
+) -> None:
+    """500 requests arriving after expiry share one token-endpoint call and all succeed."""
+    issuer = (await start()).issuer
+    daemon = await make_proxy(oauth2_config(issuer, tmp_path, refresh_margin=0))
+    await wait_ready(daemon, timeout=2.0)
+    assert 1 == issuer.stats.calls
+    clock.advance(11)
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def one() -> int:
+            async with s.get(f"http://127.0.0.1:{daemon.port()}/x") as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(500)))
+    assert [200] * 500 == statuses
+    assert 2 == issuer.stats.calls
+    coalesced = daemon.registry.get_sample_value(
+        "tokenproxy_token_refresh_coalesced_total", {"provider": "idp"})
+    assert coalesced is not None
+    assert coalesced >= 1
 
 
 # -- retry -----------------------------------------------------------------------------------
@@ -1599,6 +1693,29 @@ async def test_refresh_token_on_disk_before_the_new_access_token_is_used(
     assert [(True, True)] * 3 == checks
     assert [True, True] == presented
     assert ["password", "refresh_token", "refresh_token", "password"] == idp.calls.grants()
+
+
+async def test_shutdown_lets_a_token_call_finish_and_persist(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """Stopping while a token call is in flight waits for it and writes its result."""
+    async def token(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.4)
+        return web.json_response({"access_token": "slow-call-token-5678", "expires_in": 300,
+                                  "refresh_token": "slow-call-refresh-9012"})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    server = await aiohttp_server(app)
+    state = tmp_path / "s.json"
+    raw = proxy_config("http://127.0.0.1:9/", TOKEN, state_path=str(state))
+    raw["providers"] = {"api": {"type": "oauth2",
+                                "token_url": f"http://127.0.0.1:{server.port}/token",
+                                "client_id": "c", "client_secret": CLIENT_SECRET}}
+    daemon = await make_proxy(raw)
+    await asyncio.sleep(0.1)                 # the initial call is in flight
+    await daemon.stop(grace=1)
+    assert "slow-call-refresh-9012" in state.read_text()
 
 
 # -- two daemons on one state file -----------------------------------------------------------

@@ -12,8 +12,10 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from tests.daemon_proc import child_env, password_grant_config, running_daemon, write_config
-from tests.fakes import CLIENT_SECRET, PASSWORD
+from tests.helpers.config import write_config
+from tests.helpers.daemon_proc import child_env, running_daemon
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD
+from tests.helpers.idp import password_grant_config
 from tokenproxy.demo.issuer import Issuer
 
 LIFETIME = 1.0   # real seconds: tokens expire several times during the test

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import CapturedLogs
-from tests.fakes import REFRESH_TOKEN, TOKEN
-from tests.idp import jwt
+from tests.helpers.fakes import REFRESH_TOKEN, TOKEN
+from tests.helpers.idp import jwt
+from tests.helpers.logs import CapturedLogs
 from tokenproxy.tokens.expiry import MIN_REFRESH_GAP, jwt_exp, lifetime, refresh_delay
 from tokenproxy.tokens.grant import (
     MAX_LIFETIME,

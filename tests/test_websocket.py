@@ -3,11 +3,8 @@ close propagates, refusals pass back; other upgrades (h2c) are never honoured.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,9 +13,11 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import CapturedLogs, MakeProxy, proxy_config, upstream_url
-from tests.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
-from tests.test_forward import RawConnection
+from tests.helpers.config import MakeProxy, proxy_config, upstream_url
+from tests.helpers.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.rawhttp import RawConnection
+from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
 
 WS_TIMEOUT = 5.0
@@ -102,14 +101,6 @@ def values(headers: list[tuple[str, str]], name: str) -> list[str]:
     return [v for k, v in headers if k.lower() == name.lower()]
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait (bounded) for something that happens after the client's side is done."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 class TestWebSocket:
     async def test_handshake_carries_token(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
@@ -139,7 +130,7 @@ class TestWebSocket:
             second = await ws.receive(timeout=WS_TIMEOUT)
             await ws.send_str("text from client")
             await ws.send_bytes(b"\x01\x02\x00bytes")
-            await eventually(lambda: len(fake.received) == 2)
+            await wait_for(lambda: len(fake.received) == 2, "both frames upstream", 2.0)
         assert (WSMsgType.TEXT, "hello from upstream") == (first.type, first.data)
         assert (WSMsgType.BINARY, b"\x00\xffbin") == (second.type, second.data)
         assert [(WSMsgType.TEXT, "text from client"),
@@ -178,7 +169,7 @@ class TestWebSocket:
             await ws.receive(timeout=WS_TIMEOUT)
             await ws.receive(timeout=WS_TIMEOUT)
             await ws.close(code=4000, message=b"done")
-        await eventually(lambda: bool(fake.close_codes))
+        await wait_for(lambda: bool(fake.close_codes), "the close upstream", 2.0)
         assert [4000] == fake.close_codes
 
     async def test_upstream_close_reaches_client(
@@ -230,7 +221,7 @@ class TestWebSocket:
             values(h, "Authorization") for h in fake.handshakes]
         assert 1 == daemon.registry.get_sample_value(
             "tokenproxy_auth_retries_total", {"route": "/", "outcome": "success"})
-        await eventually(lambda: bool(logs.events("request")))
+        await wait_for(lambda: bool(logs.events("request")), "the request logged", 2.0)
         assert [(101, True)] == [(e["status"], e["retried"]) for e in logs.events("request")]
 
     async def test_h2c_upgrade_never_honoured(
@@ -270,6 +261,23 @@ class TestWebSocket:
             msg = await ws.receive(timeout=WS_TIMEOUT)
         assert [(WSMsgType.PING, b"are-you-there")] == fake.received
         assert (WSMsgType.PONG, b"upstream-pong:are-you-there") == (msg.type, msg.data)
+
+    async def test_websocket_refusal_keeps_www_authenticate(
+        self, aiohttp_server: AiohttpServer, make_proxy: MakeProxy
+    ) -> None:
+        """An upstream refusing the WebSocket upgrade with 401 passes WWW-Authenticate back."""
+        async def deny(request: web.Request) -> web.Response:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer realm="x"'})
+
+        app = web.Application()
+        app.router.add_get("/ws", deny)
+        server = await aiohttp_server(app)
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{server.port}/", TOKEN))
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(f"http://127.0.0.1:{daemon.port()}/ws")
+        assert 401 == info.value.status
+        assert 'Bearer realm="x"' == (info.value.headers or {}).get("WWW-Authenticate")
 
     async def test_unreachable_upstream_is_502(self, make_proxy: MakeProxy) -> None:
         """An upgrade to an unreachable upstream gets a 502 problem, not a dead socket."""

@@ -1,4 +1,5 @@
-"""Differential test: the fast path (proxy/fastpath.py) against the aiohttp path.
+"""The two request paths agree: the fast path (proxy/fast_path) against the aiohttp path
+(proxy/aiohttp_path), on the same raw requests.
 
 One fast-path daemon and one aiohttp-path daemon with the same routes run in front of ONE raw
 recording upstream on 127.0.0.1 that keeps every request as it arrived (request line, header
@@ -37,9 +38,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import proxy_config
-from tests.fakes import CLIENT_KEY, SECRETS, TOKEN, TOKEN_2, FakeClock
-from tests.rawhttp import assert_no_secret
+from tests.helpers.config import proxy_config
+from tests.helpers.fakes import CLIENT_KEY, SECRETS, TOKEN, TOKEN_2, FakeClock, assert_no_secret
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
@@ -617,10 +617,10 @@ def canonical(seen: Seen) -> tuple[object, ...]:
             continue
         if (low == "connection" and value == "close" and seen.body
                 and not last_request(method, True)):
-            # Reuse after a body differs by design (proxy/reuse.py): aiohttp's pool cannot keep
-            # a connection for one client, so that path (and what the fast path hands it)
-            # closes after every body; the fast path keeps it for the same client. After a
-            # body on GET, HEAD, DELETE or OPTIONS both must close: that is compared.
+            # Reuse after a body differs by design (proxy/rules/reuse.py): aiohttp's pool
+            # cannot keep a connection for one client, so that path (and what the fast path
+            # hands it) closes after every body; the fast path keeps it for the same client.
+            # After a body on GET, HEAD, DELETE or OPTIONS both must close: that is compared.
             continue
         if low == auth.lower() and value == fmt.format(token=TOKENS[daemon]):
             value = "<token>"   # each daemon has its own
@@ -659,7 +659,8 @@ def check_token_placement(seen: Seen) -> None:
     assert [] == [s for s in SECRETS if s != token and s.encode() in seen.raw], seen
 
 
-# The answers of server.GuardedRequestHandler.handle_error to what aiohttp's parser refuses.
+# The answers of GuardedRequestHandler.handle_error (proxy/aiohttp_path/protocol.py) to what
+# aiohttp's parser refuses.
 PARSE_ERRORS = frozenset({
     (400, "bad_request", "the request is malformed"),
     (431, "header_too_large", "a request header line is too long"),
@@ -755,14 +756,14 @@ def request(line: str, *headers: str) -> Request:
 MINIMAL_DIFFERENCES = [
     # aiohttp's parser refuses a repeated singleton field (Content-Type, User-Agent, Server,
     # ETag, Max-Forwards, Content-Location, Content-Range; its SINGLETON_HEADERS) with 400;
-    # the fast path forwarded both lines. Fix: FastConnection._parse hands such a request to
-    # aiohttp (_SINGLETONS).
+    # the fast path forwarded both lines. Fix: the fast path hands such a request to aiohttp
+    # (classify and _SINGLETONS, proxy/fast_path/head.py).
     pytest.param([request("GET / HTTP/1.1", "User-Agent: a", "User-Agent: b")],
                  id="repeated-singleton-header"),
     # A field repeated with a different name case: the aiohttp path forwarded only "x-foo: b"
     # (aiohttp's ClientSession._prepare_headers tracks added names in a case-sensitive set, so
-    # "x-foo" replaced "X-Foo"). Fix: headers.forward_request_headers keeps one spelling per
-    # name.
+    # "x-foo" replaced "X-Foo"). Fix: the aiohttp path forwards aiohttp's raw_headers through
+    # the byte-pair rules (request_headers, proxy/rules/headers.py), each field as it came.
     pytest.param([request("GET / HTTP/1.1", "X-Foo: a", "x-foo: b")],
                  id="repeated-header-name-case"),
     # obs-text in a field value (RFC 9110 section 5.5), a lone 0xE9 byte: the fast path
@@ -780,7 +781,8 @@ MINIMAL_DIFFERENCES = [
     # keep-alive request whose upstream answer has no Content-Length got "HTTP/1.0 200" with
     # no length and the connection stayed open, so the body never ended (aiohttp's
     # StreamResponse decides keep-alive off for an unframed HTTP/1.0 body only after it
-    # stored it). Fix: RelayedResponse (forward.py) closes such a connection first.
+    # stored it). Fix: RelayedResponse (proxy/aiohttp_path/handler.py) closes such a
+    # connection before the head is rendered.
     pytest.param([request("GET / HTTP/1.0", "Connection: keep-alive", "X-Answer: eof")],
                  id="http10-keep-alive-unframed-answer-hangs"),
 ]

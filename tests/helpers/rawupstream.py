@@ -1,7 +1,7 @@
-"""A raw upstream for fast-path tests: it reads exactly what the proxy sends (request line,
-header lines, body bytes) and answers with exactly the bytes a test scripts; and the helpers
-that drive a daemon in front of it over raw sockets. The ``raw_upstream`` fixture is in
-tests/conftest.py (test_hostile.py keeps an older one of its own).
+"""A raw upstream: it reads exactly what the proxy sends (request line, header lines, body
+bytes) and answers with exactly the bytes a test scripts -- garbage, resets and floods
+included; and the helpers that drive a daemon in front of it over raw sockets. The
+``raw_upstream`` fixture (tests/conftest.py) starts them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.conftest import MakeProxy, proxy_config
-from tests.fakes import TOKEN, TOKEN_2
-from tests.rawhttp import RawConnection, get
+from tests.helpers.config import MakeProxy, proxy_config
+from tests.helpers.fakes import TOKEN, TOKEN_2
+from tests.helpers.rawhttp import RawConnection, get
 from tokenproxy.daemon import Daemon
 
 
@@ -39,10 +39,13 @@ class Req:
 
 @dataclass
 class UpConn:
-    """One connection the upstream accepted; ``ended`` is set once it is closed; ``sent``
-    counts what a streaming script wrote."""
+    """One connection the upstream accepted: the requests it read, every byte it read
+    (``data``), whether a request body ended before its Content-Length (``aborted``), what a
+    streaming script wrote (``sent``); ``ended`` is set once it is closed."""
 
     requests: list[Req] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+    aborted: bool = False
     sent: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -80,6 +83,11 @@ class RawUpstream:
     def targets(self) -> list[str]:
         return [r.target for r in self.requests]
 
+    @property
+    def received(self) -> bytes:
+        """Every byte read, over all connections."""
+        return b"".join(bytes(c.data) for c in self.conns)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = UpConn()
         self.conns.append(conn)
@@ -109,9 +117,11 @@ async def read_request(reader: asyncio.StreamReader, conn: UpConn, *,
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
+        conn.data += exc.partial
         if not exc.partial:
             return None
         raise
+    conn.data += head
     lines = head.decode("latin-1").split("\r\n")
     try:
         method, target, version = lines[0].split(" ", 2)
@@ -125,24 +135,37 @@ async def read_request(reader: asyncio.StreamReader, conn: UpConn, *,
     req = Req(method, target, version, headers)
     conn.requests.append(req)
     if body:
-        req.body = await read_body(reader, req)
+        req.body = await read_body(reader, req, conn)
     return req
 
 
-async def read_body(reader: asyncio.StreamReader, req: Req) -> bytes:
-    if req.get("Content-Length") is not None:
-        return await reader.readexactly(int(req.get("Content-Length") or 0))
-    if "chunked" not in (req.get("Transfer-Encoding") or "").lower():
-        return b""
-    data = bytearray()
-    while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b""):
-                pass
-            return bytes(data)
-        data += await reader.readexactly(size)
-        await reader.readexactly(2)
+async def read_body(reader: asyncio.StreamReader, req: Req, conn: UpConn) -> bytes:
+    """The body of *req* (Content-Length or chunked), kept in ``conn.data`` too; a body that
+    ends early sets ``conn.aborted`` (and raises IncompleteReadError)."""
+    try:
+        if req.get("Content-Length") is not None:
+            data = await reader.readexactly(int(req.get("Content-Length") or 0))
+            conn.data += data
+            return data
+        if "chunked" not in (req.get("Transfer-Encoding") or "").lower():
+            return b""
+        body = bytearray()
+        while True:
+            line = await reader.readline()
+            conn.data += line
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    conn.data += line
+                conn.data += line
+                return bytes(body)
+            chunk = await reader.readexactly(size + 2)
+            conn.data += chunk
+            body += chunk[:-2]
+    except asyncio.IncompleteReadError as exc:
+        conn.data += exc.partial
+        conn.aborted = True
+        raise
 
 
 def response(body: bytes = b"ok", status: str = "200 OK", *extra: str) -> bytes:
@@ -165,6 +188,11 @@ def echo(req: Req) -> bytes:
     }).encode(), "200 OK", "Content-Type: application/json")
 
 
+def echo_target(req: Req) -> bytes:
+    """A 200 whose body is the request target as the upstream saw it."""
+    return response(req.target.encode())
+
+
 def serving(answer: Callable[[Req], bytes] = echo) -> Script:
     """Answer each request with answer(request); keep alive unless the answer says close."""
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -175,6 +203,17 @@ def serving(answer: Callable[[Req], bytes] = echo) -> Script:
             await writer.drain()
             if b"\r\nconnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0].lower() + b"\r\n":
                 return
+
+    return script
+
+
+def answer_with(data: bytes) -> Script:
+    """Read the request head, write *data* (garbage, half an answer, nothing), close."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        await read_request(reader, conn, body=False)
+        writer.write(data)
+        await writer.drain()
 
     return script
 

@@ -1,4 +1,5 @@
-"""Real in-process fakes: an upstream that records what it receives, a controllable clock."""
+"""Real in-process fakes: the suite's secrets, clocks the tests move by hand, and an upstream
+that records what it receives."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-# Secrets used across the suite; the log sweep in conftest fails any test whose logs show one.
+# Secrets used across the suite; the log sweep in tests/conftest.py fails any test whose logs
+# show one, and the raw-socket helpers fail any answer that carries one.
 TOKEN = "tp-test-token-7f3a9c41e8"
 TOKEN_2 = "tp-test-token-2b6d0f93aa"
 CLIENT_KEY = "tp-client-key-0123456789abcdef"
@@ -18,6 +20,13 @@ CLIENT_SECRET = "tp-client-secret-55aa77bb"
 PASSWORD = "tp-password-c0ffee"
 REFRESH_TOKEN = "tp-refresh-token-91d2"
 SECRETS = (TOKEN, TOKEN_2, CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN)
+
+
+def assert_no_secret(*data: bytes | str) -> None:
+    """Fail if any of the secrets above appears in any of *data* (answers, output, files)."""
+    texts = [d if isinstance(d, str) else d.decode("latin-1") for d in data]
+    leaked = [s for s in SECRETS if any(s in text for text in texts)]
+    assert [] == leaked
 
 
 class FakeClock:
@@ -57,6 +66,20 @@ class FakeClock:
         self.advance(seconds)
         for _ in range(settle):
             await asyncio.sleep(0)
+
+
+class JumpClock(FakeClock):
+    """The FakeClock plus what the token tests need: counting live sleepers, moving wall time
+    alone (a clock jump), and starting at a chosen wall time."""
+
+    def napping(self) -> int:
+        return sum(1 for _, fut in self._sleepers if not fut.done())
+
+    def jump_wall(self, seconds: float) -> None:
+        self._wall += seconds
+
+    def set_wall(self, wall: float) -> None:
+        self._wall = wall
 
 
 @dataclass

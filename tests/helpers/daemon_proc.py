@@ -7,57 +7,21 @@ kills the child in a ``finally`` and sweeps its output for the suite's secrets.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tests.fakes import SECRETS
+from tests.helpers.config import write_config
+from tests.helpers.fakes import SECRETS
+from tests.helpers.wait import wait_for
 
 STARTUP_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(directory: Path, raw: dict[str, Any], name: str = "tokenproxy.yaml") -> Path:
-    """Write *raw* as a config file (JSON is valid YAML), private as one holding secrets
-    should be (a readable one is warned about at start)."""
-    path = directory / name
-    path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
-    path.chmod(0o600)
-    return path
-
-
-def password_grant_config(issuer: Any, state: Path, margin: str) -> dict[str, Any]:
-    """A daemon config whose oauth2 provider logs in with the password grant at *issuer* (a
-    tokenproxy.demo.issuer.Issuer) and refreshes *margin* before expiry, on ephemeral ports."""
-    from tests.fakes import CLIENT_SECRET, PASSWORD
-
-    return {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "state_path": str(state),
-        "providers": {"idp": {
-            "type": "oauth2", "token_url": issuer.base_url + "/oauth/token",
-            "grant_type": "password", "client_id": "demo-client",
-            "client_secret": CLIENT_SECRET, "username": "demo", "password": PASSWORD,
-            "refresh_margin": margin,
-        }},
-        "routes": [{"prefix": "/", "upstream": issuer.base_url + "/api/", "provider": "idp"}],
-    }
 
 
 def daemon_command(config: Path) -> list[str]:
@@ -73,15 +37,6 @@ def child_env(state_dir: Path | None = None) -> dict[str, str]:
     if state_dir is not None:
         env["XDG_STATE_HOME"] = str(state_dir)
     return env
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll *predicate* every 10 ms; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class DaemonProcess:
@@ -118,7 +73,7 @@ class DaemonProcess:
                     + self.stderr)
             return text in self.stderr
 
-        await wait_until(seen, timeout, f"{text!r} on the daemon's stderr")
+        await wait_for(seen, f"{text!r} on the daemon's stderr", timeout)
 
     async def wait_for_event(self, name: str, timeout: float = 5.0) -> dict[str, Any]:
         def seen() -> bool:
@@ -128,7 +83,7 @@ class DaemonProcess:
                     + self.stderr)
             return bool(self.events(name))
 
-        await wait_until(seen, timeout, f"event {name!r} on the daemon's stderr")
+        await wait_for(seen, f"event {name!r} on the daemon's stderr", timeout)
         return self.events(name)[0]
 
     # -- addresses (from the `listening` event) ------------------------------------------
@@ -154,7 +109,7 @@ class DaemonProcess:
 
     async def wait(self, timeout: float) -> int:
         """The exit code, once the child has exited; fail after *timeout* seconds."""
-        await wait_until(lambda: self.proc.poll() is not None, timeout, "the daemon to exit")
+        await wait_for(lambda: self.proc.poll() is not None, "the daemon to exit", timeout)
         return self.proc.returncode
 
     def peak_rss_bytes(self) -> int:

@@ -1,5 +1,6 @@
-"""Helpers for the token tests: the real Issuer with a recording fault hook and a tap on its
-protected API, a clock that can also jump its wall time, waits, configs and metric reads."""
+"""The identity provider of the token tests: the real Issuer (tokenproxy/demo/issuer.py) with a
+recording fault hook and a tap on its protected API, the faults it can be told to answer with,
+and daemon configs whose provider logs in at it."""
 
 from __future__ import annotations
 
@@ -16,36 +17,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.fakes import CLIENT_SECRET, PASSWORD, FakeClock
-from tokenproxy.daemon import Daemon
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, FakeClock, JumpClock
+from tests.helpers.wait import wait_for
 from tokenproxy.demo.issuer import Issuer, _Family
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
 web_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class JumpClock(FakeClock):
-    """The FakeClock plus what these tests need: counting live sleepers, moving wall time
-    alone (a clock jump), and starting at a chosen wall time."""
-
-    def napping(self) -> int:
-        return sum(1 for _, fut in self._sleepers if not fut.done())
-
-    def jump_wall(self, seconds: float) -> None:
-        self._wall += seconds
-
-    def set_wall(self, wall: float) -> None:
-        self._wall = wall
-
-
-async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll *pred* (real time, bounded) until it holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def advance(clock: JumpClock, seconds: float, *, napping: int = 1) -> None:
@@ -251,59 +228,31 @@ def config(provider: dict[str, Any], upstream: str, tmp_path: Path, **top: Any) 
     return raw
 
 
-def oauth2(idp: Idp, **kw: Any) -> dict[str, Any]:
-    prov: dict[str, Any] = {"type": "oauth2", "token_url": idp.token_url,
-                            "client_id": idp.issuer.client_id, "client_secret": CLIENT_SECRET}
+def oauth2(idp: Idp | Issuer, **kw: Any) -> dict[str, Any]:
+    """An oauth2 provider (client_credentials unless *kw* says else) at the issuer."""
+    issuer = idp.issuer if isinstance(idp, Idp) else idp
+    prov: dict[str, Any] = {"type": "oauth2", "token_url": issuer.base_url + "/oauth/token",
+                            "client_id": issuer.client_id, "client_secret": CLIENT_SECRET}
     prov.update(kw)
     return prov
 
 
-def oauth2_config(idp: Idp, tmp_path: Path, *, upstream: str | None = None, top: Any = None,
-                  **provider: Any) -> dict[str, Any]:
-    return config(oauth2(idp, **provider), upstream or idp.url + "/api/", tmp_path,
+def oauth2_config(idp: Idp | Issuer, tmp_path: Path, *, upstream: str | None = None,
+                  top: Any = None, **provider: Any) -> dict[str, Any]:
+    """A daemon whose provider ``idp`` logs in at the issuer and whose route / goes to the
+    issuer's protected API (unless *upstream* says else)."""
+    issuer = idp.issuer if isinstance(idp, Idp) else idp
+    return config(oauth2(issuer, **provider), upstream or issuer.base_url + "/api/", tmp_path,
                   **(top or {}))
 
 
-# -- reading a daemon ------------------------------------------------------------------------
-
-
-def metric(daemon: Daemon, name: str, **labels: str) -> float | None:
-    return daemon.registry.get_sample_value(name, labels)
-
-
-def count(daemon: Daemon, name: str, **labels: str) -> float:
-    """A counter's value; a series never touched counts 0."""
-    return metric(daemon, name, **labels) or 0.0
-
-
-def refreshes(daemon: Daemon, trigger: str, result: str = "success",
-              provider: str = "idp", grant: str | None = None) -> float:
-    """Token-endpoint calls of one trigger, over every grant unless one is named; result
-    "failure" counts both kinds of failure (rejected and error)."""
-    results = {"rejected", "error"} if result == "failure" else {result}
-    return sum(
-        s.value for family in daemon.registry.collect()
-        if family.name == "tokenproxy_token_refresh"
-        for s in family.samples
-        if s.name.endswith("_total") and s.labels["provider"] == provider
-        and s.labels["trigger"] == trigger and s.labels["result"] in results
-        and (grant is None or s.labels["grant"] == grant))
-
-
-async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.admin_port}/readyz") as r:
-        return r.status, await r.json()
-
-
-async def wait_ready(daemon: Daemon) -> None:
-    """Until /readyz answers 200 (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while (await readyz(daemon))[0] != 200:
-        if loop.time() > deadline:
-            raise AssertionError("never ready")
-        await asyncio.sleep(0.01)
+def password_grant_config(issuer: Issuer, state: Path, margin: str) -> dict[str, Any]:
+    """A daemon config whose oauth2 provider logs in with the password grant at *issuer* and
+    refreshes *margin* before expiry, its state in *state*, on ephemeral ports."""
+    raw = oauth2_config(issuer, state.parent, grant_type="password", username="demo",
+                        password=PASSWORD, refresh_margin=margin)
+    raw["state_path"] = str(state)
+    return raw
 
 
 def state_entry(path: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""A tiny raw HTTP/1.x client for requests no well-behaved client library would send."""
+"""A tiny raw HTTP/1.x client for requests no well-behaved client library would send, and for
+checking what comes back byte for byte (and that no byte of it is a secret)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakes import SECRETS
+from tests.helpers.fakes import assert_no_secret
 
 TIMEOUT = 2.0
 
@@ -33,13 +34,6 @@ class RawResponse:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def assert_no_secret(data: bytes | str) -> None:
-    """Fail if any fake secret (token, client key, ...) appears in *data*."""
-    text = data if isinstance(data, str) else data.decode("latin-1")
-    leaked = [s for s in SECRETS if s in text]
-    assert [] == leaked
 
 
 def assert_problem(resp: RawResponse, status: int, cause: str) -> None:
@@ -74,6 +68,12 @@ class RawConnection:
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
+
+    async def request(self, head: str, body: bytes = b"", *, head_only: bool = False,
+                      timeout: float = 5.0) -> RawResponse:
+        """Send *head*, written with "\\n" line ends (sent as CRLF), and *body*; the answer."""
+        await self.send(head.replace("\n", "\r\n").encode("latin-1") + body)
+        return await self.response(timeout, head_only)
 
     async def response(self, timeout: float = TIMEOUT, head_only: bool = False) -> RawResponse:
         """Read one response; EOFError if the server closes before a status line."""

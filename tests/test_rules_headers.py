@@ -1,4 +1,5 @@
-"""The header rules (proxy/rules/headers.py) against the str implementation they replaced.
+"""The header rules (proxy/rules/headers.py): what travels each way, case by case, and against
+the str implementation they replaced.
 
 Both request paths filter headers with the byte-pair rules (the fast path on llhttp's pairs,
 the aiohttp path on aiohttp's raw_headers). The aiohttp path used to filter a str multidict
@@ -16,7 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tokenproxy.proxy.rules.headers import request_headers, response_headers
+from tests.helpers.fakes import TOKEN
+from tokenproxy.proxy.rules.headers import (
+    request_headers,
+    response_headers,
+)
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding",
                         "upgrade"})
@@ -27,7 +32,7 @@ MIN_ECHO_TOKEN = 12
 def _oracle_request(headers: CIMultiDictProxy[str], *, drop: frozenset[str], auth_header: str,
                     keep_client_auth: bool, preserve_host: bool
                     ) -> tuple[CIMultiDict[str], bool]:
-    """The str implementation as it was (proxy/headers.py forward_request_headers)."""
+    """The str implementation as it was (forward_request_headers), frozen."""
     values = headers.getall("Connection", ())
     listed = frozenset(n.strip().lower() for v in values for n in v.split(",") if n.strip())
     auth_low = auth_header.lower()
@@ -55,7 +60,7 @@ def _oracle_request(headers: CIMultiDictProxy[str], *, drop: frozenset[str], aut
 
 def _oracle_response(headers: CIMultiDictProxy[str], *, token: str,
                      rewrite_location: Callable[[str], str]) -> CIMultiDict[str]:
-    """The str implementation as it was (proxy/headers.py forward_response_headers)."""
+    """The str implementation as it was (forward_response_headers), frozen."""
     values = headers.getall("Connection", ())
     listed = frozenset(n.strip().lower() for v in values for n in v.split(",") if n.strip())
     echoes = len(token) >= MIN_ECHO_TOKEN
@@ -78,7 +83,6 @@ NAMES = st.sampled_from([
     "authorization", "X-Api-Key", "Expect", "HTTP2-Settings", "Tokenproxy-Key", "X-Foo", "x-foo",
     "X_Forwarded_For", "X.Dot", "Content-Type", "Location", "Set-Cookie", "Accept", "Date",
 ])
-TOKEN = "tp-test-token-7f3a9c41e8"
 VALUES = st.one_of(
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=30),
     st.sampled_from(["close, X-Foo", "x-foo, Authorization", "keep-alive", f"Bearer {TOKEN}",

@@ -1,0 +1,15 @@
+"""The one copy of each test helper. Test modules and tests/conftest.py (the fixtures) import
+from here; nothing here imports a test module or the conftest.
+
+    config.py           configs as dicts and files, the make_proxy fixture's type
+    fakes.py            the suite's secrets, hand-moved clocks, a recording aiohttp upstream
+    logs.py             the captured log lines the autouse log sweep checks
+    wait.py             bounded polling: a condition, a daemon's readiness
+    metrics.py          reading a daemon's metrics
+    net.py              free ports and client sockets with small buffers (slow readers)
+    rawhttp.py          a raw HTTP/1.x client connection, exact bytes both ways
+    rawupstream.py      a raw upstream that runs a script per connection
+    stdlib_upstream.py  an upstream on http.server, which leaves bodies unread
+    idp.py              the demo Issuer as identity provider, with a fault hook and an API tap
+    daemon_proc.py      a daemon in a child process
+"""
