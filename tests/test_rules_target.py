@@ -9,7 +9,7 @@ import pytest
 
 from tokenproxy.config import build_config
 from tokenproxy.errors import RequestRejected
-from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable, check_path
+from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable, check_path, split_target
 
 
 def _table(*routes: tuple[str, str]) -> RouteTable:
@@ -119,3 +119,99 @@ def test_check_path_stays_cheap_on_hostile_paths(path: str) -> None:
 def test_check_path_passes_legitimate_paths(path: str) -> None:
     """Percent signs, dots inside names, an ellipsis, an invalid %u: all pass."""
     check_path(path)
+
+
+# -- the request target, route matching and the upstream URL ------------------------------------
+
+
+@pytest.mark.parametrize(("method", "target", "split"), [
+    ("GET", "/api/x", ("/api/x", None)),
+    ("GET", "/api/x?", ("/api/x", "")),                 # an empty query keeps its "?"
+    ("POST", "/api/x?a=%ZZ&b=;", ("/api/x", "a=%ZZ&b=;")),
+    ("GET", "/", ("/", None)),
+])
+def test_split_target_keeps_the_raw_path_and_query(method: str, target: str,
+                                                   split: tuple[str, str | None]) -> None:
+    assert split == split_target(method, target)
+
+
+@pytest.mark.parametrize(("method", "target", "detail"), [
+    ("CONNECT", "/x", "the CONNECT method is not proxied"),
+    ("TRACE", "/x", "the TRACE method is not proxied"),
+    ("TRACK", "/x", "the TRACK method is not proxied"),
+    ("GET", "http://evil.example/x", "only origin-form request targets (/path?query) are proxied"),
+    ("GET", "*", "only origin-form request targets (/path?query) are proxied"),
+    ("GET", "//evil.example/x", "a request path may not start with //"),
+    ("GET", "/x#frag", "a request target may not carry a fragment"),
+    ("GET", "/api/../admin", "the request path contains a dot segment"),
+    ("GET", "/api/%00", "the request path contains an encoded NUL"),
+])
+def test_split_target_refuses_what_could_leave_the_route(method: str, target: str,
+                                                         detail: str) -> None:
+    with pytest.raises(RequestRejected) as info:
+        split_target(method, target)
+    assert (400, "bad_request", detail) == (info.value.status, info.value.cause,
+                                            info.value.detail)
+
+
+@pytest.mark.parametrize(("path", "prefix"), [
+    ("/api", "/api"), ("/api/", "/api"), ("/api/x/y", "/api"), ("/apix", "/"),
+    ("/ext/a", "/ext"), ("/", "/"), ("/other", "/"),
+])
+def test_the_longest_prefix_on_whole_segments_wins(path: str, prefix: str) -> None:
+    compiled = TABLE.match(path)
+    assert compiled is not None
+    assert prefix == compiled.route.prefix
+
+
+def test_no_route_matches_outside_every_prefix() -> None:
+    table = _table(("/api", "http://upstream.example/v1/"))
+    assert (None, None) == (table.match("/apix"), table.match("/"))
+
+
+@pytest.mark.parametrize(("path", "query", "target"), [
+    ("/api/x/y", None, "/v1/x/y"),
+    ("/api", None, "/v1/"),
+    ("/api/", None, "/v1/"),
+    ("/api/a%2Fb", "q=1&r", "/v1/a%2Fb?q=1&r"),
+    ("/api/x", "", "/v1/x?"),
+])
+def test_the_upstream_target_is_the_upstream_path_plus_the_rest(
+    path: str, query: str | None, target: str
+) -> None:
+    assert target == _route(TABLE, "/api").upstream_target(path, query)
+
+
+@pytest.mark.parametrize(("path", "query", "url"), [
+    ("/api/x/y", None, "http://upstream.example/v1/x/y"),
+    ("/api", None, "http://upstream.example/v1/"),
+    ("/api/a%2Fb", "q=1&r", "http://upstream.example/v1/a%2Fb?q=1&r"),
+    ("/ext/%7e", "a=%ZZ", "http://other.example/%7e?a=%ZZ"),
+])
+def test_the_upstream_url_is_the_routes_origin_plus_the_raw_target(
+    path: str, query: str | None, url: str
+) -> None:
+    compiled = TABLE.match(path)
+    assert compiled is not None
+    assert url == str(compiled.upstream_url(path, query))
+
+
+@pytest.mark.parametrize(("upstream", "host"), [
+    ("http://upstream.example/", b"upstream.example"),
+    ("http://upstream.example:80/", b"upstream.example"),
+    ("https://upstream.example:8443/", b"upstream.example:8443"),
+    ("http://[::1]:8080/", b"[::1]:8080"),
+    ("http://127.0.0.1:9/", b"127.0.0.1:9"),
+])
+def test_the_host_the_upstream_expects(upstream: str, host: bytes) -> None:
+    [compiled] = _table(("/", upstream)).routes
+    assert host == compiled.host_header
+
+
+def test_the_token_header_from_the_route() -> None:
+    raw = {"providers": {"api": {"type": "static", "token": "t" * 16}},
+           "routes": [{"prefix": "/", "upstream": "http://u.example/", "provider": "api",
+                       "header": "PRIVATE-TOKEN", "value": "token {token} v1"}]}
+    [compiled] = RouteTable(build_config(raw, {}).routes).routes
+    assert (b"private-token", "token abc v1") == (compiled.auth_header_low,
+                                                 compiled.header_value("abc"))

@@ -12,4 +12,6 @@ from here; nothing here imports a test module or the conftest.
     stdlib_upstream.py  an upstream on http.server, which leaves bodies unread
     idp.py              the demo Issuer as identity provider, with a fault hook and an API tap
     daemon_proc.py      a daemon in a child process
+    transport.py        a recording double of asyncio's transport, for protocol unit tests
+    proxy.py            a Proxy (tokenproxy.proxy.runtime) from a config, for unit tests
 """
