@@ -482,6 +482,7 @@ def test_unknown_security_key_still_refused() -> None:
             "'admin_allowed_hosts'?)") == msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["check-config", "run"])
 def test_exposed_admin_listen_exits_2_with_one_line(tmp_path: Path, command: str) -> None:
     """check-config and run refuse 0.0.0.0:9100 with exit 2 and one stderr line."""
@@ -552,6 +553,7 @@ async def close_all(conns: list[RawConnection]) -> None:
     await asyncio.gather(*(conn.close() for conn in conns))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("keepalive", "half_head", "silent"),
     [(ADMIN_MAX_CONNECTIONS, 0, 0), (0, ADMIN_MAX_CONNECTIONS, 0),
@@ -571,6 +573,7 @@ async def test_healthz_answers_while_idle_clients_hold_every_slot(
         await close_all(conns)
 
 
+@pytest.mark.slow
 async def test_connection_idle_longest_makes_room(daemon: Daemon, logs: CapturedLogs) -> None:
     """When the cap is full and a client waits, the connection idle longest is closed, only
     that one, and only then: a connection that just finished a request is idle since then."""
@@ -612,6 +615,7 @@ async def test_a_request_whose_body_never_comes_frees_its_connection(daemon: Dae
 HEAD_TIMERS = {"header_timeout": "0.3s", "keepalive_timeout": "0.3s"}
 
 
+@pytest.mark.slow
 async def test_admin_probe_answered_while_clients_that_never_read_hold_every_slot(
     make_proxy: MakeProxy, upstream: TestServer, closing: list[socket.socket]
 ) -> None:
@@ -673,6 +677,7 @@ async def test_admin_probe_does_not_wait_behind_requests_whose_body_never_comes(
     assert 200 == status, "/healthz unanswered behind 64 one-line requests"
 
 
+@pytest.mark.slow
 async def test_probes_answered_under_uvloop_daemon(tmp_path: Path) -> None:
     """The same in a real `tokenproxy run` process (uvloop): 200 idle clients, probes served."""
     raw = proxy_config("http://127.0.0.1:1/", TOKEN)
@@ -685,6 +690,7 @@ async def test_probes_answered_under_uvloop_daemon(tmp_path: Path) -> None:
             await close_all(conns)
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_proxy_listener_cap_still_keeps_idle_connections(
     make_proxy: MakeProxy, upstream: TestServer

@@ -34,6 +34,7 @@ def _faults(mode: str) -> int:
     return int(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_a_freed_chunk_is_reused_without_new_pages() -> None:
     plain, tuned = _faults("plain"), _faults("tuned")

@@ -190,6 +190,7 @@ async def test_a_websocket_handshake_redirect_is_passed_back_not_followed(
     assert [] == thief.targets, "the handshake followed the upstream's redirect"
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_a_retried_request_whose_client_leaves_is_counted_as_abandoned(
     start: StartIdp, make_proxy: MakeProxy, raw_upstream: Any, tmp_path: Path,
@@ -414,7 +415,8 @@ def _upstream_fault(kind: str) -> Callable[..., Awaitable[None]]:
 @pytest.mark.both_paths
 @pytest.mark.parametrize(("fault", "status", "kind"), [
     ("refused", 502, "connect"), ("reset", 502, "reset"), ("malformed", 502, "reset"),
-    ("eof", 502, "reset"), ("hang", 504, "timeout"), ("tls", 502, "tls"),
+    ("eof", 502, "reset"), pytest.param("hang", 504, "timeout", marks=pytest.mark.slow),
+    ("tls", 502, "tls"),
 ])
 async def test_upstream_failures_are_classified_alike_on_both_paths(
     make_proxy: MakeProxy, raw_upstream: Any, fault: str, status: int, kind: str,
@@ -460,6 +462,7 @@ async def _admin_answers(daemon: Daemon) -> bool:
         return r.status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["admin_bind", "provider_build", "route_tls"])
 async def test_a_failed_reload_leaves_listeners_providers_and_routes_as_they_were(
     make_proxy: MakeProxy, raw_upstream: Any, tmp_path: Path, failing: str,

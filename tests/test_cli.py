@@ -340,12 +340,14 @@ def run_cli(argv: list[str], cwd: Path, extra: dict[str, str] | None = None,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_module_version_subprocess(tmp_path: Path) -> None:
     """python -m tokenproxy --version prints the version and exits 0."""
     proc = run_cli(["--version"], tmp_path)
     assert (0, f"tokenproxy {__version__}\n") == (proc.returncode, proc.stdout)
 
 
+@pytest.mark.slow
 def test_module_bad_config_subprocess(tmp_path: Path) -> None:
     """python -m tokenproxy check-config on a bad file exits 2 with one line, no traceback."""
     args, message = bad_cases(tmp_path)["bad-upstream"]
@@ -355,6 +357,7 @@ def test_module_bad_config_subprocess(tmp_path: Path) -> None:
     assert "" == proc.stdout
 
 
+@pytest.mark.slow
 def test_module_without_command_subprocess(tmp_path: Path) -> None:
     """python -m tokenproxy alone exits 2 with usage on stderr."""
     proc = run_cli([], tmp_path)
@@ -362,6 +365,7 @@ def test_module_without_command_subprocess(tmp_path: Path) -> None:
     assert proc.stderr.startswith("usage: tokenproxy")
 
 
+@pytest.mark.slow
 def test_script_check_config_subprocess(tmp_path: Path) -> None:
     """The tokenproxy script's check-config exits 0 and no secret reaches stdout or stderr."""
     path, env = secret_config(tmp_path, "env")
@@ -371,6 +375,7 @@ def test_script_check_config_subprocess(tmp_path: Path) -> None:
     assert_no_secret(proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing-env", "unreadable-secret-file", "yaml-syntax"])
 def test_script_run_bad_config_subprocess(tmp_path: Path, case: str) -> None:
     """tokenproxy run with a bad config exits 2 with one line naming the problem."""
@@ -402,6 +407,7 @@ class TestHttpStackCheck:
         """The aiohttp this suite runs on has its C parser and no known advisory."""
         assert http_stack_problem(aiohttp.__version__, llhttp_parser_loaded()) is None
 
+    @pytest.mark.slow
     def test_run_refuses_the_pure_python_parser(self, tmp_path: Path) -> None:
         """With AIOHTTP_NO_EXTENSIONS=1 `run` exits 1 naming the parser, unless allowed."""
         cfg = tmp_path / "c.yaml"
@@ -486,6 +492,7 @@ def test_summary_names_an_issuer_as_such(tmp_path: Path) -> None:
     assert "endpoint=" not in line
 
 
+@pytest.mark.slow
 async def test_check_config_online_contacts_each_provider_once(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:

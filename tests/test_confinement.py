@@ -314,6 +314,7 @@ async def test_a_body_refused_with_401_and_replayed_reaches_no_other_client(
         assert_no_secret(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_uploads_through_aiohttp_never_race_the_upstreams_close(
     make_proxy: MakeProxy,
@@ -399,6 +400,7 @@ async def test_smuggled_request_captures_the_next_requests_token(
 # -- answers nobody asked for ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 @pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
 async def test_an_answer_arriving_on_an_idle_connection_reaches_nobody(
@@ -498,7 +500,9 @@ async def test_a_tainted_connection_is_dropped_at_handover_and_when_the_client_l
 
 
 @FAST
-@pytest.mark.parametrize("ending", ["fin", "rst", "keepalive-timeout", "handover"])
+@pytest.mark.parametrize("ending", ["fin", "rst", pytest.param("keepalive-timeout",
+                                                                marks=pytest.mark.slow),
+                                    "handover"])
 async def test_every_private_connection_is_closed_when_its_client_goes(
     make_proxy: MakeProxy, raw_upstream: MakeRaw, ending: str
 ) -> None:
@@ -527,6 +531,7 @@ async def test_every_private_connection_is_closed_when_its_client_goes(
         await conn.close()
 
 
+@pytest.mark.slow
 @FAST
 async def test_a_condemned_private_connection_is_not_used_again(
     make_proxy: MakeProxy, raw_upstream: MakeRaw

@@ -450,6 +450,7 @@ class TestEarlyAnswer:
         resp, _ = await exchange(daemon.port(), get("/next"))
         assert (200, "/next") == (resp.status, resp.json()["target"])
 
+    @pytest.mark.slow
     async def test_unfinished_body_after_an_early_answer_does_not_hold_the_connection(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
@@ -704,6 +705,7 @@ class TestTarget:
 
 
 class TestKeepAlive:
+    @pytest.mark.slow
     async def test_idle_connection_closed_after_keepalive_timeout(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
@@ -721,6 +723,7 @@ class TestKeepAlive:
         assert 0.25 <= idle < 2.0
         assert b"" == conn.trailing
 
+    @pytest.mark.slow
     async def test_a_slow_answer_is_not_cut_by_the_idle_or_head_timers(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
@@ -741,6 +744,7 @@ class TestKeepAlive:
             resp = await conn.response()
         assert (200, "/slow") == (resp.status, resp.json()["target"])
 
+    @pytest.mark.slow
     async def test_partial_head_on_a_kept_alive_connection_meets_header_timeout(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
@@ -1070,6 +1074,7 @@ class TestShutdown:
             await idle.close()
             await busy.close()
 
+    @pytest.mark.slow
     async def test_stop_cuts_a_request_that_outlives_the_grace(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:

@@ -15,6 +15,8 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+import pytest
+
 from tests.helpers.config import MakeProxy
 from tests.helpers.rawhttp import RawConnection, get
 from tests.helpers.rawupstream import (
@@ -97,6 +99,7 @@ async def one(port: int, kind: str) -> None:
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_finished_exchanges_leave_nothing_for_the_cycle_collector(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:

@@ -688,6 +688,7 @@ class TestResponse:
 
 
 class TestStreaming:
+    @pytest.mark.slow
     async def test_sse_events_flushed_as_sent(
         self, make_proxy: MakeProxy, upstream: TestServer
     ) -> None:
@@ -798,6 +799,7 @@ class TestUpstreamErrors:
         assert 1.0 == daemon.registry.get_sample_value(
             "tokenproxy_upstream_errors_total", {"route": "/", "kind": "connect"})
 
+    @pytest.mark.slow
     async def test_slow_upstream_is_504(
         self, make_proxy: MakeProxy, upstream: TestServer
     ) -> None:

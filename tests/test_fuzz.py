@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -52,6 +53,7 @@ DOCS = st.recursive(
 )
 
 
+@pytest.mark.slow   # hundreds of generated examples
 @FUZZ
 @given(DOCS)
 def test_any_document_is_a_config_or_a_config_error(doc: Any) -> None:
@@ -87,6 +89,7 @@ PATH_CHARS = st.sampled_from([*"/.%2eEfF5c\\;@:?#&=+ aZ0", "%2f", "%2e", "%2F", 
                               "%25", "%00", "\u00e9"])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.sampled_from(["GET", "POST", "CONNECT", "TRACE", "OPTIONS"]),
        st.lists(PATH_CHARS, max_size=30).map("".join),
@@ -125,6 +128,7 @@ HEADER_VALUES = st.one_of(st.sampled_from(["close", "keep-alive, X-A", "Authoriz
                           st.text(alphabet="abcXYZ-, ", max_size=12))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=12), st.booleans())
 def test_forwarded_headers_never_carry_hop_by_hop_or_the_key(
@@ -156,6 +160,7 @@ JSON_VALUES = st.recursive(
 )
 
 
+@pytest.mark.slow   # hundreds of generated examples
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), JSON_VALUES.map(lambda v: json.dumps(v).encode())))
 def test_token_answers_parse_or_fail_cleanly(body: bytes) -> None:

@@ -170,6 +170,7 @@ class TestFaultyUpstream:
         assert sent < 16 * 1024 * 1024, f"read {sent >> 20} MiB in {took:.1f} s"
         assert took < 2
 
+    @pytest.mark.slow
     async def test_slow_body_after_headers_is_relayed_whole(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:
@@ -254,6 +255,7 @@ async def test_401_storm_bounded_by_the_refresh_gap(
 # -- faulty token endpoint: very slow while requests queue ------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("delay", "route_timeout", "expected"), [
     (0.8, 0.4, 503),   # the token comes after the route timeout: every waiter gets 503
     (0.3, 2.0, 200),   # the token comes within it: every waiter gets 200
@@ -497,6 +499,7 @@ class TestConfusedDeputy:
         assert_problem(resp, 403, "cross_site")
         assert [] == fake_upstream.seen
 
+    @pytest.mark.slow
     async def test_token_only_ever_reaches_the_upstream_origin(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
         raw_upstream: MakeRaw,

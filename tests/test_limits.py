@@ -138,6 +138,7 @@ async def dribble(conn: RawConnection, first: bytes, every: float) -> None:
 
 
 class TestHeaderTimeout:
+    @pytest.mark.slow
     async def test_slowloris_cut_at_header_timeout(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
@@ -155,6 +156,7 @@ class TestHeaderTimeout:
         assert b"" == conn.trailing
         assert [] == fake_upstream.seen
 
+    @pytest.mark.slow
     async def test_silent_connection_cut_at_header_timeout(
         self, make_proxy: MakeProxy, upstream: TestServer
     ) -> None:
@@ -186,6 +188,7 @@ class TestHeaderTimeout:
         assert 200 == resp.status
         assert 1 == len(fake_upstream.seen)
 
+    @pytest.mark.slow
     async def test_slowloris_on_second_request_cut(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
@@ -207,6 +210,7 @@ class TestHeaderTimeout:
         assert 0.25 <= elapsed < 0.9
         assert ["/status/200"] == [s.raw_path for s in fake_upstream.seen]
 
+    @pytest.mark.slow
     async def test_idle_keepalive_closed_at_keepalive_timeout(
         self, make_proxy: MakeProxy, upstream: TestServer
     ) -> None:
@@ -226,6 +230,7 @@ class TestHeaderTimeout:
         assert 0.9 <= elapsed < 1.6
         assert b"" == conn.trailing
 
+    @pytest.mark.slow
     async def test_request_in_progress_not_cut(
         self, make_proxy: MakeProxy, upstream: TestServer
     ) -> None:
@@ -242,6 +247,7 @@ class TestHeaderTimeout:
 
 
 class TestBodyTimeout:
+    @pytest.mark.slow
     @pytest.mark.parametrize(
         ("retry_on", "content_length", "status", "cause", "upstream_saw"),
         [
@@ -280,6 +286,7 @@ def gauge(daemon: Daemon) -> float | None:
 
 
 class TestConnectionCap:
+    @pytest.mark.slow
     async def test_excess_connection_waits_in_backlog(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
@@ -583,7 +590,9 @@ async def _drained(daemon: Daemon, limit: float = 3.0) -> int:
     return daemon.replay_budget.held
 
 
-BUDGET_CASES = ["client-gone-mid-body", "body-stalls-408", "upstream-reset", "upstream-silent",
+# The two that wait out a route timeout (0.4 s) are slow.
+BUDGET_CASES = ["client-gone-mid-body", pytest.param("body-stalls-408", marks=pytest.mark.slow),
+                "upstream-reset", pytest.param("upstream-silent", marks=pytest.mark.slow),
                 "chunked-gone-mid-body", "refused-then-replayed", "expect-100-then-gone",
                 "reload-mid-request"]
 

@@ -733,6 +733,7 @@ async def differential(pair: Pair, batch: list[Request], cuts: list[int]) -> Non
         f"an answer did not end within {TIMEOUT} s: {fast.received!r}")
 
 
+@pytest.mark.slow   # 300 examples through two daemons
 @DIFF
 @given(batch=BATCHES, cuts=CUTS)
 async def test_fast_path_forwards_what_the_aiohttp_path_forwards(

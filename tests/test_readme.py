@@ -68,6 +68,7 @@ def test_provider_examples_validate(tmp_path: Path) -> None:
         p.type_name() for p in cfg.providers.values()}
 
 
+@pytest.mark.slow
 def test_check_config_command(tmp_path: Path) -> None:
     """`tokenproxy check-config` on the six-line config in the current directory exits 0."""
     block = re.search(r"```yaml\n(.*?)```", _section("A first config"), re.S)
@@ -122,6 +123,7 @@ async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
     assert 0 == proc.returncode
 
 
+@pytest.mark.slow
 def test_demo_on_a_busy_port_says_what_to_do(tmp_path: Path) -> None:
     """`tokenproxy demo` on a port in use exits 1 with one line suggesting --port, and prints
     no curl line that would not work."""

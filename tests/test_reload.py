@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
@@ -47,6 +48,7 @@ def _two_routes(upstream: str, token: str, **extra: Any) -> dict[str, Any]:
     return raw
 
 
+@pytest.mark.slow
 async def test_reload_under_load_fails_no_request(
     make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
 ) -> None:
@@ -183,6 +185,7 @@ async def test_unauthenticated_provider_recovers_on_reload(
         assert 200 == resp.status
 
 
+@pytest.mark.slow
 async def test_reload_of_token_providers_under_load_fails_no_request(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
 ) -> None:

@@ -100,6 +100,7 @@ def _normal(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(n.lower(), v) for n, v in pairs if n.lower() != "content-length"]
 
 
+@pytest.mark.slow
 @settings(max_examples=400, derandomize=True, deadline=None)
 @given(PAIRS, st.sampled_from(["Authorization", "X-Api-Key"]), st.booleans(), st.booleans())
 def test_request_rules_on_byte_pairs_agree_with_the_str_ones(
@@ -118,6 +119,7 @@ def test_request_rules_on_byte_pairs_agree_with_the_str_ones(
     assert expected_auth == got_auth
 
 
+@pytest.mark.slow
 @settings(max_examples=400, derandomize=True, deadline=None)
 @given(PAIRS)
 def test_response_rules_on_byte_pairs_agree_with_the_str_ones(

@@ -94,6 +94,7 @@ class TestAllowedHosts:
         assert_problem(resp, 403, "forbidden_host")
         assert [] == fake_upstream.seen
 
+    @pytest.mark.slow
     async def test_bare_http09_line_never_forwarded(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:

@@ -58,6 +58,7 @@ def _a_then_done() -> Script:
     return script
 
 
+@pytest.mark.slow
 async def test_pipelined_request_behind_an_unread_answer_is_not_a_504(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
@@ -80,6 +81,7 @@ async def test_pipelined_request_behind_an_unread_answer_is_not_a_504(
     assert got.endswith(b"done"), got[-300:]
 
 
+@pytest.mark.slow
 async def test_pipelined_request_sent_later_behind_an_unread_answer_is_not_a_504(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
@@ -103,6 +105,7 @@ async def test_pipelined_request_sent_later_behind_an_unread_answer_is_not_a_504
     assert got.endswith(b"done"), got[-300:]
 
 
+@pytest.mark.slow
 async def test_request_after_a_drained_body_waits_for_an_unread_answer(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
@@ -143,6 +146,7 @@ async def test_request_after_a_drained_body_waits_for_an_unread_answer(
 # -- back-pressure across the handover to aiohttp -----------------------------------------------
 
 
+@pytest.mark.slow
 async def test_handover_keeps_write_backpressure(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
@@ -190,6 +194,7 @@ async def test_handover_keeps_write_backpressure(
 # -- an early answer to a client still sending --------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_early_answer_to_a_large_upload_reaches_a_client_still_sending(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:
@@ -245,6 +250,7 @@ async def test_early_answer_to_a_large_upload_reaches_a_client_still_sending(
 # -- clients that never read ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_clients_that_never_read_are_cut_off_at_send_timeout(
     make_proxy: MakeProxy, raw_upstream: MakeRaw, closing: list[socket.socket]
 ) -> None:
@@ -292,6 +298,7 @@ HTTP10_GET = get("/big", "localhost", "Connection: keep-alive", "Content-Length:
                  version="HTTP/1.0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["http/1.0 keep-alive", "chunked", "http/1.1"])
 async def test_a_pipelining_client_that_never_reads_is_not_buffered_without_bound(
     make_proxy: MakeProxy, raw_upstream: MakeRaw, kind: str

@@ -273,6 +273,7 @@ def test_check_config_refuses_an_unsafe_state_file(
               err.splitlines()])
 
 
+@pytest.mark.slow
 def test_run_refuses_an_unsafe_state_file(tmp_path: Path) -> None:
     """`tokenproxy run` exits 2 with one stderr line saying what is wrong and how to fix it."""
     path, raw, _ = unsafe_state(tmp_path, "file-world-writable", dead_oauth2, time.time())
@@ -415,6 +416,7 @@ async def test_daemon_with_a_fifo_state_file_refuses_promptly(
     assert str(info.value).startswith(f"state_path: {path}: is a FIFO, not a regular file")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "token"])
 def test_cli_with_a_fifo_state_file_exits_2(tmp_path: Path, command: str) -> None:
     """`tokenproxy run` and `tokenproxy token` refuse a FIFO state file: exit 2, no hang."""
@@ -516,6 +518,7 @@ class _SlowDirStore(StateStore):
         return super()._open_lock(path)
 
 
+@pytest.mark.slow
 async def test_the_refresh_lock_is_not_opened_on_the_event_loop(tmp_path: Path) -> None:
     """StateStore.locked() is taken around every refresh; opening the lock file (mkdir, open
     of the directory, fstat, open, fstat) happens in a thread, or a slow state directory
@@ -551,6 +554,7 @@ def _fds_on(path: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 async def test_a_refresh_cancelled_while_its_lock_opens_leaks_no_descriptor(
     tmp_path: Path,
 ) -> None:
@@ -610,6 +614,7 @@ def test_a_symlinked_state_directory_swapped_to_a_foreign_one_is_not_trusted(
     assert logs.events("state_file_unsafe")
 
 
+@pytest.mark.slow
 async def test_lock_held_elsewhere_gives_503_not_a_hang(
     make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path, clock: FakeClock
 ) -> None:

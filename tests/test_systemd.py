@@ -68,6 +68,7 @@ def test_notify_reaches_path_and_abstract_sockets(tmp_path: Path, abstract: bool
         listener.sock.close()
 
 
+@pytest.mark.slow
 async def test_daemon_notifies_and_reloads_on_sighup(
     upstream: TestServer, tmp_path: Path
 ) -> None:

@@ -42,6 +42,7 @@ async def _tls_upstream(aiohttp_server: AiohttpServer, cert: tuple[Path, Path]) 
     return server.port
 
 
+@pytest.mark.slow
 async def test_unknown_ca_is_refused_as_tls_error(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, cert: tuple[Path, Path]
 ) -> None:
@@ -57,6 +58,7 @@ async def test_unknown_ca_is_refused_as_tls_error(
         "tokenproxy_upstream_errors_total", {"route": "/", "kind": "tls"})
 
 
+@pytest.mark.slow
 async def test_ca_file_trusts_the_upstream(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, cert: tuple[Path, Path]
 ) -> None:

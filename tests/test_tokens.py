@@ -623,6 +623,7 @@ async def test_command_json_output_with_expires_in(
     assert "Bearer cmd-json-2" == echoed_auth(await fetch(http, daemon))
 
 
+@pytest.mark.slow
 async def test_command_timeout_kills_it_and_fails(
     make_proxy: MakeProxy, tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession,
     logs: CapturedLogs,
@@ -737,6 +738,7 @@ async def test_command_failures(
     assert 503 == (await fetch(http, daemon)).status
 
 
+@pytest.mark.slow
 async def test_a_slow_provider_does_not_hold_up_another(
     make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path
 ) -> None:
@@ -1074,6 +1076,7 @@ async def test_clients_hanging_up_do_not_cancel_the_refresh(
     assert (1, 0) == (refreshes(daemon, "expiry"), refreshes(daemon, "expiry", "failure"))
 
 
+@pytest.mark.slow
 async def test_concurrent_requests_after_expiry_make_one_token_call(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
 ) -> None:
@@ -1466,7 +1469,7 @@ async def _too_slow(request: web.Request, grant: str) -> None:
 
 
 @pytest.mark.parametrize(("fault", "timeout", "error"), [
-    (_too_slow, "0.3s", "{where}: no answer within 0.3s"),
+    pytest.param(_too_slow, "0.3s", "{where}: no answer within 0.3s", marks=pytest.mark.slow),
     (respond(200, "<html><body>Sign in to the Wi-Fi</body></html>", content_type="text/html"),
      "10s", "the answer is not valid JSON"),
     (respond(502, "<html>Bad gateway</html>", content_type="text/html"), "10s",
@@ -1695,6 +1698,7 @@ async def test_refresh_token_on_disk_before_the_new_access_token_is_used(
     assert ["password", "refresh_token", "refresh_token", "password"] == idp.calls.grants()
 
 
+@pytest.mark.slow
 async def test_shutdown_lets_a_token_call_finish_and_persist(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
