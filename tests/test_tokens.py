@@ -119,6 +119,13 @@ def problem_type(resp: Answer) -> str:
     return value
 
 
+def installed(logs: CapturedLogs, trigger: str) -> int:
+    """New tokens of one trigger in use: token_refreshed is logged once the token is installed.
+    The refresh metric counts the token endpoint's answer earlier, before the state file is
+    written and the token installed: a request right after it may still carry the old one."""
+    return sum(1 for ev in logs.events("token_refreshed") if ev.get("trigger") == trigger)
+
+
 def failures(logs: CapturedLogs) -> list[str]:
     """The error of every token_refresh_failed event."""
     return [str(ev["error"]) for ev in logs.events("token_refresh_failed")]
@@ -934,7 +941,7 @@ async def test_proactive_refresh_capped_at_half_the_lifetime(
 
 async def test_old_token_used_while_the_refresh_is_in_flight(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, logs: CapturedLogs,
 ) -> None:
     """Requests use the valid old token during a slow refresh, the new one after it."""
     idp = await start()
@@ -953,6 +960,7 @@ async def test_old_token_used_while_the_refresh_is_in_flight(
     assert (200, "valid") == (status, doc["providers"]["idp"]["state"])
     release.set()
     await wait_for(lambda: refreshes(daemon, "expiry") == 1, "the refresh to finish")
+    await wait_for(lambda: installed(logs, "expiry") == 1, "the new token in use")
     assert 200 == (await fetch(http, daemon)).status
     assert old[0] != idp.tap.bearers()[-1]
 
@@ -1130,7 +1138,7 @@ async def _chunked(size: int) -> AsyncIterator[bytes]:
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_body_over_max_replay_streamed_and_its_401_passed_back(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    framing: str,
+    framing: str, logs: CapturedLogs,
 ) -> None:
     """A body over max_replay_body is streamed once and its 401 passed back (skipped)."""
     idp = await start()
@@ -1148,6 +1156,7 @@ async def test_body_over_max_replay_streamed_and_its_401_passed_back(
     assert expected == seen.body
     assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="skipped")
     await wait_for(lambda: refreshes(daemon, "unauthorized") == 1, "the refresh")
+    await wait_for(lambda: installed(logs, "unauthorized") == 1, "the new token in use")
     assert 200 == (await fetch(http, daemon, "/upload", method="POST", data=expected)).status
     assert 2 == len(idp.calls.seen)
 
