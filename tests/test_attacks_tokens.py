@@ -26,23 +26,15 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from tests.conftest import CapturedLogs, Daemon, MakeProxy
-from tests.fakes import CLIENT_SECRET, PASSWORD, SECRETS
-from tests.idp import (
-    Idp,
-    JumpClock,
-    config,
-    count,
-    oauth2,
-    oauth2_config,
-    readyz,
-    refreshes,
-    start_idp,
-    wait_for,
-    wait_ready,
-)
-from tests.rawhttp import RawConnection, get
-from tests.rawupstream import UpConn, read_request, response
+from tests.helpers.config import MakeProxy
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, SECRETS, JumpClock
+from tests.helpers.idp import Idp, config, oauth2, oauth2_config, start_idp
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.metrics import count, refreshes
+from tests.helpers.rawhttp import RawConnection, get
+from tests.helpers.rawupstream import UpConn, read_request, response
+from tests.helpers.wait import readyz, wait_for, wait_ready
+from tokenproxy.daemon import Daemon
 
 StartIdp = Callable[..., Awaitable[Idp]]
 
@@ -202,6 +194,7 @@ def retry_counts(daemon: Daemon) -> dict[str, float]:
             for o in ("success", "failure", "upstream_error", "skipped", "no_new_token")}
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 @pytest.mark.parametrize("after_401", ["reset", "hang"])
 async def test_a_retry_that_fails_upstream_is_counted_as_upstream_error(
@@ -237,7 +230,7 @@ async def test_a_401_whose_refresh_fails_is_counted_as_no_new_token(
     or rejecting the client (502 unauthenticated) -- is not sent again because no newer token
     could be had, and is counted so (``no_new_token``): the one situation where the 401s
     matter most is not invisible in the metric."""
-    from tests.idp import respond_json
+    from tests.helpers.idp import respond_json
 
     idp = await start()
     daemon = await make_proxy(oauth2_config(idp, tmp_path))
@@ -288,8 +281,8 @@ async def test_a_head_answered_by_tokenproxy_gets_no_body(
     token_unavailable alike) gets the head alone, on a connection kept alive. A HEAD response
     has no body (RFC 9110 section 9.3.2): body bytes would be read as the start of the next
     response on that connection."""
-    from tests.conftest import proxy_config
-    from tests.fakes import TOKEN
+    from tests.helpers.config import proxy_config
+    from tests.helpers.fakes import TOKEN
 
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
@@ -457,6 +450,7 @@ async def test_an_oversized_metadata_answer_is_a_misconfiguration(
     assert "misconfigured" == await provider_state(daemon)
 
 
+@pytest.mark.slow
 async def test_a_compressed_metadata_bomb_is_refused_with_bounded_memory(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path,
     servers: Callable[[], Awaitable[MetaServer]],
@@ -487,6 +481,7 @@ async def test_a_compressed_metadata_bomb_is_refused_with_bounded_memory(
     assert [] == idp.calls.seen
 
 
+@pytest.mark.slow
 async def test_a_trickling_metadata_server_is_bounded_by_the_provider_timeout(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
     logs: CapturedLogs, servers: Callable[[], Awaitable[MetaServer]],
@@ -597,7 +592,7 @@ def test_metadata_refuses_a_downgrade_userinfo_and_another_issuer() -> None:
 async def run_cli(directory: Path, *args: str, timeout: float = 20.0) -> tuple[int, str, float]:
     """``python -m tokenproxy ARGS`` in a child process (so this loop keeps serving the
     issuer): exit code, stdout+stderr, seconds taken."""
-    from tests.daemon_proc import child_env
+    from tests.helpers.daemon_proc import child_env
 
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
@@ -622,6 +617,7 @@ def write_private(directory: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.slow
 async def test_online_check_prints_no_secret_spends_no_refresh_token_writes_nothing(
     start: StartIdp, tmp_path: Path,
 ) -> None:
@@ -629,7 +625,7 @@ async def test_online_check_prints_no_secret_spends_no_refresh_token_writes_noth
     provider prints neither the issued tokens nor any credential, does not exchange the
     refresh token (the issuer's family keeps it live and unspent), creates no state file
     and exits 0."""
-    from tests.idp import password_grant
+    from tests.helpers.idp import password_grant
 
     idp = await start()
     login = await password_grant(idp)
@@ -655,12 +651,13 @@ async def test_online_check_prints_no_secret_spends_no_refresh_token_writes_noth
     assert not (directory / "state.json").exists()
 
 
+@pytest.mark.slow
 async def test_online_check_of_a_hanging_token_endpoint_ends_and_fails(
     start: StartIdp, tmp_path: Path,
 ) -> None:
     """Held: a token endpoint that never answers costs the provider's timeout, then exit 1
     naming the host and the wait."""
-    from tests.idp import gate
+    from tests.helpers.idp import gate
 
     idp = await start()
     idp.calls.default = gate(asyncio.Event())   # held until the test ends
@@ -672,6 +669,7 @@ async def test_online_check_of_a_hanging_token_endpoint_ends_and_fails(
     assert took < 8
 
 
+@pytest.mark.slow
 async def test_online_check_leaves_a_state_file_it_cannot_read_in_place(
     start: StartIdp, tmp_path: Path,
 ) -> None:
@@ -691,6 +689,7 @@ async def test_online_check_leaves_a_state_file_it_cannot_read_in_place(
     assert newer == state.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 async def test_online_check_escapes_control_characters_from_the_metadata(
     start: StartIdp, tmp_path: Path, servers: Callable[[], Awaitable[MetaServer]],
 ) -> None:
@@ -898,7 +897,8 @@ def big_upstream_app() -> web.Application:
 async def concurrent_download_rss(directory: Path, upstream: str, tuned: bool) -> tuple[int, int]:
     """(VmHWM, VmRSS after the load) in MiB of a child daemon, tuned or not, through which
     96 clients download 4 MiB each, twice."""
-    from tests.daemon_proc import DaemonProcess, child_env, write_config
+    from tests.helpers.config import write_config
+    from tests.helpers.daemon_proc import DaemonProcess, child_env
 
     directory.mkdir()
     raw = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
@@ -960,8 +960,8 @@ async def test_a_head_problem_answer_logs_no_body_bytes(
 ) -> None:
     """A HEAD answered by tokenproxy itself sends no body, and the access log's ``bytes``
     says so, on both paths."""
-    from tests.conftest import proxy_config
-    from tests.fakes import TOKEN
+    from tests.helpers.config import proxy_config
+    from tests.helpers.fakes import TOKEN
 
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
@@ -1017,7 +1017,7 @@ async def test_token_metric_labels_stay_bounded_whatever_the_issuer_answers(
     """Held: an issuer answering with invented error codes, 4xx and 5xx statuses, garbage and
     finally a token puts nothing of its answers into the token_refresh labels: grant, trigger
     and result keep to the documented values."""
-    from tests.idp import respond, respond_json
+    from tests.helpers.idp import respond, respond_json
 
     idp = await start()
     idp.calls.queue.extend([
@@ -1051,7 +1051,7 @@ async def test_a_4xx_from_the_token_endpoint_is_counted_rejected(
     """A token endpoint answering 404 or 405 (a wrong token_url path, a GET-only route)
     is the endpoint saying no: counted ``rejected``, so the alert docs/metrics.md recommends
     fires; it is still retried with backoff (the route may come back)."""
-    from tests.idp import respond
+    from tests.helpers.idp import respond
 
     idp = await start()
     idp.calls.default = respond(status, "")
@@ -1061,6 +1061,7 @@ async def test_a_4xx_from_the_token_endpoint_is_counted_rejected(
     assert 1 == refreshes(daemon, "initial", "rejected"), "counted as error"
 
 
+@pytest.mark.slow
 async def test_online_check_of_a_header_that_would_split_is_a_config_error(
     tmp_path: Path, servers: Callable[[], Awaitable[MetaServer]],
 ) -> None:
