@@ -50,7 +50,7 @@ class IdleGuardConnector(aiohttp.TCPConnector):
 @dataclass(frozen=True, slots=True)
 class UpstreamSessions:
     """The aiohttp path's clients: a pool for requests without a body, and one that closes
-    every connection for requests with one (proxy/reuse.py). aiohttp's client returns a
+    every connection for requests with one (rules/reuse.py). aiohttp's client returns a
     connection to its pool as soon as the answer's body ends, before the caller could close
     it, and ignores a request's own ``Connection: close``: only a connector that never pools
     keeps a connection a client's body went into from serving another client."""

@@ -99,7 +99,7 @@ class FastConnection(asyncio.Protocol):
         self.body: RequestBody | None = None
         self.upstream: UpstreamConn | None = None
         # An upstream connection that carried this client's body bytes: reused only for this
-        # client's later requests (proxy/reuse.py), closed when the client leaves.
+        # client's later requests (rules/reuse.py), closed when the client leaves.
         self._private: UpstreamConn | None = None
         self.write_paused = False
         self._read_pauses: set[str] = set()

@@ -25,7 +25,7 @@ def render_request(method: bytes, target: bytes, host: bytes | None,
     """The upstream request head up to, not including, the token line and the final CRLF.
 
     *length* is the body's Content-Length (None: the client sent none); *close* asks the
-    upstream to close after answering (proxy/reuse.py). The client's own
+    upstream to close after answering (rules/reuse.py). The client's own
     Content-Length never passes through request_headers: a "Connection: Content-Length"
     would otherwise strip it while the body still followed, and the upstream would read the
     body as a second request that no check ever saw.
