@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +18,7 @@ from tokenproxy.clock import Clock, SystemClock
 from tokenproxy.config import Config, Listener
 from tokenproxy.config.secrets import config_secrets, exposed_mode
 from tokenproxy.errors import ConfigError
-from tokenproxy.listeners import ConnectionGate, ListeningSocket, bind
+from tokenproxy.listeners import ConnectionGate, ListeningSocket, ProtocolFactory, bind
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.proxy.aiohttp_path.client import UpstreamSessions
@@ -53,7 +53,9 @@ ADMIN_MAX_CONNECTIONS = 64
 
 
 class Daemon:
-    """One running tokenproxy: start() opens every listener, stop() drains and closes."""
+    """One running tokenproxy: start() opens every listener, stop() drains and closes.
+
+    The wiring of every part, so about 250 lines; what a reload does is in reload.py."""
 
     def __init__(
         self,
@@ -94,11 +96,12 @@ class Daemon:
 
     # -- start -------------------------------------------------------------------------------
 
-    def _factory(self, server: web.Server, *, lingering_time: float = 10.0) -> Any:
+    def _factory(self, server: web.Server, *, lingering_time: float = 10.0
+                 ) -> ProtocolFactory:
         """Protocol factory; reads the limits at each connection, so a reload applies them."""
         loop = asyncio.get_running_loop()
 
-        def make(on_close: Any) -> GuardedRequestHandler:
+        def make(on_close: Callable[[], None] | None) -> GuardedRequestHandler:
             limits = self.config.limits
             return GuardedRequestHandler(
                 server, loop=loop, header_timeout=limits.header_timeout, on_close=on_close,
@@ -112,17 +115,17 @@ class Daemon:
 
         return make
 
-    def _admin_factory(self) -> Any:
+    def _admin_factory(self) -> ProtocolFactory:
         # A request whose body never comes is not read for 10 s after its answer: the
         # connection closes at once, so that probes do not wait behind it.
         assert self._admin_server is not None
         return self._factory(self._admin_server, lingering_time=0)
 
-    def _fast_factory(self, env: FastEnv) -> Any:
+    def _fast_factory(self, env: FastEnv) -> ProtocolFactory:
         if not self.fast_path:
             return env.slow
 
-        def make(on_close: Any) -> FastConnection:
+        def make(on_close: Callable[[], None] | None) -> FastConnection:
             return FastConnection(env, on_close)
 
         return make
@@ -131,7 +134,8 @@ class Daemon:
         assert self._proxy is not None
         return self._proxy
 
-    def _bind_all(self, listeners: Sequence[Listener], group: str | None, factory: Any,
+    def _bind_all(self, listeners: Sequence[Listener], group: str | None,
+                  factory: ProtocolFactory,
                   gate: ConnectionGate) -> list[ListeningSocket]:
         """Bind every address or none: a failure closes what this call opened."""
         opened: list[ListeningSocket] = []

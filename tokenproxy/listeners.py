@@ -266,7 +266,9 @@ class _Slot:
             self._gate.closed()
 
 
-ProtocolFactory = Callable[[Callable[[], None]], asyncio.Protocol]
+# A connection's protocol, given what to call when it closes (None: nothing; a protocol taking
+# over a connection from another may have no slot of its own to give back).
+ProtocolFactory = Callable[[Callable[[], None] | None], asyncio.Protocol]
 
 
 class ListeningSocket:

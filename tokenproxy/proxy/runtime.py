@@ -19,6 +19,7 @@ from tokenproxy import log
 from tokenproxy.config import Config
 from tokenproxy.errors import RequestRejected, TokenError, TokenUnavailable, UpstreamError
 from tokenproxy.metrics import Metrics, method_label
+from tokenproxy.proxy.failures import failure_kind
 from tokenproxy.proxy.rules.budget import ReplayBudget
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.retry import RetryAction, retry_action
@@ -74,6 +75,7 @@ class Proxy:
         self.max_replay = cfg.limits.max_replay_body
         self.budget = budget   # the daemon's, shared across reloads
         self._background: set[asyncio.Task[Any]] = set()
+        self._log = log.get_logger()
         self._count_cache: dict[tuple[str, str, int], Any] = {}
         self._duration_cache: dict[str, Any] = {}
         self._token_lines: dict[str, tuple[Token | None, bytes]] = {}
@@ -143,6 +145,12 @@ class Proxy:
             if outcome.retried and outcome.retry is None:
                 self._retry_outcome(outcome, "upstream_error")
         return Problem.of(exc)
+
+    def body_failed(self, route: str, exc: BaseException) -> None:
+        """The upstream broke while its answer's body was relayed (both paths): counted by
+        kind and logged; the caller cuts the client's connection, so the truncation shows."""
+        self.metrics.upstream_errors.labels(route, failure_kind(exc)).inc()
+        self._log.warning("upstream_body_failed", route=route, error=type(exc).__name__)
 
     def record(self, method: str, raw_path: str, outcome: Outcome, duration: float) -> None:
         """Count, time and log one answered request (both paths)."""

@@ -8,6 +8,9 @@ One TokenManager per provider. Invariants:
   valid token get TokenUnavailable at once, so no storm reaches the endpoint;
 - the refresh token is written to the state file (under its lock, after re-reading it) before
   the new access token is used.
+
+The longest module here, because TokenManager is one state machine (see its docstring); what
+shares none of its state lives in calls.py, guard.py, expiry.py and state.py.
 """
 
 from __future__ import annotations

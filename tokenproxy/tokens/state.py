@@ -9,6 +9,9 @@ Whoever can write the state file chooses the token the upstream receives, so it 
 way ssh trusts its key files: the file must be a regular file (never a symlink or a FIFO, which
 would also block a plain open) owned by this user or root and writable by nobody else, and so
 must its directory. Files are opened with O_NOFOLLOW and O_NONBLOCK and checked with fstat.
+
+About 400 lines because the trust checks, the lock and the atomic write all work on the same
+directory descriptor and file, and are easier to check side by side than across modules.
 """
 
 from __future__ import annotations

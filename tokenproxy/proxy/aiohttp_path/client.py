@@ -1,4 +1,5 @@
-"""The outgoing HTTP client for upstreams, and the mapping of its failures to error kinds."""
+"""The aiohttp path's outgoing clients for upstreams (its failures are classified in
+proxy/failures.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
 from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD
+from tokenproxy.proxy.rules.upstream import CONNECT_TIMEOUT, DNS_TTL, KEEPALIVE
 
 # The proxy sends what the client sent: no invented Accept, Accept-Encoding, User-Agent or
 # Content-Type (an invented Accept-Encoding would get compressed bodies the client never asked for).
@@ -95,8 +97,8 @@ def _session(max_connections: int, *, force_close: bool, follow_redirects: bool 
         limit=max_connections,
         limit_per_host=0,
         force_close=force_close,
-        keepalive_timeout=None if force_close else 15.0,   # below common upstream idle
-        ttl_dns_cache=10,                                  # timeouts (nginx 75 s, ALB 60 s)
+        keepalive_timeout=None if force_close else KEEPALIVE,
+        ttl_dns_cache=int(DNS_TTL),
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -104,7 +106,7 @@ def _session(max_connections: int, *, force_close: bool, follow_redirects: bool 
         cookie_jar=aiohttp.DummyCookieJar(),   # one client's cookies must not reach another
         skip_auto_headers=SKIP_AUTO_HEADERS,
         trust_env=False,                       # HTTPS_PROXY must not reroute a token
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
         max_line_size=MAX_UPSTREAM_FIELD,
         max_field_size=MAX_UPSTREAM_FIELD,
         raise_for_status=False,

@@ -28,15 +28,14 @@ from tokenproxy.proxy.aiohttp_path.responses import (
     relayed_headers,
 )
 from tokenproxy.proxy.aiohttp_path.websocket import is_websocket_upgrade, proxy_websocket
-from tokenproxy.proxy.failures import failure_kind, upstream_error
-from tokenproxy.proxy.rules.headers import request_headers, safe_reason
+from tokenproxy.proxy.failures import upstream_error
+from tokenproxy.proxy.rules.headers import NO_BODY_STATUSES, request_headers, safe_reason
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
 from tokenproxy.proxy.rules.target import CompiledRoute, split_target
 from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
 from tokenproxy.tokens.source import Token
 
-NO_BODY_STATUSES: Final = frozenset({204, 304})
 MALFORMED_BODY: Final = Problem(400, "bad_request", "the request body is malformed")
 
 
@@ -228,10 +227,7 @@ class AiohttpHandler:
                     TimeoutError) as exc:
                 # The upstream broke mid-body. Never finish the response: a truncated body
                 # must look truncated to the client, so close its connection instead.
-                proxy.metrics.upstream_errors.labels(compiled.route.label,
-                                                      failure_kind(exc)).inc()
-                self._log.warning("upstream_body_failed", route=compiled.route.label,
-                                  error=type(exc).__name__)
+                proxy.body_failed(compiled.route.label, exc)
                 if request.transport is not None:
                     request.transport.close()
                 return out

@@ -13,8 +13,8 @@ from typing import Any, Final, TypeVar
 
 import aiohappyeyeballs
 
-DNS_TTL: Final = 10.0          # as aiohttp's ttl_dns_cache on the aiohttp path
-CONNECT_TIMEOUT: Final = 30.0  # as the aiohttp path's sock_connect
+from tokenproxy.proxy.rules.upstream import CONNECT_TIMEOUT, DNS_TTL
+
 HAPPY_EYEBALLS_DELAY: Final = 0.25
 AddrInfo = tuple[int, int, int, str, Any]
 P = TypeVar("P", bound=asyncio.BaseProtocol)

@@ -15,7 +15,12 @@ from tokenproxy.proxy.fast_path import wire
 from tokenproxy.proxy.fast_path.body import DISCARD_LIMIT, RequestBody
 from tokenproxy.proxy.fast_path.head import Request
 from tokenproxy.proxy.fast_path.upstream import ResponseHead, UpstreamConn
-from tokenproxy.proxy.rules.headers import request_headers, response_headers, safe_reason
+from tokenproxy.proxy.rules.headers import (
+    NO_BODY_STATUSES,
+    request_headers,
+    response_headers,
+    safe_reason,
+)
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
 from tokenproxy.proxy.runtime import CLIENT_GONE, Outcome, bounded
@@ -24,7 +29,6 @@ from tokenproxy.tokens.source import Token
 if TYPE_CHECKING:
     from tokenproxy.proxy.fast_path.connection import FastConnection
 
-_NO_BODY: Final = frozenset({204, 304})
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
@@ -217,7 +221,7 @@ class Exchange:
         # More unread body than we would drop: this connection closes after the answer.
         keep = req.keep_alive and not client.close_after and (
             body is None or body.remaining <= DISCARD_LIMIT)
-        no_body = req.method == b"HEAD" or status in _NO_BODY
+        no_body = req.method == b"HEAD" or status in NO_BODY_STATUSES
         framing, chunked = wire.response_framing(status, resp.length, no_body)
         out = wire.render_response(status, safe_reason(resp.reason, token_bytes), headers,
                                    framing, client.env.date(), not keep)
@@ -245,9 +249,7 @@ class Exchange:
             forget_frames(exc)
             # The upstream broke mid-body: a truncated body must look truncated to the
             # client, so its connection is cut instead of the response being finished.
-            proxy.metrics.upstream_errors.labels(outcome.route, "reset").inc()
-            log.get_logger().warning("upstream_body_failed", route=outcome.route,
-                                     error="UpstreamBroke")
+            proxy.body_failed(outcome.route, exc)
             transport.abort()
             return False
         if chunked:

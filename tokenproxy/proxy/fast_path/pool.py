@@ -9,8 +9,8 @@ from typing import Final
 
 from tokenproxy.proxy.fast_path.connect import Resolver, open_connection
 from tokenproxy.proxy.fast_path.upstream import UpstreamConn
+from tokenproxy.proxy.rules.upstream import KEEPALIVE
 
-KEEPALIVE: Final = 15.0        # below common upstream idle timeouts (nginx 75 s, ALB 60 s)
 MAX_IDLE_PER_ORIGIN: Final = 256
 
 

@@ -17,7 +17,7 @@ from typing import Final, cast
 import httptools
 
 from tokenproxy.proxy.failures import UpstreamBroke
-from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD, Header
+from tokenproxy.proxy.rules.headers import MAX_UPSTREAM_FIELD, NO_BODY_STATUSES, Header
 
 MAX_UPSTREAM_HEAD: Final = 2 * MAX_UPSTREAM_FIELD
 # Body bytes held before the relay attaches its sink; past this the upstream socket pauses.
@@ -232,8 +232,8 @@ class UpstreamConn(asyncio.Protocol):
                 length = value.strip()
             elif low == b"transfer-encoding":
                 chunked = value.strip().lower().endswith(b"chunked")
-        self._framed = chunked or length is not None or status in (204, 304) \
-            or self._head_request
+        self._framed = (chunked or length is not None or status in NO_BODY_STATUSES
+                        or self._head_request)
         head = ResponseHead(status, self._reason.strip(), self._headers, length, chunked)
         assert self.head is not None
         assert self.done is not None

@@ -23,6 +23,9 @@ REQUEST_ONLY_LOCAL: Final = frozenset({b"host", b"expect", b"http2-settings"})
 MAX_UPSTREAM_FIELD: Final = 64 * 1024
 # A token shorter than this could occur by chance in a Date or an ETag: not looked for.
 MIN_ECHO_TOKEN: Final = 12
+# Answers that never have a body, whatever their framing fields say (RFC 9110 sections
+# 15.3.5 and 15.4.5); nor has any answer to HEAD.
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
