@@ -32,7 +32,7 @@ def test_retry_action(status: int, retry_on: frozenset[int], client_auth: bool, 
 
 def test_the_four_decisions_after_an_answer() -> None:
     """Relay it, renew the token and send again, skip the retry (the body is gone), or give
-    up after a second refusal; Proxy.token_for_retry turns them into the outcomes of
+    up after a second refusal; Proxy.send_again turns them into the outcomes of
     tokenproxy_auth_retries_total (docs/metrics.md)."""
     assert ["relay", "renew", "skipped", "failure"] == [a.value for a in RetryAction]
 

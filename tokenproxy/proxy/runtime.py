@@ -56,6 +56,20 @@ async def bounded(waiting: Awaitable[T], compiled: CompiledRoute, provider: str)
                                "timeout", 1.0) from None
 
 
+@dataclass(slots=True)
+class Sending:
+    """One request on its way upstream (every path): the token it carries, and what decides
+    whether it is sent once more after a refusal."""
+
+    compiled: CompiledRoute
+    source: TokenSource
+    token: Token
+    outcome: Outcome
+    target: Target            # where it goes, for the source's storm guard (tokens/guard.py)
+    client_auth: bool         # the client's own auth header passes: no token, no retry
+    replayable: bool          # its body can be sent again
+
+
 class Proxy:
     """Everything the request paths need, built once per config (start or reload)."""
 
@@ -183,38 +197,36 @@ class Proxy:
 
     # -- the 401 retry -----------------------------------------------------------------------
 
-    async def token_for_retry(
-        self, status: int, compiled: CompiledRoute, source: TokenSource, token: Token, *,
-        outcome: Outcome, target: Target, client_auth: bool, replayable: bool,
-        drop: Callable[[], None],
-    ) -> Token | None:
-        """After an upstream answer (every path): the token to send the request once more
-        with (and *outcome* marked retried), or None to relay this answer. Counts the
+    async def send_again(self, sending: Sending, status: int, drop: Callable[[], None]
+                         ) -> bool:
+        """After an upstream answer with *status* (every path): True to send the request
+        once more, with ``sending.token`` renewed, or False to relay this answer. Counts the
         retry's outcome, once per request (``failed`` and ``record`` count the ones decided
         later: the second send failed, or the client left); *drop* frees the refused answer's
-        connection when the wait for a new token fails. *target* tells the token source where
-        the answer came from (its storm guard, tokens/guard.py)."""
+        connection when the wait for a new token fails."""
+        outcome, source, target = sending.outcome, sending.source, sending.target
         retried = outcome.retried
-        action = retry_action(status, compiled.route.retry_on, client_auth, retried, replayable)
+        action = retry_action(status, sending.compiled.route.retry_on, sending.client_auth,
+                              retried, sending.replayable)
         if action is RetryAction.RELAY:
             if retried:
                 self._retry_outcome(outcome, "success")
-            if status < 400 and not client_auth:
+            if status < 400 and not sending.client_auth:
                 source.accepted(target)
-            return None
+            return False
         if action is RetryAction.FAILED:
             self._retry_outcome(outcome, "failure")
             source.refused(target)   # a fresh token refused: scope, not expiry
-            return None
+            return False
         if action is RetryAction.SKIP:
             # The body is gone upstream: pass the 401 back, and let a refresh run so the
             # client's own retry finds a fresh token.
             self._retry_outcome(outcome, "skipped")
-            self._spawn(source.renew(token, "unauthorized", target))
-            return None
+            self._spawn(source.renew(sending.token, "unauthorized", target))
+            return False
         try:
-            fresh = await bounded(source.renew(token, "unauthorized", target), compiled,
-                                  source.name)
+            fresh = await bounded(source.renew(sending.token, "unauthorized", target),
+                                  sending.compiled, source.name)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):   # not when the client left
                 self._retry_outcome(outcome, "no_new_token")
@@ -222,9 +234,10 @@ class Proxy:
             raise
         if fresh is None:
             self._retry_outcome(outcome, "no_new_token")
-        else:
-            outcome.retried = True
-        return fresh
+            return False
+        outcome.retried = True
+        sending.token = fresh
+        return True
 
     def _retry_outcome(self, outcome: Outcome, name: str) -> None:
         outcome.retry = name

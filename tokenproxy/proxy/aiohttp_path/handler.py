@@ -33,7 +33,7 @@ from tokenproxy.proxy.rules.headers import NO_BODY_STATUSES, request_headers, sa
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
 from tokenproxy.proxy.rules.target import CompiledRoute, split_target
-from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
+from tokenproxy.proxy.runtime import Outcome, Proxy, Sending, bounded
 from tokenproxy.tokens.source import Token
 
 MALFORMED_BODY: Final = Problem(400, "bad_request", "the request body is malformed")
@@ -162,23 +162,19 @@ class AiohttpHandler:
         closing = request.body_exists or last_request(request.method, False)
         if closing:
             headers["Connection"] = "close"
+        sending = Sending(compiled, source, token, outcome, (route.label, request.method, path),
+                          client_auth, replayable=body.replayable)
         while True:
             if not client_auth:
-                headers[route.header] = compiled.header_value(token.value)
+                headers[route.header] = compiled.header_value(sending.token.value)
             up = await self.send(proxy, compiled, request.method, url, headers, body.payload(),
                                  closing=closing)
-            fresh = await proxy.token_for_retry(up.status, compiled, source, token,
-                                                outcome=outcome,
-                                                target=(route.label, request.method, path),
-                                                client_auth=client_auth,
-                                                replayable=body.replayable, drop=up.close)
-            if fresh is None:
+            if not await proxy.send_again(sending, up.status, up.close):
                 break
             # The refused answer is not relayed. Its body is not worth reading: an upstream
             # that stalls in it would hold this request past any deadline.
             up.close()
-            token = fresh
-        return await self._relay(proxy, request, compiled, up, token, outcome)
+        return await self._relay(proxy, request, compiled, up, sending.token, outcome)
 
     async def send(self, proxy: Proxy, compiled: CompiledRoute, method: str, url: Any,
                    headers: CIMultiDict[str], data: Any, *, closing: bool = False,

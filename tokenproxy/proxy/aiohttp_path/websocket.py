@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from tokenproxy.errors import UpstreamError
 from tokenproxy.proxy.aiohttp_path.client import RedirectRefused
 from tokenproxy.proxy.aiohttp_path.responses import RelayedResponse, relayed_headers
 from tokenproxy.proxy.failures import upstream_error
 from tokenproxy.proxy.rules.headers import Header
-from tokenproxy.proxy.runtime import Outcome, Proxy, bounded
+from tokenproxy.proxy.runtime import Outcome, Proxy, Sending, bounded
 
 if TYPE_CHECKING:
     from tokenproxy.proxy.aiohttp_path.handler import AiohttpHandler
@@ -67,70 +69,86 @@ async def _pump(
             return
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """The upstream's answer to a handshake when it was not an upgrade."""
+
+    status: int
+    headers: Sequence[Header]
+
+
 async def proxy_websocket(
-    handler: AiohttpHandler,
-    proxy: Proxy,
-    request: web.BaseRequest,
-    compiled: CompiledRoute,
-    path: str,
-    query: str | None,
-    outcome: Outcome,
+    handler: AiohttpHandler, proxy: Proxy, request: web.BaseRequest, compiled: CompiledRoute,
+    path: str, query: str | None, outcome: Outcome,
 ) -> web.StreamResponse:
-    route = compiled.route
+    """Handshake upstream first (token attached, once more after a refusal), then relay
+    frames both ways; a refusal or redirect is passed back, never followed."""
     source = proxy.source_for(compiled)
-    token = await bounded(source.current(), compiled, source.name)
-    url = compiled.upstream_url(path, query)
-    base, client_auth = handler.request_headers(proxy, request, compiled)
-    for name in list(base.keys()):
+    headers, client_auth = handler.request_headers(proxy, request, compiled)
+    for name in list(headers.keys()):
         if name.lower() in _HANDSHAKE:
-            del base[name]
-    protocols = [
-        p.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", ())
-        for p in value.split(",")
-        if p.strip()
-    ]
-    upstream: aiohttp.ClientWebSocketResponse | None = None
+            del headers[name]   # the client library sets its own for the upstream leg
+    token = await bounded(source.current(), compiled, source.name)
+    # The handshake has no body: a refused one can always be sent again.
+    sending = Sending(compiled, source, token, outcome, (compiled.route.label, "GET", path),
+                      client_auth, replayable=True)
+    answer = await _handshake(handler, proxy, sending, compiled.upstream_url(path, query),
+                              headers, _protocols(request))
+    if isinstance(answer, _Refusal):
+        return _pass_back(proxy, sending, answer)
+    return await _relay_frames(request, answer, outcome)
+
+
+def _protocols(request: web.BaseRequest) -> list[str]:
+    return [p.strip() for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in value.split(",") if p.strip()]
+
+
+async def _handshake(
+    handler: AiohttpHandler, proxy: Proxy, sending: Sending, url: Any,
+    base: CIMultiDict[str], protocols: list[str],
+) -> aiohttp.ClientWebSocketResponse | _Refusal:
+    compiled = sending.compiled
+    route = compiled.route
     while True:
         headers = base.copy()
-        if not client_auth:
-            headers[route.header] = compiled.header_value(token.value)
-        refusal: tuple[int, Sequence[Header]] | None = None
+        if not sending.client_auth:
+            headers[route.header] = compiled.header_value(sending.token.value)
+        answer: aiohttp.ClientWebSocketResponse | _Refusal
         try:
             async with asyncio.timeout(route.timeout):
-                upstream = await handler.websocket_session.ws_connect(
+                answer = await handler.websocket_session.ws_connect(
                     url, headers=headers, protocols=protocols, autoping=False,
                     autoclose=False, max_msg_size=MAX_MESSAGE, ssl=proxy.ssl_for(compiled),
                     compress=0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            refusal = exc.status, [(k.encode("utf-8", "surrogateescape"),
-                                    v.encode("utf-8", "surrogateescape"))
-                                   for k, v in (exc.headers or {}).items()]
+            answer = _Refusal(exc.status, [(k.encode("utf-8", "surrogateescape"),
+                                            v.encode("utf-8", "surrogateescape"))
+                                           for k, v in (exc.headers or {}).items()])
         except RedirectRefused as exc:
-            refusal = exc.status, exc.headers
+            answer = _Refusal(exc.status, exc.headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc) from None
-        # The handshake has no body: a refused one can always be sent again.
-        fresh = await proxy.token_for_retry(
-            101 if refusal is None else refusal[0], compiled, source, token, outcome=outcome,
-            target=(route.label, "GET", path), client_auth=client_auth, replayable=True,
-            drop=lambda: None)
-        if fresh is None:
-            break
-        token = fresh
-    if refusal is not None:
-        status, raw = refusal
-        if not 300 <= status <= 599:
-            raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
-        # The upstream's refusal or redirect, passed back with its headers
-        # (WWW-Authenticate, Location into the proxy) -- never followed with the token.
-        # aiohttp does not keep the body of a refused handshake.
-        kept = relayed_headers(proxy, compiled, raw, token.value.encode())
-        kept.popall("Content-Encoding", None)
-        kept["Content-Length"] = "0"
-        return RelayedResponse(status=status, headers=kept)
-    assert upstream is not None
+        status = answer.status if isinstance(answer, _Refusal) else 101
+        if not await proxy.send_again(sending, status, lambda: None):
+            return answer
+
+
+def _pass_back(proxy: Proxy, sending: Sending, refusal: _Refusal) -> web.StreamResponse:
+    """The upstream's refusal or redirect, with its headers (WWW-Authenticate, a Location
+    into the proxy); aiohttp keeps no body of a refused handshake."""
+    if not 300 <= refusal.status <= 599:
+        raise UpstreamError("reset", "the upstream refused the WebSocket upgrade")
+    kept = relayed_headers(proxy, sending.compiled, refusal.headers,
+                           sending.token.value.encode())
+    kept.popall("Content-Encoding", None)
+    kept["Content-Length"] = "0"
+    return RelayedResponse(status=refusal.status, headers=kept)
+
+
+async def _relay_frames(request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse,
+                        outcome: Outcome) -> web.StreamResponse:
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoping=False, autoclose=False, max_msg_size=MAX_MESSAGE, compress=False,

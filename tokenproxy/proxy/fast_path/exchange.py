@@ -23,7 +23,7 @@ from tokenproxy.proxy.rules.headers import (
 )
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.reuse import last_request
-from tokenproxy.proxy.runtime import CLIENT_GONE, Outcome, bounded
+from tokenproxy.proxy.runtime import CLIENT_GONE, Outcome, Sending, bounded
 from tokenproxy.tokens.source import Token
 
 if TYPE_CHECKING:
@@ -104,19 +104,16 @@ class Exchange:
             body = await self._whole_body(self._body) if self._body.whole else None
         last = last_request(req.method_str, self._body is not None)
         head, client_auth = self._render_head(last)
+        sending = Sending(compiled, source, token, outcome,
+                          (outcome.route, req.method_str, req.path), client_auth,
+                          replayable=body is not None)
         while True:
-            auth = b"" if client_auth else proxy.token_line(compiled, token)
+            auth = b"" if client_auth else proxy.token_line(compiled, sending.token)
             conn, resp, done = await self._send(head + auth + wire.CRLF, body, last)
-            fresh = await proxy.token_for_retry(resp.status, compiled, source, token,
-                                                target=(outcome.route, req.method_str,
-                                                        req.path),
-                                                outcome=outcome, client_auth=client_auth,
-                                                replayable=body is not None, drop=conn.abort)
-            if fresh is None:
+            if not await proxy.send_again(sending, resp.status, conn.abort):
                 break
             conn.abort()   # the refused answer is not relayed; its body is not worth reading
-            token = fresh
-        return await self._relay(conn, resp, done, token)
+        return await self._relay(conn, resp, done, sending.token)
 
     def _render_head(self, last: bool) -> tuple[bytes, bool]:
         """The upstream request head without the token line: (head, client_sent_auth)."""
