@@ -1,5 +1,6 @@
-"""The fixtures every test module shares: the log sweep, the fake clock, the upstreams, and real
-tokenproxy daemons in-process. The helpers behind them are in tests/helpers/."""
+"""The fixtures every test module shares: the log sweep, the fake clock, the upstreams, the
+issuers, a client session, and real tokenproxy daemons in-process. The helpers behind them are
+in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
-from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream
+from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream, JumpClock
+from tests.helpers.idp import Idp, StartIdp, start_idp
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.rawupstream import MakeRaw, RawUpstream, Script
 from tokenproxy import log
@@ -32,8 +35,37 @@ def _logs() -> Iterator[CapturedLogs]:
 
 
 @pytest.fixture(name="clock")
-def _clock() -> FakeClock:
-    return FakeClock()
+def _clock() -> JumpClock:
+    """The clock the daemons (make_proxy takes it by name) and the issuers share; the token
+    lifetimes, backoffs and storm-guard windows pass only when a test moves it."""
+    return JumpClock()
+
+
+@pytest.fixture(name="http")
+async def _http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session without a limit on its connections (for bursts of requests)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s
+
+
+@pytest.fixture(name="start")
+async def _start(
+    aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
+) -> AsyncIterator[StartIdp]:
+    """Start issuers (tests/helpers/idp.py) on the test's clock; afterwards no token any of
+    them issued may appear in a log line."""
+    idps: list[Idp] = []
+
+    async def start(**kw: Any) -> Idp:
+        idp = await start_idp(aiohttp_server, clock, **kw)
+        idps.append(idp)
+        return idp
+
+    yield start
+    for idp in idps:
+        issued = [*idp.issuer._access, *idp.issuer._refresh]
+        leaked = [t for t in issued if t in logs.text]
+        assert [] == leaked, "issued tokens leaked into logs"
 
 
 @pytest.fixture(name="fake_upstream")

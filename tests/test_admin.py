@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import prometheus_client
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers.client import Answer
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url, write_config
 from tests.helpers.daemon_proc import child_env, running_daemon
 from tests.helpers.fakes import (
@@ -59,20 +58,6 @@ DOCUMENTED_METRICS = {
     "tokenproxy_build_info": "gauge",
 }
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-
-
-class Answer:
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 async def call(method: str, port: int, path: str, headers: dict[str, str] | None = None

@@ -21,10 +21,9 @@ from tests.helpers.fakes import (
     REFRESH_TOKEN,
     TOKEN,
     TOKEN_2,
-    FakeClock,
     assert_no_secret,
 )
-from tests.helpers.idp import start_idp
+from tests.helpers.idp import StartIdp
 from tokenproxy import __version__
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import build_config, load_config
@@ -494,11 +493,11 @@ def test_summary_names_an_issuer_as_such(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_check_config_online_contacts_each_provider_once(
-    tmp_path: Path, aiohttp_server: Any
+    tmp_path: Path, start: StartIdp
 ) -> None:
     """--online: discovery and one token request per provider, the token never printed; a
     rotating refresh token is never spent; exit 1 when any provider fails."""
-    idp = await start_idp(aiohttp_server, FakeClock())
+    idp = await start()
     good = {"type": "oauth2", "issuer": idp.url, "client_id": idp.issuer.client_id,
             "client_secret": CLIENT_SECRET}
     raw: dict[str, Any] = {

@@ -21,7 +21,7 @@ from yarl import URL
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen, assert_no_secret
 from tests.helpers.logs import CapturedLogs
-from tests.helpers.net import free_port
+from tests.helpers.net import closed_port
 from tests.helpers.rawhttp import RawConnection, get
 from tests.helpers.rawupstream import MakeRaw, connected, echo_target, serving, start_proxy
 from tests.helpers.wait import wait_for
@@ -788,7 +788,7 @@ class TestRedirects:
 class TestUpstreamErrors:
     async def test_connection_refused_is_502(self, make_proxy: MakeProxy) -> None:
         """An unreachable upstream gives a 502 problem (upstream_unreachable), counted connect."""
-        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{free_port()}/", TOKEN))
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/x") as resp:
             assert 502 == resp.status
             assert "application/problem+json" == resp.content_type

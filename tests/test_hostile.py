@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import SECRETS, TOKEN, FakeUpstream, JumpClock, assert_no_secret
-from tests.helpers.idp import Idp, oauth2_config, start_idp
+from tests.helpers.idp import Idp, StartIdp, oauth2_config
 from tests.helpers.metrics import count, refreshes
 from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
 from tests.helpers.rawupstream import (
@@ -27,6 +25,8 @@ from tests.helpers.rawupstream import (
     UpConn,
     answer_with,
     connected,
+    download_head,
+    flood,
     read_request,
     reset,
     response,
@@ -124,12 +124,8 @@ class TestFaultyUpstream:
         async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           conn: UpConn) -> None:
             await read_request(reader, conn, body=False)
-            writer.write(b"HTTP/1.1 200 OK\r\n")
             line = b"X-Flood: " + b"f" * 100 + b"\r\n"
-            while conn.sent < 64 * 1024 * 1024:
-                writer.write(line * 100)
-                conn.sent += len(line) * 100
-                await writer.drain()
+            await flood(writer, conn, b"HTTP/1.1 200 OK\r\n", line * 100, 64 * 1024 * 1024)
 
         up = await raw_upstream(endless)
         daemon = await proxy_to(make_proxy, up.url())
@@ -148,17 +144,13 @@ class TestFaultyUpstream:
         (MAX_UPSTREAM_HEAD, proxy/fast_path/upstream.py), or the proxy would read and keep
         everything until the route timeout (60 s by default). The same holds for the status
         reason."""
-        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        conn: UpConn) -> None:
+        async def endless_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               conn: UpConn) -> None:
             await read_request(reader, conn)
-            writer.write(b"HTTP/1.1 200 OK\r\nX-Flood: ")
-            chunk = b"f" * 65536
-            while conn.sent < 256 * 1024 * 1024:
-                writer.write(chunk)
-                conn.sent += len(chunk)
-                await writer.drain()
+            await flood(writer, conn, b"HTTP/1.1 200 OK\r\nX-Flood: ", b"f" * 65536,
+                        256 * 1024 * 1024)
 
-        up = await raw_upstream(flood)
+        up = await raw_upstream(endless_line)
         daemon = await start_proxy(make_proxy, up, {"timeout": "3s"})
         started = time.monotonic()
         async with connected(daemon.port()) as conn:
@@ -197,20 +189,10 @@ class TestFaultyUpstream:
 # -- the 401 storm ----------------------------------------------------------------------------
 
 
-@pytest.fixture(name="clock")
-def _clock() -> JumpClock:
-    return JumpClock()
-
-
 @pytest.fixture(name="idp")
-async def _idp(aiohttp_server: AiohttpServer, clock: JumpClock) -> Idp:
-    return await start_idp(aiohttp_server, clock, lifetime=3600.0)
-
-
-@pytest.fixture(name="http")
-async def _http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
+async def _idp(start: StartIdp) -> Idp:
+    """An issuer whose tokens live an hour (the clock moves only by the storm-guard gap)."""
+    return await start(lifetime=3600.0)
 
 
 async def fetch(http: aiohttp.ClientSession, daemon: Daemon, path: str = "/x",
@@ -328,12 +310,7 @@ class TestHostileClients:
         async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            conn: UpConn) -> None:
             await read_request(reader, conn, body=False)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-            chunk = b"d" * 65536
-            while conn.sent < total:
-                writer.write(chunk)
-                conn.sent += len(chunk)
-                await writer.drain()
+            await flood(writer, conn, download_head(total), b"d" * 65536, total)
 
         up = await raw_upstream(firehose)
         daemon = await proxy_to(make_proxy, up.url())

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -30,7 +29,7 @@ from tests.helpers.fakes import (
     TOKEN_2,
     FakeUpstream,
 )
-from tests.helpers.net import free_port
+from tests.helpers.net import busy_port, free_port, refused
 from tests.helpers.wait import wait_for
 
 pytestmark = pytest.mark.slow
@@ -48,24 +47,6 @@ async def upstream_saw(fake: FakeUpstream, prefix: str, timeout: float = 5.0) ->
                    f"the upstream to receive {prefix}", timeout)
 
 
-async def refused(port: int) -> bool:
-    """True when a TCP connection to 127.0.0.1:*port* is refused."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
-    except ConnectionRefusedError:
-        return True
-    writer.close()
-    return False
-
-
-async def wait_refused(port: int, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await refused(port):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"port {port} still accepts connections after {timeout}s")
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_finishes_inflight_request_and_exits_0(
     sig: signal.Signals, upstream: TestServer, fake_upstream: FakeUpstream, tmp_path: Path
@@ -79,8 +60,8 @@ async def test_signal_finishes_inflight_request_and_exits_0(
         signalled = time.monotonic()
         daemon.send_signal(sig)
         await daemon.wait_for_event("shutdown")
-        await wait_refused(port)
-        await wait_refused(admin_port)
+        await wait_for(lambda: refused(port), "the proxy port to refuse connections", 2.0)
+        await wait_for(lambda: refused(admin_port), "the admin port to refuse connections", 2.0)
         assert not request.done(), "the drain must overlap the in-flight request"
         status, body = await asyncio.wait_for(request, 5.0)
         code = await daemon.wait(timeout=6.0)
@@ -242,10 +223,8 @@ def run_to_exit(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("which", ["listen", "admin_listen"])
 def test_port_in_use_exits_1_with_one_line(which: str, tmp_path: Path) -> None:
     """A listen or admin port already taken: exit 1, one line naming it, no traceback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+    with busy_port() as port:
+        taken = f"127.0.0.1:{port}"
         raw = proxy_config(UNREACHABLE, TOKEN, **{which: taken})
         result = run_to_exit(write_config(tmp_path, raw), tmp_path)
     lines = result.stderr.strip().splitlines()

@@ -26,6 +26,7 @@ from tests.helpers.config import (
     upstream_url,
 )
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.metrics import count, metric
 from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
 from tests.helpers.rawupstream import (
     MakeRaw,
@@ -281,8 +282,7 @@ class TestBodyTimeout:
         assert upstream_saw == [s.raw_path for s in fake_upstream.seen]
 
 
-def gauge(daemon: Daemon) -> float | None:
-    return daemon.registry.get_sample_value("tokenproxy_client_connections")
+CONNECTIONS = "tokenproxy_client_connections"   # the gauge of open client connections
 
 
 class TestConnectionCap:
@@ -300,7 +300,7 @@ class TestConnectionCap:
             for conn in (first, second):
                 await conn.send(get("/status/200"))
                 assert 200 == (await conn.response()).status
-            assert 2 == gauge(daemon)
+            assert 2 == metric(daemon, CONNECTIONS)
             third = await RawConnection.open(daemon.port())
             await third.send(get("/status/201"))
             with pytest.raises(TimeoutError):
@@ -309,14 +309,14 @@ class TestConnectionCap:
             await first.close()
             resp = await third.response()
             assert 201 == resp.status
-            assert 2 == gauge(daemon)
+            assert 2 == metric(daemon, CONNECTIONS)
         finally:
             for conn in (first, second, third):
                 if conn is not None:
                     await conn.close()
         assert ["/status/200", "/status/200", "/status/201"] == [
             s.raw_path for s in fake_upstream.seen]
-        await wait_for(lambda: gauge(daemon) == 0, "no client connection", 2.0)
+        await wait_for(lambda: metric(daemon, CONNECTIONS) == 0, "no client connection", 2.0)
 
     async def test_gauge_counts_open_connections(
         self, make_proxy: MakeProxy, upstream: TestServer
@@ -324,16 +324,16 @@ class TestConnectionCap:
         """tokenproxy_client_connections follows connections opening and closing."""
         daemon = await start(make_proxy, upstream, listen=["127.0.0.1:0", "localhost:0"])
         await asyncio.sleep(0.05)   # the accept loops wait with a slot each: not a connection
-        assert 0 == gauge(daemon)
+        assert 0 == metric(daemon, CONNECTIONS)
         conns = [await RawConnection.open(daemon.port()) for _ in range(3)]
         try:
-            await wait_for(lambda: gauge(daemon) == 3, "three client connections", 2.0)
+            await wait_for(lambda: metric(daemon, CONNECTIONS) == 3, "three connections", 2.0)
             await conns[0].close()
-            await wait_for(lambda: gauge(daemon) == 2, "two client connections", 2.0)
+            await wait_for(lambda: metric(daemon, CONNECTIONS) == 2, "two client connections", 2.0)
         finally:
             for conn in conns:
                 await conn.close()
-        await wait_for(lambda: gauge(daemon) == 0, "no client connection", 2.0)
+        await wait_for(lambda: metric(daemon, CONNECTIONS) == 0, "no client connection", 2.0)
 
 
 def unix_config(upstream: TestServer, path: Path, **overrides: Any) -> dict[str, Any]:
@@ -520,38 +520,33 @@ class TestReplayBudget:
                            method="POST") + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
             return post("/refuse", body)
 
-        def sample(name: str, **labels: str) -> float:
-            return daemon.registry.get_sample_value(name, labels) or 0.0
-
         holders = [await RawConnection.open(daemon.port()) for _ in range(2)]
         try:
             for conn in holders:
                 await conn.send(post("/hold", body))
-            async with asyncio.timeout(5):
-                while held < 2:
-                    await asyncio.sleep(0.01)
-            assert 2000 == sample("tokenproxy_replay_buffered_bytes")
+            await wait_for(lambda: held >= 2, "two requests held upstream", 5.0)
+            assert 2000 == count(daemon, "tokenproxy_replay_buffered_bytes")
             async with connected(daemon.port()) as conn:
                 await conn.send(refused())
                 assert 401 == (await conn.response()).status
-            assert 1 == sample("tokenproxy_replay_budget_exceeded_total", route="/")
-            assert 1 == sample("tokenproxy_auth_retries_total", route="/", outcome="skipped")
+            assert 1 == count(daemon, "tokenproxy_replay_budget_exceeded_total", route="/")
+            assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="skipped")
             release.set()
             assert [b"held", b"held"] == [(await c.response()).body for c in holders]
         finally:
             for conn in holders:
                 await conn.close()
-        async with asyncio.timeout(5):
-            while sample("tokenproxy_replay_buffered_bytes"):
-                await asyncio.sleep(0.01)
+        await wait_for(lambda: not count(daemon, "tokenproxy_replay_buffered_bytes"),
+                       "the held bodies given back", 5.0)
         # Room again: the body is buffered, so a retry would be possible -- but a static token
         # has no newer one to retry with.
         async with connected(daemon.port()) as conn:
             await conn.send(refused())
             assert 401 == (await conn.response()).status
-        assert 1 == sample("tokenproxy_auth_retries_total", route="/", outcome="no_new_token")
-        assert 1 == sample("tokenproxy_auth_retries_total", route="/", outcome="skipped")
-        assert 1 == sample("tokenproxy_replay_budget_exceeded_total", route="/")
+        assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/",
+                          outcome="no_new_token")
+        assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="skipped")
+        assert 1 == count(daemon, "tokenproxy_replay_budget_exceeded_total", route="/")
 
     def test_the_total_is_at_least_one_body(self) -> None:
         with pytest.raises(ConfigError, match=r"limits\.max_replay_total"):
@@ -580,14 +575,6 @@ def _budget_probe(daemon: Daemon) -> list[int]:
     budget.reserve = rec_reserve    # type: ignore[method-assign]
     budget.release = rec_release    # type: ignore[method-assign]
     return seen
-
-
-async def _drained(daemon: Daemon, limit: float = 3.0) -> int:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while daemon.replay_budget.held and loop.time() < deadline:
-        await asyncio.sleep(0.02)
-    return daemon.replay_budget.held
 
 
 # The two that wait out a route timeout (0.4 s) are slow.
@@ -674,7 +661,7 @@ async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(
             assert 200 == (await conn.response()).status
     finally:
         await conn.close()
-    assert 0 == await _drained(daemon)
+    await wait_for(lambda: 0 == daemon.replay_budget.held, "the replay budget given back", 3.0)
     if case == "expect-100-then-gone":
         assert [] == seen   # reserved as bytes arrive: a head alone holds nothing
     else:

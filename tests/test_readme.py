@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.daemon_proc import child_env
-from tests.helpers.net import free_port
+from tests.helpers.net import busy_port, free_port
 from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config, load_config, parse_yaml
 
@@ -127,10 +126,7 @@ async def test_demo_answers_the_readme_curl_line(tmp_path: Path) -> None:
 def test_demo_on_a_busy_port_says_what_to_do(tmp_path: Path) -> None:
     """`tokenproxy demo` on a port in use exits 1 with one line suggesting --port, and prints
     no curl line that would not work."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         result = subprocess.run(
             [sys.executable, "-m", "tokenproxy", "demo", "--port", str(port)],
             capture_output=True, text=True, timeout=60, env=child_env(tmp_path), check=False)

@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
-from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeClock, FakeUpstream
-from tests.helpers.idp import oauth2_config, start_idp
-from tests.helpers.wait import wait_ready
+from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeUpstream
+from tests.helpers.idp import StartIdp, oauth2_config
+from tests.helpers.metrics import metric
+from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.config import build_config
 from tokenproxy.errors import TokenProxyError
 from tokenproxy.tokens.manager import TokenManager
@@ -132,11 +132,11 @@ async def test_reload_with_a_busy_address_changes_nothing(
 
 
 async def test_provider_with_same_identity_keeps_its_token(
-    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     """Changing a provider's refresh_margin keeps its token (no token call); changing its
     client (identity) logs in anew."""
-    issuer = (await start_idp(aiohttp_server, clock)).issuer
+    issuer = (await start()).issuer
     raw = oauth2_config(issuer, tmp_path, refresh_margin="2s")
     daemon = await make_proxy(raw)
     await wait_ready(daemon, timeout=2.0)
@@ -160,19 +160,16 @@ async def test_provider_with_same_identity_keeps_its_token(
 
 
 async def test_unauthenticated_provider_recovers_on_reload(
-    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     """A provider logged out by invalid_client tries again on reload, even when the file did
     not change (the fix was made at the identity provider)."""
-    issuer = (await start_idp(aiohttp_server, clock)).issuer
+    issuer = (await start()).issuer
     issuer.client_secret = "rotated-at-the-idp"
     raw = oauth2_config(issuer, tmp_path)
     daemon = await make_proxy(raw)
-    for _ in range(300):
-        if daemon.registry.get_sample_value("tokenproxy_provider_authenticated",
-                                            {"provider": "idp"}) == 0:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: metric(daemon, "tokenproxy_provider_authenticated",
+                                  provider="idp") == 0, "the provider logged out", 3.0)
     source = daemon.source("idp")
     assert isinstance(source, TokenManager)
     assert source.unauthenticated
@@ -187,11 +184,11 @@ async def test_unauthenticated_provider_recovers_on_reload(
 
 @pytest.mark.slow
 async def test_reload_of_token_providers_under_load_fails_no_request(
-    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, clock: FakeClock, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     """An oauth2 provider's settings change (same identity, then a new client) under
     concurrent traffic: no request fails, and the identity change logs in anew."""
-    issuer = (await start_idp(aiohttp_server, clock)).issuer
+    issuer = (await start()).issuer
     issuer.lifetime = 3600
     daemon = await make_proxy(oauth2_config(issuer, tmp_path, refresh_margin="2s"))
     await wait_ready(daemon, timeout=2.0)

@@ -27,12 +27,15 @@ from tests.helpers.rawupstream import (
     Req,
     Script,
     UpConn,
+    download_head,
+    flood,
     post,
     read_request,
     response,
     serving,
     start_proxy,
 )
+from tests.helpers.wait import settled
 
 pytestmark = pytest.mark.both_paths
 
@@ -168,12 +171,7 @@ async def test_handover_keeps_write_backpressure(
                 writer.write(response(b"s" * (100 * 1024)))
                 await writer.drain()
                 continue
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-            chunk = b"d" * 65536
-            while conn.sent < total:
-                writer.write(chunk)
-                conn.sent += len(chunk)
-                await writer.drain()
+            await flood(writer, conn, download_head(total), b"d" * 65536, total)
 
     up = await raw_upstream(script)
     daemon = await start_proxy(make_proxy, up)
@@ -282,17 +280,6 @@ def _bounded_reader_socket(port: int) -> socket.socket:
     return sock
 
 
-async def _settled(count: list[int], quiet: float = 0.3, limit: float = 5.0) -> int:
-    """The upstream's request count once it has not moved for *quiet* seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    last = -1
-    while loop.time() < deadline and count[0] != last:
-        last = count[0]
-        await asyncio.sleep(quiet)
-    return count[0]
-
-
 # An HTTP/1.0 keep-alive GET: the aiohttp path serves it on either path (a handover).
 HTTP10_GET = get("/big", "localhost", "Connection: keep-alive", "Content-Length: 0",
                  version="HTTP/1.0")
@@ -323,10 +310,10 @@ async def test_a_pipelining_client_that_never_reads_is_not_buffered_without_boun
     sock = _bounded_reader_socket(daemon.port())
     try:
         await asyncio.get_running_loop().sock_sendall(sock, one * 1000)
-        settled = await _settled(seen)
+        fetched = await settled(lambda: seen[0])   # the upstream's count, once it stops
     finally:
         sock.close()
-    assert settled < 300, f"{settled} of 1000 answers fetched for a client that reads none"
+    assert fetched < 300, f"{fetched} of 1000 answers fetched for a client that reads none"
 
 
 async def test_a_client_that_reads_late_still_gets_every_answer(

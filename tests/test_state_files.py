@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
-from pytest_aiohttp import AiohttpServer
 
+from tests.helpers.client import fetch, status_of
 from tests.helpers.config import (
     MakeProxy,
     command_provider,
@@ -41,9 +41,10 @@ from tests.helpers.fakes import (
     FakeClock,
     JumpClock,
 )
-from tests.helpers.idp import Idp, oauth2_config, start_idp
+from tests.helpers.idp import PASSWORD_GRANT, Idp, StartIdp, oauth2_config
 from tests.helpers.logs import CapturedLogs
-from tests.helpers.wait import wait_ready
+from tests.helpers.metrics import refreshes
+from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.cli import main
 from tokenproxy.config import build_config, load_config
 from tokenproxy.daemon import Daemon
@@ -56,8 +57,6 @@ from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key
 
 OTHER_UID = 65534   # "nobody": any uid other than ours will do
-PASSWORD_GRANT: dict[str, Any] = {"grant_type": "password", "username": "demo",
-                                  "password": PASSWORD}
 # Nothing listens on port 9: a token endpoint there fails at once instead of hanging a test.
 DEAD_TOKEN_URL = "http://127.0.0.1:9/oauth/token"
 WATCHDOG = 5.0   # real seconds before a blocked FIFO open is released by the test itself
@@ -66,15 +65,9 @@ needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="giving a file to another uid (chown) needs root")
 
 
-@pytest.fixture(name="clock")
-def _clock() -> JumpClock:
-    """The daemons and the issuer share this clock (make_proxy takes it by name)."""
-    return JumpClock()
-
-
 @pytest.fixture(name="idp")
-async def _idp(aiohttp_server: AiohttpServer, clock: JumpClock) -> Idp:
-    return await start_idp(aiohttp_server, clock)
+async def _idp(start: StartIdp) -> Idp:
+    return await start()
 
 
 def dead_oauth2(state: Path) -> dict[str, Any]:
@@ -96,13 +89,6 @@ def plant(path: Path, raw: dict[str, Any], wall: float) -> None:
     key = identity_key("idp", provider.identity())
     entry = StoredTokens(TOKEN, wall + 3600, None, wall)
     path.write_text(json.dumps({"version": 1, "providers": {key: entry.to_json()}}))
-
-
-async def get(daemon: Daemon, path: str = "/x") -> int:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.port()}{path}") as resp:
-        await resp.read()
-        return resp.status
 
 
 @contextlib.contextmanager
@@ -287,6 +273,7 @@ def test_run_refuses_an_unsafe_state_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("change", ["new-path", "first-token-provider"])
 async def test_reload_refuses_an_unsafe_state_file(
     make_proxy: MakeProxy, tmp_path: Path, clock: JumpClock, change: str,
+    http: aiohttp.ClientSession,
 ) -> None:
     """A reload onto a state file that is not safe to trust fails before anything changes:
     whether the path changed or the file is about to be trusted by a provider for the first
@@ -301,11 +288,12 @@ async def test_reload_refuses_an_unsafe_state_file(
         await daemon.reload(build_config(new_raw, {}))
     assert str(info.value).startswith(f"state_path: {path}: {problem}")
     assert ["api"] == list(daemon.config.providers)
-    assert 200 != await get(daemon)   # still the old route: port 9 refuses, 502
+    assert 200 != await status_of(http, daemon, "/x")   # still the old route: port 9 refuses, 502
 
 
 async def test_world_writable_volume_with_a_private_state_directory_inside(
     make_proxy: MakeProxy, idp: Idp, tmp_path: Path,
+    http: aiohttp.ClientSession,
 ) -> None:
     """A world-writable volume (a Kubernetes emptyDir is 0777) holds the state safely in a
     directory of its own, which tokenproxy creates 0700."""
@@ -315,7 +303,7 @@ async def test_world_writable_volume_with_a_private_state_directory_inside(
     path = volume / "private" / "state.json"
     daemon = await make_proxy(oauth2_config(idp, tmp_path, top={"state_path": str(path)}))
     await wait_ready(daemon)
-    assert 200 == await get(daemon)
+    assert 200 == await status_of(http, daemon, "/x")
     assert 0o700 == path.parent.stat().st_mode & 0o777   # setgid is inherited, harmlessly
     assert 0o600 == stat.S_IMODE(path.stat().st_mode)
 
@@ -328,6 +316,7 @@ async def test_world_writable_volume_with_a_private_state_directory_inside(
 async def test_state_file_made_unsafe_while_running_is_not_trusted(
     make_proxy: MakeProxy, idp: Idp, tmp_path: Path, clock: JumpClock, logs: CapturedLogs,
     case: str,
+    http: aiohttp.ClientSession,
 ) -> None:
     """Re-read under the lock before a refresh, a file that became unsafe holds nothing: the
     upstream gets a token from the token endpoint, never the planted one, and an error event
@@ -339,11 +328,11 @@ async def test_state_file_made_unsafe_while_running_is_not_trusted(
                         **PASSWORD_GRANT)
     daemon = await make_proxy(raw)
     await wait_ready(daemon)
-    assert 200 == await get(daemon)
+    assert 200 == await status_of(http, daemon, "/x")
     plant(path, raw, clock.time() + 1)
     problem = UNSAFE[case](path, folder)
     clock.advance(11)   # expired: the next request refreshes
-    assert 200 == await get(daemon)
+    assert 200 == await status_of(http, daemon, "/x")
     assert TOKEN not in idp.tap.bearers()
     assert ["password", "refresh_token"] == idp.calls.grants()
     events = logs.events("state_file_unsafe")
@@ -363,6 +352,7 @@ async def test_state_file_made_unsafe_while_running_is_not_trusted(
 async def test_unsafe_state_directory_while_running_keeps_tokens_in_memory(
     make_proxy: MakeProxy, idp: Idp, tmp_path: Path, clock: JumpClock, logs: CapturedLogs,
     case: str,
+    http: aiohttp.ClientSession,
 ) -> None:
     """A state directory that became unsafe is neither read nor written: the planted token is
     ignored, the rotated refresh token lives on in memory, and requests keep working."""
@@ -378,7 +368,7 @@ async def test_unsafe_state_directory_while_running_keeps_tokens_in_memory(
     planted = path.read_bytes()
     for _ in range(2):
         clock.advance(11)
-        assert 200 == await get(daemon)
+        assert 200 == await status_of(http, daemon, "/x")
     assert TOKEN not in idp.tap.bearers()
     assert ["password", "refresh_token", "refresh_token"] == idp.calls.grants()
     assert 0 == idp.issuer.stats.reuse_detected
@@ -616,7 +606,8 @@ def test_a_symlinked_state_directory_swapped_to_a_foreign_one_is_not_trusted(
 
 @pytest.mark.slow
 async def test_lock_held_elsewhere_gives_503_not_a_hang(
-    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path, clock: FakeClock
+    make_proxy: MakeProxy, upstream: TestServer, tmp_path: Path, clock: FakeClock,
+    http: aiohttp.ClientSession,
 ) -> None:
     """While another process holds this provider's state lock, a request waits at most the
     route timeout and gets 503 + Retry-After; the refresh fails into backoff."""
@@ -631,30 +622,20 @@ async def test_lock_held_elsewhere_gives_503_not_a_hang(
     async with other.locked(key, 5):
         started = time.monotonic()
         daemon = await make_proxy(raw)
-        async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.port()}/echo/x"
-        ) as resp:
-            assert 503 == resp.status
-            assert "Retry-After" in resp.headers
+        resp = await fetch(http, daemon, "/echo/x")
+        assert 503 == resp.status
+        assert "Retry-After" in resp.headers
         assert time.monotonic() - started < 2.0
-        for _ in range(300):
-            if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
-                    "provider": "api", "trigger": "initial", "grant": "state_file",
-                    "result": "error"}):
-                break
-            await asyncio.sleep(0.01)
-        assert 1.0 == daemon.registry.get_sample_value("tokenproxy_token_refresh_total", {
-            "provider": "api", "trigger": "initial", "grant": "state_file", "result": "error"})
+        await wait_for(lambda: refreshes(daemon, "initial", "error", provider="api",
+                                         grant="state_file"), "the failed refresh", 3.0)
+        assert 1.0 == refreshes(daemon, "initial", "error", provider="api", grant="state_file")
     # Once the lock is free the daemon recovers by itself (backoff, then a new attempt).
     await clock.tick(1.3)
-    for _ in range(400):
-        async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.port()}/echo/x"
-        ) as resp:
-            if resp.status == 200:
-                break
-        await asyncio.sleep(0.02)
-    assert 200 == resp.status
+
+    async def served() -> bool:
+        return 200 == await status_of(http, daemon, "/echo/x")
+
+    await wait_for(served, "a 200 once the lock is free", 8.0, every=0.02)
 
 
 # -- the default location --------------------------------------------------------------------

@@ -12,8 +12,7 @@ import stat
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 
+from tests.helpers.client import Answer, fetch
 from tests.helpers.config import MakeProxy, command_provider, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, TOKEN, JumpClock
 from tests.helpers.idp import (
+    PASSWORD_GRANT,
+    UNAVAILABLE,
     Idp,
+    StartIdp,
     advance,
     config,
     gate,
@@ -38,71 +40,15 @@ from tests.helpers.idp import (
     password_grant,
     respond,
     respond_json,
-    start_idp,
     state_entry,
 )
-from tests.helpers.logs import CapturedLogs
+from tests.helpers.logs import CapturedLogs, failures, installed
 from tests.helpers.metrics import count, metric, refreshes
-from tests.helpers.wait import readyz, wait_for, wait_ready
+from tests.helpers.wait import readyz, settle, wait_for, wait_ready
 from tokenproxy.config import build_config
-from tokenproxy.daemon import Daemon
 from tokenproxy.log import Redactor
 from tokenproxy.tokens.discovery import discovery_urls
 from tokenproxy.tokens.factory import obtain_token
-
-StartIdp = Callable[..., Awaitable[Idp]]
-PASSWORD_GRANT: dict[str, Any] = {"grant_type": "password", "username": "demo",
-                                  "password": PASSWORD}
-
-
-@pytest.fixture(name="clock")
-def _clock() -> JumpClock:
-    """The daemons and the issuer share this clock (make_proxy takes it by name)."""
-    return JumpClock()
-
-
-@pytest.fixture(name="start")
-async def _start(
-    aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
-) -> AsyncIterator[StartIdp]:
-    """Start issuers; afterwards, no token any of them issued may appear in a log line."""
-    idps: list[Idp] = []
-
-    async def start(**kw: Any) -> Idp:
-        idp = await start_idp(aiohttp_server, clock, **kw)
-        idps.append(idp)
-        return idp
-
-    yield start
-    for idp in idps:
-        issued = [*idp.issuer._access, *idp.issuer._refresh]
-        leaked = [t for t in issued if t in logs.text]
-        assert [] == leaked, "issued tokens leaked into logs"
-
-
-@pytest.fixture(name="http")
-async def _http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def fetch(
-    http: aiohttp.ClientSession, daemon: Daemon, path: str = "/x", *, method: str = "GET",
-    data: Any = None, timeout: float = 5.0,
-) -> Answer:
-    async with http.request(method, f"http://127.0.0.1:{daemon.port()}{path}", data=data,
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-        return Answer(r.status, r.headers, await r.read())
 
 
 def echoed_auth(resp: Answer) -> str:
@@ -117,26 +63,6 @@ def problem_type(resp: Answer) -> str:
     value = resp.json()["type"]
     assert isinstance(value, str)
     return value
-
-
-def installed(logs: CapturedLogs, trigger: str) -> int:
-    """New tokens of one trigger in use: token_refreshed is logged once the token is installed.
-    The refresh metric counts the token endpoint's answer earlier, before the state file is
-    written and the token installed: a request right after it may still carry the old one."""
-    return sum(1 for ev in logs.events("token_refreshed") if ev.get("trigger") == trigger)
-
-
-def failures(logs: CapturedLogs) -> list[str]:
-    """The error of every token_refresh_failed event."""
-    return [str(ev["error"]) for ev in logs.events("token_refresh_failed")]
-
-
-UNAVAILABLE = respond(503, '{"error": "temporarily_unavailable"}')
-
-
-async def settle(seconds: float = 0.05) -> None:
-    """A short real wait, to show that something does *not* happen."""
-    await asyncio.sleep(seconds)
 
 
 # -- providers: oauth2 -----------------------------------------------------------------------
@@ -1001,11 +927,10 @@ async def test_proactive_refresh_before_expiry(
     await clock.tick(6.5)
     labels = {"provider": "idp", "trigger": "expiry", "grant": "client_credentials",
               "result": "success"}
-    for _ in range(300):   # the metric counts once the answer is in, not when the call starts
-        if daemon.registry.get_sample_value("tokenproxy_token_refresh_total", labels):
-            break
-        await asyncio.sleep(0.01)
-    assert 1.0 == daemon.registry.get_sample_value("tokenproxy_token_refresh_total", labels)
+    # The metric counts once the answer is in, not when the call starts.
+    await wait_for(lambda: metric(daemon, "tokenproxy_token_refresh_total", **labels),
+                   "the refresh counted", 3.0)
+    assert 1.0 == metric(daemon, "tokenproxy_token_refresh_total", **labels)
     assert 2 == issuer.stats.calls
 
 

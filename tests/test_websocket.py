@@ -4,7 +4,6 @@ close propagates, refusals pass back; other upgrades (h2c) are never honoured.""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +15,7 @@ from pytest_aiohttp import AiohttpServer
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.logs import CapturedLogs
+from tests.helpers.net import closed_port
 from tests.helpers.rawhttp import RawConnection
 from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
@@ -281,10 +281,7 @@ class TestWebSocket:
 
     async def test_unreachable_upstream_is_502(self, make_proxy: MakeProxy) -> None:
         """An upgrade to an unreachable upstream gets a 502 problem, not a dead socket."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
         async with aiohttp.ClientSession() as s, s.get(ws_url(daemon, "/ws"), headers={
             "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",

@@ -3,14 +3,16 @@ from here; nothing here imports a test module or the conftest.
 
     config.py           configs as dicts and files, the make_proxy fixture's type
     fakes.py            the suite's secrets, hand-moved clocks, a recording aiohttp upstream
-    logs.py             the captured log lines the autouse log sweep checks
-    wait.py             bounded polling: a condition, a daemon's readiness
-    metrics.py          reading a daemon's metrics
-    net.py              free ports and client sockets with small buffers (slow readers)
+    logs.py             the captured log lines the autouse log sweep checks, token events
+    wait.py             bounded polling: a condition, a daemon's readiness, a provider's state
+    metrics.py          reading a daemon's metrics (refreshes, retry outcomes)
+    client.py           requests through aiohttp's client: the answer, or its status
+    net.py              free, closed and taken ports; client sockets that read slowly or never
     rawhttp.py          a raw HTTP/1.x client connection, exact bytes both ways
     rawupstream.py      a raw upstream that runs a script per connection
     stdlib_upstream.py  an upstream on http.server, which leaves bodies unread
-    idp.py              the demo Issuer as identity provider, with a fault hook and an API tap
+    idp.py              the demo Issuer as identity provider, with a fault hook and an API tap;
+                        a discovery metadata server
     daemon_proc.py      a daemon in a child process
     transport.py        a recording double of asyncio's transport, for protocol unit tests
     proxy.py            a Proxy (tokenproxy.proxy.runtime) from a config, for unit tests

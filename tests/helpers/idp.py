@@ -1,6 +1,7 @@
 """The identity provider of the token tests: the real Issuer (tokenproxy/demo/issuer.py) with a
 recording fault hook and a tap on its protected API, the faults it can be told to answer with,
-and daemon configs whose provider logs in at it."""
+an authorization server's metadata documents for discovery, and daemon configs whose provider
+logs in at it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from tokenproxy.demo.issuer import Issuer, _Family
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
 web_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The password grant of the issuer's user, as provider keys.
+PASSWORD_GRANT: dict[str, Any] = {"grant_type": "password", "username": "demo",
+                                  "password": PASSWORD}
 
 
 async def advance(clock: JumpClock, seconds: float, *, napping: int = 1) -> None:
@@ -98,6 +103,10 @@ def respond(status: int = 200, body: bytes | str = b"", *, content_type: str = "
 
 def respond_json(doc: Any, status: int = 200) -> Handler:
     return respond(status, json.dumps(doc))
+
+
+# A token endpoint that is down for now (RFC 6749 temporarily_unavailable).
+UNAVAILABLE = respond(503, '{"error": "temporarily_unavailable"}')
 
 
 def gate(event: asyncio.Event, then: Handler | None = None) -> Handler:
@@ -186,6 +195,10 @@ class Idp:
         return self.url + "/oauth/token"
 
 
+# The ``start`` fixture (tests/conftest.py): start_idp on the test's clock, with a leak check.
+StartIdp = Callable[..., Awaitable[Idp]]
+
+
 async def start_idp(aiohttp_server: AiohttpServer, clock: FakeClock, **kw: Any) -> Idp:
     """The real Issuer on 127.0.0.1 with the test clock, CLIENT_SECRET and the user
     demo/PASSWORD; every token call recorded."""
@@ -210,6 +223,54 @@ async def password_grant(idp: Idp) -> dict[str, Any]:
         assert 200 == r.status
         doc: dict[str, Any] = await r.json()
     return doc
+
+
+# -- discovery metadata ----------------------------------------------------------------------
+
+
+class MetadataServer:
+    """An authorization server's metadata documents at chosen locations (a path issuer's
+    server publishing only some of them), or any handler at a path; other paths answer
+    *status*. Records every request (path and query) and the Authorization headers it saw."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, web_Handler] = {}
+        self.status = 404
+        self.seen: list[str] = []
+        self.auth: list[str] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.path_qs)
+        if "Authorization" in request.headers:
+            self.auth.append(request.headers["Authorization"])
+        await request.read()
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return web.Response(status=self.status)
+        return await handler(request)
+
+    @property
+    def issuer(self) -> str:
+        """An issuer with a path (/o) on this server."""
+        return self.url + "/o"
+
+    def doc(self, path: str, doc: Any) -> None:
+        """Answer *path* with *doc* as JSON."""
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.json_response(doc)
+
+        self.routes[path] = handler
+
+
+async def start_metadata(aiohttp_server: AiohttpServer) -> MetadataServer:
+    """A MetadataServer on 127.0.0.1, answering every method on every path."""
+    meta = MetadataServer()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", meta.handle)
+    server = await aiohttp_server(app)
+    meta.url = f"http://127.0.0.1:{server.port}"
+    return meta
 
 
 # -- configs ---------------------------------------------------------------------------------
@@ -244,6 +305,14 @@ def oauth2_config(idp: Idp | Issuer, tmp_path: Path, *, upstream: str | None = N
     issuer = idp.issuer if isinstance(idp, Idp) else idp
     return config(oauth2(issuer, **provider), upstream or issuer.base_url + "/api/", tmp_path,
                   **(top or {}))
+
+
+def issuer_config(idp: Idp, issuer: str, tmp_path: Path, **provider: Any) -> dict[str, Any]:
+    """oauth2_config with *issuer* to discover the token endpoint from, and no token_url."""
+    prov = oauth2(idp, **provider)
+    del prov["token_url"]
+    prov["issuer"] = issuer
+    return config(prov, idp.url + "/api/", tmp_path)
 
 
 def password_grant_config(issuer: Issuer, state: Path, margin: str) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Sockets the tests need besides the raw client of rawhttp.py: a free port, and clients that
-read slowly or never (small kernel buffers, so answers back up into the proxy's own)."""
+"""Sockets the tests need besides the raw client of rawhttp.py: a free port, a closed one, a
+taken one, and clients that read slowly or never (small kernel buffers, so answers back up
+into the proxy's own)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterator
 
 from tokenproxy.daemon import Daemon
 
@@ -15,6 +17,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection to it is refused."""
+    return free_port()
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A loopback port another socket listens on while the block runs (binding it fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield int(busy.getsockname()[1])
+
+
+async def refused(port: int) -> bool:
+    """True when a TCP connection to 127.0.0.1:*port* is refused."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
 
 
 def slow_client(daemon: Daemon) -> socket.socket:

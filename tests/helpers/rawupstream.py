@@ -218,6 +218,22 @@ def answer_with(data: bytes) -> Script:
     return script
 
 
+async def flood(writer: asyncio.StreamWriter, conn: UpConn, head: bytes, piece: bytes,
+                total: int) -> None:
+    """Write *head*, then *piece* over and over as fast as the proxy takes it, until *total*
+    bytes have gone after the head (counted in ``conn.sent``)."""
+    writer.write(head)
+    while conn.sent < total:
+        writer.write(piece)
+        conn.sent += len(piece)
+        await writer.drain()
+
+
+def download_head(total: int) -> bytes:
+    """The head of a 200 answer with a *total*-byte body (for flood)."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with an RST rather than a FIN."""
     sock = writer.get_extra_info("socket")

@@ -1,25 +1,43 @@
-"""Bounded waits: poll a condition in real time, or a daemon's /readyz, and fail the test
+"""Bounded waits: poll a condition in real time (a function, or a coroutine function), a
+daemon's /readyz or a provider's state in it, or a count until it stops moving; fail the test
 with what was awaited when the bound passes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
 from tokenproxy.daemon import Daemon
 
+Condition = Callable[[], bool | Awaitable[bool]]
 
-async def wait_for(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll *pred* every 5 ms (real time) until it holds; fail after *timeout* seconds."""
+
+async def _holds(pred: Condition) -> bool:
+    result = pred()
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)
+
+
+async def wait_for(pred: Condition, what: str, timeout: float = 5.0,
+                   every: float = 0.005) -> None:
+    """Poll *pred* every *every* seconds (real time) until it holds; fail after *timeout*
+    seconds. *pred* may be a coroutine function."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not pred():
+    while not await _holds(pred):
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(every)
+
+
+async def settle(seconds: float = 0.05) -> None:
+    """A short real wait, to show that something does *not* happen."""
+    await asyncio.sleep(seconds)
 
 
 async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
@@ -30,9 +48,33 @@ async def readyz(daemon: Daemon) -> tuple[int, dict[str, Any]]:
 
 async def wait_ready(daemon: Daemon, timeout: float = 5.0) -> None:
     """Until /readyz answers 200; fail after *timeout* seconds."""
+    async def ready() -> bool:
+        return (await readyz(daemon))[0] == 200
+
+    await wait_for(ready, "/readyz to answer 200", timeout, every=0.01)
+
+
+async def provider_state(daemon: Daemon, within: float = 5.0,
+                         states: tuple[str, ...] = ("misconfigured", "backoff", "valid"),
+                         provider: str = "idp") -> str:
+    """The provider's /readyz state once it is one of *states*, or the one it has after
+    *within* seconds (for the test to compare)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (await readyz(daemon))[0] != 200:
-        if loop.time() > deadline:
-            raise AssertionError(f"not ready within {timeout}s")
-        await asyncio.sleep(0.01)
+    deadline = loop.time() + within
+    while True:
+        _, doc = await readyz(daemon)
+        state = str(doc["providers"][provider]["state"])
+        if state in states or loop.time() > deadline:
+            return state
+        await asyncio.sleep(0.02)
+
+
+async def settled(value: Callable[[], int], quiet: float = 0.3, limit: float = 5.0) -> int:
+    """*value* once it has not moved for *quiet* seconds (or after about *limit* seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    last = -1
+    while loop.time() < deadline and value() != last:
+        last = value()
+        await asyncio.sleep(quiet)
+    return value()
