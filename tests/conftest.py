@@ -1,11 +1,13 @@
 """The fixtures every test module shares: the log sweep, the fake clock, the upstreams, the
-issuers, a client session, and real tokenproxy daemons in-process. The helpers behind them are
-in tests/helpers/."""
+issuers, a client session, a self-signed certificate, and real tokenproxy daemons in-process.
+The helpers behind them are in tests/helpers/."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -127,6 +129,20 @@ async def _raw_upstream() -> AsyncIterator[MakeRaw]:
     yield make
     for up in started:
         await up.stop()
+
+
+@pytest.fixture(name="cert")
+def _cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (key, certificate), made with the openssl
+    command."""
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(crt), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return key, crt
 
 
 @pytest.fixture(name="closing")

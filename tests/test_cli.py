@@ -1,29 +1,44 @@
-"""The command line: --version, check-config, exit codes, no secrets."""
+"""The command line: --version, check-config (and its --online check against live issuers),
+exit codes, no secrets."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from pytest_aiohttp import AiohttpServer
 
-from tests.helpers.config import proxy_config
+from tests.helpers.config import proxy_config, write_config
+from tests.helpers.daemon_proc import child_env
 from tests.helpers.fakes import (
     CLIENT_KEY,
     CLIENT_SECRET,
     PASSWORD,
     REFRESH_TOKEN,
+    SECRETS,
     TOKEN,
     TOKEN_2,
     assert_no_secret,
 )
-from tests.helpers.idp import StartIdp
+from tests.helpers.idp import (
+    PASSWORD_GRANT,
+    StartIdp,
+    gate,
+    issuer_config,
+    oauth2,
+    oauth2_config,
+    password_grant,
+    start_metadata,
+)
 from tokenproxy import __version__
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import build_config, load_config
@@ -536,3 +551,130 @@ async def test_check_config_online_contacts_each_provider_once(
     for issued in [*idp.issuer._access, REFRESH_TOKEN, TOKEN, CLIENT_SECRET]:
         assert issued not in out + err
     assert not (tmp_path / "state.json").exists()
+
+
+# ---------------------------------------------------------------- --online against live issuers
+
+
+async def check_online(directory: Path, config: Path,
+                       timeout: float = 20.0) -> tuple[int, str, float]:
+    """``python -m tokenproxy check-config --online -c CONFIG`` in a child process (so this
+    loop keeps serving the issuer): exit code, stdout+stderr, seconds taken."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenproxy", "check-config", "--online", "-c", str(config),
+        cwd=directory, env=child_env(directory), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"check-config --online hung for {timeout}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode("utf-8", "replace"), time.monotonic() - started
+
+
+@pytest.mark.slow
+async def test_online_check_prints_no_secret_spends_no_refresh_token_writes_nothing(
+    start: StartIdp, tmp_path: Path,
+) -> None:
+    """check-config --online with a discovered password-grant provider and a
+    refresh-token-only provider prints neither the issued tokens nor any credential, does
+    not exchange the refresh token (the issuer's family keeps it live and unspent), creates
+    no state file and exits 0."""
+    idp = await start()
+    login = await password_grant(idp)
+    family = idp.issuer._refresh[login["refresh_token"]]
+    directory = tmp_path / "cfg"
+    raw = issuer_config(idp, idp.url, directory, **PASSWORD_GRANT)
+    raw["providers"]["rt"] = oauth2(idp, grant_type="refresh_token",
+                                    refresh_token=login["refresh_token"])
+    path = write_config(directory, raw)
+    before = len(idp.calls.seen)
+    code, out, _ = await check_online(directory, path)
+    assert 0 == code, out
+    assert "idp: ok (expires in" in out
+    assert f"token endpoint {idp.token_url} (discovered)" in out
+    issued = [*idp.issuer._access, *idp.issuer._refresh]
+    assert [] == [s for s in (*SECRETS, *issued) if s in out]
+    assert ["password"] == idp.calls.grants()[before:]
+    assert (False, login["refresh_token"], set()) == (
+        family.revoked, family.live_refresh, family.spent)
+    assert not (directory / "state.json").exists()
+
+
+@pytest.mark.slow
+async def test_online_check_of_a_hanging_token_endpoint_ends_and_fails(
+    start: StartIdp, tmp_path: Path,
+) -> None:
+    """A token endpoint that never answers costs the provider's timeout, then exit 1
+    naming the host and the wait."""
+    idp = await start()
+    idp.calls.default = gate(asyncio.Event())   # held until the test ends
+    directory = tmp_path / "cfg"
+    path = write_config(directory, oauth2_config(idp, directory, timeout="1s"))
+    code, out, took = await check_online(directory, path)
+    assert 1 == code, out
+    assert f"failed: {idp.url}: no answer within 1s" in out
+    assert took < 8
+
+
+@pytest.mark.slow
+async def test_online_check_leaves_a_state_file_it_cannot_read_in_place(
+    start: StartIdp, tmp_path: Path,
+) -> None:
+    """``check-config --online`` writes nothing to the state file: one it cannot read (an
+    unknown schema version, as a newer tokenproxy may write) stays where it is, and the
+    running daemon keeps its tokens."""
+    idp = await start()
+    directory = tmp_path / "cfg"
+    path = write_config(directory, oauth2_config(idp, directory))
+    state = directory / "state.json"
+    newer = json.dumps({"version": 2, "providers": {}, "future": True})
+    state.write_text(newer, encoding="utf-8")
+    state.chmod(0o600)
+    code, out, _ = await check_online(directory, path)
+    assert 0 == code, out
+    assert state.exists(), f"moved aside: {sorted(p.name for p in directory.iterdir())}"
+    assert newer == state.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+async def test_online_check_escapes_control_characters_from_the_metadata(
+    start: StartIdp, tmp_path: Path, aiohttp_server: AiohttpServer,
+) -> None:
+    """The discovered token endpoint is printed with control characters escaped: an
+    issuer's document must not clear or retitle the terminal of the operator checking it."""
+    idp = await start()
+    meta = await start_metadata(aiohttp_server)
+    meta.doc("/.well-known/openid-configuration",
+             {"issuer": meta.url, "token_endpoint": meta.url + "/t\x1b[2J\x1b]0;ok\x07"})
+    directory = tmp_path / "cfg"
+    path = write_config(directory, issuer_config(idp, meta.url, directory))
+    code, out, _ = await check_online(directory, path)
+    assert 1 == code, out
+    assert "\x1b" not in out, repr(out)
+    assert "\x07" not in out, repr(out)
+
+
+@pytest.mark.slow
+async def test_online_check_of_a_header_that_would_split_is_a_config_error(
+    tmp_path: Path, aiohttp_server: AiohttpServer,
+) -> None:
+    """A json provider whose login header value holds a line break (it would inject a
+    header into every login call) is refused when the config loads: check-config --online
+    exits 2 naming the key, before contacting anything, with no traceback."""
+    meta = await start_metadata(aiohttp_server)
+    directory = tmp_path / "cfg"
+    raw = {"state_path": str(directory / "state.json"),
+           "providers": {"j": {"type": "json", "login": {
+               "url": meta.url + "/login", "headers": {"X-Key": "abc\nX-Injected: 1"}}},
+                         "s": {"type": "static", "token": "static-token-0123456789"}},
+           "routes": [{"prefix": "/", "upstream": meta.url + "/", "provider": "j"}]}
+    path = write_config(directory, raw)
+    code, out, _ = await check_online(directory, path)
+    assert 2 == code, out
+    assert "Traceback" not in out
+    assert "providers.j.login.headers.X-Key: not a valid header value" in out
+    assert [] == meta.seen

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.fakes import CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN, TOKEN, TOKEN_2
+from tests.helpers.fakes import (
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    PASSWORD,
+    REFRESH_TOKEN,
+    SECRETS,
+    TOKEN,
+    TOKEN_2,
+)
 from tokenproxy.config import (
     CommandProvider,
     Config,
@@ -602,6 +610,43 @@ def test_yaml_values_that_cannot_be_constructed_are_config_errors(text: str) -> 
 def test_document_shape_errors(text: str, message: str) -> None:
     """The document and its sections must be mappings with string keys."""
     assert message == error_of(parse_yaml(text, "tp.yaml"))
+
+
+def test_did_you_mean_names_keys_never_values(tmp_path: Path) -> None:
+    """A misspelt key holding a secret gets a suggestion naming the key only, in every
+    section that now has one; an empty or blank secret file is refused naming the path, not
+    its neighbour's contents; a secret followed by CRLF is kept without it."""
+    def prov(**kw: Any) -> dict[str, Any]:
+        return {"listen": "127.0.0.1:0", "state_path": str(tmp_path / "s.json"),
+                "providers": {"p": {"type": "oauth2", "token_url": "http://h/t",
+                                    "client_id": "c", **kw}},
+                "routes": [{"prefix": "/", "upstream": "http://h/", "provider": "p"}]}
+
+    attempts: list[tuple[dict[str, Any], str]] = [
+        (prov(client_secrt=CLIENT_SECRET), "'client_secret'"),
+        (prov(client_secret="x", pasword=PASSWORD, grant_type="password", username="u"),
+         "'password'"),
+        ({**prov(client_secret="x"), "security": {"client_kye": CLIENT_SECRET}},
+         "'client_key'"),
+        ({**prov(client_secret="x"), "limits": {"send_timout": CLIENT_SECRET}},
+         "'send_timeout'"),
+        ({**prov(client_secret="x"), "log": {"levl": CLIENT_SECRET}}, "'level'"),
+    ]
+    for raw, suggestion in attempts:
+        with pytest.raises(ConfigError) as caught:
+            build_config(raw, {})
+        text = str(caught.value)
+        assert suggestion in text
+        assert [] == [s for s in SECRETS if s in text], text
+    for content in ("", "\n", "\r\n", "   \n"):
+        secret = tmp_path / "secret"
+        secret.write_text(content)
+        with pytest.raises(ConfigError, match="is empty"):
+            build_config(prov(client_secret_file=str(secret)), {})
+    secret.write_text(CLIENT_SECRET + "\r\n")
+    cfg = build_config(prov(client_secret_file=str(secret)), {})
+    provider = cfg.providers["p"]
+    assert CLIENT_SECRET == provider.client_secret.value  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- routes

@@ -21,9 +21,17 @@ from yarl import URL
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen, assert_no_secret
 from tests.helpers.logs import CapturedLogs
+from tests.helpers.metrics import count
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import RawConnection, get
-from tests.helpers.rawupstream import MakeRaw, connected, echo_target, serving, start_proxy
+from tests.helpers.rawhttp import RawConnection, exchange, get
+from tests.helpers.rawupstream import (
+    MakeRaw,
+    connected,
+    echo_target,
+    response,
+    serving,
+    start_proxy,
+)
 from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
 
@@ -727,6 +735,84 @@ class TestStreaming:
         assert hashlib.sha256(b"x" * n).hexdigest() == digest.hexdigest()
 
 
+# -- header bytes that are not UTF-8 ----------------------------------------------------------
+
+
+def split_token() -> str:
+    """The token with a byte that is not UTF-8 in its middle (latin-1 text of the line)."""
+    return TOKEN[:8] + "\xff" + TOKEN[8:]
+
+
+class TestHeaderBytes:
+    """Header bytes that are not UTF-8 (obs-text), on both paths: relayed as they are by the
+    fast path, dropped whole by the aiohttp path (aiohttp writes header text as UTF-8 and
+    would drop a stray byte alone); and the token hidden in them, or in a field name, never
+    reaches the client."""
+
+    async def test_a_token_split_by_a_non_utf8_byte_in_a_response_header_is_not_reassembled(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw,
+    ) -> None:
+        """An upstream that puts a byte that is not UTF-8 inside the token in a response field
+        (so the echo check on bytes does not see the token): the fast path relays the bytes as
+        they are (no token); the aiohttp path drops the field whole -- aiohttp would have dropped
+        the stray byte alone and joined the token again."""
+        up = await raw_upstream(serving(lambda r: response(
+            b"ok", "200 OK", "X-Echo: " + split_token(), "X-Other: kept")))
+        daemon = await start_proxy(make_proxy, up)
+        resp, _ = await exchange(daemon.port(), get("/x"))
+        assert 200 == resp.status
+        assert ["kept"] == resp.header("X-Other")
+        leaked = TOKEN.encode() in resp.raw
+        assert not leaked, "the token reached the client"
+
+    async def test_a_token_split_by_a_non_utf8_byte_in_the_reason_phrase_is_not_reassembled(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw,
+    ) -> None:
+        """The same in the reason phrase: the aiohttp path sends the standard phrase instead."""
+        up = await raw_upstream(serving(lambda r: response(b"ok", "403 " + split_token())))
+        daemon = await start_proxy(make_proxy, up)
+        resp, _ = await exchange(daemon.port(), get("/x"))
+        assert 403 == resp.status
+        leaked = TOKEN.encode() in resp.raw
+        assert not leaked, "the token reached the client"
+
+    async def test_a_response_field_named_after_the_token_does_not_reach_the_client(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw,
+    ) -> None:
+        """The echo check looks at field names too: an upstream that names a field after the
+        token does not get it to the client, on either path."""
+        up = await raw_upstream(serving(lambda r: response(
+            b"ok", "200 OK", f"X-Seen-{TOKEN}: 1", "X-Other: kept")))
+        daemon = await start_proxy(make_proxy, up)
+        resp, _ = await exchange(daemon.port(), get("/x"))
+        assert ["kept"] == resp.header("X-Other")
+        leaked = TOKEN.encode() in resp.raw
+        assert not leaked, "the token reached the client"
+
+    async def test_header_bytes_that_are_not_utf8_pass_unchanged_or_not_at_all(
+        self, make_proxy: MakeProxy, raw_upstream: MakeRaw, serving_path: str,
+    ) -> None:
+        """RFC 9110 field values may hold obs-text (bytes 0x80-0xFF: latin-1 filenames in
+        Content-Disposition, legacy cookies). The fast path relays them byte for byte. aiohttp
+        writes header text as UTF-8 and silently drops what is not, so the aiohttp path drops
+        such a field whole -- never altered -- and counts the request side
+        (tokenproxy_request_headers_dropped_total{reason="not_utf8"})."""
+        up = await raw_upstream(serving(lambda r: response(
+            b"ok", "200 OK", "Content-Disposition: attachment; filename=\"caf\xe9.txt\"")))
+        daemon = await start_proxy(make_proxy, up)
+        resp, _ = await exchange(daemon.port(), get("/x", "localhost", "X-Name: caf\xe9"))
+        sent = [r.get("X-Name") for r in up.requests]
+        disposition = resp.header("Content-Disposition")
+        if serving_path == "fast":
+            assert ["caf\xe9"] == sent
+            assert ['attachment; filename="caf\xe9.txt"'] == disposition
+        else:
+            assert [None] == sent
+            assert [] == disposition
+            assert 1.0 == count(daemon, "tokenproxy_request_headers_dropped_total",
+                                reason="not_utf8")
+
+
 # -- redirects ---------------------------------------------------------------------------------
 
 
@@ -857,6 +943,31 @@ class TestUpstreamErrors:
             assert 200 == resp.status
         assert "/env" == recorder.last.raw_path
 
+    async def test_a_head_answered_by_tokenproxy_gets_no_body(self, make_proxy: MakeProxy) -> None:
+        """A HEAD request that tokenproxy answers itself (here 502 upstream_unreachable; 503
+        token_unavailable alike) gets the head alone, on a connection kept alive. A HEAD response
+        has no body (RFC 9110 section 9.3.2): body bytes would be read as the start of the next
+        response on that connection."""
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            await conn.send(get("/x", "localhost", method="HEAD"))
+            first = await conn.response(head_only=True)
+            assert 502 == first.status
+            keep = first.get("Connection") != "close"
+            await conn.send(get("/y"))
+            if keep:
+                try:
+                    second = await conn.response()
+                except ValueError as exc:   # the status line was the HEAD answer's body
+                    raise AssertionError(f"the next response is garbage: {exc}") from None
+                assert 502 == second.status
+            else:
+                assert await conn.wait_closed(1.0) is not None
+                assert b"" == conn.trailing, "HEAD answered with a body"
+        finally:
+            await conn.close()
+
 
 # -- observability and pooling -------------------------------------------------------------
 
@@ -914,6 +1025,24 @@ class TestObservability:
         [event] = logs.events("request")
         assert (404, len(body)) == (event["status"], event["bytes"])
         assert len(body) > 0
+
+    async def test_a_head_problem_answer_logs_no_body_bytes(
+        self, make_proxy: MakeProxy, logs: CapturedLogs,
+    ) -> None:
+        """A HEAD answered by tokenproxy itself sends no body, and the access log's ``bytes``
+        says so, on both paths."""
+        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
+        conn = await RawConnection.open(daemon.port())
+        try:
+            await conn.send(get("/x", "localhost", method="HEAD"))
+            assert 502 == (await conn.response(head_only=True)).status
+            await conn.wait_closed(0.2)
+            assert b"" == conn.trailing
+        finally:
+            await conn.close()
+        await wait_for(lambda: bool(logs.events("request")), "the access log line")
+        [event] = logs.events("request")
+        assert (502, 0) == (event["status"], event["bytes"])
 
     @pytest.mark.parametrize(
         ("method", "first"),

@@ -16,6 +16,7 @@ from tests.helpers.daemon_proc import child_env
 from tests.helpers.net import busy_port, free_port
 from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config, load_config, parse_yaml
+from tokenproxy.proxy.rules.problem import TITLES
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -134,3 +135,20 @@ def test_demo_on_a_busy_port_says_what_to_do(tmp_path: Path) -> None:
     assert "--port" in result.stderr
     assert "Traceback" not in result.stderr
     assert "curl" not in result.stdout
+
+
+def test_readme_points_to_the_reference_instead_of_copying_it() -> None:
+    """The README's error and observability sections name the common cases and point to
+    docs/errors.md, docs/metrics.md and docs/logging.md, which tests/test_docs.py keeps in
+    step with the code; a copied table of every cause or metric would drift (it did: the
+    README's lacked provider_misconfigured and the discovery grant)."""
+    errors = _section("Errors")
+    observability = _section("Observability")
+    assert "docs/errors.md" in errors
+    assert "docs/metrics.md" in observability
+    assert "docs/logging.md" in observability
+    assert "| `tokenproxy_" not in README, "a metric table copied into the README"
+    assert "| `Tokenproxy-Error` |" not in README, "an error table copied into the README"
+    named = set(re.findall(r"`([a-z_]+)` \(\d{3}", errors))
+    assert named, errors
+    assert named <= set(TITLES), named - set(TITLES)

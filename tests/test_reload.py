@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,14 @@ from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.idp import StartIdp, oauth2_config
 from tests.helpers.metrics import metric
+from tests.helpers.net import busy_port
+from tests.helpers.rawhttp import exchange, get
+from tests.helpers.rawupstream import MakeRaw, RawUpstream, response, serving
 from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.config import build_config
+from tokenproxy.daemon import Daemon
 from tokenproxy.errors import TokenProxyError
+from tokenproxy.listeners import ListenError
 from tokenproxy.tokens.manager import TokenManager
 
 
@@ -220,3 +226,59 @@ async def test_reload_of_token_providers_under_load_fails_no_request(
     assert 2 == issuer.stats.calls
     assert len(results) > 20
     assert [] == [s for s in results if s != 200]
+
+
+# -- a reload that fails late changes nothing ---------------------------------------------------
+
+
+async def _serves_with(daemon: Daemon, up: RawUpstream, token: str) -> None:
+    """A request on the daemon's first listener reaches the upstream with *token*."""
+    before = len(up.requests)
+    resp, _ = await exchange(daemon.port(), get("/x"))
+    assert 200 == resp.status
+    assert f"Bearer {token}" == up.requests[before].get("Authorization")
+
+
+async def _admin_answers(daemon: Daemon) -> bool:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.admin_port}/healthz") as r:
+        return r.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["admin_bind", "provider_build", "route_tls"])
+async def test_a_failed_reload_leaves_listeners_providers_and_routes_as_they_were(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, tmp_path: Path, cert: tuple[Path, Path],
+    failing: str,
+) -> None:
+    """A reload that adds a proxy listener and changes the provider fails late --
+    the admin address is taken, the provider's CA bundle went bad after the file was read,
+    or the route's did -- and nothing moves: the new listener is closed again (its socket
+    file gone), the old listeners and admin listener serve, the old token is sent."""
+    up = await raw_upstream(serving(lambda r: response(b"ok")))
+    daemon = await make_proxy(proxy_config(up.url(), TOKEN))
+    old_config, old_source = daemon.config, daemon.source("api")
+    _, ca = cert
+    sock_path = tmp_path / "new.sock"
+    raw = proxy_config(up.url(), TOKEN_2, listen=["127.0.0.1:0", f"unix:{sock_path}"],
+                       state_path=str(tmp_path / "state.json"))
+    with busy_port() as busy:
+        if failing == "admin_bind":
+            raw["admin_listen"] = f"127.0.0.1:{busy}"
+        elif failing == "provider_build":
+            raw["providers"] = {"api": {"type": "oauth2", "token_url": "https://127.0.0.1:1/t",
+                                        "client_id": "c", "client_secret": "s",
+                                        "ca_file": str(ca)}}
+        else:
+            raw["routes"][0]["ca_file"] = str(ca)
+        new = build_config(raw, {})
+        ca.write_text("not a certificate\n")   # after the file was read: the build step fails
+        with pytest.raises((ListenError, ssl.SSLError)) as failed:
+            await daemon.reload(new)
+    assert isinstance(failed.value, ssl.SSLError) == (failing != "admin_bind")
+    assert not sock_path.exists(), "the listener the failed reload bound is still there"
+    assert daemon.config is old_config
+    assert daemon.source("api") is old_source
+    assert 1 == len(daemon.listeners)
+    await _serves_with(daemon, up, TOKEN)
+    assert await _admin_answers(daemon)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -15,19 +14,6 @@ from tests.helpers.config import MakeProxy, proxy_config
 from tests.helpers.fakes import TOKEN
 from tokenproxy.config import build_config
 from tokenproxy.errors import ConfigError
-
-
-@pytest.fixture(name="cert")
-def _cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return key, crt
 
 
 async def _tls_upstream(aiohttp_server: AiohttpServer, cert: tuple[Path, Path]) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import json
 import os
 import stat
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from tests.helpers.client import Answer, fetch
+from tests.helpers.client import Answer, fetch, status_of
 from tests.helpers.config import MakeProxy, command_provider, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, TOKEN, JumpClock
 from tests.helpers.idp import (
@@ -35,8 +34,8 @@ from tests.helpers.idp import (
     gate,
     jwt,
     minted,
-    oauth2,
     oauth2_config,
+    passthrough,
     password_grant,
     respond,
     respond_json,
@@ -44,10 +43,10 @@ from tests.helpers.idp import (
 )
 from tests.helpers.logs import CapturedLogs, failures, installed
 from tests.helpers.metrics import count, metric, refreshes
+from tests.helpers.net import closed_port
 from tests.helpers.wait import readyz, settle, wait_for, wait_ready
 from tokenproxy.config import build_config
 from tokenproxy.log import Redactor
-from tokenproxy.tokens.discovery import discovery_urls
 from tokenproxy.tokens.factory import obtain_token
 
 
@@ -162,169 +161,6 @@ async def test_refresh_token_grant_follows_rotation(
     assert first == idp.calls.seen[1].form["refresh_token"]
     assert first != idp.calls.seen[2].form["refresh_token"]
     assert 0 == idp.issuer.stats.reuse_detected
-
-
-async def test_issuer_discovery_instead_of_token_url(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    """With issuer: the token endpoint is found through OIDC discovery."""
-    idp = await start()
-    prov = oauth2(idp)
-    del prov["token_url"]
-    prov["issuer"] = idp.url
-    daemon = await make_proxy(config(prov, idp.url + "/api/", tmp_path))
-    await wait_ready(daemon)
-    assert 200 == (await fetch(http, daemon)).status
-    assert ["client_credentials"] == idp.calls.grants()
-
-
-class Metadata:
-    """An authorization server's metadata documents at chosen locations (a path issuer's
-    server publishing only some of the three), on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.docs: dict[str, Any] = {}
-        self.status = 404
-        self.seen: list[str] = []
-        self.url = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(request.path)
-        if request.path in self.docs:
-            return web.json_response(self.docs[request.path])
-        return web.Response(status=self.status)
-
-    @property
-    def issuer(self) -> str:
-        return self.url + "/o"
-
-
-@pytest.fixture(name="metadata")
-async def _metadata(aiohttp_server: AiohttpServer) -> Metadata:
-    meta = Metadata()
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", meta.handle)
-    server = await aiohttp_server(app)
-    meta.url = f"http://127.0.0.1:{server.port}"
-    return meta
-
-
-def issuer_config(idp: Idp, issuer: str, tmp_path: Path) -> dict[str, Any]:
-    prov = oauth2(idp)
-    del prov["token_url"]
-    prov["issuer"] = issuer
-    return config(prov, idp.url + "/api/", tmp_path)
-
-
-LOCATIONS = {
-    "openid": "/o/.well-known/openid-configuration",
-    "rfc8414": "/.well-known/oauth-authorization-server/o",
-    "appended": "/o/.well-known/oauth-authorization-server",
-}
-
-
-@pytest.mark.parametrize("where", LOCATIONS)
-async def test_discovery_finds_the_metadata_where_the_server_publishes_it(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    metadata: Metadata, where: str,
-) -> None:
-    """OpenID location first, then RFC 8414's (inserted before the issuer's path), then the
-    same document appended to the path (django-oauth-toolkit publishes it there)."""
-    idp = await start()
-    metadata.docs[LOCATIONS[where]] = {"issuer": metadata.issuer,
-                                       "token_endpoint": idp.token_url}
-    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
-    await wait_ready(daemon)
-    assert 200 == (await fetch(http, daemon)).status
-    assert ["client_credentials"] == idp.calls.grants()
-    order = list(LOCATIONS.values())
-    assert order[:order.index(LOCATIONS[where]) + 1] == metadata.seen
-
-
-@pytest.mark.parametrize("problem", ["nothing", "another issuer", "no token_endpoint",
-                                     "not json"])
-async def test_discovery_without_usable_metadata_is_a_configuration_problem(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    metadata: Metadata, logs: CapturedLogs, clock: JumpClock, problem: str,
-) -> None:
-    """Every location answered, none with a document for this issuer: not an outage (no
-    backoff loop, no 503) but a misconfiguration, named with every URL tried, in the log, in
-    /readyz and in the 502 requests get; looked at again once a minute, not sooner."""
-    idp = await start()
-    doc: Any = {
-        "nothing": None,
-        "another issuer": {"issuer": "https://evil.example", "token_endpoint": idp.token_url},
-        "no token_endpoint": {"issuer": metadata.issuer},
-        "not json": "<html>",
-    }[problem]
-    if doc is not None:
-        metadata.docs[LOCATIONS["openid"]] = doc
-    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
-    await wait_for(lambda: bool(logs.events("provider_misconfigured")), "misconfigured")
-    [event] = logs.events("provider_misconfigured")
-    for path in LOCATIONS.values():
-        assert metadata.url + path in event["error"]
-    resp = await fetch(http, daemon)
-    assert (502, "provider_misconfigured") == (resp.status, resp.headers["Tokenproxy-Error"])
-    assert metadata.url + LOCATIONS["appended"] in resp.json()["detail"]
-    status, ready = await readyz(daemon)
-    assert (503, "misconfigured") == (status, ready["providers"]["idp"]["state"])
-    assert metadata.url + LOCATIONS["rfc8414"] in ready["providers"]["idp"]["error"]
-    seen = len(metadata.seen)
-    await clock.tick(59)
-    await settle()
-    assert (seen, []) == (len(metadata.seen), idp.calls.seen)   # no backoff loop
-    await clock.tick(2)
-    await wait_for(lambda: count(daemon, "tokenproxy_token_refresh_total", provider="idp",
-                                 trigger="initial", grant="discovery", result="rejected") == 2,
-                   "one more look a minute later")
-    assert 2 * seen == len(metadata.seen)
-    assert [] == idp.calls.seen
-    status, ready = await readyz(daemon)
-    assert (503, "misconfigured") == (status, ready["providers"]["idp"]["state"])
-
-
-async def test_discovery_that_finds_metadata_later_heals_without_a_reload(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    metadata: Metadata, logs: CapturedLogs, clock: JumpClock,
-) -> None:
-    """An issuer whose metadata answered 404 (still starting behind its ingress) and is there
-    a minute later: the provider gets its token and requests pass, with no reload."""
-    idp = await start()
-    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
-    await wait_for(lambda: bool(logs.events("provider_misconfigured")), "misconfigured")
-    assert 502 == (await fetch(http, daemon)).status
-    metadata.docs[LOCATIONS["openid"]] = {"issuer": metadata.issuer,
-                                          "token_endpoint": idp.token_url}
-    await clock.tick(61)
-    await wait_ready(daemon)
-    assert 200 == (await fetch(http, daemon)).status
-    assert ["client_credentials"] == idp.calls.grants()
-
-
-async def test_discovery_during_an_outage_backs_off_and_names_the_urls(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    metadata: Metadata, logs: CapturedLogs,
-) -> None:
-    """5xx answers are an outage: backoff, 503 with Retry-After, the URLs named."""
-    idp = await start()
-    metadata.status = 503
-    daemon = await make_proxy(issuer_config(idp, metadata.issuer, tmp_path))
-    await wait_for(lambda: refreshes(daemon, "initial", "error") == 1, "a failed call")
-    [error] = failures(logs)
-    assert f"{metadata.url}{LOCATIONS['openid']} (status 503)" in error
-    resp = await fetch(http, daemon)
-    assert (503, "token_unavailable") == (resp.status, resp.headers["Tokenproxy-Error"])
-    assert "Retry-After" in resp.headers
-
-
-def test_discovery_locations() -> None:
-    assert ["https://h/.well-known/openid-configuration",
-            "https://h/.well-known/oauth-authorization-server"] == discovery_urls("https://h/")
-    assert ["https://h/o/t/.well-known/openid-configuration",
-            "https://h/.well-known/oauth-authorization-server/o/t",
-            "https://h/o/t/.well-known/oauth-authorization-server"] == discovery_urls(
-        "https://h/o/t/")
 
 
 async def test_invalid_client_from_the_issuer_is_named_and_unauthenticates(
@@ -1035,158 +871,7 @@ async def test_concurrent_requests_after_expiry_make_one_token_call(
     assert coalesced >= 1
 
 
-# -- retry -----------------------------------------------------------------------------------
-
-
-async def test_small_post_body_replayed_after_401(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    """A POST refused with 401 is retried with the new token and the same body bytes."""
-    idp = await start()
-    daemon = await make_proxy(oauth2_config(idp, tmp_path))
-    await wait_ready(daemon)
-    idp.issuer.revoke_all()
-    body = bytes(range(256)) * 3
-    resp = await fetch(http, daemon, "/upload", method="POST", data=body)
-    assert 200 == resp.status
-    first, second = idp.tap.seen
-    assert (body, body) == (first.body, second.body)
-    assert first.bearer != second.bearer
-    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="success")
-
-
-async def _chunked(size: int) -> AsyncIterator[bytes]:
-    for i in range(size // 512):
-        yield bytes([i % 251]) * 512
-
-
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_body_over_max_replay_streamed_and_its_401_passed_back(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    framing: str, logs: CapturedLogs,
-) -> None:
-    """A body over max_replay_body is streamed once and its 401 passed back (skipped)."""
-    idp = await start()
-    daemon = await make_proxy(oauth2_config(idp, tmp_path,
-                                            top={"limits": {"max_replay_body": "1KiB"}}))
-    await wait_ready(daemon)
-    idp.issuer.revoke_all()
-    expected = b"".join([chunk async for chunk in _chunked(4096)])
-    data: Any = expected if framing == "content-length" else _chunked(4096)
-    resp = await fetch(http, daemon, "/upload", method="POST", data=data)
-    assert 401 == resp.status
-    assert {"error": "invalid_token"} == resp.json()
-    assert 'Bearer error="invalid_token"' == resp.headers["WWW-Authenticate"]
-    [seen] = idp.tap.seen
-    assert expected == seen.body
-    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="skipped")
-    await wait_for(lambda: refreshes(daemon, "unauthorized") == 1, "the refresh")
-    await wait_for(lambda: installed(logs, "unauthorized") == 1, "the new token in use")
-    assert 200 == (await fetch(http, daemon, "/upload", method="POST", data=expected)).status
-    assert 2 == len(idp.calls.seen)
-
-
-async def test_failed_background_refresh_after_a_skipped_retry_is_quiet(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    logs: CapturedLogs,
-) -> None:
-    """A failed background refresh after a skipped retry is logged once, not as a crash."""
-    idp = await start()
-    daemon = await make_proxy(oauth2_config(idp, tmp_path,
-                                            top={"limits": {"max_replay_body": "1KiB"}}))
-    await wait_ready(daemon)
-    idp.calls.default = UNAVAILABLE
-    idp.issuer.revoke_all()
-    resp = await fetch(http, daemon, "/upload", method="POST", data=b"x" * 4096)
-    assert 401 == resp.status
-    await wait_for(lambda: refreshes(daemon, "unauthorized", "failure") == 1, "the failure")
-    await settle()
-    gc.collect()
-    await settle()
-    assert ["client_credentials grant: status 503 (temporarily_unavailable)"] == failures(logs)
-    assert [] == [e for e in logs.events() if e["level"] == "error"]
-
-
-async def test_second_401_passed_back_as_sent(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    logs: CapturedLogs,
-) -> None:
-    """A 401 with the fresh token is passed back as sent; the next one does not refresh."""
-    idp = await start()
-    idp.tap.deny.add("/api/deny")
-    daemon = await make_proxy(oauth2_config(idp, tmp_path))
-    await wait_ready(daemon)
-    resp = await fetch(http, daemon, "/deny")
-    assert (401, b"denied-by-upstream") == (resp.status, resp.body)
-    assert 'Bearer error="insufficient_scope"' == resp.headers["WWW-Authenticate"]
-    old, new = idp.tap.bearers("/api/deny")
-    assert old != new
-    assert 2 == len(idp.calls.seen)
-    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="failure")
-    resp = await fetch(http, daemon, "/deny")
-    assert 401 == resp.status
-    assert 2 == len(idp.calls.seen)
-    # Not sent again: counted as such, as the access log says (retried: false).
-    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="failure")
-    assert 1 == count(daemon, "tokenproxy_auth_retries_total", route="/",
-                      outcome="no_new_token")
-    assert 0 == count(daemon, "tokenproxy_auth_retries_total", route="/", outcome="success")
-    assert [True, False] == [e["retried"] for e in logs.events("request")]
-
-
-@pytest.mark.parametrize("revoked", ["access token", "token family"])
-async def test_a_token_revoked_after_a_scope_401_heals_at_once(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
-    revoked: str,
-) -> None:
-    """A path that always answers 401 (a scope problem) refreshes once; the upstream then
-    accepts the fresh token on another path; the issuer revokes it. The next request on that
-    path is answered 200 at once: with one refresh, or -- when the issuer revoked the refresh
-    token too -- a rejected refresh and a fresh login; the state file holds a live refresh
-    token afterwards (the 5 s storm guard used to pass 401s back meanwhile)."""
-    idp = await start()
-    idp.tap.deny.add("/api/deny")
-    state = tmp_path / "state.json"
-    daemon = await make_proxy(oauth2_config(idp, tmp_path, grant_type="password",
-                                            username="demo", password=PASSWORD))
-    await wait_ready(daemon)
-    assert 401 == (await fetch(http, daemon, "/deny")).status
-    assert 200 == (await fetch(http, daemon, "/ok")).status
-    assert ["password", "refresh_token"] == idp.calls.grants()
-    if revoked == "access token":
-        idp.issuer.revoke_access()
-    else:
-        idp.issuer.revoke_all()
-    assert 200 == (await fetch(http, daemon, "/ok")).status
-    expected = ["refresh_token"] if revoked == "access token" else ["refresh_token", "password"]
-    assert ["password", "refresh_token", *expected] == idp.calls.grants()
-    refresh = state_entry(state)["refresh_token"]
-    family = idp.issuer._refresh[refresh]
-    assert (False, refresh) == (family.revoked, family.live_refresh)
-
-
-async def test_a_fresh_token_refused_again_is_not_refreshed_per_request(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
-) -> None:
-    """The storm guard stays: a path refused for scope among accepted ones is refreshed for
-    once, and then is a known refuser for UNAUTHORIZED_REFRESH_GAP, however the requests
-    interleave; a second refused path may spend the window's one heal (it could have been a
-    revocation), and then nothing more refreshes."""
-    idp = await start()
-    idp.tap.deny.update({"/api/deny", "/api/deny2", "/api/deny3"})
-    daemon = await make_proxy(oauth2_config(idp, tmp_path))
-    await wait_ready(daemon)
-    for _ in range(10):
-        assert 401 == (await fetch(http, daemon, "/deny")).status
-        assert 200 == (await fetch(http, daemon, "/ok")).status
-    assert 2 == len(idp.calls.seen)   # the first token, the 401's refresh
-    fresh = await start()
-    fresh.tap.deny.update({"/api/deny", "/api/deny2", "/api/deny3"})
-    other = await make_proxy(oauth2_config(fresh, tmp_path / "other"))
-    await wait_ready(other)
-    for path in ("/deny", "/deny2", "/deny", "/deny2", "/deny3"):
-        assert 401 == (await fetch(http, other, path)).status
-    assert 3 == len(fresh.calls.seen)   # the first token, /deny's refresh, /deny2's heal
+# -- token-endpoint calls: counted and named ------------------------------------------------
 
 
 async def test_every_token_endpoint_call_is_counted_by_grant_and_result(
@@ -1226,6 +911,70 @@ async def test_a_failing_call_is_counted_as_an_error(
     await wait_for(lambda: refreshes(daemon, "initial", "error") == 1, "the failure")
     assert 0 == refreshes(daemon, "initial", "rejected")
     assert ["client_credentials"] == [e["grant"] for e in logs.events("token_refresh_failed")]
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_a_4xx_from_the_token_endpoint_is_counted_rejected(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, status: int,
+) -> None:
+    """A token endpoint answering 404 or 405 (a wrong token_url path, a GET-only route)
+    is the endpoint saying no: counted ``rejected``, so the alert docs/metrics.md recommends
+    fires; it is still retried with backoff (the route may come back)."""
+    idp = await start()
+    idp.calls.default = respond(status, "")
+    daemon = await make_proxy(oauth2_config(idp, tmp_path))
+    await wait_for(lambda: bool(idp.calls.seen), "the token call")
+    await wait_for(lambda: refreshes(daemon, "initial", "failure") == 1, "it is counted")
+    assert 1 == refreshes(daemon, "initial", "rejected"), "counted as error"
+
+
+async def test_a_refused_connection_to_the_token_endpoint_is_named_so(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, logs: CapturedLogs,
+) -> None:
+    """A token-endpoint failure names the host and the reason in the OS's words
+    ("connection refused"), not asyncio's sentence."""
+    idp = await start()
+    port = closed_port()
+    daemon = await make_proxy(oauth2_config(idp, tmp_path,
+                                            token_url=f"http://127.0.0.1:{port}/token"))
+    await wait_for(lambda: bool(logs.events("token_refresh_failed")), "a failed call")
+    [failed] = logs.events("token_refresh_failed")
+    assert f"http://127.0.0.1:{port}" in failed["error"]
+    _, ready = await readyz(daemon)
+    assert "connection refused" in failed["error"], failed["error"]
+    assert "connection refused" in ready["providers"]["idp"]["error"]
+
+
+async def test_token_metric_labels_stay_bounded_whatever_the_issuer_answers(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    clock: JumpClock,
+) -> None:
+    """An issuer answering with invented error codes, 4xx and 5xx statuses, garbage and
+    finally a token puts nothing of its answers into the token_refresh labels: grant, trigger
+    and result keep to the documented values."""
+    idp = await start()
+    idp.calls.queue.extend([
+        respond_json({"error": "x_evil_label_" + "a" * 40}, 400),
+        respond_json({"error": "grant=evil,result=owned"}, 418),
+        respond(500, "<html>"), respond(200, '{"access_token": 7}'),
+    ])
+    daemon = await make_proxy(oauth2_config(idp, tmp_path, **PASSWORD_GRANT))
+    await wait_for(lambda: bool(idp.calls.seen), "the first call")
+    await daemon.reload(daemon.config)   # the rejection made it unauthenticated: try again
+    for _ in range(4):
+        await clock.tick(120)
+        await asyncio.sleep(0.05)
+    samples = [s.labels for family in daemon.registry.collect()
+               if family.name == "tokenproxy_token_refresh" for s in family.samples
+               if s.name.endswith("_total")]
+    assert samples
+    assert 5 == len(idp.calls.seen)   # rejected, then (after the reload) 3 errors, a success
+    for labels in samples:
+        assert labels["grant"] in {"client_credentials", "password", "refresh_token",
+                                   "json_login", "json_refresh", "command", "token_file",
+                                   "discovery", "state_file"}, labels
+        assert labels["trigger"] in {"initial", "expiry", "unauthorized", "manual"}, labels
+        assert labels["result"] in {"success", "rejected", "error"}, labels
 
 
 # -- fallback --------------------------------------------------------------------------------
@@ -1280,6 +1029,27 @@ async def test_rejected_refresh_without_credentials_is_unauthenticated(
     await settle()
     assert calls == len(idp.calls.seen)
     assert first not in json.dumps(doc)
+
+
+async def test_a_rejected_refresh_token_is_not_spent_again_after_a_failed_login(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
+    clock: JumpClock,
+) -> None:
+    """After a refresh token is rejected and the login that follows fails once, the next
+    attempt logs in again: the dead refresh token is not presented again, though the state
+    file (written before the rejection) still holds it."""
+    idp = await start(lifetime=3600)
+    daemon = await make_proxy(oauth2_config(idp, tmp_path, **PASSWORD_GRANT))
+    await wait_ready(daemon)
+    assert 200 == await status_of(http, daemon, "/ok")
+    idp.issuer.revoke_all()
+    idp.calls.queue = [passthrough, UNAVAILABLE]
+    assert 503 == await status_of(http, daemon, "/ok")   # refresh rejected, login failed
+    assert ["password", "refresh_token", "password"] == idp.calls.grants()
+    await clock.tick(6)   # past the backoff and the storm guard's window
+    assert 200 == await status_of(http, daemon, "/ok")
+    assert ["password", "refresh_token", "password", "password"] == idp.calls.grants(), (
+        "the rejected refresh token was presented again")
 
 
 # -- backoff ---------------------------------------------------------------------------------

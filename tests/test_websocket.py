@@ -1,8 +1,10 @@
 """WebSocket upgrades: the handshake carries the token, frames flow both ways,
-close propagates, refusals pass back; other upgrades (h2c) are never honoured."""
+close propagates, refusals and redirects pass back (never followed); other upgrades (h2c) are
+never honoured."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -16,11 +18,15 @@ from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import RawConnection
+from tests.helpers.rawhttp import RawConnection, exchange, get
+from tests.helpers.rawupstream import MakeRaw, Req, response, serving, start_proxy
 from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
 
 WS_TIMEOUT = 5.0
+# A WebSocket handshake's request fields, for clients that do not follow it through.
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 
 
 class WsUpstream:
@@ -282,12 +288,50 @@ class TestWebSocket:
     async def test_unreachable_upstream_is_502(self, make_proxy: MakeProxy) -> None:
         """An upgrade to an unreachable upstream gets a 502 problem, not a dead socket."""
         daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
-        async with aiohttp.ClientSession() as s, s.get(ws_url(daemon, "/ws"), headers={
-            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        }) as resp:
+        async with aiohttp.ClientSession() as s, s.get(ws_url(daemon, "/ws"),
+                                                       headers=UPGRADE) as resp:
             assert 502 == resp.status
             assert "upstream_unreachable" == resp.headers["Tokenproxy-Error"]
             assert "application/problem+json" == resp.content_type
         assert 1.0 == daemon.registry.get_sample_value(
             "tokenproxy_upstream_errors_total", {"route": "/", "kind": "connect"})
+
+
+# -- handshakes the upstream redirects or refuses, over a raw upstream ------------------------
+
+
+@pytest.mark.parametrize("header", ["X-Api-Key", "Authorization"])
+async def test_a_websocket_handshake_redirect_is_passed_back_not_followed(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, header: str,
+) -> None:
+    """The upstream answers a WebSocket handshake with ``302 Location:`` another origin.
+    aiohttp's ws_connect would follow it with the route's token header (it drops only
+    Authorization across origins): the handshake goes through a client that refuses
+    redirects, and the 302 is passed back to the client, as on the HTTP path."""
+    thief = await raw_upstream(serving(lambda r: response(b"stolen")))
+
+    def redirect(req: Req) -> bytes:
+        return response(b"", "302 Found", f"Location: {thief.url('/steal')}")
+
+    up = await raw_upstream(serving(redirect))
+    daemon = await start_proxy(make_proxy, up, {"header": header, "value": "Bearer {token}"})
+    async with aiohttp.ClientSession() as s, s.get(
+            ws_url(daemon, "/ws"), headers=UPGRADE, allow_redirects=False) as answer:
+        # Passed back as the HTTP path passes a redirect back: the client decides.
+        assert (302, thief.url("/steal")) == (answer.status, answer.headers.get("Location"))
+        assert "Server" not in answer.headers
+    await asyncio.sleep(0.1)
+    assert [] == thief.targets, "the handshake followed the upstream's redirect"
+
+
+async def test_a_refused_websocket_handshake_names_no_server_version(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw,
+) -> None:
+    """A refused handshake is passed back without aiohttp's ``Server: Python/...
+    aiohttp/...`` (it names versions), as every other answer."""
+    up = await raw_upstream(serving(lambda r: response(b"no", "403 Forbidden")))
+    daemon = await start_proxy(make_proxy, up)
+    resp, _ = await exchange(daemon.port(), get(
+        "/ws", "localhost", *(f"{name}: {value}" for name, value in UPGRADE.items())))
+    assert 403 == resp.status
+    assert [] == resp.header("Server")

@@ -60,7 +60,9 @@ def rotate_token(path: Path) -> None:
 
 def write_config(directory: Path, raw: dict[str, Any], name: str = "tokenproxy.yaml") -> Path:
     """Write *raw* as a config file (JSON is valid YAML), private as one holding secrets
-    should be (a readable one is warned about at start)."""
+    should be (a readable one is warned about at start); *directory* is made, private, if it
+    is not there."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / name
     path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
     path.chmod(0o600)

@@ -119,6 +119,11 @@ def gate(event: asyncio.Event, then: Handler | None = None) -> Handler:
     return handler
 
 
+async def passthrough(request: web.Request, grant: str) -> None:
+    """A queued fault that lets the issuer answer this call itself."""
+    return None
+
+
 def mint(issuer: Issuer, *, refresh: bool = False, user: str | None = None) -> dict[str, Any]:
     """A token document the issuer really issued (its API accepts the access token), for faults
     that alter an answer's other fields."""
