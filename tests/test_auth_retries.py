@@ -26,7 +26,8 @@ from tests.helpers.logs import CapturedLogs, failures, installed
 from tests.helpers.metrics import count, refreshes, retry_counts
 from tests.helpers.rawhttp import RawConnection, get
 from tests.helpers.rawupstream import MakeRaw, Script, UpConn, read_request, response
-from tests.helpers.wait import settle, wait_for, wait_ready
+from tests.helpers.wait import request_event, settle, wait_for, wait_ready
+from tokenproxy.daemon import Daemon
 
 # -- what is sent again -------------------------------------------------------------------------
 
@@ -155,6 +156,15 @@ def refused_once(then: Then) -> Script:
     return script
 
 
+async def handshake_refused(daemon: Daemon) -> int:
+    """The status of a WebSocket handshake the client sees refused."""
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with s.ws_connect(f"ws://127.0.0.1:{daemon.port()}/ws"):
+                pass
+    return refused.value.status
+
+
 async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """No answer: the connection is cut at once."""
     writer.transport.abort()
@@ -223,8 +233,7 @@ async def test_a_retry_that_fails_upstream_is_counted_as_upstream_error(
     status = await status_of(http, daemon, "/x")
     assert status == (502 if after_401 == "reset" else 504)
     assert 2 == len(idp.calls.seen)   # the first token and the 401's refresh
-    await wait_for(lambda: bool(logs.events("request")), "the access log line")
-    [event] = logs.events("request")
+    event = await request_event(logs)
     assert event["retried"] is True
     counts = retry_counts(daemon)
     assert 1 == counts["upstream_error"] == sum(counts.values()), counts
@@ -240,14 +249,9 @@ async def test_a_websocket_retry_that_fails_upstream_is_counted_as_upstream_erro
     up = await raw_upstream(refused_once(cut))
     daemon = await make_proxy(oauth2_config(idp := await start(), tmp_path, upstream=up.url()))
     await wait_ready(daemon)
-    async with aiohttp.ClientSession() as s:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            async with s.ws_connect(f"ws://127.0.0.1:{daemon.port()}/ws"):
-                pass
-    assert 502 == refused.value.status
+    assert 502 == await handshake_refused(daemon)
     assert 2 == len(idp.calls.seen)
-    await wait_for(lambda: bool(logs.events("request")), "the access log line")
-    [event] = logs.events("request")
+    event = await request_event(logs)
     assert event["retried"] is True
     counts = retry_counts(daemon)
     assert 1 == counts["upstream_error"] == sum(counts.values()), counts
@@ -268,13 +272,8 @@ async def test_a_websocket_retry_answered_without_an_upgrade_is_counted_once(
     up = await raw_upstream(refused_once(plain_200))
     daemon = await make_proxy(oauth2_config(await start(), tmp_path, upstream=up.url()))
     await wait_ready(daemon)
-    async with aiohttp.ClientSession() as s:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            async with s.ws_connect(f"ws://127.0.0.1:{daemon.port()}/ws"):
-                pass
-    assert 502 == refused.value.status
-    await wait_for(lambda: bool(logs.events("request")), "the access log line")
-    [event] = logs.events("request")
+    assert 502 == await handshake_refused(daemon)
+    event = await request_event(logs)
     assert event["retried"] is True
     counts = retry_counts(daemon)
     assert {"success": 1} == {k: v for k, v in counts.items() if v}, counts
@@ -301,8 +300,7 @@ async def test_a_retried_request_whose_client_leaves_is_counted_as_abandoned(
     await conn.send(get("/x"))
     await wait_for(lambda: len(up.requests) == 2, "the second attempt upstream")
     await conn.close()
-    await wait_for(lambda: bool(logs.events("request")), "the access log line")
-    [event] = logs.events("request")
+    event = await request_event(logs)
     assert (499, True) == (event["status"], event["retried"])
     await asyncio.sleep(1.2)   # the aiohttp path's second attempt times out meanwhile
     counts = retry_counts(daemon)

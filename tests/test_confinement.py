@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tests.helpers.rawhttp import RawConnection, RawResponse, get
 from tests.helpers.rawupstream import (
     MakeRaw,
     Req,
+    Script,
     UpConn,
     connected,
     echo_target,
@@ -101,6 +102,18 @@ def _with_body(method: str, body: bytes, version: str = "HTTP/1.1") -> bytes:
     extra = ["Connection: keep-alive"] if version == "HTTP/1.0" else []
     return get("/ignore", "localhost", f"Content-Length: {len(body)}", *extra, method=method,
                version=version) + body
+
+
+async def _smuggle_then_victims(make_proxy: MakeProxy, raw_upstream: MakeRaw,
+                                method: str) -> list[bytes]:
+    """An attacker sends *method* with the start of a request (SWALLOW) as its body to an
+    upstream that ignores bodies; then what the next clients (_victims) get."""
+    up = await raw_upstream(_ignoring())
+    daemon = await start_proxy(make_proxy, up)
+    async with connected(daemon.port()) as attacker:
+        await attacker.send(_with_body(method, SWALLOW))
+        assert b"ok" == (await attacker.response()).body
+        return await _victims(daemon.port())
 
 
 # -- a body the upstream does not read ---------------------------------------------------------
@@ -217,12 +230,7 @@ async def test_aiohttp_path_never_reuses_a_connection_that_carried_a_body(
     the tainted connection: the smuggled prefix swallows its head, token line included, and
     the upstream reflects it. Such requests go through a client whose connector never pools
     (UpstreamSessions in proxy/aiohttp_path/client.py)."""
-    up = await raw_upstream(_ignoring())
-    daemon = await start_proxy(make_proxy, up)
-    async with connected(daemon.port()) as attacker:
-        await attacker.send(_with_body(method, SWALLOW))
-        assert b"ok" == (await attacker.response()).body
-        answers = await _victims(daemon.port())
+    answers = await _smuggle_then_victims(make_proxy, raw_upstream, method)
     leaked = [raw for raw in answers if TOKEN.encode() in raw]
     assert [] == leaked, f"{len(leaked)} of {len(answers)} other clients saw the token"
 
@@ -286,12 +294,7 @@ async def test_a_body_on_any_method_reaches_no_other_client_on_the_fast_path(
     """Whatever the method (WebDAV ones included, which llhttp lets onto
     the fast path), a connection that carried a body never serves another client, even
     when the upstream ignores both the body and Connection: close."""
-    up = await raw_upstream(_ignoring())
-    daemon = await start_proxy(make_proxy, up)
-    async with connected(daemon.port()) as attacker:
-        await attacker.send(_with_body(method, SWALLOW))
-        assert b"ok" == (await attacker.response()).body
-        answers = await _victims(daemon.port())
+    answers = await _smuggle_then_victims(make_proxy, raw_upstream, method)
     for raw in answers:
         assert_no_secret(raw)
 
@@ -400,6 +403,21 @@ async def test_smuggled_request_captures_the_next_requests_token(
 # -- answers nobody asked for ------------------------------------------------------------------
 
 
+def stray_after(picked: Callable[[Req], bool], delay: float, stray: bytes) -> Script:
+    """A raw upstream script: each request is answered with its target; after a request
+    *picked* says, an answer nobody asked for (*stray*) follows *delay* seconds later."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        while (req := await read_request(reader, conn)) is not None:
+            writer.write(response(req.target.encode()))
+            await writer.drain()
+            if picked(req):
+                await asyncio.sleep(delay)
+                writer.write(stray)
+
+    return script
+
+
 @pytest.mark.slow
 @pytest.mark.both_paths
 @pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
@@ -410,16 +428,8 @@ async def test_an_answer_arriving_on_an_idle_connection_reaches_nobody(
     condemned, and every later client gets its own answer -- HTTP/1.0 keep-alive clients too,
     whom the fast path hands to aiohttp's path and its pool."""
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     conn: UpConn) -> None:
-        while (req := await read_request(reader, conn)) is not None:
-            writer.write(response(req.target.encode()))
-            await writer.drain()
-            if req.target == "/first":
-                await asyncio.sleep(0.15)
-                writer.write(response(b"POISON"))
-
-    up = await raw_upstream(script)
+    up = await raw_upstream(stray_after(lambda req: req.target == "/first", 0.15,
+                                        response(b"POISON")))
     daemon = await start_proxy(make_proxy, up)
     bodies = []
     for path in ("/first", "/second", "/third", "/fourth"):
@@ -539,16 +549,8 @@ async def test_a_condemned_private_connection_is_not_used_again(
     """A stray answer arriving on the idle private connection condemns it;
     the client's next request gets its own answer on a new connection."""
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     conn: UpConn) -> None:
-        while (req := await read_request(reader, conn)) is not None:
-            writer.write(response(req.target.encode()))
-            await writer.drain()
-            if req.method == "POST":
-                await asyncio.sleep(0.1)
-                writer.write(response(b"STRAY"))
-
-    up = await raw_upstream(script)
+    up = await raw_upstream(stray_after(lambda req: req.method == "POST", 0.1,
+                                        response(b"STRAY")))
     daemon = await start_proxy(make_proxy, up)
     async with connected(daemon.port()) as conn:
         await conn.send(_with_body("POST", b"abc"))

@@ -32,7 +32,7 @@ from tests.helpers.fakes import CLIENT_SECRET, JumpClock
 from tests.helpers.idp import MetadataServer, StartIdp, issuer_config, start_metadata
 from tests.helpers.logs import CapturedLogs, failures
 from tests.helpers.metrics import count, refreshes
-from tests.helpers.wait import provider_state, readyz, settle, wait_for, wait_ready
+from tests.helpers.wait import provider_state, readyz, request_event, settle, wait_for, wait_ready
 from tokenproxy.config.values import parse_http_url
 from tokenproxy.tokens.discovery import discovery_urls, parse_metadata
 
@@ -296,8 +296,7 @@ async def test_misconfigured_answer_is_a_urn_problem_counted_in_the_log(
         assert r.headers["Content-Type"].startswith("application/problem+json")
     doc = json.loads(body)
     assert "urn:tokenproxy:problem:provider_misconfigured" == doc["type"]
-    await wait_for(lambda: bool(logs.events("request")), "the access log line")
-    [event] = logs.events("request")
+    event = await request_event(logs)
     assert (502, len(body), "/x") == (event["status"], event["bytes"], event["path"])
 
 

@@ -37,6 +37,7 @@ from tests.helpers.rawupstream import (
     post,
     read_body,
     read_request,
+    refusing_first_token,
     reset,
     response,
     serving,
@@ -346,13 +347,7 @@ class TestUploads:
         client sees only the 200, and its connection carries the next request."""
         token_path = tmp_path / "token"
 
-        def answer(req: Req) -> bytes:
-            if req.get("Authorization") == f"Bearer {TOKEN}":
-                rotate_token(token_path)
-                return response(b"refused", "401 Unauthorized")
-            return echo(req)
-
-        up = await raw_upstream(serving(answer))
+        up = await raw_upstream(serving(refusing_first_token(token_path)))
         raw = token_file_config(up.url(), token_path, limits={"max_replay_body": limit})
         raw["routes"][0]["timeout"] = "1s"
         daemon = await make_proxy(raw)

@@ -32,7 +32,7 @@ from tests.helpers.rawupstream import (
     serving,
     start_proxy,
 )
-from tests.helpers.wait import wait_for
+from tests.helpers.wait import request_event, wait_for
 from tokenproxy.daemon import Daemon
 
 # Every test here runs against both request paths (tests/conftest.py).
@@ -1003,8 +1003,7 @@ class TestObservability:
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/status/201?secretquery=v") as resp:
             body = await resp.read()
-        await wait_for(lambda: bool(logs.events("request")), "the request logged", 2.0)
-        [event] = logs.events("request")
+        event = await request_event(logs, 2.0)
         assert {"route": "/", "method": "GET", "path": "/status/201", "status": 201,
                 "bytes": len(body), "retried": False} == {
             k: event[k] for k in ("route", "method", "path", "status", "bytes", "retried")}
@@ -1021,8 +1020,7 @@ class TestObservability:
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/nowhere") as resp:
             assert 404 == resp.status
             body = await resp.read()
-        await wait_for(lambda: bool(logs.events("request")), "the request logged", 2.0)
-        [event] = logs.events("request")
+        event = await request_event(logs, 2.0)
         assert (404, len(body)) == (event["status"], event["bytes"])
         assert len(body) > 0
 
@@ -1040,8 +1038,7 @@ class TestObservability:
             assert b"" == conn.trailing
         finally:
             await conn.close()
-        await wait_for(lambda: bool(logs.events("request")), "the access log line")
-        [event] = logs.events("request")
+        event = await request_event(logs)
         assert (502, 0) == (event["status"], event["bytes"])
 
     @pytest.mark.parametrize(

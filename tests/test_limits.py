@@ -36,6 +36,7 @@ from tests.helpers.rawupstream import (
     post,
     read_body,
     read_request,
+    refusing_first_token,
     reset,
     response,
     serving,
@@ -682,13 +683,7 @@ async def test_heads_without_bodies_pin_no_replay_budget(
     body would stream and its 401 be passed back instead of retried."""
     token = tmp_path / "token"
 
-    def answer(req: Any) -> bytes:
-        if req.get("Authorization") == f"Bearer {TOKEN}":
-            rotate_token(token)
-            return response(b"no", "401 Unauthorized")
-        return echo(req)
-
-    up = await raw_upstream(serving(answer))
+    up = await raw_upstream(serving(refusing_first_token(token)))
     raw = token_file_config(up.url(), token, limits={"max_replay_body": "2KiB",
                                                       "max_replay_total": "4KiB"})
     raw["routes"][0]["timeout"] = "5s"

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from tests.helpers.client import status_of
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.idp import StartIdp, oauth2_config
@@ -138,7 +139,7 @@ async def test_reload_with_a_busy_address_changes_nothing(
 
 
 async def test_provider_with_same_identity_keeps_its_token(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     """Changing a provider's refresh_margin keeps its token (no token call); changing its
     client (identity) logs in anew."""
@@ -149,24 +150,18 @@ async def test_provider_with_same_identity_keeps_its_token(
     assert 1 == issuer.stats.calls
     raw2 = oauth2_config(issuer, tmp_path, refresh_margin="3s")
     await daemon.reload(build_config(raw2, {}))
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{daemon.port()}/x"
-    ) as resp:
-        assert 200 == resp.status
+    assert 200 == await status_of(http, daemon, "/x")
     assert 1 == issuer.stats.calls
     issuer.client_id = "other-client"
     raw3 = oauth2_config(issuer, tmp_path, refresh_margin="3s", client_id="other-client")
     await daemon.reload(build_config(raw3, {}))
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{daemon.port()}/x"
-    ) as resp:
-        assert 200 == resp.status
+    assert 200 == await status_of(http, daemon, "/x")
     assert 2 == issuer.stats.calls
     assert CLIENT_SECRET not in str(daemon.config)
 
 
 async def test_unauthenticated_provider_recovers_on_reload(
-    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     """A provider logged out by invalid_client tries again on reload, even when the file did
     not change (the fix was made at the identity provider)."""
@@ -182,10 +177,7 @@ async def test_unauthenticated_provider_recovers_on_reload(
     issuer.client_secret = CLIENT_SECRET          # the IdP side is fixed
     await daemon.reload(build_config(raw, {}))    # same file
     await wait_ready(daemon, timeout=2.0)
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{daemon.port()}/x"
-    ) as resp:
-        assert 200 == resp.status
+    assert 200 == await status_of(http, daemon, "/x")
 
 
 @pytest.mark.slow

@@ -14,9 +14,10 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tests.helpers.config import MakeProxy, proxy_config
+from tests.helpers.config import MakeProxy, proxy_config, rotate_token
 from tests.helpers.fakes import TOKEN, TOKEN_2
 from tests.helpers.rawhttp import RawConnection, get
 from tokenproxy.daemon import Daemon
@@ -186,6 +187,18 @@ def echo(req: Req) -> bytes:
         "sha256": hashlib.sha256(req.body).hexdigest(),
         "auth": None if auth is None else BEARERS.get(auth, "other"),
     }).encode(), "200 OK", "Content-Type: application/json")
+
+
+def refusing_first_token(token_file: Path) -> Callable[[Req], bytes]:
+    """An answer for serving(): a request carrying TOKEN gets 401, and *token_file* then
+    holds TOKEN_2 (what the proxy finds when it renews); any other request is echoed."""
+    def answer(req: Req) -> bytes:
+        if req.get("Authorization") == f"Bearer {TOKEN}":
+            rotate_token(token_file)
+            return response(b"refused", "401 Unauthorized")
+        return echo(req)
+
+    return answer
 
 
 def echo_target(req: Req) -> bytes:

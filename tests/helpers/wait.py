@@ -1,6 +1,6 @@
 """Bounded waits: poll a condition in real time (a function, or a coroutine function), a
-daemon's /readyz or a provider's state in it, or a count until it stops moving; fail the test
-with what was awaited when the bound passes."""
+daemon's /readyz or a provider's state in it, the access log line, or a count until it stops
+moving; fail the test with what was awaited when the bound passes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.helpers.logs import CapturedLogs
 from tokenproxy.daemon import Daemon
 
 Condition = Callable[[], bool | Awaitable[bool]]
@@ -33,6 +34,14 @@ async def wait_for(pred: Condition, what: str, timeout: float = 5.0,
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(every)
+
+
+async def request_event(logs: CapturedLogs, timeout: float = 5.0) -> dict[str, Any]:
+    """The test's one access log line (event ``request``), once it is written; fails if
+    there is more than one."""
+    await wait_for(lambda: bool(logs.events("request")), "the access log line", timeout)
+    [event] = logs.events("request")
+    return event
 
 
 async def settle(seconds: float = 0.05) -> None:
