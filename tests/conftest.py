@@ -78,7 +78,8 @@ def _fake_upstream() -> FakeUpstream:
 @pytest.fixture(name="upstream")
 async def _upstream(aiohttp_server: AiohttpServer, fake_upstream: FakeUpstream) -> TestServer:
     """The fake upstream on 127.0.0.1, started."""
-    return await aiohttp_server(fake_upstream.app(), auto_decompress=False)
+    fake_upstream.server = await aiohttp_server(fake_upstream.app(), auto_decompress=False)
+    return fake_upstream.server
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

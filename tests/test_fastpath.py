@@ -1144,25 +1144,23 @@ class _Peer(asyncio.Protocol):
         self.transport = transport
 
 
-async def test_a_name_with_several_addresses_falls_through_to_one_that_answers() -> None:
+async def test_a_name_with_several_addresses_falls_through_to_one_that_answers(
+    raw_upstream: MakeRaw
+) -> None:
     """Happy eyeballs (RFC 8305) on the fast path's connects: a name whose first address
     refuses (nothing listens on ::1 here) connects over the next one, at once."""
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
         await reader.read()   # until the connection closes
-        writer.close()
 
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port = (await raw_upstream(accept)).port
     # What a resolver gives for a name with an IPv6 and an IPv4 address, in that order.
     addresses: list[AddrInfo] = [
         (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0)),
         (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
     ]
-    try:
-        started = time.monotonic()
-        peer = await asyncio.wait_for(open_connection(addresses, "upstream.test", None, _Peer), 5)
-        assert time.monotonic() - started < 2
-        assert "127.0.0.1" == peer.transport.get_extra_info("peername")[0]
-        peer.transport.close()
-    finally:
-        server.close()
+    started = time.monotonic()
+    peer = await asyncio.wait_for(open_connection(addresses, "upstream.test", None, _Peer), 5)
+    assert time.monotonic() - started < 2
+    assert "127.0.0.1" == peer.transport.get_extra_info("peername")[0]
+    peer.transport.close()

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
@@ -26,6 +25,7 @@ from tests.helpers.net import closed_port
 from tests.helpers.rawhttp import RawConnection, exchange, get
 from tests.helpers.rawupstream import (
     MakeRaw,
+    UpConn,
     connected,
     echo_target,
     response,
@@ -42,84 +42,6 @@ pytestmark = pytest.mark.both_paths
 PATTERN = bytes(range(256))
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-class Recorder:
-    """A catch-all upstream: records each request and its TCP peer port, answers with JSON.
-
-    Query switches: ``status=N`` answers N; a path ending ``/redirect`` answers 302 to ``to``;
-    ``/truncate-chunked`` sends part of a chunked body and resets; ``/hop`` answers with
-    hop-by-hop response headers; ``/stream-in`` reads the body as it arrives and sets
-    ``first_bytes`` when the first part is in.
-    """
-
-    def __init__(self) -> None:
-        self.seen: list[Seen] = []
-        self.ports: list[int] = []
-        self.server: TestServer | None = None
-        self.first_bytes = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=2**30)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
-
-    def url(self, path: str = "/") -> str:
-        assert self.server is not None
-        return upstream_url(self.server, path)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.path.endswith("/stream-in"):
-            return await self.stream_in(request)
-        body = await request.read()
-        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
-                              body))
-        assert request.transport is not None
-        self.ports.append(request.transport.get_extra_info("peername")[1])
-        if request.path.endswith("/redirect"):
-            return web.Response(status=302, headers={"Location": request.query["to"]})
-        if request.path.endswith("/truncate-chunked"):
-            resp = web.StreamResponse()
-            resp.enable_chunked_encoding()
-            await resp.prepare(request)
-            await resp.write(b"z" * 100)
-            await asyncio.sleep(0.05)
-            request.transport.close()
-            return resp
-        if request.path.endswith("/hop"):
-            resp = web.Response(text="hop")
-            resp.headers.add("Connection", "X-Up-Hop")
-            resp.headers.add("X-Up-Hop", "1")
-            resp.headers.add("Keep-Alive", "timeout=5")
-            resp.headers.add("Proxy-Agent", "up")
-            resp.headers.add("X-Kept", "yes")
-            return resp
-        status = int(request.query.get("status", "200"))
-        if status in (204, 304):
-            return web.Response(status=status)
-        if request.method == "HEAD":
-            return web.Response(body=b"hello")
-        return web.json_response({"raw_path": request.raw_path, "method": request.method,
-                                  "body_sha256": hashlib.sha256(body).hexdigest()},
-                                 status=status)
-
-    async def stream_in(self, request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        async for chunk in request.content.iter_any():
-            self.first_bytes.set()
-            digest.update(chunk)
-        return web.json_response({"body_sha256": digest.hexdigest()})
-
-    @property
-    def last(self) -> Seen:
-        return self.seen[-1]
-
-
-@pytest.fixture(name="recorder")
-async def _recorder(aiohttp_server: AiohttpServer) -> Recorder:
-    rec = Recorder()
-    rec.server = await aiohttp_server(rec.app(), auto_decompress=False)
-    return rec
 
 
 def base(daemon: Daemon) -> str:
@@ -149,13 +71,13 @@ def route(prefix: str, upstream: str, **extra: Any) -> dict[str, Any]:
 class TestRequestTarget:
     @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     async def test_method_forwarded(
-        self, make_proxy: MakeProxy, recorder: Recorder, method: str
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream, method: str
     ) -> None:
         """The client's method reaches the upstream unchanged."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s, s.request(method, base(daemon) + "/m") as resp:
             assert 200 == resp.status
-        assert method == recorder.last.method
+        assert method == fake_upstream.last.method
 
     @pytest.mark.parametrize(
         ("prefix", "up_path", "target", "expected"),
@@ -175,22 +97,24 @@ class TestRequestTarget:
         ],
     )
     async def test_prefix_replaced_by_upstream_path(
-        self, make_proxy: MakeProxy, recorder: Recorder,
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
         prefix: str, up_path: str, target: str, expected: str,
     ) -> None:
         """The route prefix is replaced by the upstream path with exactly one junction slash."""
         daemon = await make_proxy(proxy_config(
-            recorder.url("/"), TOKEN, routes=[route(prefix, recorder.url(up_path))]))
+            upstream_url(upstream, "/"), TOKEN,
+            routes=[route(prefix, upstream_url(upstream, up_path))]))
         async with aiohttp.ClientSession() as s, s.get(raw_url(daemon, target)) as resp:
             assert 200 == resp.status
-        assert expected == recorder.last.raw_path
+        assert expected == fake_upstream.last.raw_path
 
     async def test_raw_query_byte_for_byte(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """The query string reaches the upstream exactly as sent, invalid escapes included."""
         daemon = await make_proxy(proxy_config(
-            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+            upstream_url(upstream, "/"), TOKEN,
+            routes=[route("/api", upstream_url(upstream, "/v1/"))]))
         query = "a=%ZZ&b=;&c=%2F&d=+&e=%7e&f=a%20b&&g"
         conn = await RawConnection.open(daemon.port())
         try:
@@ -199,56 +123,60 @@ class TestRequestTarget:
         finally:
             await conn.close()
         assert 200 == resp.status
-        assert f"/v1/q?{query}" == recorder.last.raw_path
+        assert f"/v1/q?{query}" == fake_upstream.last.raw_path
 
     async def test_encoded_slash_in_path_kept(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """A %2F in the path stays encoded upstream (never decoded into a separator)."""
         daemon = await make_proxy(proxy_config(
-            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+            upstream_url(upstream, "/"), TOKEN,
+            routes=[route("/api", upstream_url(upstream, "/v1/"))]))
         async with aiohttp.ClientSession() as s, \
                 s.get(raw_url(daemon, "/api/a%2Fb/c%20d?x=1")) as resp:
             assert 200 == resp.status
-        assert "/v1/a%2Fb/c%20d?x=1" == recorder.last.raw_path
+        assert "/v1/a%2Fb/c%20d?x=1" == fake_upstream.last.raw_path
 
-    async def test_longest_prefix_wins(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+    async def test_longest_prefix_wins(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
         """Of two matching routes the longer prefix wins, whatever the order in the config."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/root/")),
-            route("/api", recorder.url("/short/")),
-            route("/api/v2", recorder.url("/long/")),
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/root/")),
+            route("/api", upstream_url(upstream, "/short/")),
+            route("/api/v2", upstream_url(upstream, "/long/")),
         ]))
         async with aiohttp.ClientSession() as s:
             for target in ("/api/v2/x", "/api/v1/x", "/api/v2", "/other"):
                 async with s.get(base(daemon) + target) as resp:
                     assert 200 == resp.status
         assert ["/long/x", "/short/v1/x", "/long/", "/root/other"] == [
-            seen.raw_path for seen in recorder.seen]
+            seen.raw_path for seen in fake_upstream.seen]
 
     async def test_prefix_matches_whole_segments_only(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """Route /api does not match /apix: that falls to the root route."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/root/")),
-            route("/api", recorder.url("/v1/")),
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/root/")),
+            route("/api", upstream_url(upstream, "/v1/")),
         ]))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/apix/y") as resp:
             assert 200 == resp.status
-        assert "/root/apix/y" == recorder.last.raw_path
+        assert "/root/apix/y" == fake_upstream.last.raw_path
 
     async def test_path_outside_every_route_is_404(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """With only route /api, /apix gets a 404 problem and nothing reaches the upstream."""
         daemon = await make_proxy(proxy_config(
-            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
+            upstream_url(upstream, "/"), TOKEN,
+            routes=[route("/api", upstream_url(upstream, "/v1/"))]))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/apix") as resp:
             assert 404 == resp.status
             assert "application/problem+json" == resp.content_type
             assert "not_found" == resp.headers["Tokenproxy-Error"]
-        assert [] == recorder.seen
+        assert [] == fake_upstream.seen
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -291,12 +219,13 @@ class TestRequestBody:
         ids=["past-max-replay-body", "no-retry-on"],
     )
     async def test_upload_streams_before_it_ends(
-        self, make_proxy: MakeProxy, recorder: Recorder,
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream,
         limits: dict[str, Any], extra: dict[str, Any],
     ) -> None:
         """An upload that will not be replayed reaches the upstream while the client still sends."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, limits=limits,
-                                               routes=[route("/", recorder.url("/"), **extra)]))
+        up = upstream_url(upstream, "/")
+        daemon = await make_proxy(proxy_config(up, TOKEN, limits=limits,
+                                               routes=[route("/", up, **extra)]))
         sent = hashlib.sha256()
 
         async def body() -> AsyncIterator[bytes]:
@@ -305,13 +234,13 @@ class TestRequestBody:
             yield first
             # The rest only once the upstream holds the start: a buffering proxy deadlocks here.
             async with asyncio.timeout(3):
-                await recorder.first_bytes.wait()
+                await fake_upstream.first_bytes.wait()
             rest = PATTERN * 64
             sent.update(rest)
             yield rest
 
         async with aiohttp.ClientSession(timeout=QUICK) as s, \
-                s.post(base(daemon) + "/stream-in", data=body()) as resp:
+                s.post(base(daemon) + "/upload", data=body()) as resp:
             assert 200 == resp.status
             doc = await resp.json()
         assert sent.hexdigest() == doc["body_sha256"]
@@ -363,10 +292,10 @@ class TestRequestBody:
 
 class TestRequestHeaders:
     async def test_hop_by_hop_not_forwarded(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """Connection and the names it lists, Keep-Alive, TE, Trailer, Upgrade, Proxy-* stay."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             resp = await conn.request(
@@ -379,20 +308,20 @@ class TestRequestHeaders:
         finally:
             await conn.close()
         assert 200 == resp.status
-        names = header_names(recorder.last)
+        names = header_names(fake_upstream.last)
         dropped = {"x-foo", "x-bar", "keep-alive", "te", "trailer", "upgrade",
                    "proxy-authorization", "proxy-connection"}
         assert set() == names & dropped
-        assert [] == [v for v in recorder.last.header("Connection") if "x-" in v.lower()]
-        assert ["yes"] == recorder.last.header("X-Keep")
+        assert [] == [v for v in fake_upstream.last.header("Connection") if "x-" in v.lower()]
+        assert ["yes"] == fake_upstream.last.header("X-Keep")
 
     async def test_names_with_an_underscore_not_forwarded(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """CGI and WSGI servers read Content_Length as Content-Length and X_Forwarded_For as
         X-Forwarded-For: names with anything but letters, digits and "-" are dropped, as nginx
         does, and counted."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             resp = await conn.request(
@@ -402,9 +331,9 @@ class TestRequestHeaders:
         finally:
             await conn.close()
         assert 200 == resp.status
-        assert set() == {n for n in header_names(recorder.last) if "_" in n}
-        assert ["yes"] == recorder.last.header("X-Keep")
-        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+        assert set() == {n for n in header_names(fake_upstream.last) if "_" in n}
+        assert ["yes"] == fake_upstream.last.header("X-Keep")
+        assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")
         assert 4 == daemon.registry.get_sample_value(
             "tokenproxy_request_headers_dropped_total", {"reason": "invalid_name"})
 
@@ -428,10 +357,10 @@ class TestRequestHeaders:
         assert "X_FORWARDED_FOR" not in cgi
 
     async def test_connection_cannot_strip_the_token(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """`Connection: close, Authorization, X-Foo` still gets the token; X-Foo is stripped."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             resp = await conn.request(
@@ -440,44 +369,48 @@ class TestRequestHeaders:
         finally:
             await conn.close()
         assert 200 == resp.status
-        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
-        assert [] == recorder.last.header("X-Foo")
+        assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")
+        assert [] == fake_upstream.last.header("X-Foo")
 
     @pytest.mark.parametrize("with_key", [False, True])
     async def test_tokenproxy_key_never_forwarded(
-        self, make_proxy: MakeProxy, recorder: Recorder, with_key: bool
+        self, make_proxy: MakeProxy, upstream: TestServer,
+        fake_upstream: FakeUpstream, with_key: bool
     ) -> None:
         """Tokenproxy-Key stays at the proxy, whether or not client_key is configured."""
         extra: dict[str, Any] = {"security": {"client_key": CLIENT_KEY}} if with_key else {}
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, **extra))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, **extra))
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/k", headers={"Tokenproxy-Key": CLIENT_KEY}) as resp:
             assert 200 == resp.status
-        assert [] == recorder.last.header("Tokenproxy-Key")
+        assert [] == fake_upstream.last.header("Tokenproxy-Key")
 
     async def test_host_is_the_upstreams(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """By default the upstream sees its own host:port in Host, not the client's."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/h", headers={"Host": "localhost:4321"}) as resp:
             assert 200 == resp.status
-        assert recorder.server is not None
-        assert [f"127.0.0.1:{recorder.server.port}"] == recorder.last.header("Host")
+        assert [f"127.0.0.1:{upstream.port}"] == fake_upstream.last.header("Host")
 
-    async def test_preserve_host(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+    async def test_preserve_host(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
         """With preserve_host: true the client's Host goes upstream."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/"), preserve_host=True)]))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/"), preserve_host=True)]))
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/h", headers={"Host": "localhost:4321"}) as resp:
             assert 200 == resp.status
-        assert ["localhost:4321"] == recorder.last.header("Host")
+        assert ["localhost:4321"] == fake_upstream.last.header("Host")
 
-    async def test_no_invented_headers(self, make_proxy: MakeProxy, recorder: Recorder) -> None:
+    async def test_no_invented_headers(
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
+    ) -> None:
         """The proxy adds no Accept, Accept-Encoding, User-Agent or Content-Type of its own."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             resp = await conn.request(
@@ -485,23 +418,23 @@ class TestRequestHeaders:
         finally:
             await conn.close()
         assert 200 == resp.status
-        assert b"data" == recorder.last.body
-        assert set() == header_names(recorder.last) & {
+        assert b"data" == fake_upstream.last.body
+        assert set() == header_names(fake_upstream.last) & {
             "accept", "accept-encoding", "user-agent", "content-type"}
 
     async def test_client_headers_pass_through(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """End-to-end headers the client sends reach the upstream, repeated ones in order."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         headers = CIMultiDict([("X-Multi", "1"), ("X-Multi", "2"),
                                ("Accept-Encoding", "br"), ("User-Agent", "client/1.0")])
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/p", headers=headers) as resp:
             assert 200 == resp.status
-        assert ["1", "2"] == recorder.last.header("X-Multi")
-        assert ["br"] == recorder.last.header("Accept-Encoding")
-        assert ["client/1.0"] == recorder.last.header("User-Agent")
+        assert ["1", "2"] == fake_upstream.last.header("X-Multi")
+        assert ["br"] == fake_upstream.last.header("Accept-Encoding")
+        assert ["client/1.0"] == fake_upstream.last.header("User-Agent")
 
     async def test_preserve_host_with_connection_listed_host_still_sends_a_host(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
@@ -522,50 +455,50 @@ class TestRequestHeaders:
 
 class TestAuthorization:
     async def test_client_authorization_replaced_once(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """The client's two Authorization headers are replaced by exactly one proxy value."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         headers = CIMultiDict([("Authorization", "Bearer mine-1"),
                                ("Authorization", "Basic bWluZToy")])
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/a", headers=headers) as resp:
             assert 200 == resp.status
-        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+        assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")
 
     async def test_keep_passes_client_header_untouched(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """client_authorization: keep passes the client's own header and adds no token."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/"), client_authorization="keep")]))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/"), client_authorization="keep")]))
         async with aiohttp.ClientSession() as s, s.get(
             base(daemon) + "/a", headers={"Authorization": "Basic bWluZToy"}
         ) as resp:
             assert 200 == resp.status
-        assert ["Basic bWluZToy"] == recorder.last.header("Authorization")
+        assert ["Basic bWluZToy"] == fake_upstream.last.header("Authorization")
 
     async def test_keep_without_client_header_adds_token(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """client_authorization: keep still attaches the token when the client sent none."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/"), client_authorization="keep")]))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/"), client_authorization="keep")]))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/a") as resp:
             assert 200 == resp.status
-        assert [f"Bearer {TOKEN}"] == recorder.last.header("Authorization")
+        assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")
 
     async def test_custom_header_and_value(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """header: X-Api-Key with value "Key {token}" sends that header, replacing the client's."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN, routes=[
-            route("/", recorder.url("/"), header="X-Api-Key", value="Key {token}")]))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN, routes=[
+            route("/", upstream_url(upstream, "/"), header="X-Api-Key", value="Key {token}")]))
         async with aiohttp.ClientSession() as s, \
                 s.get(base(daemon) + "/a", headers={"x-api-key": "client-key"}) as resp:
             assert 200 == resp.status
-        assert [f"Key {TOKEN}"] == recorder.last.header("X-Api-Key")
-        assert [] == recorder.last.header("Authorization")
+        assert [f"Key {TOKEN}"] == fake_upstream.last.header("X-Api-Key")
+        assert [] == fake_upstream.last.header("Authorization")
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -590,10 +523,10 @@ class TestResponse:
             assert ["a=1; Path=/", "b=2; Path=/"] == resp.headers.getall("Set-Cookie")
 
     async def test_response_hop_by_hop_not_relayed(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """Hop-by-hop response headers (and names the upstream's Connection lists) stay behind."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/hop") as resp:
             assert 200 == resp.status
             names = {k.lower() for k in resp.headers}
@@ -635,10 +568,10 @@ class TestResponse:
             assert "Date" in resp.headers
 
     async def test_head_has_headers_no_body(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """HEAD keeps the upstream's Content-Length, sends no body; the connection is reused."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             head = await conn.request("HEAD /h HTTP/1.1\nHost: 127.0.0.1\n\n", head_only=True)
@@ -647,16 +580,16 @@ class TestResponse:
             await conn.close()
         assert 200 == head.status
         assert "5" == head.get("Content-Length")
-        assert "HEAD" == recorder.seen[0].method
+        assert "HEAD" == fake_upstream.seen[0].method
         assert 200 == after.status
         assert "/next" == json.loads(after.body)["raw_path"]
 
     @pytest.mark.parametrize("status", [204, 304])
     async def test_no_body_status_and_connection_reused(
-        self, make_proxy: MakeProxy, recorder: Recorder, status: int
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream, status: int
     ) -> None:
         """204 and 304 carry no body, and the same client connection serves the next request."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         conn = await RawConnection.open(daemon.port())
         try:
             first = await conn.request(f"GET /s?status={status} HTTP/1.1\nHost: 127.0.0.1\n\n")
@@ -818,12 +751,13 @@ class TestHeaderBytes:
 
 class TestRedirects:
     async def test_redirect_elsewhere_passed_back_unchanged(
-        self, make_proxy: MakeProxy, recorder: Recorder, aiohttp_server: AiohttpServer
+        self, make_proxy: MakeProxy, upstream: TestServer,
+        fake_upstream: FakeUpstream, aiohttp_server: AiohttpServer
     ) -> None:
         """A 302 to another origin comes back unchanged and nothing is fetched there."""
-        other = Recorder()
+        other = FakeUpstream()
         other.server = await aiohttp_server(other.app())
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         target = other.url("/landing?x=1")
         async with aiohttp.ClientSession() as s, s.get(
             base(daemon) + "/redirect", params={"to": target}, allow_redirects=False
@@ -831,22 +765,24 @@ class TestRedirects:
             assert 302 == resp.status
             assert target == resp.headers["Location"]
         assert [] == other.seen
-        assert 1 == len(recorder.seen)
+        assert 1 == len(fake_upstream.seen)
 
     @pytest.mark.parametrize("absolute", [False, True])
     async def test_redirect_inside_upstream_rewritten(
-        self, make_proxy: MakeProxy, recorder: Recorder, absolute: bool
+        self, make_proxy: MakeProxy, upstream: TestServer,
+        fake_upstream: FakeUpstream, absolute: bool
     ) -> None:
         """A Location inside the route's upstream becomes the proxy path (prefix + rest + query)."""
         daemon = await make_proxy(proxy_config(
-            recorder.url("/"), TOKEN, routes=[route("/api", recorder.url("/v1/"))]))
-        location = (recorder.url("/v1/next?page=2") if absolute else "/v1/next?page=2")
+            upstream_url(upstream, "/"), TOKEN,
+            routes=[route("/api", upstream_url(upstream, "/v1/"))]))
+        location = (upstream_url(upstream, "/v1/next?page=2") if absolute else "/v1/next?page=2")
         async with aiohttp.ClientSession() as s, s.get(
             base(daemon) + "/api/redirect", params={"to": location}, allow_redirects=False
         ) as resp:
             assert 302 == resp.status
             assert "/api/next?page=2" == resp.headers["Location"]
-        assert ["/v1/redirect"] == [seen.raw_path.split("?")[0] for seen in recorder.seen]
+        assert ["/v1/redirect"] == [seen.raw_path.split("?")[0] for seen in fake_upstream.seen]
 
     async def test_location_rewritten_with_non_latin1_characters(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
@@ -919,10 +855,10 @@ class TestUpstreamErrors:
             "the reset counted", 2.0)
 
     async def test_truncated_chunked_body_looks_truncated(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """An upstream reset mid-way through a chunked body never looks like a complete body."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession(timeout=QUICK) as s, \
                 s.get(base(daemon) + "/truncate-chunked") as resp:
             assert 200 == resp.status
@@ -930,7 +866,8 @@ class TestUpstreamErrors:
                 await resp.read()
 
     async def test_environment_proxy_ignored(
-        self, make_proxy: MakeProxy, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+        self, make_proxy: MakeProxy, upstream: TestServer,
+        fake_upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """HTTP_PROXY / HTTPS_PROXY in the environment do not reroute upstream requests."""
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
@@ -938,10 +875,10 @@ class TestUpstreamErrors:
             monkeypatch.setenv(name, "http://127.0.0.1:9")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s, s.get(base(daemon) + "/env") as resp:
             assert 200 == resp.status
-        assert "/env" == recorder.last.raw_path
+        assert "/env" == fake_upstream.last.raw_path
 
     async def test_a_head_answered_by_tokenproxy_gets_no_body(self, make_proxy: MakeProxy) -> None:
         """A HEAD request that tokenproxy answers itself (here 502 upstream_unreachable; 503
@@ -1046,37 +983,41 @@ class TestObservability:
         [("GET", "/one"), ("GET", "/one?status=204"), ("GET", "/one?status=304")],
     )
     async def test_upstream_connection_pooled(
-        self, make_proxy: MakeProxy, recorder: Recorder, method: str, first: str
+        self, make_proxy: MakeProxy, upstream: TestServer,
+        fake_upstream: FakeUpstream, method: str, first: str
     ) -> None:
         """Two sequential requests reach the upstream over one pooled TCP connection."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s:
             async with s.request(method, base(daemon) + first) as resp:
                 await resp.read()
             async with s.get(base(daemon) + "/two") as resp:
                 await resp.read()
-        assert 2 == len(recorder.ports)
-        assert recorder.ports[0] == recorder.ports[1]
+        assert 2 == len(fake_upstream.ports)
+        assert fake_upstream.ports[0] == fake_upstream.ports[1]
 
     async def test_a_head_request_closes_its_upstream_connection(
-        self, make_proxy: MakeProxy, recorder: Recorder
+        self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
         """HEAD goes with Connection: close and its connection carries nothing after it
         (servers answering HEAD with their GET handler may send a body anyway)."""
-        daemon = await make_proxy(proxy_config(recorder.url("/"), TOKEN))
+        daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
         async with aiohttp.ClientSession() as s:
             async with s.head(base(daemon) + "/one") as resp:
                 await resp.read()
             async with s.get(base(daemon) + "/two") as resp:
                 await resp.read()
-        assert 2 == len(set(recorder.ports))
-        assert ["close"] == recorder.seen[0].header("Connection")
+        assert 2 == len(set(fake_upstream.ports))
+        assert ["close"] == fake_upstream.seen[0].header("Connection")
 
 
-async def test_no_content_type_is_invented(make_proxy: MakeProxy) -> None:
+async def test_no_content_type_is_invented(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
     """A body the upstream sent without Content-Type comes back without one; one it typed
     keeps its type."""
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             if b"/typed" in head.split(b"\r\n", 1)[0]:
@@ -1086,25 +1027,24 @@ async def test_no_content_type_is_invented(make_proxy: MakeProxy) -> None:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
             await writer.drain()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{daemon.port()}/bare") as resp:
-                assert "hello" == await resp.text()
-                assert "Content-Type" not in resp.headers
-            async with s.get(f"http://127.0.0.1:{daemon.port()}/typed") as resp:
-                assert "text/plain" == resp.headers["Content-Type"]
-    finally:
-        server.close()
+    up = await raw_upstream(answer)
+    daemon = await make_proxy(proxy_config(up.url(), TOKEN))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{daemon.port()}/bare") as resp:
+            assert "hello" == await resp.text()
+            assert "Content-Type" not in resp.headers
+        async with s.get(f"http://127.0.0.1:{daemon.port()}/typed") as resp:
+            assert "text/plain" == resp.headers["Content-Type"]
 
 
-async def test_no_server_header_is_invented(make_proxy: MakeProxy) -> None:
+async def test_no_server_header_is_invented(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
     """An answer the upstream sent without Server comes back without one (aiohttp's would name
     its version), one it sent keeps it; tokenproxy's own problem answers carry none either.
     A chunked upload takes the aiohttp path on a fast-path daemon too."""
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             if b"chunked" in head.lower():
@@ -1115,33 +1055,32 @@ async def test_no_server_header_is_invented(make_proxy: MakeProxy) -> None:
             writer.write(b"HTTP/1.1 200 OK\r\n" + server + b"Content-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
-        base = f"http://127.0.0.1:{daemon.port()}"
+    up = await raw_upstream(answer)
+    daemon = await make_proxy(proxy_config(up.url(), TOKEN))
+    base = f"http://127.0.0.1:{daemon.port()}"
 
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"data"
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data"
 
-        async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as s:
-            async with s.get(base + "/bare") as resp:
-                assert "Server" not in resp.headers
-            async with s.post(base + "/bare", data=chunks()) as resp:
-                assert (200, None) == (resp.status, resp.headers.get("Server"))
-            async with s.get(base + "/named") as resp:
-                assert "upstream/1" == resp.headers["Server"]
-            async with s.get(base + "//double") as resp:
-                assert 400 == resp.status
-                assert "Server" not in resp.headers
-    finally:
-        server.close()
+    async with aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as s:
+        async with s.get(base + "/bare") as resp:
+            assert "Server" not in resp.headers
+        async with s.post(base + "/bare", data=chunks()) as resp:
+            assert (200, None) == (resp.status, resp.headers.get("Server"))
+        async with s.get(base + "/named") as resp:
+            assert "upstream/1" == resp.headers["Server"]
+        async with s.get(base + "//double") as resp:
+            assert 400 == resp.status
+            assert "Server" not in resp.headers
 
 
-async def test_reason_phrase_echoing_the_token_is_replaced(make_proxy: MakeProxy) -> None:
+async def test_reason_phrase_echoing_the_token_is_replaced(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
     """An upstream that echoes the token in its reason phrase: the client gets the status with
     the standard phrase, and the token nowhere in the answer."""
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         token = next(line.split(b" ", 2)[2] for line in head.split(b"\r\n")
                      if line.lower().startswith(b"authorization: bearer "))
@@ -1149,15 +1088,11 @@ async def test_reason_phrase_echoing_the_token_is_replaced(make_proxy: MakeProxy
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{port}/", TOKEN))
-        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port())
-        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        assert raw.startswith(b"HTTP/1.1 403 Forbidden\r\n"), raw[:80]
-        assert TOKEN.encode() not in raw
-    finally:
-        server.close()
+    up = await raw_upstream(answer)
+    daemon = await make_proxy(proxy_config(up.url(), TOKEN))
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port())
+    writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 403 Forbidden\r\n"), raw[:80]
+    assert TOKEN.encode() not in raw

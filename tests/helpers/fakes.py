@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
 
 # Secrets used across the suite; the log sweep in tests/conftest.py fails any test whose logs
 # show one, and the raw-socket helpers fail any answer that carries one.
@@ -97,10 +98,18 @@ class Seen:
 
 @dataclass
 class FakeUpstream:
-    """Records every request; endpoints script the behaviours the proxy must relay."""
+    """Records every request (and the TCP peer port it came from); endpoints script the
+    behaviours the proxy must relay. Any other path (any method) is answered by ``any``:
+    JSON naming the method, the raw path and the body's SHA-256, or as its query says --
+    ``status=N`` answers N, a path ending ``/redirect`` answers 302 to ``to``; a HEAD gets
+    the headers of a 5-byte body. The ``upstream`` fixture (tests/conftest.py) starts it and
+    sets ``server``."""
 
     seen: list[Seen] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
     ws_headers: list[list[tuple[str, str]]] = field(default_factory=list)
+    first_bytes: asyncio.Event = field(default_factory=asyncio.Event)   # /upload's first part
+    server: TestServer | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record], client_max_size=2**40)
@@ -110,14 +119,24 @@ class FakeUpstream:
         r.add_get("/big", self.big)
         r.add_route("*", "/upload", self.upload)
         r.add_get("/sse", self.sse)
-        r.add_get("/redirect", self.redirect)
         r.add_get("/gzip", self.gzip)
         r.add_get("/cookies", self.cookies)
         r.add_get("/slow", self.slow)
         r.add_get("/truncate", self.truncate)
+        r.add_get("/truncate-chunked", self.truncate_chunked)
+        r.add_get("/hop", self.hop)
         r.add_get("/echo-token", self.echo_token)
         r.add_get("/ws", self.ws)
+        r.add_route("*", "/{tail:.*}", self.any)
         return app
+
+    def url(self, path: str = "/") -> str:
+        assert self.server is not None, "not started: ask for the upstream fixture too"
+        return f"http://127.0.0.1:{self.server.port}{path}"
+
+    @property
+    def last(self) -> Seen:
+        return self.seen[-1]
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -126,7 +145,22 @@ class FakeUpstream:
             body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
                               body))
+        assert request.transport is not None
+        self.ports.append(request.transport.get_extra_info("peername")[1])
         return await handler(request)
+
+    async def any(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/redirect"):
+            return web.Response(status=302, headers={"Location": request.query["to"]})
+        status = int(request.query.get("status", "200"))
+        if status in (204, 304):
+            return web.Response(status=status)
+        if request.method == "HEAD":
+            return web.Response(body=b"hello")
+        body = await request.read()
+        return web.json_response({"raw_path": request.raw_path, "method": request.method,
+                                  "body_sha256": hashlib.sha256(body).hexdigest()},
+                                 status=status)
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -158,10 +192,14 @@ class FakeUpstream:
         return resp
 
     async def upload(self, request: web.Request) -> web.Response:
+        """The body read as it arrives (``first_bytes`` is set once its first part is in)."""
         total = 0
+        digest = hashlib.sha256()
         async for chunk in request.content.iter_any():
+            self.first_bytes.set()
             total += len(chunk)
-        return web.json_response({"received": total})
+            digest.update(chunk)
+        return web.json_response({"received": total, "body_sha256": digest.hexdigest()})
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -171,9 +209,6 @@ class FakeUpstream:
             await asyncio.sleep(float(request.query.get("gap", "0.3")))
         await resp.write_eof()
         return resp
-
-    async def redirect(self, request: web.Request) -> web.Response:
-        return web.Response(status=302, headers={"Location": request.query["to"]})
 
     async def gzip(self, request: web.Request) -> web.Response:
         data = gzip.compress(b"hello gzip " * 100)
@@ -197,6 +232,26 @@ class FakeUpstream:
         await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.close()
+        return resp
+
+    async def truncate_chunked(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"z" * 100)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def hop(self, request: web.Request) -> web.Response:
+        """An answer with hop-by-hop fields, and a name its Connection lists."""
+        resp = web.Response(text="hop")
+        resp.headers.add("Connection", "X-Up-Hop")
+        resp.headers.add("X-Up-Hop", "1")
+        resp.headers.add("Keep-Alive", "timeout=5")
+        resp.headers.add("Proxy-Agent", "up")
+        resp.headers.add("X-Kept", "yes")
         return resp
 
     async def echo_token(self, request: web.Request) -> web.Response:
