@@ -122,8 +122,8 @@ async def _raw_upstream() -> AsyncIterator[MakeRaw]:
     each is stopped, its open connections cut, when the test ends."""
     started: list[RawUpstream] = []
 
-    async def make(script: Script) -> RawUpstream:
-        up = await RawUpstream(script).start()
+    async def make(script: Script, limit: int = 2**16) -> RawUpstream:
+        up = await RawUpstream(script).start(limit)
         started.append(up)
         return up
 

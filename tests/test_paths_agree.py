@@ -40,6 +40,8 @@ from prometheus_client import CollectorRegistry
 
 from tests.helpers.config import proxy_config
 from tests.helpers.fakes import CLIENT_KEY, SECRETS, TOKEN, TOKEN_2, FakeClock, assert_no_secret
+from tests.helpers.rawhttp import BufferingClient, RawResponse, read_response
+from tests.helpers.rawupstream import MakeRaw, UpConn
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
@@ -82,35 +84,18 @@ class Seen:
 
 @dataclass
 class RecordingUpstream:
-    """Reads requests (Content-Length or chunked bodies) and answers as X-Answer asks."""
+    """The script of the raw upstream (tests/helpers/rawupstream.py): reads requests strictly
+    (Content-Length or chunked bodies), keeps each as it arrived, answers as X-Answer asks;
+    bytes it cannot parse -- ambiguous framing, a malformed field line -- go to ``broken``."""
 
     seen: list[Seen] = field(default_factory=list)
     broken: list[tuple[int, bytes]] = field(default_factory=list)   # unparsable bytes
-    server: asyncio.Server | None = None
     _ids: itertools.count[int] = field(default_factory=itertools.count)
-    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 20)
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def stop(self) -> None:
-        for writer in list(self._open):
-            writer.transport.abort()
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def script(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     up_conn: UpConn) -> None:
         conn = next(self._ids)
-        self._open.add(writer)
-        try:
+        with contextlib.suppress(asyncio.LimitOverrunError):
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -127,11 +112,6 @@ class RecordingUpstream:
                 await writer.drain()
                 if close:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            self._open.discard(writer)
-            writer.close()
 
     async def _read(self, conn: int, head: bytes,
                     reader: asyncio.StreamReader) -> Seen | None:
@@ -201,102 +181,7 @@ def respond(seen: Seen) -> tuple[bytes, bool]:
             False)
 
 
-# -- the raw client ---------------------------------------------------------------------------
-
-
-class Client(asyncio.Protocol):
-    """Keeps every byte received, also those that arrived before a reset (a StreamReader
-    raises the reset at the next read and loses what it buffered)."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.received = bytearray()   # everything, for the secret check
-        self.closed = False
-        self.transport: asyncio.Transport | None = None
-        self._wake = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self.received += data
-        self._wake.set()
-
-    def eof_received(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._wake.set()
-
-    async def more(self, deadline: float) -> None:
-        """Wait for bytes or the close; TimeoutError at *deadline* (loop time)."""
-        self._wake.clear()
-        left = deadline - asyncio.get_running_loop().time()
-        await asyncio.wait_for(self._wake.wait(), max(left, 0))
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def get(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return values[0] if values else None
-
-
-def parse_response(buf: bytearray, head_request: bool, closed: bool,
-                   ) -> tuple[Response, int] | None:
-    """The first response in *buf* and its size, or None while it is incomplete."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ")[1])
-    except (IndexError, ValueError):
-        status = -1   # not a status line: the previous answer had more body than it said
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    resp = Response(status, headers, b"")
-    pos = end + 4
-    if head_request or status < 200 or status in (204, 304):
-        return resp, pos
-    if "chunked" in (resp.get("Transfer-Encoding") or "").lower():
-        body = bytearray()
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                return None
-            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-            pos = eol + 2
-            if size == 0:
-                end = buf.find(b"\r\n\r\n", pos - 2)
-                if end < 0:
-                    return None
-                resp.body = bytes(body)
-                return resp, end + 4
-            if len(buf) < pos + size + 2:
-                return None
-            body += buf[pos:pos + size]
-            pos += size + 2
-    length = resp.get("Content-Length")
-    if length is not None:
-        if len(buf) < pos + int(length):
-            return None
-        resp.body = bytes(buf[pos:pos + int(length)])
-        return resp, pos + int(length)
-    if not closed:
-        return None
-    resp.body = bytes(buf[pos:])
-    return resp, len(buf)
+# -- what the client saw ----------------------------------------------------------------------
 
 
 # Response fields each path frames or stamps on its own: not compared.
@@ -304,7 +189,7 @@ _OWN_FIELDS = frozenset({"date", "content-length", "transfer-encoding", "connect
                          "keep-alive"})
 
 
-def answer(resp: Response) -> tuple[object, ...]:
+def answer(resp: RawResponse) -> tuple[object, ...]:
     """Status; for an upstream's answer its header multiset (less framing and Date) and body;
     for tokenproxy's own problem answers the cause and the detail."""
     cause = resp.get("Tokenproxy-Error")
@@ -316,20 +201,6 @@ def answer(resp: Response) -> tuple[object, ...]:
     except ValueError:
         detail = resp.body
     return resp.status, cause, detail
-
-
-async def read_response(client: Client, head_request: bool, deadline: float,
-                        ) -> Response | None:
-    """One response; None if the connection closed first."""
-    while True:
-        parsed = parse_response(client.buf, head_request, client.closed)
-        if parsed is not None:
-            resp, size = parsed
-            del client.buf[:size]
-            return resp
-        if client.closed:
-            return None
-        await client.more(deadline)
 
 
 @dataclass
@@ -345,7 +216,7 @@ async def run_on(port: int, batch: list[Request], cuts: list[int]) -> ClientView
     """Send the batch in one write, or in pieces cut at *cuts* per mille of its length."""
     loop = asyncio.get_running_loop()
     transport, client = await asyncio.wait_for(
-        loop.create_connection(Client, "127.0.0.1", port), TIMEOUT)
+        loop.create_connection(BufferingClient, "127.0.0.1", port), TIMEOUT)
     try:
         data = b"".join(r.raw for r in batch)
         start = 0
@@ -558,10 +429,9 @@ class Pair:
 
 
 @pytest.fixture(name="pair")
-async def _pair() -> AsyncIterator[Pair]:
+async def _pair(raw_upstream: MakeRaw) -> AsyncIterator[Pair]:
     upstream = RecordingUpstream()
-    await upstream.start()
-    base = f"http://127.0.0.1:{upstream.port}"
+    base = (await raw_upstream(upstream.script, limit=1 << 20)).url("")
     daemons: dict[str, Daemon] = {}
     try:
         for name, token in TOKENS.items():
@@ -584,7 +454,6 @@ async def _pair() -> AsyncIterator[Pair]:
     finally:
         for daemon in daemons.values():
             await daemon.stop(grace=0)
-        await upstream.stop()
 
 
 # -- what must be equal -----------------------------------------------------------------------

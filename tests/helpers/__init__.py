@@ -8,8 +8,9 @@ from here; nothing here imports a test module or the conftest.
     metrics.py          reading a daemon's metrics (refreshes, retry outcomes)
     client.py           requests through aiohttp's client: the answer, or its status
     net.py              free, closed and taken ports; client sockets that read slowly or never
-    rawhttp.py          a raw HTTP/1.x client connection, exact bytes both ways
-    rawupstream.py      a raw upstream that runs a script per connection
+    rawhttp.py          raw HTTP/1.x clients, exact bytes both ways (one that keeps every
+                        byte received, for parsing answers off its buffer)
+    rawupstream.py      a raw upstream that runs a script per connection, and scripts
     stdlib_upstream.py  an upstream on http.server, which leaves bodies unread
     idp.py              the demo Issuer as identity provider, with a fault hook and an API tap;
                         a discovery metadata server

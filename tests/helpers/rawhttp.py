@@ -1,5 +1,7 @@
 """A tiny raw HTTP/1.x client for requests no well-behaved client library would send, and for
-checking what comes back byte for byte (and that no byte of it is a secret)."""
+checking what comes back byte for byte (and that no byte of it is a secret): a connection
+that reads one response at a time, and a buffering one that keeps every byte, also those that
+came before a reset, for a test that parses answers off the buffer itself."""
 
 from __future__ import annotations
 
@@ -176,3 +178,115 @@ def get(path: str, host: str | None = "localhost", *extra: str, method: str = "G
         lines.append(f"Host: {host}")
     lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class BufferingClient(asyncio.Protocol):
+    """Keeps every byte received, also those that arrived before a reset (a StreamReader
+    raises the reset at the next read and loses what it buffered); read_response() takes
+    the answers off ``buf``."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.received = bytearray()   # everything, for the secret check
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self._wake = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.received += data
+        self._wake.set()
+
+    def eof_received(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def more(self, deadline: float) -> None:
+        """Wait for bytes or the close; TimeoutError at *deadline* (loop time)."""
+        self._wake.clear()
+        left = deadline - asyncio.get_running_loop().time()
+        await asyncio.wait_for(self._wake.wait(), max(left, 0))
+
+
+def parse_response(buf: bytearray, head_request: bool, closed: bool,
+                   ) -> tuple[RawResponse, int] | None:
+    """The first response in *buf* and its size, or None while it is incomplete. A first
+    line that is not a status line gives status -1 (the previous answer had more body than
+    it said)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ")[1])
+    except (IndexError, ValueError):
+        status = -1
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    resp = RawResponse(status, lines[0].split(" ")[0], headers, b"", b"")
+    size = _response_size(resp, buf, end + 4, head_request, closed)
+    if size is None:
+        return None
+    resp.raw = bytes(buf[:size])
+    return resp, size
+
+
+def _response_size(resp: RawResponse, buf: bytearray, pos: int, head_request: bool,
+                   closed: bool) -> int | None:
+    """Where the answer whose body starts at *pos* ends (its body set), or None while it is
+    incomplete."""
+    if head_request or resp.status < 200 or resp.status in (204, 304):
+        return pos
+    if "chunked" in (resp.get("Transfer-Encoding") or "").lower():
+        body = bytearray()
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+            pos = eol + 2
+            if size == 0:
+                end = buf.find(b"\r\n\r\n", pos - 2)
+                if end < 0:
+                    return None
+                resp.body = bytes(body)
+                return end + 4
+            if len(buf) < pos + size + 2:
+                return None
+            body += buf[pos:pos + size]
+            pos += size + 2
+    length = resp.get("Content-Length")
+    if length is not None:
+        if len(buf) < pos + int(length):
+            return None
+        resp.body = bytes(buf[pos:pos + int(length)])
+        return pos + int(length)
+    if not closed:
+        return None
+    resp.body = bytes(buf[pos:])
+    return len(buf)
+
+
+async def read_response(client: BufferingClient, head_request: bool, deadline: float,
+                        ) -> RawResponse | None:
+    """One response off the client's buffer; None if the connection closed first;
+    TimeoutError at *deadline* (loop time)."""
+    while True:
+        parsed = parse_response(client.buf, head_request, client.closed)
+        if parsed is not None:
+            resp, size = parsed
+            del client.buf[:size]
+            return resp
+        if client.closed:
+            return None
+        await client.more(deadline)

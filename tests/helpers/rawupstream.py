@@ -63,8 +63,9 @@ class RawUpstream:
         self.server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, limit: int = 2**16) -> RawUpstream:
+        """Listen; *limit* bounds a line (and a head read with readuntil) per StreamReader."""
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=limit)
         return self
 
     @property
@@ -254,7 +255,8 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-MakeRaw = Callable[[Script], Awaitable[RawUpstream]]
+# The raw_upstream fixture: make(script, limit=...) starts a RawUpstream.
+MakeRaw = Callable[..., Awaitable[RawUpstream]]
 
 
 async def start_proxy(make_proxy: MakeProxy, up: RawUpstream, route: dict[str, Any] | None = None,
