@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.client import Answer
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url, write_config
-from tests.helpers.daemon_proc import child_env, running_daemon
+from tests.helpers.daemon_proc import run_to_exit, running_daemon
 from tests.helpers.fakes import (
     CLIENT_KEY,
     PASSWORD,
@@ -473,9 +471,7 @@ def test_exposed_admin_listen_exits_2_with_one_line(tmp_path: Path, command: str
     """check-config and run refuse 0.0.0.0:9100 with exit 2 and one stderr line."""
     path = write_config(tmp_path, config_base(admin_listen="0.0.0.0:9100"))
     # A child process: a `run` that wrongly accepted the file would serve until killed.
-    result = subprocess.run([sys.executable, "-m", "tokenproxy", command, "-c", str(path)],
-                            capture_output=True, text=True, timeout=30, check=False,
-                            env=child_env(tmp_path), cwd=tmp_path)
+    result = run_to_exit([command, "-c", str(path)], tmp_path)
     assert (2, "") == (result.returncode, result.stdout)
     assert 1 == len(result.stderr.splitlines())
     assert result.stderr.startswith("tokenproxy: admin_listen: 0.0.0.0:9100 ")
@@ -617,8 +613,8 @@ async def test_admin_probe_answered_while_clients_that_never_read_hold_every_slo
     for _ in range(ADMIN_MAX_CONNECTIONS):
         closing.append(await stall(port, get("/metrics"), 300))
     await asyncio.sleep(1.0)   # > header_timeout and keepalive_timeout: no timer frees a slot
-    assert daemon._admin_server is not None
-    busy = [h for h in daemon._admin_server.connections if h.idle_since() is None]
+    assert daemon._serving is not None
+    busy = [h for h in daemon._serving.admin_server.connections if h.idle_since() is None]
     started = time.monotonic()
     try:
         resp, _ = await exchange(port, get("/healthz", "127.0.0.1:9100"), timeout=2.0)

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url, write_config
-from tests.helpers.daemon_proc import child_env, daemon_command, running_daemon
+from tests.helpers.daemon_proc import run_to_exit, running_daemon
 from tests.helpers.fakes import (
     CLIENT_KEY,
     CLIENT_SECRET,
@@ -214,19 +213,14 @@ async def test_stderr_never_shows_a_secret(
     assert "password=" not in text
 
 
-def run_to_exit(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the daemon expecting it to exit by itself (subprocess.run kills it on timeout)."""
-    return subprocess.run(daemon_command(config), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, env=child_env(cwd), cwd=cwd, timeout=20, check=False)
-
-
 @pytest.mark.parametrize("which", ["listen", "admin_listen"])
 def test_port_in_use_exits_1_with_one_line(which: str, tmp_path: Path) -> None:
     """A listen or admin port already taken: exit 1, one line naming it, no traceback."""
     with busy_port() as port:
         taken = f"127.0.0.1:{port}"
         raw = proxy_config(UNREACHABLE, TOKEN, **{which: taken})
-        result = run_to_exit(write_config(tmp_path, raw), tmp_path)
+        result = run_to_exit(["run", "-c", str(write_config(tmp_path, raw))], tmp_path,
+                             timeout=20)
     lines = result.stderr.strip().splitlines()
     assert 1 == result.returncode, result.stderr
     assert 1 == len(lines), result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.daemon_proc import child_env
+from tests.helpers.daemon_proc import child_env, run_to_exit
 from tests.helpers.net import busy_port, free_port
 from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config, load_config, parse_yaml
@@ -76,8 +76,7 @@ def test_check_config_command(tmp_path: Path) -> None:
     (tmp_path / "tokenproxy.yaml").write_text(block[1])
     env = child_env(tmp_path)
     env["API_TOKEN"] = "readme-token-value"
-    result = subprocess.run([sys.executable, "-m", "tokenproxy", "check-config"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    result = run_to_exit(["check-config"], tmp_path, env, timeout=60)
     assert 0 == result.returncode, result.stderr
     assert "readme-token-value" not in result.stdout
 
@@ -128,9 +127,7 @@ def test_demo_on_a_busy_port_says_what_to_do(tmp_path: Path) -> None:
     """`tokenproxy demo` on a port in use exits 1 with one line suggesting --port, and prints
     no curl line that would not work."""
     with busy_port() as port:
-        result = subprocess.run(
-            [sys.executable, "-m", "tokenproxy", "demo", "--port", str(port)],
-            capture_output=True, text=True, timeout=60, env=child_env(tmp_path), check=False)
+        result = run_to_exit(["demo", "--port", str(port)], tmp_path, timeout=60)
     assert 1 == result.returncode
     assert "--port" in result.stderr
     assert "Traceback" not in result.stderr

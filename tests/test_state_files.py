@@ -9,8 +9,6 @@ import contextlib
 import json
 import os
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +28,7 @@ from tests.helpers.config import (
     upstream_url,
     write_config,
 )
-from tests.helpers.daemon_proc import child_env
+from tests.helpers.daemon_proc import run_to_exit
 from tests.helpers.fakes import (
     CLIENT_KEY,
     CLIENT_SECRET,
@@ -105,16 +103,6 @@ def fifo_watchdog(fifo: Path) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
-
-
-def cli(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m tokenproxy ARGV`` in a child process; a hang fails the test."""
-    try:
-        return subprocess.run([sys.executable, "-m", "tokenproxy", *argv], cwd=tmp_path,
-                              env=child_env(tmp_path), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tokenproxy {argv[0]} did not finish within 30 s")
 
 
 # -- an unsafe state file is refused at start ------------------------------------------------
@@ -264,7 +252,7 @@ def test_run_refuses_an_unsafe_state_file(tmp_path: Path) -> None:
     """`tokenproxy run` exits 2 with one stderr line saying what is wrong and how to fix it."""
     path, raw, _ = unsafe_state(tmp_path, "file-world-writable", dead_oauth2, time.time())
     config = write_config(tmp_path, raw)
-    proc = cli(["run", "-c", str(config)], tmp_path)
+    proc = run_to_exit(["run", "-c", str(config)], tmp_path)
     assert 2 == proc.returncode
     assert [f"tokenproxy: state_path: {path}: is writable by group or others (mode 0o666): "
             f"chmod go-w {path}"] == proc.stderr.splitlines()
@@ -413,7 +401,7 @@ def test_cli_with_a_fifo_state_file_exits_2(tmp_path: Path, command: str) -> Non
     path = tmp_path / "state.json"
     os.mkfifo(path)
     config = write_config(tmp_path, dead_oauth2(path))
-    proc = cli([command, "-c", str(config)], tmp_path)
+    proc = run_to_exit([command, "-c", str(config)], tmp_path)
     assert 2 == proc.returncode
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"tokenproxy: state_path: {path}: is a FIFO, not a regular file")

@@ -847,7 +847,8 @@ async def test_clients_hanging_up_do_not_cancel_the_refresh(
 
 @pytest.mark.slow
 async def test_concurrent_requests_after_expiry_make_one_token_call(
-    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession,
 ) -> None:
     """500 requests arriving after expiry share one token-endpoint call and all succeed."""
     issuer = (await start()).issuer
@@ -855,14 +856,7 @@ async def test_concurrent_requests_after_expiry_make_one_token_call(
     await wait_ready(daemon, timeout=2.0)
     assert 1 == issuer.stats.calls
     clock.advance(11)
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as s:
-        async def one() -> int:
-            async with s.get(f"http://127.0.0.1:{daemon.port()}/x") as r:
-                await r.read()
-                return r.status
-
-        statuses = await asyncio.gather(*(one() for _ in range(500)))
+    statuses = await asyncio.gather(*(status_of(http, daemon, "/x") for _ in range(500)))
     assert [200] * 500 == statuses
     assert 2 == issuer.stats.calls
     coalesced = daemon.registry.get_sample_value(

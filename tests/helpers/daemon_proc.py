@@ -1,4 +1,5 @@
-"""A real tokenproxy daemon in a child process, for signal, listener, stderr and memory tests.
+"""A real tokenproxy daemon in a child process, for signal, listener, stderr and memory tests;
+and a tokenproxy command run to its exit.
 
 The child runs ``python -m tokenproxy run -c FILE``; its stderr goes to a file the test reads
 (a pipe nobody drains could block the daemon). Every wait is bounded, and ``running_daemon``
@@ -131,6 +132,21 @@ class DaemonProcess:
     def assert_no_secrets(self) -> None:
         leaked = [s for s in SECRETS if s in self.stderr]
         assert not leaked, f"secrets leaked into the daemon's stderr: {leaked}"
+
+
+def run_to_exit(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``python -m tokenproxy ARGV`` in a child process in *cwd* (environment: child_env(cwd)
+    unless *env* is given), expected to exit by itself: its exit code and output. A hang
+    fails the test after *timeout* seconds."""
+    try:
+        return subprocess.run([sys.executable, "-m", "tokenproxy", *argv], cwd=cwd,
+                              env=child_env(cwd) if env is None else env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"tokenproxy {' '.join(argv)} did not finish within {timeout} s") from None
 
 
 def spawn(config: Path, directory: Path) -> DaemonProcess:
