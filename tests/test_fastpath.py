@@ -945,8 +945,8 @@ class TestPool:
         timer too. (The pool's keepalive is shortened here to keep the test fast.)"""
         up = await raw_upstream(serving(echo_target))
         daemon = await start_proxy(make_proxy, up)
-        assert daemon._fast is not None
-        daemon._fast.pool.keepalive = 0.2
+        assert daemon._serving is not None
+        daemon._serving.fast.pool.keepalive = 0.2
         async with connected(daemon.port()) as conn:
             await conn.send(get("/x"))
             assert 200 == (await conn.response()).status

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -32,6 +33,7 @@ from tokenproxy.reload import ListenerChange, ProviderPlan, close_quietly
 from tokenproxy.tokens.factory import SourceFactory, open_state_store
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.source import TokenSource
+from tokenproxy.tokens.state import StateStore
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
@@ -50,6 +52,22 @@ def fast_path_setting(environ: Mapping[str, str]) -> bool:
                       f"not {raw!r}")
 # The admin listener serves a few scrapers and probes, not traffic.
 ADMIN_MAX_CONNECTIONS = 64
+
+
+@dataclass(slots=True)
+class Serving:
+    """What a started daemon runs on, built by start() and taken apart by stop(); a reload
+    swaps its Proxy and source factory."""
+
+    proxy: Proxy
+    sources: SourceFactory
+    token_session: aiohttp.ClientSession
+    sessions: UpstreamSessions
+    server: web.Server          # aiohttp's, for every request the fast path hands over
+    admin_server: web.Server
+    gate: ConnectionGate
+    admin_gate: ConnectionGate
+    fast: FastEnv
 
 
 class Daemon:
@@ -80,15 +98,7 @@ class Daemon:
         self.sources: dict[str, TokenSource] = {}
         self.listeners: list[ListeningSocket] = []
         self.admin_listeners: list[ListeningSocket] = []
-        self._sessions: UpstreamSessions | None = None
-        self._token_session: aiohttp.ClientSession | None = None
-        self._server: web.Server | None = None
-        self._admin_server: web.Server | None = None
-        self._proxy: Proxy | None = None
-        self._factory_sources: SourceFactory | None = None
-        self._gate: ConnectionGate | None = None
-        self._fast: FastEnv | None = None
-        self._admin_gate: ConnectionGate | None = None
+        self._serving: Serving | None = None   # from start() until stop()
         self._reload_lock = asyncio.Lock()
         self._log = log.get_logger()
         for secret in config_secrets(cfg):
@@ -115,11 +125,10 @@ class Daemon:
 
         return make
 
-    def _admin_factory(self) -> ProtocolFactory:
+    def _admin_factory(self, admin_server: web.Server) -> ProtocolFactory:
         # A request whose body never comes is not read for 10 s after its answer: the
         # connection closes at once, so that probes do not wait behind it.
-        assert self._admin_server is not None
-        return self._factory(self._admin_server, lingering_time=0)
+        return self._factory(admin_server, lingering_time=0)
 
     def _fast_factory(self, env: FastEnv) -> ProtocolFactory:
         if not self.fast_path:
@@ -129,10 +138,6 @@ class Daemon:
             return FastConnection(env, on_close)
 
         return make
-
-    def _current_proxy(self) -> Proxy:
-        assert self._proxy is not None
-        return self._proxy
 
     def _bind_all(self, listeners: Sequence[Listener], group: str | None,
                   factory: ProtocolFactory,
@@ -156,43 +161,18 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        store = await open_state_store(cfg)
+        mode = await asyncio.to_thread(exposed_mode, cfg)
+        if mode is not None:
+            self._log.warning("config_file_permissions", path=str(cfg.source), mode=oct(mode))
+        serving = self._serving = await self._serving_parts(store)
         try:
-            store = await open_state_store(cfg)
-            mode = await asyncio.to_thread(exposed_mode, cfg)
-            if mode is not None:
-                self._log.warning("config_file_permissions", path=str(cfg.source),
-                                  mode=oct(mode))
-            self._token_session = make_token_session()
-            self._factory_sources = SourceFactory(
-                clock=self.clock, metrics=self.metrics, redactor=self.redactor,
-                session=self._token_session, store=store,
-            )
-            for name, provider in cfg.providers.items():
-                self.sources[name] = self._factory_sources.build(provider)
-            self._sessions = UpstreamSessions.make(cfg.limits.max_connections)
-            self._proxy = Proxy(cfg, sources=self.sources, budget=self.replay_budget,
-                                metrics=self.metrics)
-            # The Proxy is looked up per request: a reload swaps it under open connections.
-            handler = AiohttpHandler(self._current_proxy, self._sessions)
-            # handler_cancellation: a client that hangs up cancels its upstream request.
-            self._server = web.Server(handler.handle, handler_cancellation=True)
-            self._gate = ConnectionGate(cfg.limits.max_connections,
-                                        on_change=self.metrics.connections.set)
-            self._fast = FastEnv(proxy=self._current_proxy, limits=lambda: self.config.limits,
-                                 slow=self._factory(self._server), pool=UpstreamPool())
             self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
-                                            self._fast_factory(self._fast), self._gate)
-            # Both read at each request, so a reload applies to open connections too.
-            admin = AdminHandler(self.registry, lambda: self.sources,
-                                 lambda: self.config.security.admin_hosts)
-            self._admin_server = web.Server(admin.handle, handler_cancellation=True)
-            # Idle clients must not starve probes: a waiting one takes the longest-idle slot.
-            self._admin_gate = ConnectionGate(
-                ADMIN_MAX_CONNECTIONS, reusable=guarded_connections(self._admin_server))
+                                            self._fast_factory(serving.fast), serving.gate)
             if cfg.admin_listen is not None:
                 self.admin_listeners = self._bind_all(
-                    [cfg.admin_listen], cfg.socket_group, self._admin_factory(),
-                    self._admin_gate)
+                    [cfg.admin_listen], cfg.socket_group,
+                    self._admin_factory(serving.admin_server), serving.admin_gate)
             for source in self.sources.values():
                 await source.start()
         except BaseException:
@@ -207,6 +187,51 @@ class Daemon:
             allocator_tuned=self.allocator_tuned,
         )
 
+    async def _serving_parts(self, store: StateStore | None) -> Serving:
+        """Everything start() builds before it binds; a failure closes the clients again."""
+        token_session = make_token_session()
+        sessions = UpstreamSessions.make(self.config.limits.max_connections)
+        try:
+            return self._assemble(store, token_session, sessions)
+        except BaseException:
+            await sessions.close()
+            await token_session.close()
+            raise
+
+    def _assemble(self, store: StateStore | None, token_session: aiohttp.ClientSession,
+                  sessions: UpstreamSessions) -> Serving:
+        cfg = self.config
+        factory = SourceFactory(clock=self.clock, metrics=self.metrics, redactor=self.redactor,
+                                session=token_session, store=store)
+        for name, provider in cfg.providers.items():
+            self.sources[name] = factory.build(provider)
+        proxy = Proxy(cfg, sources=self.sources, budget=self.replay_budget,
+                      metrics=self.metrics)
+
+        def current() -> Proxy:
+            # Looked up per request: a reload swaps the Proxy under open connections.
+            return serving.proxy
+
+        # handler_cancellation: a client that hangs up cancels its upstream request.
+        server = web.Server(AiohttpHandler(current, sessions).handle,
+                            handler_cancellation=True)
+        # Both read at each request, so a reload applies to open connections too.
+        admin = AdminHandler(self.registry, lambda: self.sources,
+                             lambda: self.config.security.admin_hosts)
+        admin_server = web.Server(admin.handle, handler_cancellation=True)
+        serving = Serving(
+            proxy=proxy, sources=factory, token_session=token_session, sessions=sessions,
+            server=server, admin_server=admin_server,
+            gate=ConnectionGate(cfg.limits.max_connections,
+                                on_change=self.metrics.connections.set),
+            # Idle clients must not starve probes: a waiting one takes the longest-idle slot.
+            admin_gate=ConnectionGate(ADMIN_MAX_CONNECTIONS,
+                                      reusable=guarded_connections(admin_server)),
+            fast=FastEnv(proxy=current, limits=lambda: self.config.limits,
+                         slow=self._factory(server), pool=UpstreamPool()),
+        )
+        return serving
+
     # -- reload ------------------------------------------------------------------------------
 
     async def reload(self, new: Config) -> dict[str, list[str]]:
@@ -218,18 +243,17 @@ class Daemon:
 
     async def _reload(self, new: Config) -> dict[str, list[str]]:
         old = self.config
-        assert self._fast is not None
-        assert self._gate is not None
-        assert self._admin_gate is not None
-        assert self._factory_sources is not None
-        fast, gate, admin_gate = self._fast, self._gate, self._admin_gate
+        serving = self._serving
+        assert serving is not None, "reload() before start()"
+        fast, gate, admin_gate = serving.fast, serving.gate, serving.admin_gate
         listeners = ListenerChange.bind(
             self.listeners, new.listen,
             lambda add: self._bind_all(add, new.socket_group, self._fast_factory(fast), gate))
         try:
             admin = ListenerChange.bind(
                 self.admin_listeners, [] if new.admin_listen is None else [new.admin_listen],
-                lambda add: self._bind_all(add, new.socket_group, self._admin_factory(),
+                lambda add: self._bind_all(add, new.socket_group,
+                                           self._admin_factory(serving.admin_server),
                                            admin_gate))
         except BaseException:
             await listeners.undo()
@@ -237,7 +261,7 @@ class Daemon:
         # Build everything before anything running changes: a failure here leaves the old
         # config serving untouched (only the listeners bound above are closed again).
         try:
-            plan = await ProviderPlan.build(old, new, self.sources, self._factory_sources)
+            plan = await ProviderPlan.build(old, new, self.sources, serving.sources)
             proxy = Proxy(new, sources=plan.sources, metrics=self.metrics,
                           budget=self.replay_budget)
         except BaseException:
@@ -247,12 +271,12 @@ class Daemon:
 
         for secret in config_secrets(new):
             self.redactor.add(secret)
-        self._factory_sources = plan.factory
+        serving.sources = plan.factory
         retired = await plan.commit(self.sources)
         changed = plan.changed(self.sources)
         self.config = new
         self.sources = plan.sources
-        self._proxy = proxy
+        serving.proxy = proxy
         # Idle upstream connections may belong to routes (or TLS settings) that just went.
         fast.pool.close()
         gate.resize(new.limits.max_connections)
@@ -281,25 +305,19 @@ class Daemon:
             await ls.close()
         self.listeners.clear()
         self.admin_listeners.clear()
-        for server in (self._server, self._admin_server):
-            if server is not None:
+        serving, self._serving = self._serving, None
+        if serving is not None:
+            for server in (serving.server, serving.admin_server):
                 server.pre_shutdown()
-        await asyncio.gather(
-            *(server.shutdown(grace) for server in (self._server, self._admin_server)
-              if server is not None),
-            *([self._fast.shutdown(grace)] if self._fast is not None else []),
-        )
-        self._fast = None
-        self._server = self._admin_server = None
+            await asyncio.gather(serving.server.shutdown(grace),
+                                 serving.admin_server.shutdown(grace),
+                                 serving.fast.shutdown(grace))
         for source in self.sources.values():
             with contextlib.suppress(Exception):
                 await source.close()
-        if self._sessions is not None:
-            await self._sessions.close()
-        if self._token_session is not None:
-            await self._token_session.close()
-        self._sessions = None
-        self._token_session = None
+        if serving is not None:
+            await serving.sessions.close()
+            await serving.token_session.close()
 
     # -- for tests and the CLI ---------------------------------------------------------------
 
