@@ -33,6 +33,7 @@ from tests.helpers.fakes import (
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.net import stall
 from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.rawupstream import connected
 from tokenproxy import __version__
 from tokenproxy.cli import summary
 from tokenproxy.config import build_config
@@ -330,8 +331,7 @@ async def test_reload_applies_admin_allowed_hosts(
 ) -> None:
     """A reload changes the admin allowlist for connections already open and new ones."""
     daemon = await make_proxy(admin_only_config(upstream))
-    conn = await RawConnection.open(daemon.admin_port)
-    try:
+    async with connected(daemon.admin_port) as conn:
         await conn.send(get("/healthz", "10.1.2.3"))
         assert_problem(await conn.response(), 403, "forbidden_host")
         await daemon.reload(build_config(
@@ -340,8 +340,6 @@ async def test_reload_applies_admin_allowed_hosts(
         assert 200 == (await conn.response()).status
         await conn.send(get("/healthz", "localhost"))
         assert_problem(await conn.response(), 403, "forbidden_host")
-    finally:
-        await conn.close()
     resp, _ = await exchange(daemon.admin_port, get("/healthz", "10.1.2.3"))
     assert 200 == resp.status
 

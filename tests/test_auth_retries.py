@@ -25,7 +25,7 @@ from tests.helpers.idp import UNAVAILABLE, StartIdp, oauth2_config, respond_json
 from tests.helpers.logs import CapturedLogs, failures, installed
 from tests.helpers.metrics import count, refreshes, retry_counts
 from tests.helpers.rawhttp import RawConnection, get
-from tests.helpers.rawupstream import MakeRaw, Script, UpConn, read_request, response
+from tests.helpers.rawupstream import MakeRaw, Script, UpConn, connected, read_request, response
 from tests.helpers.wait import request_event, settle, wait_for, wait_ready
 from tokenproxy.daemon import Daemon
 
@@ -202,15 +202,12 @@ async def test_a_401_whose_body_stalls_does_not_hold_the_request_past_the_route_
     raw["routes"][0]["timeout"] = "1s"
     daemon = await make_proxy(raw)
     await wait_ready(daemon)
-    conn = await RawConnection.open(daemon.port())
-    try:
+    async with connected(daemon.port()) as conn:
         await conn.send(get("/x"))
         try:
             status = (await conn.response(timeout=3)).status
         except TimeoutError:
             status = None
-    finally:
-        await conn.close()
     assert 200 == status, "no answer within 3 s: the request hangs on the refused body"
 
 

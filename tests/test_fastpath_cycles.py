@@ -18,11 +18,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.config import MakeProxy
-from tests.helpers.rawhttp import RawConnection, get
+from tests.helpers.rawhttp import get
 from tests.helpers.rawupstream import (
     MakeRaw,
     Req,
     UpConn,
+    connected,
     read_request,
     reset,
     response,
@@ -86,8 +87,7 @@ async def answer(req: Req, writer: asyncio.StreamWriter) -> None:
 
 
 async def one(port: int, kind: str) -> None:
-    conn = await RawConnection.open(port)
-    try:
+    async with connected(port) as conn:
         await conn.send(get(kind))
         if kind == "/gone":
             await conn.response(head_only=True)
@@ -95,8 +95,6 @@ async def one(port: int, kind: str) -> None:
             return   # hang up mid-body
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             await asyncio.wait_for(conn.response(), 3)
-    finally:
-        await conn.close()
 
 
 @pytest.mark.slow

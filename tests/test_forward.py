@@ -22,7 +22,7 @@ from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, Seen, assert_no
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import RawConnection, exchange, get
+from tests.helpers.rawhttp import exchange, get
 from tests.helpers.rawupstream import (
     MakeRaw,
     UpConn,
@@ -116,12 +116,9 @@ class TestRequestTarget:
             upstream_url(upstream, "/"), TOKEN,
             routes=[route("/api", upstream_url(upstream, "/v1/"))]))
         query = "a=%ZZ&b=;&c=%2F&d=+&e=%7e&f=a%20b&&g"
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             resp = await conn.request(
                 f"GET /api/q?{query} HTTP/1.1\nHost: 127.0.0.1\n\n")
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert f"/v1/q?{query}" == fake_upstream.last.raw_path
 
@@ -296,8 +293,7 @@ class TestRequestHeaders:
     ) -> None:
         """Connection and the names it lists, Keep-Alive, TE, Trailer, Upgrade, Proxy-* stay."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             resp = await conn.request(
                 "GET /h HTTP/1.1\nHost: 127.0.0.1\n"
                 "Connection: X-Foo\nConnection: X-Bar, keep-alive\n"
@@ -305,8 +301,6 @@ class TestRequestHeaders:
                 "Trailer: X-Checksum\nUpgrade: h2c\n"
                 "Proxy-Authorization: Basic Zm9vOmJhcg==\nProxy-Connection: keep-alive\n"
                 "X-Keep: yes\n\n")
-        finally:
-            await conn.close()
         assert 200 == resp.status
         names = header_names(fake_upstream.last)
         dropped = {"x-foo", "x-bar", "keep-alive", "te", "trailer", "upgrade",
@@ -322,14 +316,11 @@ class TestRequestHeaders:
         X-Forwarded-For: names with anything but letters, digits and "-" are dropped, as nginx
         does, and counted."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             resp = await conn.request(
                 "GET /u HTTP/1.1\nHost: 127.0.0.1\nContent_Length: 5\n"
                 "Transfer_Encoding: chunked\nX_Forwarded_For: 10.0.0.1\n"
                 "Authorization_: Bearer x\nX-Keep: yes\n\n")
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert set() == {n for n in header_names(fake_upstream.last) if "_" in n}
         assert ["yes"] == fake_upstream.last.header("X-Keep")
@@ -361,13 +352,10 @@ class TestRequestHeaders:
     ) -> None:
         """`Connection: close, Authorization, X-Foo` still gets the token; X-Foo is stripped."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             resp = await conn.request(
                 "GET /c HTTP/1.1\nHost: 127.0.0.1\nConnection: close, Authorization, X-Foo\n"
                 "Authorization: Bearer client-own\nX-Foo: 1\n\n")
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")
         assert [] == fake_upstream.last.header("X-Foo")
@@ -411,12 +399,9 @@ class TestRequestHeaders:
     ) -> None:
         """The proxy adds no Accept, Accept-Encoding, User-Agent or Content-Type of its own."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             resp = await conn.request(
                 "POST /n HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 4\n\n", b"data")
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert b"data" == fake_upstream.last.body
         assert set() == header_names(fake_upstream.last) & {
@@ -572,12 +557,9 @@ class TestResponse:
     ) -> None:
         """HEAD keeps the upstream's Content-Length, sends no body; the connection is reused."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             head = await conn.request("HEAD /h HTTP/1.1\nHost: 127.0.0.1\n\n", head_only=True)
             after = await conn.request("GET /next HTTP/1.1\nHost: 127.0.0.1\n\n")
-        finally:
-            await conn.close()
         assert 200 == head.status
         assert "5" == head.get("Content-Length")
         assert "HEAD" == fake_upstream.seen[0].method
@@ -590,12 +572,9 @@ class TestResponse:
     ) -> None:
         """204 and 304 carry no body, and the same client connection serves the next request."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream, "/"), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             first = await conn.request(f"GET /s?status={status} HTTP/1.1\nHost: 127.0.0.1\n\n")
             after = await conn.request("GET /next HTTP/1.1\nHost: 127.0.0.1\n\n")
-        finally:
-            await conn.close()
         assert status == first.status
         assert [] == first.header("Transfer-Encoding")
         assert first.header("Content-Length")[:1] in ([], ["0"])
@@ -886,8 +865,7 @@ class TestUpstreamErrors:
         has no body (RFC 9110 section 9.3.2): body bytes would be read as the start of the next
         response on that connection."""
         daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/x", "localhost", method="HEAD"))
             first = await conn.response(head_only=True)
             assert 502 == first.status
@@ -902,8 +880,6 @@ class TestUpstreamErrors:
             else:
                 assert await conn.wait_closed(1.0) is not None
                 assert b"" == conn.trailing, "HEAD answered with a body"
-        finally:
-            await conn.close()
 
 
 # -- observability and pooling -------------------------------------------------------------
@@ -967,14 +943,11 @@ class TestObservability:
         """A HEAD answered by tokenproxy itself sends no body, and the access log's ``bytes``
         says so, on both paths."""
         daemon = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}/", TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/x", "localhost", method="HEAD"))
             assert 502 == (await conn.response(head_only=True)).status
             await conn.wait_closed(0.2)
             assert b"" == conn.trailing
-        finally:
-            await conn.close()
         event = await request_event(logs)
         assert (502, 0) == (event["status"], event["bytes"])
 

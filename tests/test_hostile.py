@@ -348,8 +348,7 @@ class TestHostileClients:
     ) -> None:
         """HTTP/1.0 with Connection: keep-alive: two requests on one connection, both framed."""
         daemon = await proxy_to(make_proxy, upstream_url(upstream))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             for path in ("/status/200", "/status/201"):
                 await conn.send(get(path, "localhost", "Connection: keep-alive",
                                     version="HTTP/1.0"))
@@ -357,8 +356,6 @@ class TestHostileClients:
                 assert path.endswith(str(resp.status))
                 assert resp.get("Content-Length") is not None
                 assert_no_secret(resp.raw)
-        finally:
-            await conn.close()
         assert ["/status/200", "/status/201"] == [s.raw_path for s in fake_upstream.seen]
 
     async def test_connection_close_honoured(

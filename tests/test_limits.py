@@ -164,11 +164,8 @@ class TestHeaderTimeout:
     ) -> None:
         """A connection that never sends a byte is closed at header_timeout."""
         daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             closed_at = await conn.wait_closed(2.0)
-        finally:
-            await conn.close()
         assert closed_at is not None
         assert 0.25 <= closed_at < 0.9
 
@@ -177,16 +174,13 @@ class TestHeaderTimeout:
     ) -> None:
         """A head sent in pieces that completes within header_timeout is served."""
         daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             for piece in (b"GET /status/200 HTTP/1.1\r\n", b"Host: localhost\r\n",
                           b"X-A: 1\r\n", b"\r\n"):
                 await conn.send(piece)
                 await asyncio.sleep(0.05)
             resp = await conn.response()
             assert_no_secret(resp.raw)
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert 1 == len(fake_upstream.seen)
 
@@ -219,16 +213,13 @@ class TestHeaderTimeout:
         """An idle kept-alive connection outlives header_timeout; keepalive_timeout ends it."""
         daemon = await start(make_proxy, upstream,
                              limits={"header_timeout": "300ms", "keepalive_timeout": "1s"})
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/status/200"))
             assert 200 == (await conn.response()).status
             started = time.monotonic()
             assert await conn.wait_closed(0.6) is None     # past header_timeout: still open
             assert await conn.wait_closed(1.5) is not None
             elapsed = time.monotonic() - started
-        finally:
-            await conn.close()
         assert 0.9 <= elapsed < 1.6
         assert b"" == conn.trailing
 
@@ -238,12 +229,9 @@ class TestHeaderTimeout:
     ) -> None:
         """A slow upstream answer is not a slow head: the request outlives header_timeout."""
         daemon = await start(make_proxy, upstream, limits=TIMEOUTS)
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/slow?delay=0.6"))
             resp = await conn.response()
-        finally:
-            await conn.close()
         assert 200 == resp.status
         assert b"slow" == resp.body
 
@@ -268,16 +256,13 @@ class TestBodyTimeout:
         daemon = await start(make_proxy, upstream, routes=[
             {"prefix": "/", "upstream": upstream_url(upstream, "/"), "provider": "api",
              "retry_on": retry_on, "timeout": "500ms"}])
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/upload", "localhost", f"Content-Length: {content_length}",
                                 method="POST") + b"abc")
             started = time.monotonic()
             resp = await conn.response()
             elapsed = time.monotonic() - started
             assert_no_secret(resp.raw)
-        finally:
-            await conn.close()
         assert_problem(resp, status, cause)
         assert 0.4 <= elapsed < 1.5
         assert upstream_saw == [s.raw_path for s in fake_upstream.seen]
@@ -624,8 +609,7 @@ async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(
     seen = _budget_probe(daemon)
     body = b"b" * 3000
     head = get("/x", "localhost", f"Content-Length: {len(body)}", method="POST")
-    conn = await RawConnection.open(daemon.port())
-    try:
+    async with connected(daemon.port()) as conn:
         if case == "client-gone-mid-body":
             await conn.send(head + body[:1000])
             await asyncio.sleep(0.1)
@@ -660,8 +644,6 @@ async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(
             await daemon.reload(build_config(raw2, {}))
             hold.set()
             assert 200 == (await conn.response()).status
-    finally:
-        await conn.close()
     await wait_for(lambda: 0 == daemon.replay_budget.held, "the replay budget given back", 3.0)
     if case == "expect-100-then-gone":
         assert [] == seen   # reserved as bytes arrive: a head alone holds nothing

@@ -245,16 +245,13 @@ class TestFraming:
     ) -> None:
         """Malformed framing gets 400, the connection closes, no request reaches the upstream."""
         daemon = await start(make_proxy, upstream)
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(request_bytes + SMUGGLED)
             resp = await conn.response()
             assert_problem(resp, 400, "bad_request")
             assert_no_secret(resp.raw)
             assert await conn.wait_closed() is not None
             assert b"" == conn.trailing   # no answer to the smuggled request
-        finally:
-            await conn.close()
         assert [] == fake_upstream.seen
 
     @pytest.mark.parametrize(
@@ -275,8 +272,7 @@ class TestFraming:
         daemon = await start(make_proxy, upstream, routes=[
             {"prefix": "/", "upstream": upstream_url(upstream, "/"), "provider": "api",
              "retry_on": retry_on}])
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(b"POST /upload HTTP/1.1\r\nHost: localhost\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             await asyncio.sleep(0.1)
@@ -285,8 +281,6 @@ class TestFraming:
             assert_problem(resp, 400, "bad_request")
             assert await conn.wait_closed() is not None
             assert b"" == conn.trailing   # one answer, nothing for the smuggled request
-        finally:
-            await conn.close()
         assert upstream_saw == [s.raw_path for s in fake_upstream.seen]
 
     async def test_pipelined_requests_answered_in_order(
@@ -295,14 +289,11 @@ class TestFraming:
         """Two valid pipelined requests are both forwarded and answered in order."""
         daemon = await start(make_proxy, upstream, routes=[
             {"prefix": "/", "upstream": upstream_url(upstream, "/"), "provider": "api"}])
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/status/201") + get("/status/202"))
             first = await conn.response()
             second = await conn.response()
             assert_no_secret(first.raw + second.raw)
-        finally:
-            await conn.close()
         assert (201, 202) == (first.status, second.status)
         assert ["/status/201", "/status/202"] == [s.raw_path for s in fake_upstream.seen]
 
@@ -312,8 +303,7 @@ class TestFraming:
         """A kept-alive connection: a good request is answered, a malformed next one 400s."""
         daemon = await start(make_proxy, upstream, routes=[
             {"prefix": "/", "upstream": upstream_url(upstream, "/"), "provider": "api"}])
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/status/201"))
             first = await conn.response()
             await conn.send(b"GET /status/202 HTTP/1.1\r\nHost: localhost\r\nX-A : b\r\n\r\n"
@@ -322,8 +312,6 @@ class TestFraming:
             assert await conn.wait_closed() is not None
             assert b"" == conn.trailing
             assert_no_secret(first.raw + second.raw)
-        finally:
-            await conn.close()
         assert 201 == first.status
         assert_problem(second, 400, "bad_request")
         assert ["/status/201"] == [s.raw_path for s in fake_upstream.seen]

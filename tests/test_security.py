@@ -16,7 +16,8 @@ from multidict import CIMultiDict
 
 from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
-from tests.helpers.rawhttp import RawConnection, RawResponse, assert_problem, exchange, get
+from tests.helpers.rawhttp import RawResponse, assert_problem, exchange, get
+from tests.helpers.rawupstream import connected
 from tokenproxy.daemon import Daemon
 
 
@@ -100,12 +101,9 @@ class TestAllowedHosts:
     ) -> None:
         """A lone HTTP/0.9 request line is never forwarded; header_timeout closes it."""
         daemon = await start(make_proxy, upstream, limits={"header_timeout": "300ms"})
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(b"GET /status/200\r\n")
             assert await conn.wait_closed(2.0) is not None
-        finally:
-            await conn.close()
         if conn.trailing:   # an answer, if any, is a refusal
             assert conn.trailing.startswith((b"HTTP/0.9 403", b"HTTP/1.0 403", b"HTTP/1.1 403"))
         assert_no_secret(conn.trailing)

@@ -21,12 +21,13 @@ import pytest
 
 from tests.helpers.config import SHORT_TIMERS, MakeProxy
 from tests.helpers.net import recv_until, slow_client, stall
-from tests.helpers.rawhttp import RawConnection, exchange, get
+from tests.helpers.rawhttp import exchange, get
 from tests.helpers.rawupstream import (
     MakeRaw,
     Req,
     Script,
     UpConn,
+    connected,
     download_head,
     flood,
     post,
@@ -322,11 +323,8 @@ async def test_a_client_that_reads_late_still_gets_every_answer(
     """Flow control, not loss: once the client reads, every pipelined answer arrives."""
     up = await raw_upstream(serving(lambda req: response(b"y" * 60_000)))
     daemon = await start_proxy(make_proxy, up)
-    conn = await RawConnection.open(daemon.port())
-    try:
+    async with connected(daemon.port()) as conn:
         await conn.send(HTTP10_GET * 100)
         await asyncio.sleep(0.2)
         bodies = [len((await conn.response(timeout=10)).body) for _ in range(100)]
-    finally:
-        await conn.close()
     assert [60_000] * 100 == bodies

@@ -18,8 +18,8 @@ from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import RawConnection, exchange, get
-from tests.helpers.rawupstream import MakeRaw, Req, response, serving, start_proxy
+from tests.helpers.rawhttp import exchange, get
+from tests.helpers.rawupstream import MakeRaw, Req, connected, response, serving, start_proxy
 from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
 
@@ -235,16 +235,13 @@ class TestWebSocket:
     ) -> None:
         """Upgrade: h2c gets a plain HTTP/1.1 answer, is not forwarded, and HTTP/1.1 continues."""
         daemon = await make_proxy(proxy_config(upstream_url(upstream), TOKEN))
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             # A real h2c client waits for the answer before sending more (RFC 7540 3.2).
             first = await conn.request(
                 "GET /echo/h2c HTTP/1.1\nHost: 127.0.0.1\n"
                 "Connection: Upgrade, HTTP2-Settings\nUpgrade: h2c\n"
                 "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\n\n")
             after = await conn.request("GET /echo/after HTTP/1.1\nHost: 127.0.0.1\n\n")
-        finally:
-            await conn.close()
         assert 200 == first.status
         assert "/echo/h2c" == json.loads(first.body)["raw_path"]
         assert 200 == after.status

@@ -226,19 +226,21 @@ class FakeUpstream:
         return web.Response(text="slow")
 
     async def truncate(self, request: web.Request) -> web.StreamResponse:
+        """100 bytes of a 1000-byte body, then the connection closed."""
         resp = web.StreamResponse(headers={"Content-Length": "1000"})
-        await resp.prepare(request)
-        await resp.write(b"y" * 100)
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.close()
-        return resp
+        return await self._cut(request, resp, b"y")
 
     async def truncate_chunked(self, request: web.Request) -> web.StreamResponse:
+        """100 bytes of a chunked body, then the connection closed."""
         resp = web.StreamResponse()
         resp.enable_chunked_encoding()
+        return await self._cut(request, resp, b"z")
+
+    @staticmethod
+    async def _cut(request: web.Request, resp: web.StreamResponse,
+                   fill: bytes) -> web.StreamResponse:
         await resp.prepare(request)
-        await resp.write(b"z" * 100)
+        await resp.write(fill * 100)
         await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.close()
