@@ -1082,8 +1082,7 @@ class TestShutdown:
 
         up = await raw_upstream(script)
         daemon = await start_proxy(make_proxy, up)
-        conn = await RawConnection.open(daemon.port())
-        try:
+        async with connected(daemon.port()) as conn:
             await conn.send(get("/never"))
             await wait_for(lambda: len(up.requests) == 1, "the request upstream")
             started = time.monotonic()
@@ -1092,8 +1091,6 @@ class TestShutdown:
             assert 0.25 <= took < 2
             assert await conn.wait_closed(1) is not None
             await asyncio.wait_for(up.conns[0].ended.wait(), 2)
-        finally:
-            await conn.close()
 
 
 # -- 11. Date and Server ----------------------------------------------------------------------
