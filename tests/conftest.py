@@ -21,6 +21,7 @@ from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream, JumpClock
 from tests.helpers.idp import Idp, StartIdp, start_idp
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.rawupstream import MakeRaw, RawUpstream, Script
+from tests.helpers.redis_server import RedisServer, redis_server_fixture
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
@@ -153,3 +154,9 @@ def _closing() -> Iterator[list[socket.socket]]:
     yield socks
     for sock in socks:
         sock.close()
+
+
+@pytest.fixture(name="redis_server")
+def _redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, persistence off; always stopped."""
+    yield from redis_server_fixture(tmp_path)

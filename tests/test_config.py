@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import math
 import re
 from pathlib import Path
@@ -1219,6 +1220,12 @@ def _example_sections() -> dict[str, set[str]]:
     for key, value in root.value:
         if key.value in ("log", "security", "limits"):
             note(key.value, value)
+        elif key.value == "shared_state" and isinstance(value, yaml.ScalarNode):
+            # Off in the example: its keys are in the comment block under it.
+            block = itertools.takewhile(lambda line: line.lstrip().startswith("#"),
+                                        lines[key.start_mark.line + 1:])
+            named["shared_state"] = {m[1] for line in block
+                                     for m in re.finditer(r"([a-z_]+):", line)}
         elif key.value == "routes":
             for item in value.value:
                 note("routes[]", item)

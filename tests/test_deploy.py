@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -143,3 +144,143 @@ def test_compose_example_is_valid(tmp_path: Path) -> None:
     raw = parse_yaml((ROOT / "examples/compose-config.yaml").read_text(), "compose-config")
     # The image sets STATE_DIRECTORY: the file names no state_path of its own.
     build_config(_with_secret_file(raw, secret), {"STATE_DIRECTORY": "/var/lib/tokenproxy"})
+
+
+# -- replicas sharing one Redis (shared_state) ----------------------------------------------
+
+REPLICAS_K8S = ROOT / "examples/kubernetes/tokenproxy-replicas.yaml"
+REPLICAS_COMPOSE = ROOT / "examples/compose-replicas.yaml"
+REPLICAS_CONFIG = ROOT / "examples/compose-replicas-config.yaml"
+STATE_KEY = base64.b64encode(bytes(range(32))).decode()     # the shape of openssl rand -base64 32
+
+
+def _with_shared_state_files(raw: Any, tmp_path: Path) -> tuple[Any, dict[str, str]]:
+    """*raw* with the provider's secret and shared_state's two files replaced by files in
+    *tmp_path* (they are read when the config is built); and the paths the example named."""
+    _with_secret_file(raw, tmp_path / "client_secret")
+    (tmp_path / "client_secret").write_text("x")
+    shared = raw["shared_state"]
+    named = {"redis_url_file": shared["redis_url_file"],
+             "encryption_key_file": shared["encryption_key_file"]}
+    url, key = tmp_path / "redis-url", tmp_path / "state-key"
+    url.write_text("redis://tokenproxy:pw@redis:6379/0")
+    key.write_text(STATE_KEY + "\n")
+    shared["redis_url_file"], shared["encryption_key_file"] = str(url), str(key)
+    return raw, named
+
+
+def _acl_lines(text: str) -> list[str]:
+    """The Redis ACL rules the example's comments tell the operator to write."""
+    return re.findall(r"user \w+ on [^'\"]*", text)
+
+
+def test_kubernetes_replicas_example_is_valid(tmp_path: Path) -> None:
+    """Three app replicas, each with a tokenproxy sidecar, share one Redis: the embedded config
+    validates without any state file, the secrets are mounted where it reads them, and the
+    sidecar keeps the single-pod example's rules (no proxy port, probes, read-only root)."""
+    text = REPLICAS_K8S.read_text()
+    docs = list(yaml.safe_load_all(text))
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    raw = parse_yaml(objs["ConfigMap", "tokenproxy-config"]["data"]["config.yaml"], "configmap")
+    raw, named = _with_shared_state_files(raw, tmp_path)
+    cfg = build_config(raw, {"POD_IP": "10.1.2.3"})
+    assert cfg.shared_state is not None
+    assert cfg.state_path is None            # no state file, no state volume: Redis keeps them
+    assert "10.1.2.3" in (cfg.security.admin_hosts or ())
+
+    app = objs["Deployment", "my-app"]
+    assert 3 == app["spec"]["replicas"]
+    pod = app["spec"]["template"]
+    [sidecar] = pod["spec"]["initContainers"]
+    assert "Always" == sidecar["restartPolicy"]
+    assert "ports" not in sidecar
+    assert "/readyz" == sidecar["readinessProbe"]["httpGet"]["path"]
+    assert "/healthz" == sidecar["livenessProbe"]["httpGet"]["path"]
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not [v for v in pod["spec"]["volumes"] if "emptyDir" in v]
+    # The Secret with the Redis URL and the key is mounted where the config reads both files,
+    # under the key names the header's kubectl line gives them.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    [mount] = [m for m in sidecar["volumeMounts"]
+               if volumes[m["name"]].get("secret", {}).get("secretName")
+               == "tokenproxy-shared-state"]
+    assert mount["readOnly"] is True
+    for path in named.values():
+        assert Path(mount["mountPath"]) == Path(path).parent
+        assert f"--from-literal={Path(path).name}=" in text
+
+    # The URL of the header's kubectl line names the Redis Service and its port.
+    m = re.search(r"redis://tokenproxy:\$PASS@([\w-]+):(\d+)/0", text)
+    assert m is not None
+    service = objs["Service", m[1]]
+    assert [int(m[2])] == [p["port"] for p in service["spec"]["ports"]]
+    redis_pod = objs["Deployment", m[1]]["spec"]["template"]
+    assert service["spec"]["selector"] == redis_pod["metadata"]["labels"]
+    # Redis persists (losing its data costs a fresh login) on a claim, with one writer.
+    assert 1 == objs["Deployment", m[1]]["spec"]["replicas"]
+    assert "Recreate" == objs["Deployment", m[1]]["spec"]["strategy"]["type"]
+    [redis] = redis_pod["spec"]["containers"]
+    args = redis["args"]
+    assert "yes" == args[args.index("--appendonly") + 1]
+    redis_volumes = {v["name"]: v for v in redis_pod["spec"]["volumes"]}
+    [data] = [m for m in redis["volumeMounts"] if m["mountPath"] == args[args.index("--dir") + 1]]
+    claim = redis_volumes[data["name"]]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objs
+    assert redis["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Only the app's pods reach Redis; the ACL confines tokenproxy to its key_prefix.
+    policy = objs["NetworkPolicy", m[1]]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis_pod["metadata"]["labels"]
+    assert [{"podSelector": {"matchLabels": pod["metadata"]["labels"]}}] == (
+        policy["ingress"][0]["from"])
+    prefix = cfg.shared_state.key_prefix
+    [default, user] = _acl_lines(text)
+    assert "nopass" in default
+    assert "+ping" in default
+    assert "+@all" not in default
+    assert f"~{prefix}*" in user
+    assert f"&{prefix}*" in user
+
+
+def test_compose_replicas_example_is_valid(tmp_path: Path) -> None:
+    """Three tokenproxy services, each in its own app's network namespace, share one Redis:
+    nothing is published, everything runs read-only, the secrets land where the config reads
+    them, Redis persists, and the config validates without a state file."""
+    text = REPLICAS_COMPOSE.read_text()
+    doc = yaml.safe_load(text)
+    services = doc["services"]
+    proxies = sorted(name for name in services if name.startswith("tokenproxy"))
+    assert ["tokenproxy-1", "tokenproxy-2", "tokenproxy-3"] == proxies
+    assert [] == [name for name, s in services.items() if "ports" in s]
+    raw = parse_yaml(REPLICAS_CONFIG.read_text(), "compose-replicas-config")
+    raw, named = _with_shared_state_files(raw, tmp_path)
+    # The image sets STATE_DIRECTORY; with shared_state the file names no state_path.
+    cfg = build_config(raw, {"STATE_DIRECTORY": "/var/lib/tokenproxy"})
+    assert cfg.shared_state is not None
+    apps = set()
+    for name in proxies:
+        service = services[name]
+        assert service["network_mode"].startswith("service:")
+        apps.add(service["network_mode"].removeprefix("service:"))
+        assert service["read_only"] is True
+        assert ["ALL"] == service["cap_drop"]
+        assert "redis" in service["depends_on"]
+        for path in named.values():
+            assert Path(path).parent == Path("/run/secrets")
+            assert Path(path).name in service["secrets"]
+            assert Path(path).name in doc["secrets"]
+    assert 3 == len(apps)                    # one app per replica: each has its own loopback
+    assert apps <= set(services)
+    redis = services["redis"]
+    command = redis["command"]
+    assert "yes" == command[command.index("--appendonly") + 1]
+    data_dir = command[command.index("--dir") + 1]
+    [volume] = [v.partition(":")[0] for v in redis["volumes"] if v.endswith(f":{data_dir}")]
+    assert volume in doc["volumes"]          # a named volume: the data outlives the container
+    assert redis["read_only"] is True
+    # The URL of the header's line names this service; the ACL confines tokenproxy's user.
+    assert "@redis:6379/0" in text
+    prefix = cfg.shared_state.key_prefix
+    [default, user] = _acl_lines(text)
+    assert "+ping" in default
+    assert f"~{prefix}*" in user

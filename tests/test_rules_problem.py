@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from tokenproxy.errors import RequestRejected, TokenUnavailable, Unauthenticated, UpstreamError
+from tokenproxy.errors import (
+    RequestRejected,
+    SharedStateDown,
+    TokenUnavailable,
+    Unauthenticated,
+    UpstreamError,
+)
 from tokenproxy.proxy.rules.problem import TITLES, Problem
 
 
@@ -55,6 +61,8 @@ def test_problems_of_the_errors_raised_while_handling_a_request() -> None:
         UpstreamError("connect", "down"))
     assert Problem(503, "token_unavailable", "wait", 2.5) == Problem.of(
         TokenUnavailable("api", "wait", 2.5))
+    assert Problem(503, "shared_state_unavailable", "redis down", 1.0) == Problem.of(
+        SharedStateDown("api", "redis down", 1.0))
     assert Problem(502, "unauthenticated", "rejected", None) == Problem.of(
         Unauthenticated("api", "rejected"))
 
@@ -65,6 +73,6 @@ def test_every_cause_has_a_title() -> None:
     assert {"bad_request", "forbidden_host", "cross_site", "forwarded", "client_key",
             "require_header", "not_found", "header_too_large", "request_timeout",
             "expectation_failed", "upstream_unreachable", "upstream_timeout",
-            "token_unavailable", "unauthenticated", "provider_misconfigured",
-            "internal"} == set(TITLES)
+            "token_unavailable", "shared_state_unavailable", "unauthenticated",
+            "provider_misconfigured", "internal"} == set(TITLES)
     assert all(title and title[0].isupper() for title in TITLES.values())

@@ -53,6 +53,7 @@ from tokenproxy.tokens.factory import SourceFactory
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.state import StateFileError, StateStore, StoredTokens, identity_key
+from tokenproxy.tokens.store import FileStore
 
 OTHER_UID = 65534   # "nobody": any uid other than ours will do
 # Nothing listens on port 9: a token endpoint there fails at once instead of hanging a test.
@@ -433,7 +434,7 @@ async def test_provider_start_reads_the_state_file_off_the_event_loop(
     store = GatedStore(path)
     async with make_token_session() as session:
         factory = SourceFactory(clock=clock, metrics=Metrics(CollectorRegistry(), "test"),
-                                redactor=Redactor(), session=session, store=store)
+                                redactor=Redactor(), session=session, store=FileStore(store))
         source = factory.build(build_config(raw, {}).providers["idp"])
         assert isinstance(source, TokenManager)
         starting = asyncio.create_task(source.start())

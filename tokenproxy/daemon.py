@@ -30,10 +30,10 @@ from tokenproxy.proxy.fast_path.pool import UpstreamPool
 from tokenproxy.proxy.rules.budget import ReplayBudget
 from tokenproxy.proxy.runtime import Proxy
 from tokenproxy.reload import ListenerChange, ProviderPlan, close_quietly
-from tokenproxy.tokens.factory import SourceFactory, open_state_store
+from tokenproxy.tokens.factory import SourceFactory, open_token_store
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.source import TokenSource
-from tokenproxy.tokens.state import StateStore
+from tokenproxy.tokens.store import TokenStore
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
@@ -161,11 +161,16 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
-        store = await open_state_store(cfg)
+        store = await open_token_store(cfg, self.metrics)
         mode = await asyncio.to_thread(exposed_mode, cfg)
         if mode is not None:
             self._log.warning("config_file_permissions", path=str(cfg.source), mode=oct(mode))
-        serving = self._serving = await self._serving_parts(store)
+        try:
+            serving = self._serving = await self._serving_parts(store)
+        except BaseException:
+            if store is not None:
+                await store.close()
+            raise
         try:
             self.listeners = self._bind_all(cfg.listen, cfg.socket_group,
                                             self._fast_factory(serving.fast), serving.gate)
@@ -187,7 +192,7 @@ class Daemon:
             allocator_tuned=self.allocator_tuned,
         )
 
-    async def _serving_parts(self, store: StateStore | None) -> Serving:
+    async def _serving_parts(self, store: TokenStore | None) -> Serving:
         """Everything start() builds before it binds; a failure closes the clients again."""
         token_session = make_token_session()
         sessions = UpstreamSessions.make(self.config.limits.max_connections)
@@ -198,7 +203,7 @@ class Daemon:
             await token_session.close()
             raise
 
-    def _assemble(self, store: StateStore | None, token_session: aiohttp.ClientSession,
+    def _assemble(self, store: TokenStore | None, token_session: aiohttp.ClientSession,
                   sessions: UpstreamSessions) -> Serving:
         cfg = self.config
         factory = SourceFactory(clock=self.clock, metrics=self.metrics, redactor=self.redactor,
@@ -260,6 +265,7 @@ class Daemon:
             raise
         # Build everything before anything running changes: a failure here leaves the old
         # config serving untouched (only the listeners bound above are closed again).
+        plan: ProviderPlan | None = None
         try:
             plan = await ProviderPlan.build(old, new, self.sources, serving.sources)
             proxy = Proxy(new, sources=plan.sources, metrics=self.metrics,
@@ -267,7 +273,10 @@ class Daemon:
         except BaseException:
             await listeners.undo()
             await admin.undo()
+            if plan is not None:
+                await plan.discard(serving.sources)
             raise
+        old_store = serving.sources.store
 
         for secret in config_secrets(new):
             self.redactor.add(secret)
@@ -286,6 +295,8 @@ class Daemon:
         self.listeners = listeners.listening
         self.admin_listeners = admin.listening
         await close_quietly(retired)
+        if old_store is not None and old_store is not plan.factory.store:
+            await old_store.close()   # after the sources that used it
         return {
             "listen_added": [ls.address for ls in listeners.added + admin.added],
             "listen_removed": [str(ls.listener) for ls in listeners.drop + admin.drop],
@@ -318,6 +329,8 @@ class Daemon:
         if serving is not None:
             await serving.sessions.close()
             await serving.token_session.close()
+            if serving.sources.store is not None:
+                await serving.sources.store.close()
 
     # -- for tests and the CLI ---------------------------------------------------------------
 

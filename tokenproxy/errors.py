@@ -6,6 +6,7 @@ TokenProxyError
 ├── UpstreamError(kind)    connect | tls | reset -> 502, timeout -> 504
 └── TokenError
     ├── TokenUnavailable   endpoint unreachable, failing, bad answer, or in backoff -> 503
+    │   └── SharedStateDown    a refresh token must not be spent without the shared lock -> 503
     ├── Unauthenticated    credentials rejected -> 502, type ending /unauthenticated
     └── ProviderMisconfigured  the issuer publishes no usable metadata -> 502
 
@@ -81,6 +82,14 @@ class TokenUnavailable(TokenError):
     def __init__(self, provider: str, detail: str, retry_after: float) -> None:
         super().__init__(provider, detail)
         self.retry_after = retry_after
+
+
+class SharedStateDown(TokenUnavailable):
+    """The provider needs a new token and holds a refresh token, which it spends only under
+    the shared state's lock (a second spender would get the whole family revoked); the shared
+    state (Redis) is not answering."""
+
+    cause = "shared_state_unavailable"
 
 
 class Unauthenticated(TokenError):

@@ -30,6 +30,8 @@ PROVIDER_MISCONFIGURED: Final = "provider_misconfigured"
 CONFIG_RELOADED: Final = "config_reloaded"
 CONFIG_RELOAD_FAILED: Final = "config_reload_failed"
 LISTENING: Final = "listening"
+SHARED_STATE_UNAVAILABLE: Final = "shared_state_unavailable"
+SHARED_STATE_RESTORED: Final = "shared_state_restored"
 
 MASK: Final = "***"
 SENSITIVE_KEYS: Final = frozenset({

@@ -50,7 +50,8 @@ class Metrics:
             "Token-endpoint calls, by trigger, grant and result: success; rejected (the issuer "
             "said no: invalid_grant, invalid_client, a 4xx but 408 and 429); error (network, 5xx, "
             "408, 429, timeout, a bad answer). grant=\"state_file\": tokens another process had "
-            "already refreshed.",
+            "already refreshed; grant=\"shared\": tokens another replica had refreshed "
+            "(shared_state).",
             ("provider", "trigger", "grant", "result"), registry=registry)
         self.token_refresh_duration = Histogram(
             "tokenproxy_token_refresh_duration_seconds", "Duration of token-endpoint calls.",
@@ -96,5 +97,19 @@ class Metrics:
             "Connections the fast path handed to the aiohttp server, by reason (protocol, "
             "refused, malformed, shutdown).",
             ("reason",), registry=registry)
+        self.shared_state_up = Gauge(
+            "tokenproxy_shared_state_up",
+            "1 while the shared state (Redis) answers, 0 while it does not (shared_state only).",
+            registry=registry)
+        self.shared_state_errors = Counter(
+            "tokenproxy_shared_state_errors_total",
+            "Shared-state operations that failed, by operation (connect, read, lock, renew, "
+            "unlock, mark, write, decrypt).",
+            ("operation",), registry=registry)
+        self.shared_state_lock_wait = Histogram(
+            "tokenproxy_shared_state_lock_wait_seconds",
+            "Time a replica waited for a provider's refresh lock in the shared state.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=registry)
         Gauge("tokenproxy_build_info", "tokenproxy version.", ("version",),
               registry=registry).labels(version).set(1)

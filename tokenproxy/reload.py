@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tokenproxy.config import Config, Listener
 from tokenproxy.listeners import ListeningSocket
-from tokenproxy.tokens.factory import SourceFactory, open_state_store
+from tokenproxy.tokens.factory import SourceFactory, open_token_store
 from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.source import TokenSource
 
@@ -62,15 +62,15 @@ class ProviderPlan:
     async def build(cls, old: Config, new: Config, current: Mapping[str, TokenSource],
                     factory: SourceFactory) -> ProviderPlan:
         store = factory.store
-        if new.state_path != old.state_path or not old.persists_tokens:
-            store = await open_state_store(new)   # not yet checked for token providers
+        same_store = new.state_path == old.state_path and new.shared_state == old.shared_state
+        if not same_store or not old.persists_tokens:
+            store = await open_token_store(new, factory.metrics)
         plan = cls(factory.with_store(store), {})
         for name, provider in new.providers.items():
             before, running = old.providers.get(name), current.get(name)
             # A provider whose credentials were rejected starts over with the new config.
             stuck = isinstance(running, TokenManager) and running.unauthenticated
-            if (running is not None and before == provider
-                    and new.state_path == old.state_path and not stuck):
+            if running is not None and before == provider and same_store and not stuck:
                 plan.sources[name] = running
                 continue
             fresh = plan.factory.build(provider)
@@ -80,6 +80,11 @@ class ProviderPlan:
             plan.steps.append((fresh, running, inherit))
             plan.sources[name] = fresh
         return plan
+
+    async def discard(self, running: SourceFactory) -> None:
+        """The reload failed after this plan was built: close the store it opened, if any."""
+        if self.factory.store is not None and self.factory.store is not running.store:
+            await self.factory.store.close()
 
     async def commit(self, current: Mapping[str, TokenSource]) -> list[TokenSource]:
         """Start the new sources (handing tokens over); returns the ones to close."""

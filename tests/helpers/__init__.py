@@ -15,6 +15,7 @@ from here; nothing here imports a test module or the conftest.
     idp.py              the demo Issuer as identity provider, with a fault hook and an API tap;
                         a discovery metadata server
     daemon_proc.py      a daemon in a child process
+    redis_server.py     a real redis-server on loopback, to kill, restart, pause and resume
     transport.py        a recording double of asyncio's transport, for protocol unit tests
     proxy.py            a Proxy (tokenproxy.proxy.runtime) from a config, for unit tests
 """

@@ -12,6 +12,7 @@ from tokenproxy.config.model import (
     Provider,
     Route,
     SecurityConfig,
+    SharedStateConfig,
     StaticProvider,
 )
 from tokenproxy.config.source import find_config_file, parse_yaml
@@ -31,6 +32,7 @@ __all__ = [
     "Route",
     "Secret",
     "SecurityConfig",
+    "SharedStateConfig",
     "StaticProvider",
     "build_config",
     "find_config_file",

@@ -19,6 +19,7 @@ from tokenproxy.config.model import (
     LogConfig,
     Route,
     SecurityConfig,
+    SharedStateConfig,
     yaml_keys,
 )
 from tokenproxy.config.providers import provider_keys, read_providers
@@ -26,6 +27,7 @@ from tokenproxy.config.routes import read_routes
 from tokenproxy.config.secrets import holds_inline_secrets
 from tokenproxy.config.section import Section
 from tokenproxy.config.security import read_security
+from tokenproxy.config.shared_state import read_shared_state
 from tokenproxy.config.source import parse_yaml
 from tokenproxy.config.values import Listener, expand_env, parse_duration, parse_listener
 from tokenproxy.errors import ConfigError
@@ -37,6 +39,7 @@ def accepted_keys() -> dict[str, tuple[str, ...]]:
     The test of config.example.yaml checks that the example names each one."""
     return {"": yaml_keys(Config), "log": yaml_keys(LogConfig),
             "security": yaml_keys(SecurityConfig), "limits": yaml_keys(LimitsConfig),
+            "shared_state": yaml_keys(SharedStateConfig),
             "routes[]": yaml_keys(Route), **provider_keys()}
 
 
@@ -56,6 +59,7 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
         socket_group=top.string("socket_group"),
         log=_log(top.value("log")),
         state_path=_state_path(top.string("state_path"), env),
+        shared_state=read_shared_state(top.value("shared_state")),
         shutdown_grace=top.parse("shutdown_grace", parse_duration),
         security=security,
         limits=read_limits(top.value("limits")),
@@ -63,10 +67,11 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
         routes=read_routes(top.value("routes"), providers),
         source=source,
     )
-    if cfg.state_path is None and cfg.persists_tokens:
+    if cfg.state_path is None and cfg.persists_tokens and cfg.shared_state is None:
         raise ConfigError("state_path: set it: oauth2, json and command providers keep "
                           "tokens in a state file, and none of $STATE_DIRECTORY, "
-                          "$XDG_STATE_HOME or $HOME names an absolute directory for it")
+                          "$XDG_STATE_HOME or $HOME names an absolute directory for it "
+                          "(or set shared_state)")
     exposed = [str(li) for li in listen if not li.is_loopback]
     if exposed and security.client_key is None and not security.allowed_hosts_explicit:
         raise ConfigError(

@@ -73,6 +73,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SharedStateConfig:
+    """Tokens shared by replicas through Redis (docs/replicas.md)."""
+
+    redis_url: Secret                           # may carry a password: masked everywhere
+    key_prefix: str = "tokenproxy:"
+    encryption_key_file: Path | None = None
+    lock_ttl: float = 15.0
+    timeout: float = 2.0
+    ca_file: Path | None = None
+    # The keys read from encryption_key_file: the first encrypts, every one decrypts.
+    encryption_keys: tuple[bytes, ...] = field(default=(), repr=False, metadata=COMPUTED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderBase:
     # The provider's ``type`` in the file.
     kind: ClassVar[str]
@@ -122,7 +136,7 @@ class OAuth2Provider(ProviderBase):
             "client_id": self.client_id or "",
             "user": self.username or "",
             "grant_type": self.grant_type,
-        }
+        } | ({"scope": self.scope} if self.scope else {})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +212,7 @@ class Config:
     socket_group: str | None = None
     log: LogConfig = field(default_factory=LogConfig)
     state_path: Path | None = None
+    shared_state: SharedStateConfig | None = None
     shutdown_grace: float = 10.0
     security: SecurityConfig = field(default_factory=SecurityConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

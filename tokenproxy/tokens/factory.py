@@ -1,5 +1,6 @@
 """Token sources from provider config: the grantor for each provider type, the shared token
-client and state file, and the one-shot ``tokenproxy token``."""
+client and token store (the state file, or Redis with shared_state), and the one-shot
+``tokenproxy token``."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.json_login import JsonGrantor
 from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
+from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, UnsafeStateFile
 from tokenproxy.tokens.static import StaticSource
+from tokenproxy.tokens.store import FileStore, TokenStore
 
 
 async def open_state_store(cfg: Config) -> StateStore | None:
@@ -48,24 +51,37 @@ async def open_state_store(cfg: Config) -> StateStore | None:
     return store
 
 
+async def open_token_store(cfg: Config, metrics: Metrics) -> TokenStore | None:
+    """Where the providers keep their tokens: Redis with shared_state (asked once now, so
+    health shows at once; it being away does not stop a start), else the state file."""
+    if cfg.shared_state is not None:
+        if not cfg.persists_tokens:
+            return None
+        shared = RedisStore(cfg.shared_state, metrics)
+        await shared.open()
+        return shared
+    state = await open_state_store(cfg)
+    return None if state is None else FileStore(state)
+
+
 class SourceFactory:
     """Builds one token source per provider, sharing the token client and the state file."""
 
     def __init__(
         self, *, clock: Clock, metrics: Metrics, redactor: Redactor,
-        session: aiohttp.ClientSession, store: StateStore | None,
+        session: aiohttp.ClientSession, store: TokenStore | None,
     ) -> None:
         self._clock = clock
-        self._metrics = metrics
+        self.metrics = metrics
         self._redactor = redactor
         self._session = session
         self.store = store
         self._ssl = ssl_contexts([])
 
-    def with_store(self, store: StateStore | None) -> SourceFactory:
+    def with_store(self, store: TokenStore | None) -> SourceFactory:
         if store is self.store:
             return self
-        return SourceFactory(clock=self._clock, metrics=self._metrics, redactor=self._redactor,
+        return SourceFactory(clock=self._clock, metrics=self.metrics, redactor=self._redactor,
                              session=self._session, store=store)
 
     def _ssl_for(self, ca_file: Any) -> Any:
@@ -84,7 +100,7 @@ class SourceFactory:
         return CommandGrantor(cfg, self._redactor)
 
     def build(self, cfg: Provider) -> TokenSource:
-        common: dict[str, Any] = {"clock": self._clock, "metrics": self._metrics,
+        common: dict[str, Any] = {"clock": self._clock, "metrics": self.metrics,
                                   "redactor": self._redactor}
         if isinstance(cfg, StaticProvider):
             return StaticSource(cfg, **common)
@@ -99,19 +115,23 @@ class SourceFactory:
 
 
 async def obtain_token(cfg: Config, name: str, *, redactor: Redactor) -> str:
-    """The current token of one provider for ``tokenproxy token``: a valid one from the state
-    file (the daemon's, when one runs) if there is one, else a new one, persisted."""
+    """The current token of one provider for ``tokenproxy token``: a valid one from the store
+    (the daemons', when they run) if there is one, else a new one, stored."""
     metrics = Metrics(CollectorRegistry(), __version__)
-    store = await open_state_store(cfg)
-    async with make_token_session() as session:
-        factory = SourceFactory(
-            clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
-            store=store,
-        )
-        source = factory.build(cfg.providers[name])
-        if isinstance(source, TokenManager):
-            await source.load()
-        try:
-            return (await source.current()).value
-        finally:
-            await source.close()
+    store = await open_token_store(cfg, metrics)
+    try:
+        async with make_token_session() as session:
+            factory = SourceFactory(
+                clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
+                store=store,
+            )
+            source = factory.build(cfg.providers[name])
+            if isinstance(source, TokenManager):
+                await source.load()
+            try:
+                return (await source.current()).value
+            finally:
+                await source.close()
+    finally:
+        if store is not None:
+            await store.close()

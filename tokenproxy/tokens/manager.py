@@ -6,8 +6,11 @@ One TokenManager per provider. Invariants:
 - a 401 for a token that was already replaced just retries with the current one;
 - a failed call starts a jittered backoff (1 s doubling to 60 s); meanwhile requests without a
   valid token get TokenUnavailable at once, so no storm reaches the endpoint;
-- the refresh token is written to the state file (under its lock, after re-reading it) before
-  the new access token is used.
+- the refresh token is written to the store (under its lock, after re-reading it) before
+  the new access token is used;
+- with a shared store (Redis), a refresh token is spent only under the shared lock, and not at
+  all when another holder may have spent it already (it vanished mid-call, or the stored
+  state was lost): a provider that can log in does so instead.
 
 The longest module here, because TokenManager is one state machine (see its docstring); what
 shares none of its state lives in calls.py, guard.py, expiry.py and state.py.
@@ -25,7 +28,12 @@ from typing import Any, Final
 
 from tokenproxy import log
 from tokenproxy.clock import Clock
-from tokenproxy.errors import ProviderMisconfigured, TokenUnavailable, Unauthenticated
+from tokenproxy.errors import (
+    ProviderMisconfigured,
+    SharedStateDown,
+    TokenUnavailable,
+    Unauthenticated,
+)
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.calls import Grantor, TokenCalls
@@ -34,18 +42,18 @@ from tokenproxy.tokens.expiry import lifetime, refresh_delay
 from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.guard import UnauthorizedGuard
 from tokenproxy.tokens.source import Target, Token, Trigger
-from tokenproxy.tokens.state import (
-    StateFileError,
-    StateLockTimeout,
-    StateStore,
-    StoredTokens,
-    identity_key,
+from tokenproxy.tokens.state import StateLockTimeout, StoredTokens, identity_key
+from tokenproxy.tokens.store import (
+    SharedStateUnavailable,
+    SharedStateUnreadable,
+    StoreWriteFailed,
+    TokenStore,
 )
 
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
-# The grant label of tokens taken from the state file (another process had refreshed).
-STATE_FILE: Final = "state_file"
+# How soon a provider that must not refresh without the shared state looks at it again.
+SHARED_RETRY: Final = 1.0
 # What a refresh raises to its waiters; the background loop carries on after each.
 _REFRESH_ERRORS: Final = (TokenUnavailable, Unauthenticated, ProviderMisconfigured)
 
@@ -78,14 +86,15 @@ class TokenManager:
         clock: Clock,
         metrics: Metrics,
         redactor: Redactor,
-        store: StateStore | None = None,
+        store: TokenStore | None = None,
         default_lifetime: float | None = None,
         lock_timeout: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self._kind = kind
-        self._key = identity_key(name, identity)
+        self._key = (identity_key(name, identity) if store is None
+                     else store.key_for(name, identity))
         self._margin = refresh_margin
         self._clock = clock
         self._metrics = metrics
@@ -111,6 +120,8 @@ class TokenManager:
         self._unauthenticated = False   # or misconfigured: stuck until a reload either way
         self._misconfigured = False
         self._last_error: str | None = None
+        self._shared_problem: str | None = None   # why the shared state cannot be used now
+        self._shared_seen = False   # the shared store held our tokens once (data loss shows)
         self._guard = UnauthorizedGuard()
         self._loop_task: asyncio.Task[None] | None = None
         self._inherited = False
@@ -123,12 +134,14 @@ class TokenManager:
     # -- TokenSource -------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Take persisted tokens from the state file, if it has usable ones for us. The read
-        runs in a thread: a slow disk must not stall every request on the event loop."""
+        """Take persisted tokens from the store, if it has usable ones for us. A shared store
+        that does not answer is no reason not to start: the first refresh tries again."""
         if self._store is not None:
-            stored = await asyncio.to_thread(self._store.read, self._key)
-            if stored is not None:
-                self._adopt_stored(stored)
+            with contextlib.suppress(SharedStateUnavailable):
+                stored = await self._store.read(self._key)
+                if stored is not None:
+                    self._shared_seen = stored.access_token is not None
+                    self._adopt_stored(stored)
 
     def inherit(self, old: TokenManager) -> None:
         """Take over a reloaded provider's tokens (same identity); failures start afresh, since
@@ -217,6 +230,8 @@ class TokenManager:
             return False
         if not tok.expired(self._clock.monotonic()):
             return True
+        if self._shared_problem is not None:
+            return False
         return self._clock.monotonic() >= self._next_attempt   # expired but can get one
 
     def describe(self) -> dict[str, Any]:
@@ -226,6 +241,8 @@ class TokenManager:
             state = "misconfigured" if self._misconfigured else "unauthenticated"
         elif tok is not None and not tok.expired(now):
             state = "valid"
+        elif self._shared_problem is not None:
+            state = "shared_state_unavailable"
         elif now < self._next_attempt:
             state = "backoff"
         elif self._inflight is not None:
@@ -240,7 +257,9 @@ class TokenManager:
         if self._failures:
             out["failures"] = self._failures
             out["retry_in"] = round(max(0.0, self._next_attempt - now), 1)
-        if self._last_error:
+        if self._shared_problem is not None:
+            out["error"] = self._shared_problem
+        elif self._last_error:
             out["error"] = self._last_error
         return out
 
@@ -255,6 +274,8 @@ class TokenManager:
 
     def _raise_if_backing_off(self) -> None:
         wait = self._next_attempt - self._clock.monotonic()
+        if wait > 0 and self._inflight is None and self._shared_problem is not None:
+            raise SharedStateDown(self.name, self._shared_problem, wait)
         if wait > 0 and self._inflight is None:
             raise TokenUnavailable(
                 self.name, f"provider {self.name!r}: token endpoint failing, retrying later", wait
@@ -275,7 +296,7 @@ class TokenManager:
         dead refresh loop."""
         try:
             return await self._obtain(trigger)
-        except (GrantFailed, GrantRejected, asyncio.CancelledError):
+        except (GrantFailed, GrantRejected, SharedStateDown, asyncio.CancelledError):
             raise
         except Exception as exc:
             self._log.error("token_provider_error", error=type(exc).__name__)
@@ -291,7 +312,15 @@ class TokenManager:
             self._failures = 0
             self._next_attempt = 0.0
             self._last_error = None
+            self._shared_problem = None
             return token
+        except SharedStateDown as exc:
+            if self._shared_problem is None:
+                self._log.warning(log.TOKEN_REFRESH_FAILED, trigger=trigger, grant="shared",
+                                  error=exc.detail, retry_in_s=exc.retry_after)
+            self._shared_problem = exc.detail
+            self._next_attempt = self._clock.monotonic() + exc.retry_after
+            raise
         except GrantRejected as exc:
             self._become_unauthenticated(exc.reason, exc.grant,
                                          misconfigured=isinstance(exc, DiscoveryFailed))
@@ -333,29 +362,46 @@ class TokenManager:
     # -- one exchange ------------------------------------------------------------------------
 
     async def _obtain(self, trigger: Trigger) -> Token:
-        stale = self._token
-        if self._store is None:
-            return await self._obtain_locked(trigger, stale)
+        stale, store = self._token, self._store
+        if store is None:
+            return await self._obtain_locked(trigger, stale, None)
         try:
-            async with self._store.locked(self._key, self._lock_timeout):
-                return await self._obtain_locked(trigger, stale)
+            async with store.locked(self._key, self._lock_timeout):
+                return await self._obtain_locked(trigger, stale, store)
         except StateLockTimeout as exc:
-            self._calls.count(trigger, STATE_FILE, "error")
+            self._calls.count(trigger, store.adopted_grant, "error")
             failed = GrantFailed(str(exc))
-            failed.grant = STATE_FILE
+            failed.grant = store.adopted_grant
             raise failed from None
+        except SharedStateUnavailable as exc:
+            # Raised before any token-endpoint call (locking, reading, marking), never after.
+            spends = bool(self._refresh_token) and self._calls.grantor.can_refresh
+            if isinstance(exc, SharedStateUnreadable):
+                raise SharedStateDown(self.name, f"provider {self.name!r}: {exc}",
+                                      SHARED_RETRY) from None
+            if spends:
+                raise SharedStateDown(
+                    self.name, f"provider {self.name!r}: {exc}; its refresh token is spent "
+                    "only under the shared lock", SHARED_RETRY) from None
+            return await self._obtain_locked(trigger, stale, None)   # a local grant
 
-    async def _obtain_locked(self, trigger: Trigger, stale: Token | None) -> Token:
-        if self._store is not None:
+    async def _obtain_locked(self, trigger: Trigger, stale: Token | None,
+                             store: TokenStore | None) -> Token:
+        version = 0
+        if store is not None:
             # Re-read under the lock: another process may have refreshed (and rotated) already.
-            stored = await asyncio.to_thread(self._store.read, self._key)
+            stored = await store.read(self._key)
             if stored is not None:
+                version = stored.version
                 adopted = self._adopt_stored(stored, stale=stale)
                 if adopted is not None:
-                    self._calls.count(trigger, STATE_FILE, "success")
-                    self._log.info(log.TOKEN_REFRESHED, trigger=trigger, grant=STATE_FILE,
-                                   expires_in=self._rounded_lifetime())
+                    self._shared_seen = True
+                    self._calls.count(trigger, store.adopted_grant, "success")
+                    self._log.info(log.TOKEN_REFRESHED, trigger=trigger,
+                                   grant=store.adopted_grant, expires_in=self._rounded_lifetime())
                     return adopted
+            if store.fenced:
+                await self._doubt_refresh(store, stored)
         # expires_in counts from when the issuer answered, which is after we asked: timing the
         # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
@@ -366,10 +412,12 @@ class TokenManager:
         life = lifetime(grant.expires_in, grant.access_token, now_wall)
         if life is None:
             life = self._default_lifetime
-        # The rotated refresh token reaches the disk before the new access token is used.
-        await self._persist(StoredTokens(
-            grant.access_token, None if life is None else now_wall + life, refresh_token,
-            now_wall, self._config_seed))
+        # The rotated refresh token is stored before the new access token is used.
+        entry = StoredTokens(grant.access_token, None if life is None else now_wall + life,
+                             refresh_token, now_wall, self._config_seed, version=version)
+        if store is not None and not await self._persist(store, entry):
+            return await self._fenced_out(trigger, store, grant.access_token, refresh_token,
+                                          life, now_mono, now_wall)
         token = self._install(grant.access_token, refresh_token, life, now_mono, now_wall)
         if grant.expires_in_ignored:
             self._log.warning("expires_in_ignored", reason="not a finite positive number")
@@ -401,14 +449,55 @@ class TokenManager:
         self._metrics.provider_authenticated.labels(self.name).set(1)
         return token
 
-    async def _persist(self, entry: StoredTokens) -> None:
-        if self._store is None:
+    async def _doubt_refresh(self, store: TokenStore, stored: StoredTokens | None) -> None:
+        """Before spending a refresh token that replicas share: not one a vanished holder had
+        begun spending, nor one from memory when the shared state lost our entry (another
+        replica may have rotated it since). A provider that can log in does so instead."""
+        refresh = self._refresh_token
+        if not refresh or not self._calls.grantor.can_refresh:
             return
+        seed = _seed(refresh)
+        if stored is not None and stored.spending == seed:
+            doubt = "another replica began spending it and did not finish"
+        elif self._shared_seen and (stored is None or stored.access_token is None):
+            doubt = "the shared state lost this provider's entry"
+        else:
+            assert seed is not None
+            await store.mark_spending(self._key, seed)
+            return
+        if self._calls.grantor.can_login:
+            self._log.warning("refresh_token_in_doubt", reason=doubt, next_step="login")
+            self._forget_refresh()
+        else:
+            self._log.warning("refresh_token_in_doubt", reason=doubt,
+                              next_step="spend it: this provider cannot log in")
+            assert seed is not None
+            await store.mark_spending(self._key, seed)
+
+    async def _persist(self, store: TokenStore, entry: StoredTokens) -> bool:
+        """False only when a fenced store refused the write: newer tokens are stored."""
         try:
-            await asyncio.to_thread(self._store.write, self._key, entry)
-        except StateFileError as exc:
+            applied = await store.write(self._key, entry)
+        except StoreWriteFailed as exc:
             # The new refresh token lives on in memory; the next refresh writes again.
-            self._log.error("state_write_failed", path=str(self._store.path), error=str(exc))
+            self._log.error("state_write_failed", error=str(exc))
+            return True
+        if applied:
+            self._shared_seen = store.fenced
+        return applied
+
+    async def _fenced_out(self, trigger: Trigger, store: TokenStore, access: str,
+                          refresh_token: str | None, life: float | None, now_mono: float,
+                          now_wall: float) -> Token:
+        """Our lease ran out mid-call and another replica stored newer tokens: take those.
+        Ours are valid too, and serve only when the stored ones cannot be read or used."""
+        self._log.warning("shared_state_write_fenced", grant=store.adopted_grant)
+        with contextlib.suppress(SharedStateUnavailable):
+            stored = await store.read(self._key)
+            if stored is not None and (adopted := self._adopt_stored(stored)) is not None:
+                self._calls.count(trigger, store.adopted_grant, "success")
+                return adopted
+        return self._install(access, refresh_token, life, now_mono, now_wall)
 
     def _adopt_stored(self, stored: StoredTokens, *, stale: Token | None = None) -> Token | None:
         """Take what another process (or our previous life) wrote. Returns the adopted access

@@ -52,6 +52,10 @@ class StoredTokens:
     refresh_token: str | None = field(default=None, repr=False)
     obtained_at: float = 0.0
     seed: str | None = None   # fingerprint of the configured refresh token this descends from
+    # Shared state only (not in the file): the version read, which a write must still find,
+    # and the fingerprint of a refresh token a holder began spending and did not replace.
+    version: int = field(default=0, compare=False)
+    spending: str | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

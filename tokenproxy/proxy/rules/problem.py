@@ -27,6 +27,7 @@ TITLES: Final = {
     "upstream_unreachable": "Upstream unreachable",
     "upstream_timeout": "Upstream timed out",
     "token_unavailable": "No access token available",
+    "shared_state_unavailable": "Shared token state unavailable",
     "unauthenticated": "Credentials rejected by the token endpoint",
     "provider_misconfigured": "Token provider misconfigured",
     "internal": "Internal error",

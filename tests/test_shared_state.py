@@ -1,0 +1,420 @@
+"""Replicas sharing their tokens through a real Redis (docs/replicas.md): in-process daemons on
+the test clock, each with its own Redis client, in front of the rotating, reuse-detecting
+issuer. The processes-and-load proof is tests/test_replicas.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.helpers.config import MakeProxy
+from tests.helpers.fakes import PASSWORD, FakeClock
+from tests.helpers.idp import Idp, StartIdp, gate, oauth2_config
+from tests.helpers.logs import CapturedLogs
+from tests.helpers.metrics import count, metric, refreshes
+from tests.helpers.redis_server import RedisServer
+from tokenproxy.config import build_config
+from tokenproxy.daemon import Daemon
+from tokenproxy.errors import ConfigError
+from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.shared.redis_store import RedisStore
+from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
+
+LIFETIME = 10.0
+PASSWORD_GRANT = {"grant_type": "password", "username": "demo", "password": PASSWORD,
+                  "refresh_margin": 0}
+
+
+def key_file(tmp_path: Path, name: str = "state.key") -> Path:
+    path = tmp_path / name
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def replica_config(idp: Idp, tmp_path: Path, redis: RedisServer, *, key: Path | None = None,
+                   timeout: str = "0.5s", **provider: Any) -> dict[str, Any]:
+    """A daemon of the replica set: the issuer's API behind provider ``idp``, its tokens in
+    *redis* (no state file)."""
+    raw = oauth2_config(idp, tmp_path, **{**PASSWORD_GRANT, **provider})
+    del raw["state_path"]
+    raw["shared_state"] = {"redis_url": redis.url, "timeout": timeout, "lock_ttl": "3s"}
+    if key is not None:
+        raw["shared_state"]["encryption_key_file"] = str(key)
+    return raw
+
+
+async def status(daemon: Daemon, path: str = "/api/x") -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.port()}{path}") as resp:
+        body = await resp.read()
+        doc = {"cause": resp.headers.get("Tokenproxy-Error"),
+               "retry_after": resp.headers.get("Retry-After"), "body": body.decode()}
+        return resp.status, doc
+
+
+async def readyz(daemon: Daemon) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.admin_port}/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def replicas(make_proxy: MakeProxy, raw: dict[str, Any], n: int = 2) -> list[Daemon]:
+    return [await make_proxy(raw) for _ in range(n)]
+
+
+# -- one refresh across replicas ---------------------------------------------------------
+
+
+async def test_a_second_replica_adopts_the_first_ones_token(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """One login for two replicas: the second finds the first one's token in Redis."""
+    idp = await start(lifetime=LIFETIME)
+    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    assert 200 == (await status(a))[0]
+    assert 200 == (await status(b))[0]
+    assert {"password": 1} == idp.issuer.stats.grants
+    assert 1 == refreshes(b, "initial", grant="shared") + refreshes(b, "expiry", grant="shared")
+    assert idp.tap.bearers()[0] == idp.tap.bearers()[1]
+
+
+async def test_concurrent_expiries_on_two_replicas_make_one_call(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """Both replicas' tokens expire at once and both get requests: one refresh-token call,
+    the other replica adopts it; no refresh token is spent twice."""
+    idp = await start(lifetime=LIFETIME)
+    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    assert [200, 200] == [(await status(d))[0] for d in (a, b)]
+    for _ in range(3):
+        await clock.tick(LIFETIME + 1)
+        answers = await asyncio.gather(*(status(d) for d in (a, b, a, b)))
+        assert [200] * 4 == [code for code, _ in answers]
+    assert {"password": 1, "refresh_token": 3} == idp.issuer.stats.grants
+    assert 0 == idp.issuer.stats.reuse_detected
+    adopted = sum(refreshes(d, "expiry", grant="shared") for d in (a, b))
+    assert 3 == adopted
+    waits = sum(count(d, "tokenproxy_shared_state_lock_wait_seconds_count") for d in (a, b))
+    assert waits >= 6
+
+
+async def test_replicas_with_other_credentials_never_share(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """The key derives from the grant's identity: another client id (or user) is another
+    entry; the provider's name is not part of it."""
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server)
+    renamed = replica_config(idp, tmp_path, redis_server)
+    renamed["providers"] = {"other": renamed["providers"]["idp"]}
+    renamed["routes"][0]["provider"] = "other"
+    scoped = replica_config(idp, tmp_path, redis_server, scope="read")
+    a, b, c = [await make_proxy(r) for r in (raw, renamed, scoped)]
+    for d in (a, b, c):
+        assert 200 == (await status(d))[0]
+    assert {"password": 2} == idp.issuer.stats.grants   # renamed shared, scoped did not
+    assert 2 == len(redis_server.keys("tokenproxy:tokens:*"))
+
+
+# -- fencing and refresh tokens in doubt ----------------------------------------------------
+
+
+async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock, logs: CapturedLogs,
+) -> None:
+    """Replica A's refresh call hangs past its lease (the lock is gone: as if A was paused);
+    B takes over. B does not spend the refresh token A had begun spending (A marked it): it
+    logs in. A's answer then arrives; its write is refused (fenced) and A adopts B's token.
+    The stored token is B's throughout, and no refresh token was presented twice."""
+    idp = await start(lifetime=LIFETIME)
+    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    assert [200, 200] == [(await status(d))[0] for d in (a, b)]
+    await clock.tick(LIFETIME + 1)
+    held = asyncio.Event()
+    idp.calls.queue.append(gate(held))
+    before = len(idp.calls.grants())
+    slow = asyncio.create_task(status(a))
+    await _until(lambda: len(idp.calls.grants()) == before + 1)
+    assert ["refresh_token"] == idp.calls.grants()[before:]
+    assert 1 == len(redis_server.keys("tokenproxy:lock:*"))
+    redis_server.client().delete(*redis_server.keys("tokenproxy:lock:*"))   # A's lease ran out
+    code, _ = await status(b)
+    assert 200 == code
+    assert ["refresh_token", "password"] == idp.calls.grants()[before:]
+    stored_after_b = redis_server.get_all("tokenproxy:tokens:*")
+    held.set()
+    assert 200 == (await slow)[0]
+    assert 0 == idp.issuer.stats.reuse_detected
+    assert 1 == len(logs.events("shared_state_write_fenced"))
+    assert ["another replica began spending it and did not finish"] == [
+        e["reason"] for e in logs.events("refresh_token_in_doubt")]
+    assert stored_after_b == redis_server.get_all("tokenproxy:tokens:*")
+    bearers = idp.tap.bearers()
+    assert bearers[-1] == bearers[-2]   # A's retry-free request carried B's token
+
+
+# -- Redis away ----------------------------------------------------------------------------
+
+
+async def test_redis_down_valid_tokens_go_on_refresh_tokens_wait_then_heal(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock, logs: CapturedLogs,
+) -> None:
+    """Killed Redis: a valid token is still used; once it expires, a provider holding a
+    refresh token answers 503 shared_state_unavailable (not spending it unlocked) and
+    /readyz says why. Redis back (empty: no persistence): it heals without a restart, and
+    since the entry is gone it logs in rather than spend a refresh token that may be stale."""
+    idp = await start(lifetime=LIFETIME)
+    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
+    assert 200 == (await status(a))[0]
+    assert 1 == metric(a, "tokenproxy_shared_state_up")
+    redis_server.kill()
+    assert 200 == (await status(a))[0]
+    await clock.tick(LIFETIME + 1)
+    code, doc = await status(a)
+    assert (503, "shared_state_unavailable", "1") == (code, doc["cause"], doc["retry_after"])
+    ready, body = await readyz(a)
+    assert 503 == ready
+    assert "shared_state_unavailable" == body["providers"]["idp"]["state"]
+    assert "redis://127.0.0.1:" in body["providers"]["idp"]["error"]
+    assert 0 == metric(a, "tokenproxy_shared_state_up")
+    assert count(a, "tokenproxy_shared_state_errors_total", operation="lock") >= 1
+    assert 0 == metric(a, "tokenproxy_shared_state_up")
+    redis_server.restart()
+    await _until(lambda: metric(a, "tokenproxy_shared_state_up") == 1)
+    await clock.tick(1.5)
+    assert 200 == (await status(a))[0]
+    assert {"password": 2} == idp.issuer.stats.grants
+    assert 0 == idp.issuer.stats.reuse_detected
+    assert 1 == len(logs.events("shared_state_unavailable"))
+    assert 1 == len(logs.events("shared_state_restored"))
+    assert ["the shared state lost this provider's entry"] == [
+        e["reason"] for e in logs.events("refresh_token_in_doubt")]
+
+
+async def test_a_provider_without_refresh_token_refreshes_locally_while_redis_is_down(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server, grant_type="client_credentials",
+                         username=None, password=None)
+    (a,) = await replicas(make_proxy, raw, 1)
+    assert 200 == (await status(a))[0]
+    redis_server.kill()
+    await clock.tick(LIFETIME + 1)
+    assert 200 == (await status(a))[0]
+    assert {"client_credentials": 2} == idp.issuer.stats.grants
+
+
+async def test_a_hung_redis_costs_a_refresh_its_timeout_and_never_the_event_loop(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """Redis stopped (SIGSTOP): connections open, nothing answers. A request needing a new
+    token gets its 503 within about the operation timeout, and the admin listener answers
+    meanwhile."""
+    idp = await start(lifetime=LIFETIME)
+    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
+                                                     timeout="0.5s"), 1)
+    assert 200 == (await status(a))[0]
+    await clock.tick(LIFETIME + 1)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        waiting = asyncio.create_task(status(a))
+        probe_started = time.monotonic()
+        await readyz(a)   # 200 or 503: what matters is that it answers now
+        probe = time.monotonic() - probe_started
+        code, doc = await waiting
+        took = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert (503, "shared_state_unavailable") == (code, doc["cause"])
+    assert took < 2.0
+    assert probe < 0.5
+
+
+# -- encryption ------------------------------------------------------------------------------
+
+
+async def test_with_a_key_redis_holds_no_token_in_clear(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    idp = await start(lifetime=LIFETIME)
+    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
+                                                     key=key_file(tmp_path)), 1)
+    assert 200 == (await status(a))[0]
+    issued = [*idp.issuer._access, *idp.issuer._refresh]
+    dump = redis_server.raw_dump()
+    assert len(issued) == 2
+    assert [] == [t for t in issued if t.encode() in dump]
+
+
+async def test_without_a_key_tokens_are_stored_in_clear(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """The counterpart of the test above: what it looks for is there without a key."""
+    idp = await start(lifetime=LIFETIME)
+    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
+    assert 200 == (await status(a))[0]
+    dump = redis_server.raw_dump()
+    assert all(t.encode() in dump for t in [*idp.issuer._access, *idp.issuer._refresh])
+
+
+async def test_a_wrong_key_is_a_clear_error_not_a_crash(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    logs: CapturedLogs,
+) -> None:
+    """A replica with another key neither crashes nor overwrites the entry, nor goes on
+    alone: 503 naming the key id, /readyz saying it, the entry left as it was."""
+    idp = await start(lifetime=LIFETIME)
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server,
+                                        key=key_file(tmp_path, "a.key")))
+    assert 200 == (await status(a))[0]
+    stored = redis_server.get_all("tokenproxy:tokens:*")
+    b = await make_proxy(replica_config(idp, tmp_path, redis_server,
+                                        key=key_file(tmp_path, "b.key")))
+    code, doc = await status(b)
+    assert (503, "shared_state_unavailable") == (code, doc["cause"])
+    assert "which encryption_key_file does not hold" in doc["body"]
+    assert "shared_state_unavailable" == (await readyz(b))[1]["providers"]["idp"]["state"]
+    assert logs.events("shared_state_unreadable")
+    assert stored == redis_server.get_all("tokenproxy:tokens:*")
+    assert {"password": 1} == idp.issuer.stats.grants
+
+
+async def test_with_a_key_an_entry_in_clear_is_refused(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """Whoever can write Redis must not choose the token: with a key, a clear entry (one a
+    keyless replica wrote, or anyone) is not used."""
+    idp = await start(lifetime=LIFETIME)
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server))
+    assert 200 == (await status(a))[0]
+    b = await make_proxy(replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path)))
+    code, doc = await status(b)
+    assert (503, "shared_state_unavailable") == (code, doc["cause"])
+    assert "stored in clear text" in doc["body"]
+
+
+# -- the store itself ----------------------------------------------------------------------
+
+
+def _store(redis: RedisServer, **kw: Any) -> RedisStore:
+    cfg = build_config({"providers": {"s": {"type": "static", "token": "x"}},
+                        "shared_state": {"redis_url": redis.url, **kw},
+                        "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1",
+                                    "provider": "s"}]}, {})
+    assert cfg.shared_state is not None
+    return RedisStore(cfg.shared_state, Metrics(CollectorRegistry(), "test"))
+
+
+async def test_writes_are_fenced_by_the_version_read(redis_server: RedisServer) -> None:
+    store = _store(redis_server)
+    try:
+        first = StoredTokens("access-1", None, "refresh-1", 1.0, None, version=0)
+        assert await store.write("k", first)
+        read = await store.read("k")
+        assert read is not None
+        assert (1, "access-1") == (read.version, read.access_token)
+        newer = StoredTokens("access-2", None, "refresh-2", 2.0, None, version=1)
+        assert await store.write("k", newer)
+        stale = StoredTokens("access-old", None, "refresh-old", 3.0, None, version=1)
+        assert not await store.write("k", stale)
+        now = await store.read("k")
+        assert now is not None
+        assert (2, "access-2") == (now.version, now.access_token)
+    finally:
+        await store.close()
+
+
+async def test_the_lock_is_a_lease_released_only_by_its_owner(
+    redis_server: RedisServer,
+) -> None:
+    """A second holder waits; a lock taken over after the first one's lease ran out is not
+    released by the first one's late unlock."""
+    store = _store(redis_server, lock_ttl="1s", timeout="0.2s")
+    other = _store(redis_server, lock_ttl="1s", timeout="0.2s")
+    client = redis_server.client()
+    try:
+        async with store.locked("k", 5):
+            owner = client.get("tokenproxy:lock:k")
+            assert owner is not None
+            assert str(os.getpid()).encode() in owner
+            with pytest.raises(StateLockTimeout):
+                async with other.locked("k", 0.3):
+                    pass
+            client.delete("tokenproxy:lock:k")           # the lease ran out ...
+            client.set("tokenproxy:lock:k", b"someone-else", px=5000)   # ... and was taken
+        assert b"someone-else" == client.get("tokenproxy:lock:k")
+    finally:
+        await store.close()
+        await other.close()
+
+
+@pytest.mark.parametrize(("shared", "error"), [
+    ({"redis_url": "http://127.0.0.1:6379"}, "shared_state.redis_url: expected a redis://"),
+    ({"redis_url": "redis://h:6379/0?ssl_cert_reqs=none"}, "shared_state.redis_url: query"),
+    ({"redis_url": "redis://h:99999"}, "shared_state.redis_url: not a valid URL"),
+    ({"redis_url": "redis://h", "lock_ttl": "1s", "timeout": "1s"},
+     "shared_state.lock_ttl: must be at least twice"),
+    ({}, "shared_state.redis_url: set it"),
+    ({"redis_url": "redis://h", "lok_ttl": "1s"}, "shared_state.lok_ttl: unknown key"),
+])
+def test_bad_shared_state_settings_name_the_key(shared: dict[str, Any], error: str) -> None:
+    raw = {"providers": {"s": {"type": "static", "token": "x"}}, "shared_state": shared,
+           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "s"}]}
+    with pytest.raises(ConfigError) as caught:
+        build_config(raw, {})
+    assert str(caught.value).startswith(error)
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("", "is empty"),
+    ("not base64 at all!\n", "line 1 of"),
+    (base64.b64encode(b"short").decode(), "holds 5 bytes, not 32"),
+    ("# only a comment\n\n", "holds no key"),
+])
+def test_a_bad_key_file_names_the_key_and_the_line(tmp_path: Path, text: str,
+                                                   error: str) -> None:
+    path = tmp_path / "k"
+    path.write_text(text)
+    raw = {"providers": {"s": {"type": "static", "token": "x"}},
+           "shared_state": {"redis_url": "redis://h", "encryption_key_file": str(path)},
+           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "s"}]}
+    with pytest.raises(ConfigError) as caught:
+        build_config(raw, {})
+    assert str(caught.value).startswith("shared_state.encryption_key_file:")
+    assert error in str(caught.value)
+
+
+def test_with_shared_state_no_state_path_is_needed(tmp_path: Path) -> None:
+    raw = {"providers": {"idp": {"type": "oauth2", "token_url": "http://127.0.0.1:1/t",
+                                 "client_id": "c", "client_secret": "s"}},
+           "shared_state": {"redis_url": "redis://127.0.0.1:1/0"},
+           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "idp"}]}
+    assert build_config(raw, {}).state_path is None
+    del raw["shared_state"]
+    with pytest.raises(ConfigError):
+        build_config(raw, {})
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+

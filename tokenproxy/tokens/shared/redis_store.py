@@ -1,0 +1,262 @@
+"""The shared state on Redis: a TokenStore that replicas on many machines share.
+
+Per provider identity two keys: ``<prefix>tokens:<id>``, a hash of the sealed tokens
+(``data``), their version (``ver``) and, while a refresh token is being spent, its fingerprint
+(``spending``); and ``<prefix>lock:<id>``, the refresh lock. The lock is a lease (``SET NX PX``
+with a random owner value naming host and pid) renewed every third of ``lock_ttl`` while its
+holder refreshes, and released only by its owner (a Lua compare-and-delete). A holder paused
+past its lease can lose it to another replica, so writes are fenced: a Lua script applies one
+only if the version is still the one its writer read under the lock.
+
+Every operation is bounded by ``timeout``; a failure marks the state unavailable (metric,
+one log line) and a watcher pings once a second until Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+from tokenproxy import log
+from tokenproxy.config import SharedStateConfig
+from tokenproxy.config.shared_state import redacted_url
+from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.shared.sealing import Sealer, Unreadable
+from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
+from tokenproxy.tokens.store import (
+    SHARED,
+    SharedStateUnavailable,
+    SharedStateUnreadable,
+    StoreWriteFailed,
+)
+
+T = TypeVar("T")
+
+# Entries outlive any sensible refresh-token lifetime of an idle provider, then go: a config
+# change (a new identity) leaves its old entry behind.
+ENTRY_TTL_MS: Final = 30 * 24 * 3600 * 1000
+WATCH_INTERVAL: Final = 1.0
+LOCK_POLL_FIRST: Final = 0.005
+LOCK_POLL_MAX: Final = 0.1
+
+_WRITE: Final = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+if cur ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'ver', cur + 1, 'data', ARGV[2])
+redis.call('HDEL', KEYS[1], 'spending')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return cur + 1
+"""
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_UNLOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    """Why an operation failed, in words that carry no URL, password or value."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, AuthenticationError):
+        return "authentication failed"
+    if isinstance(exc, ResponseError):
+        return "refused the command: " + str(exc).split(" ", 1)[0]
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return "connection failed" if "onnect" in type(exc).__name__ else type(exc).__name__
+
+
+class RedisStore:
+    """Implements TokenStore on Redis (see the module docstring)."""
+
+    adopted_grant = SHARED
+    fenced = True
+
+    def __init__(self, cfg: SharedStateConfig, metrics: Metrics, *,
+                 rng: random.Random | None = None) -> None:
+        self.where = redacted_url(cfg.redis_url.value)
+        self._prefix = cfg.key_prefix
+        self._ttl_ms = max(1, int(cfg.lock_ttl * 1000))
+        self._lock_ttl = cfg.lock_ttl
+        self._timeout = cfg.timeout
+        self._sealer = Sealer(cfg.encryption_keys)
+        self._metrics = metrics
+        self._rng = rng or random.Random()  # noqa: S311 - poll jitter, not cryptography
+        self._log = log.get_logger(shared_state=self.where)
+        extra: dict[str, Any] = {}
+        if cfg.ca_file is not None:
+            extra["ssl_ca_certs"] = str(cfg.ca_file)
+        self._redis = aioredis.Redis.from_url(
+            cfg.redis_url.value, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0, **extra)
+        self._write_script = self._redis.register_script(_WRITE)
+        self._renew_script = self._redis.register_script(_RENEW)
+        self._unlock_script = self._redis.register_script(_UNLOCK)
+        self._up: bool | None = None   # not known before the first answer
+        self._watcher: asyncio.Task[None] | None = None
+        metrics.shared_state_up.set(0)
+
+    @property
+    def encrypts(self) -> bool:
+        return self._sealer.encrypts
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Ping once, so the metric and /readyz tell at once; Redis being away is no reason not
+        to start (valid tokens and local grants keep working)."""
+        with contextlib.suppress(SharedStateUnavailable):
+            await self._op("connect", self._redis.ping)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+    async def _op(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = _reason(exc, self._timeout)
+            self._went_down(operation, reason)
+            raise SharedStateUnavailable(f"shared state {self.where}: {reason}") from None
+        self._came_up()
+        return result
+
+    def _went_down(self, operation: str, reason: str) -> None:
+        self._metrics.shared_state_errors.labels(operation).inc()
+        if self._up is not False:
+            self._log.error(log.SHARED_STATE_UNAVAILABLE, operation=operation, error=reason)
+        self._up = False
+        self._metrics.shared_state_up.set(0)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="shared-state-watch")
+
+    def _came_up(self) -> None:
+        if self._up is False:
+            self._log.info(log.SHARED_STATE_RESTORED)
+        self._up = True
+        self._metrics.shared_state_up.set(1)
+
+    async def _watch(self) -> None:
+        """While Redis is away, ping it, so health shows again without waiting for traffic."""
+        while self._up is False:
+            await asyncio.sleep(WATCH_INTERVAL)
+            with contextlib.suppress(SharedStateUnavailable):
+                await self._op("connect", self._redis.ping)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def key_for(self, provider: str, identity: Mapping[str, str]) -> str:
+        """The grant's identity alone (not the provider's name): replicas whose configs name
+        it differently still share, and other credentials never do."""
+        digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode())
+        return digest.hexdigest()[:32]
+
+    def _tokens_key(self, key: str) -> str:
+        return f"{self._prefix}tokens:{key}"
+
+    def _lock_key(self, key: str) -> str:
+        return f"{self._prefix}lock:{key}"
+
+    # -- TokenStore --------------------------------------------------------------------------
+
+    async def read(self, key: str) -> StoredTokens | None:
+        name = self._tokens_key(key)
+        ver, data, spending = await self._op(
+            "read", lambda: self._redis.hmget(name, ["ver", "data", "spending"]))
+        # Bytes, as the client does not decode responses; str(...) only satisfies typing.
+        mark = _text(spending) if spending else None
+        version = int(ver or 0)
+        if data is None:
+            return None if mark is None else StoredTokens(version=version, spending=mark)
+        try:
+            doc = self._sealer.open(data if isinstance(data, bytes) else data.encode(),
+                                    name.encode())
+        except Unreadable as exc:
+            self._metrics.shared_state_errors.labels("decrypt").inc()
+            self._log.error("shared_state_unreadable", error=str(exc))
+            raise SharedStateUnreadable(f"shared state entry unreadable: {exc}") from None
+        entry = StoredTokens.from_json(doc)
+        if entry is None:
+            self._metrics.shared_state_errors.labels("decrypt").inc()
+            raise SharedStateUnreadable("shared state entry unreadable: unknown contents")
+        return StoredTokens(entry.access_token, entry.expires_at, entry.refresh_token,
+                            entry.obtained_at, entry.seed, version=version, spending=mark)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
+        name = self._lock_key(key)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pause = LOCK_POLL_FIRST
+        while not await self._op(
+                "lock", lambda: self._redis.set(name, owner, nx=True, px=self._ttl_ms)):
+            if loop.time() - started >= wait:
+                raise StateLockTimeout("another replica holds the refresh lock too long")
+            await asyncio.sleep(pause * self._rng.uniform(0.5, 1.5))
+            pause = min(LOCK_POLL_MAX, pause * 2)
+        self._metrics.shared_state_lock_wait.observe(loop.time() - started)
+        renewer = asyncio.create_task(self._renew(name, owner), name="shared-state-renew")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            # Not released (Redis away): the lease runs out on its own.
+            with contextlib.suppress(SharedStateUnavailable):
+                await self._op("unlock", lambda: self._unlock_script(keys=[name], args=[owner]))
+
+    async def _renew(self, name: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(self._lock_ttl / 3)
+            try:
+                held = await self._op(
+                    "renew", lambda: self._renew_script(keys=[name], args=[owner, self._ttl_ms]))
+            except SharedStateUnavailable:
+                continue   # the write is fenced anyway
+            if not held:
+                self._log.warning("shared_state_lease_lost")
+                return
+
+    async def mark_spending(self, key: str, refresh_seed: str) -> None:
+        name = self._tokens_key(key)
+        await self._op("mark", lambda: self._redis.hset(name, "spending", refresh_seed))
+
+    async def write(self, key: str, entry: StoredTokens) -> bool:
+        name = self._tokens_key(key)
+        blob = self._sealer.seal(entry.to_json(), name.encode())
+        try:
+            applied = await self._op("write", lambda: self._write_script(
+                keys=[name], args=[entry.version, blob, ENTRY_TTL_MS]))
+        except SharedStateUnavailable as exc:
+            raise StoreWriteFailed(str(exc)) from None
+        return int(applied) >= 0
