@@ -10,6 +10,10 @@ Variants, each against the same upstream (nginx when installed, else a small aio
   nginx       nginx proxy_pass adding the Authorization header (1 worker), when nginx is installed
   static      tokenproxy with a static token
   oauth2      tokenproxy with an oauth2 provider whose tokens expire every few seconds
+Then two refresh storms (--storm requests at once at an expired token, a slow token endpoint):
+one daemon; and three replicas sharing one redis-server (shared_state), the storm spread evenly
+across them, reported as token-endpoint calls per expiry and latency against the same storm on
+one replica alone (skipped when redis-server is not installed).
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
 a large body (uploads go to a sink that reads every byte before answering) -- the first ones of
 the freshly started process apart, since a heap that earlier load grew flatters later ones --,
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -43,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import replicas  # benchmarks/replicas.py: this script's directory is first on sys.path
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-static-token-0123456789"
@@ -400,6 +406,69 @@ async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> flo
     return elapsed
 
 
+def replica_storm(procs: Procs, d: Path, args: argparse.Namespace, up: int, sink: int,
+                  token_port: int, lifetime: float, core: int | None,
+                  redis_core: int | None) -> dict[str, Any]:
+    """The refresh storm across three replicas sharing one Redis (shared_state, no state
+    file), against the same storm on one replica alone: a fourth replica, same config but its
+    own key_prefix, so its tokens expire with the others' and one wait serves both storms.
+    All four run on the proxy's core, as the single daemon does: the same CPU, so what
+    differs is the coordination (the lock in Redis, the waiting replicas' polling).
+    Each of --repeat rounds waits until every token has expired, then runs both storms, in
+    alternating order; the token server's call count around each storm is that expiry's
+    calls. Never raises: the other figures are reported whatever happens here."""
+    binary = replicas.redis_server()
+    if binary is None:
+        print(f"note: replica storm skipped: {replicas.REDIS_MISSING}", file=sys.stderr)
+        return {"skipped": replicas.REDIS_MISSING}
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        redis_port = free_port()
+        started.append(procs.start(replicas.redis_argv(binary, redis_port, d / "redis"),
+                                   redis_core))
+        replicas.wait_redis(redis_port)
+        key = d / "state.key"
+        key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        key.chmod(0o600)
+        listen: list[tuple[int, int]] = []
+        for i, prefix in enumerate(["tokenproxy:"] * 3 + ["tokenproxy-solo:"]):
+            port, admin = free_port(), free_port()
+            doc = tokenproxy_config(port, admin, up, sink, d / "unused.state", token_port)
+            del doc["state_path"]
+            doc["providers"]["api"]["refresh_margin"] = 0   # no background refresh
+            doc["shared_state"] = {"redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                                   "key_prefix": prefix, "encryption_key_file": str(key)}
+            (d / f"replica{i}.json").write_text(json.dumps(doc))
+            with (d / f"replica{i}.log").open("wb") as log_file:
+                started.append(procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                                            str(d / f"replica{i}.json")], core,
+                                           stderr=log_file))
+            listen.append((port, admin))
+        for port, admin in listen:
+            wait_port(port)
+            wait_port(admin)
+        replicas.wait_ready([admin for _, admin in listen])   # each holds its first token
+        urls = [f"http://127.0.0.1:{port}{SMALL_PATH}" for port, _ in listen]
+        spread: list[replicas.Storm] = []
+        solo: list[replicas.Storm] = []
+        spread_calls: list[int] = []
+        solo_calls: list[int] = []
+        for round_ in range(args.repeat):
+            time.sleep(lifetime + 0.2)                  # every token obtained so far expired
+            order = [(urls[:3], spread, spread_calls), (urls[3:], solo, solo_calls)]
+            for targets, storms, calls in order[::-1] if round_ % 2 else order:
+                before = replicas.token_calls(token_port)
+                storms.append(asyncio.run(replicas.storm(targets, args.storm)))
+                calls.append(replicas.token_calls(token_port) - before)
+        return replicas.summary(spread, solo, spread_calls, solo_calls, 3, args.storm)
+    except Exception as exc:
+        print(f"replica storm failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        for proc in reversed(started):   # the replicas first, Redis last
+            procs.stop(proc)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 s loads, 1 repeat")
@@ -427,6 +496,7 @@ def main() -> int:
     procs = Procs()
     results: list[Result] = []
     storm: dict[str, float] = {}
+    replica: dict[str, Any] = {}
     started = time.monotonic()
     with workdir() as d:
         d.chmod(0o755)   # nginx workers run as an unprivileged user and must read big.bin
@@ -519,8 +589,8 @@ def main() -> int:
             cfg_doc["providers"]["api"]["refresh_margin"] = 0   # no background refresh
             (d / "storm.json").write_text(json.dumps(cfg_doc))
             with (d / "storm.log").open("wb") as log_file:
-                procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
-                             str(d / "storm.json")], proxy_core, stderr=log_file)
+                proc = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                                    str(d / "storm.json")], proxy_core, stderr=log_file)
             wait_port(port)
             # The upstream's own latency for the same storm (n new connections at once) is
             # the baseline: what the client and upstream cost without any token in the way.
@@ -538,13 +608,20 @@ def main() -> int:
             ideal = args.token_delay_ms / 1000 + upstream_s
             storm = {"requests": args.storm, "elapsed_s": elapsed, "ideal_s": ideal,
                      "ratio": elapsed / ideal}
+            procs.stop(proc)
+
+            # The same storm across three replicas sharing one Redis; the same token server.
+            replica = replica_storm(procs, d, args, up, sink, slow_token, lifetime,
+                                    proxy_core, up_core)
         finally:
             procs.stop_all()
-    report(results, storm, args, time.monotonic() - started)
+    report(results, storm, replica, args, time.monotonic() - started)
     if args.json:
         args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
-                                         "storm": storm}, indent=1))
-    errors = sum(r.errors for r in results)
+                                         "storm": storm, "replica_storm": replica}, indent=1))
+    errors = sum(r.errors for r in results) + int(replica.get("errors", 0))
+    if "error" in replica:
+        errors += 1
     if errors:
         print(f"\n{errors} failed requests or transfers: the figures above are not valid",
               file=sys.stderr)
@@ -565,8 +642,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(results: list[Result], storm: dict[str, float], args: argparse.Namespace,
-           elapsed: float) -> None:
+def report(results: list[Result], storm: dict[str, float], replica: dict[str, Any],
+           args: argparse.Namespace, elapsed: float) -> None:
     by = {r.name: r for r in results}
     direct, nginx = by.get("direct"), by.get("nginx")
     base_p50 = direct.median("p50_1c_us") if direct else None
@@ -615,6 +692,8 @@ def report(results: list[Result], storm: dict[str, float], args: argparse.Namesp
               f"{storm['elapsed_s'] * 1000:.0f} ms (median of {args.repeat}); ideal = the token "
               f"endpoint's {args.token_delay_ms:.0f} ms + the same storm sent straight to the "
               f"upstream = {storm['ideal_s'] * 1000:.0f} ms; ratio {storm['ratio']:.2f}")
+    if replica:
+        print(f"\n{replicas.describe(replica)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Helper processes for the benchmark: a token server, a fallback upstream, an upload sink.
 
-    python benchmarks/servers.py token PORT LIFETIME DELAY_MS
+    python benchmarks/servers.py token PORT LIFETIME DELAY_MS   # GET /bench/stats: its calls
     python benchmarks/servers.py upstream PORT BIG_BYTES
     python benchmarks/servers.py sink PORT
 
@@ -30,9 +30,16 @@ def token_server(port: int, lifetime: float, delay_ms: float) -> None:
         await asyncio.sleep(delay_ms / 1000)
         return None
 
+    async def stats(request: web.Request) -> web.Response:
+        # Token-endpoint calls so far (every grant, answered or not): the replica storm counts
+        # the calls one expiry costs as the difference around it.
+        return web.json_response({"calls": issuer.stats.calls, "grants": issuer.stats.grants})
+
     if delay_ms > 0:
         issuer.fault = slow
-    web.run_app(issuer.app(), host="127.0.0.1", port=port, print=None, access_log=None)
+    app = issuer.app()
+    app.router.add_get("/bench/stats", stats)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def upstream(port: int, big: int) -> None:

@@ -15,12 +15,13 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.helpers.config import MakeProxy
+from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import PASSWORD, FakeClock
 from tests.helpers.idp import Idp, StartIdp, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count, metric, refreshes
 from tests.helpers.redis_server import RedisServer
+from tokenproxy.cli import main
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
@@ -418,3 +419,73 @@ async def _until(check: Any, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
 
+
+
+# -- the command line and reload -------------------------------------------------------------
+
+
+def _cli_config(tmp_path: Path, redis: RedisServer, *, key: Path | None = None,
+                url: str | None = None) -> Path:
+    shared: dict[str, Any] = {"redis_url": url or redis.url, "timeout": "0.5s"}
+    if key is not None:
+        shared["encryption_key_file"] = str(key)
+    raw = {"shared_state": shared,
+           "providers": {"rt": {"type": "oauth2", "grant_type": "refresh_token",
+                                "token_url": "http://127.0.0.1:9/token", "client_auth": "none",
+                                "client_id": "c",
+                                "refresh_token": "rt-secret-0123456789"}},
+           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "rt"}]}
+    return write_config(tmp_path, raw, "shared.yaml")
+
+
+def test_check_config_shows_the_url_without_password_and_warns_without_a_key(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://:pw-9f8e7d6c5b4a@127.0.0.1:{redis_server.port}/0"
+    assert 0 == main(["check-config", "-c", str(_cli_config(tmp_path, redis_server, url=url))])
+    out = capsys.readouterr().out
+    assert "pw-9f8e7d6c5b4a" not in out
+    assert (f"shared_state: redis://127.0.0.1:{redis_server.port}/0 key_prefix=tokenproxy: "
+            "encryption=off lock_ttl=15s timeout=0.5s") in out.splitlines()
+    assert "warning: shared_state has no encryption_key_file" in out
+    keyed = _cli_config(tmp_path, redis_server, key=key_file(tmp_path))
+    assert 0 == main(["check-config", "-c", str(keyed)])
+    out = capsys.readouterr().out
+    assert "encryption=on" in out
+    assert "warning" not in out
+
+
+def test_check_config_online_asks_redis_and_reads_without_writing(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _cli_config(tmp_path, redis_server)
+    assert 0 == main(["check-config", "--online", "-c", str(path)])
+    out = capsys.readouterr().out
+    assert (f"  shared_state: ok (redis://127.0.0.1:{redis_server.port}/0 answers; 0 of the "
+            "providers' entries stored)") in out.splitlines()
+    assert [] == redis_server.keys()
+    redis_server.kill()
+    assert 1 == main(["check-config", "--online", "-c", str(path)])
+    out = capsys.readouterr().out
+    assert "  shared_state: failed: shared state redis://127.0.0.1:" in out
+    assert out.endswith("failed: shared_state\n")
+
+
+async def test_a_reload_moves_the_tokens_into_the_shared_state(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """From the state file to Redis by a reload: the provider's identity did not change, so
+    its token is kept; its next refresh is stored in Redis and the state file is left."""
+    idp = await start(lifetime=LIFETIME)
+    file_raw = oauth2_config(idp, tmp_path, **PASSWORD_GRANT)
+    daemon = await make_proxy(file_raw)
+    assert 200 == (await status(daemon))[0]
+    changed = await daemon.reload(build_config(replica_config(idp, tmp_path, redis_server), {}))
+    assert ["idp"] == changed["providers_changed"]
+    assert 200 == (await status(daemon))[0]
+    assert {"password": 1} == idp.issuer.stats.grants, redis_server.get_all()   # kept
+    await clock.tick(LIFETIME + 1)
+    assert 200 == (await status(daemon))[0]
+    assert 1 == len(redis_server.keys("tokenproxy:tokens:*"))
+    assert {"password": 1, "refresh_token": 1} == idp.issuer.stats.grants

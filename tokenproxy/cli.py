@@ -16,6 +16,7 @@ from aiohttp import http_parser
 from tokenproxy import __version__, log
 from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_config
 from tokenproxy.config.secrets import config_secrets, exposed_warning
+from tokenproxy.config.shared_state import redacted_url
 from tokenproxy.daemon import fast_path_setting
 from tokenproxy.demo.run import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
@@ -129,7 +130,16 @@ def summary(cfg: Config) -> list[str]:
                  + f" reject_forwarded={str(cfg.security.reject_forwarded).lower()}"
                  + f" require_header={'set' if cfg.security.require_header else 'off'}"
                  + f" client_key={'set' if cfg.security.client_key else 'off'}")
-    lines.append(f"state_path: {cfg.state_path or 'none (static providers keep no state)'}")
+    shared = cfg.shared_state
+    if shared is not None:
+        keys = len(shared.encryption_keys)
+        encryption = "off" if not keys else "on" if keys == 1 else f"on ({keys} keys)"
+        lines.append(f"shared_state: {redacted_url(shared.redis_url.value)} "
+                     f"key_prefix={shared.key_prefix} encryption={encryption} "
+                     f"lock_ttl={shared.lock_ttl:g}s timeout={shared.timeout:g}s")
+        lines.append("state_path: not used (tokens live in the shared state)")
+    else:
+        lines.append(f"state_path: {cfg.state_path or 'none (static providers keep no state)'}")
     lines.append(f"providers ({len(cfg.providers)}):")
     for name, p in cfg.providers.items():
         # Endpoints without their query: a query string may carry a key.
@@ -145,16 +155,24 @@ def summary(cfg: Config) -> list[str]:
     return lines
 
 
+def clear_state_warning(cfg: Config) -> str | None:
+    if cfg.shared_state is None or cfg.shared_state.encryption_keys:
+        return None
+    return ("warning: shared_state has no encryption_key_file: tokens are stored in Redis in "
+            "clear text, readable by anyone who can read Redis")
+
+
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     cfg = _load(args.config)
-    run_async(open_state_store(cfg))   # an unsafe state file fails here as it would at start
+    if cfg.shared_state is None:
+        run_async(open_state_store(cfg))   # an unsafe state file fails here as at start
     redactor = log.Redactor(config_secrets(cfg))
     for line in summary(cfg):
         out.write(redactor.scrub(line) + "\n")
     # On stdout with the report: the file is valid, and stderr stays for errors.
-    warning = exposed_warning(cfg)
-    if warning is not None:
-        out.write(redactor.scrub(warning) + "\n")
+    for warning in (exposed_warning(cfg), clear_state_warning(cfg)):
+        if warning is not None:
+            out.write(redactor.scrub(warning) + "\n")
     if not args.online:
         out.write("ok\n")
         return EXIT_OK

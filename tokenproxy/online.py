@@ -1,9 +1,10 @@
 """``check-config --online``: contact each provider once, as the daemon would, before deploying.
 
 Each provider is asked for one token the way the daemon first would (discovery included); the
-token itself is never printed, only how long it lives. Nothing is written to the state file,
-and no refresh token is ever spent: a provider whose only grant is a refresh token is checked
-against the state file instead, since exchanging the token would rotate it away from the daemon.
+token itself is never printed, only how long it lives. Nothing is written to the state file
+or the shared state, and no refresh token is ever spent: a provider whose only grant is a
+refresh token is checked against the stored tokens instead, since exchanging the token would
+rotate it away from the daemon. With shared_state, Redis is asked first (a line of its own).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from tokenproxy.tokens.factory import SourceFactory, open_state_store
 from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
-from tokenproxy.tokens.state import StateStore, identity_key
+from tokenproxy.tokens.shared.redis_store import RedisStore
+from tokenproxy.tokens.state import StateStore, StoredTokens, identity_key
+from tokenproxy.tokens.store import SharedStateUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,25 +44,55 @@ def _lifetime(expires_in: float | None) -> str:
 
 
 async def check_providers(cfg: Config, redactor: Redactor) -> list[ProviderCheck]:
-    """One ProviderCheck per provider, in config order."""
-    store = await open_state_store(cfg)
+    """One ProviderCheck per provider, in config order (after the shared state's, if any)."""
+    metrics = Metrics(CollectorRegistry(), __version__)
+    checks: list[ProviderCheck] = []
+    if cfg.shared_state is not None:
+        check, entries = await _shared_entries(cfg, metrics)
+        checks.append(check)
+    else:
+        entries = await _file_entries(cfg, await open_state_store(cfg))
     async with make_token_session() as session:
         factory = SourceFactory(clock=SystemClock(), redactor=redactor, session=session,
-                                metrics=Metrics(CollectorRegistry(), __version__), store=None)
-        stored = await _stored(cfg, store)
-        return [await _check(p, factory, stored) for p in cfg.providers.values()]
+                                metrics=metrics, store=None)
+        stored = _left(entries)
+        return checks + [await _check(p, factory, stored) for p in cfg.providers.values()]
 
 
-async def _stored(cfg: Config, store: StateStore | None) -> dict[str, float | None]:
-    """Seconds left of each provider's stored access token (None when it has no expiry)."""
+async def _file_entries(cfg: Config, store: StateStore | None) -> dict[str, StoredTokens]:
     if store is None:
         return {}
     entries = await asyncio.to_thread(lambda: store.read_all(look_only=True))
+    return {name: e for name, p in cfg.providers.items()
+            if (e := entries.get(identity_key(name, p.identity()))) is not None}
+
+
+async def _shared_entries(cfg: Config, metrics: Metrics
+                          ) -> tuple[ProviderCheck, dict[str, StoredTokens]]:
+    """Each token provider's entry in Redis, read only; and whether Redis answers and every
+    entry opens (with this config's encryption key)."""
+    assert cfg.shared_state is not None
+    store = RedisStore(cfg.shared_state, metrics)
+    entries: dict[str, StoredTokens] = {}
+    try:
+        for name, p in cfg.providers.items():
+            if not isinstance(p, StaticProvider):
+                entry = await store.read(store.key_for(name, p.identity()))
+                if entry is not None:
+                    entries[name] = entry
+    except SharedStateUnavailable as exc:
+        return ProviderCheck("shared_state", False, f"failed: {exc}"), {}
+    finally:
+        await store.close()
+    text = f"ok ({store.where} answers; {len(entries)} of the providers' entries stored)"
+    return ProviderCheck("shared_state", True, text), entries
+
+
+def _left(entries: dict[str, StoredTokens]) -> dict[str, float | None]:
+    """Seconds left of each provider's stored access token (None when it has no expiry)."""
     now = time.time()
     return {name: (None if e.expires_at is None else e.expires_at - now)
-            for name, p in cfg.providers.items()
-            if (e := entries.get(identity_key(name, p.identity()))) is not None
-            and e.access_token}
+            for name, e in entries.items() if e.access_token}
 
 
 async def _check(p: Provider, factory: SourceFactory, stored: dict[str, float | None]

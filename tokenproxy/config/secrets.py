@@ -7,6 +7,7 @@ import re
 import stat
 from collections.abc import Mapping
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from tokenproxy.config.model import Config, JsonProvider
 from tokenproxy.config.values import expand_env, written_text
@@ -29,6 +30,10 @@ def config_secrets(cfg: Config) -> list[str]:
                 if call is not None:
                     out.extend(_secret_leaves(call.json))
                     out.extend(v for k, v in call.headers if _SECRET_NAME.search(k))
+    if cfg.shared_state is not None:
+        password = urlsplit(cfg.shared_state.redis_url.value).password
+        if password:
+            out.append(password)
     return out
 
 

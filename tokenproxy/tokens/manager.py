@@ -93,6 +93,7 @@ class TokenManager:
     ) -> None:
         self.name = name
         self._kind = kind
+        self._identity = tuple(sorted(identity.items()))
         self._key = (identity_key(name, identity) if store is None
                      else store.key_for(name, identity))
         self._margin = refresh_margin
@@ -146,7 +147,7 @@ class TokenManager:
     def inherit(self, old: TokenManager) -> None:
         """Take over a reloaded provider's tokens (same identity); failures start afresh, since
         the new config may be what fixes them."""
-        if old._key != self._key:
+        if old._identity != self._identity:
             return
         self._token, self._lifetime = old._token, old._lifetime
         self._obtained_mono, self._obtained_wall = old._obtained_mono, old._obtained_wall
