@@ -72,6 +72,7 @@ def test_any_document_is_a_config_or_a_config_error(doc: Any) -> None:
 
 @FUZZ
 @given(st.text(max_size=200))
+@pytest.mark.slow
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
     """Arbitrary text as a config file: a Config or a ConfigError."""
     with contextlib.suppress(ConfigError):

@@ -169,6 +169,7 @@ async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
 # -- Redis away ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_redis_down_valid_tokens_go_on_refresh_tokens_wait_then_heal(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: FakeClock, logs: CapturedLogs,
@@ -220,6 +221,7 @@ async def test_a_provider_without_refresh_token_refreshes_locally_while_redis_is
     assert {"client_credentials": 2} == idp.issuer.stats.grants
 
 
+@pytest.mark.slow
 async def test_a_hung_redis_costs_a_refresh_its_timeout_and_never_the_event_loop(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: FakeClock,
@@ -342,6 +344,7 @@ async def test_writes_are_fenced_by_the_version_read(redis_server: RedisServer) 
         await store.close()
 
 
+@pytest.mark.slow
 async def test_the_lock_is_a_lease_released_only_by_its_owner(
     redis_server: RedisServer,
 ) -> None:

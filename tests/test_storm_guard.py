@@ -220,6 +220,7 @@ async def test_a_fresh_token_refused_again_is_not_refreshed_per_request(
     assert 3 == len(fresh.calls.seen)   # the first token, /deny's refresh, /deny2's heal
 
 
+@pytest.mark.slow
 async def test_a_hostile_client_forces_at_most_one_refresh_per_window_from_one_path(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
     clock: JumpClock,
@@ -260,6 +261,7 @@ async def test_a_client_walking_refused_paths_forces_at_most_two_refreshes_per_w
 
 
 @pytest.mark.both_paths
+@pytest.mark.slow
 async def test_a_burst_of_401s_from_new_targets_before_any_retry_makes_at_most_two_refreshes(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
 ) -> None:

@@ -186,6 +186,7 @@ class TestExpiresIn:
     @given(st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
                         lambda inner: st.lists(inner, max_size=3), max_leaves=5))
     @settings(max_examples=400, deadline=None)
+    @pytest.mark.slow
     def test_never_raises(self, raw: Any) -> None:
         """Any JSON value gives None or a lifetime in (0, one day]."""
         value = parse_expires_in(raw)
