@@ -16,16 +16,19 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.fakes import PASSWORD, FakeClock
-from tests.helpers.idp import Idp, StartIdp, gate, oauth2_config
+from tests.helpers.fakes import PASSWORD, FakeClock, JumpClock
+from tests.helpers.idp import Idp, StartIdp, advance, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count, metric, refreshes
 from tests.helpers.redis_server import RedisServer
+from tests.helpers.wait import wait_for
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
+from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
+from tokenproxy.tokens.factory import obtain_token
 from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
 
@@ -128,6 +131,39 @@ async def test_replicas_with_other_credentials_never_share(
     assert 2 == len(redis_server.keys("tokenproxy:tokens:*"))
 
 
+async def test_proactive_timers_of_three_replicas_make_one_call(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: JumpClock,
+) -> None:
+    """Every replica's background refresh comes due at about the same time: the first to
+    take the lock refreshes, the others find its token and adopt it. No request waits."""
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server, refresh_margin="3s")
+    daemons = await replicas(make_proxy, raw, 3)
+    for d in daemons:
+        assert 200 == (await status(d))[0]
+    for expiry in range(1, 4):
+        await advance(clock, LIFETIME - 2, napping=3)
+        await wait_for(lambda n=expiry: sum(
+            refreshes(d, "expiry", grant=g) for d in daemons
+            for g in ("refresh_token", "shared")) == 3 * n, "every replica renewed")
+    assert {"password": 1, "refresh_token": 3} == idp.issuer.stats.grants
+    assert 0 == idp.issuer.stats.reuse_detected
+
+
+async def test_the_token_command_takes_the_replicas_token(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """``tokenproxy token`` reads the shared state: the replicas' token, no call of its own."""
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server)
+    (a,) = await replicas(make_proxy, raw, 1)
+    assert 200 == (await status(a))[0]
+    token = await obtain_token(build_config(raw, {}), "idp", redactor=Redactor())
+    assert [token] == idp.tap.bearers()
+    assert {"password": 1} == idp.issuer.stats.grants
+
+
 # -- fencing and refresh tokens in doubt ----------------------------------------------------
 
 
@@ -147,7 +183,7 @@ async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
     idp.calls.queue.append(gate(held))
     before = len(idp.calls.grants())
     slow = asyncio.create_task(status(a))
-    await _until(lambda: len(idp.calls.grants()) == before + 1)
+    await wait_for(lambda: len(idp.calls.grants()) == before + 1, "A's refresh call")
     assert ["refresh_token"] == idp.calls.grants()[before:]
     assert 1 == len(redis_server.keys("tokenproxy:lock:*"))
     redis_server.client().delete(*redis_server.keys("tokenproxy:lock:*"))   # A's lease ran out
@@ -195,7 +231,7 @@ async def test_redis_down_valid_tokens_go_on_refresh_tokens_wait_then_heal(
     assert count(a, "tokenproxy_shared_state_errors_total", operation="lock") >= 1
     assert 0 == metric(a, "tokenproxy_shared_state_up")
     redis_server.restart()
-    await _until(lambda: metric(a, "tokenproxy_shared_state_up") == 1)
+    await wait_for(lambda: metric(a, "tokenproxy_shared_state_up") == 1, "Redis back")
     await clock.tick(1.5)
     assert 200 == (await status(a))[0]
     assert {"password": 2} == idp.issuer.stats.grants
@@ -416,13 +452,6 @@ def test_with_shared_state_no_state_path_is_needed(tmp_path: Path) -> None:
         build_config(raw, {})
 
 
-async def _until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 
 # -- the command line and reload -------------------------------------------------------------
 
@@ -492,3 +521,62 @@ async def test_a_reload_moves_the_tokens_into_the_shared_state(
     assert 200 == (await status(daemon))[0]
     assert 1 == len(redis_server.keys("tokenproxy:tokens:*"))
     assert {"password": 1, "refresh_token": 1} == idp.issuer.stats.grants
+
+
+# -- TLS and passwords -----------------------------------------------------------------------
+
+
+async def test_rediss_with_a_ca_file_and_a_password_that_never_shows(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, clock: FakeClock,
+    cert: tuple[Path, Path], logs: CapturedLogs,
+) -> None:
+    """A TLS Redis (certificate generated by the test) with a password: tokens shared over
+    it; then Redis gone: neither the 503's body, /readyz, the metrics nor any log line
+    carries the password."""
+    password = "redis-pw-5e4d3c2b1a"
+    server = RedisServer(tmp_path / "redis-tls", password=password, tls=cert).start()
+    try:
+        idp = await start(lifetime=LIFETIME)
+        raw = replica_config(idp, tmp_path, server)
+        raw["shared_state"]["ca_file"] = str(cert[1])
+        assert raw["shared_state"]["redis_url"].startswith(f"rediss://:{password}@")
+        a, b = await replicas(make_proxy, raw)
+        assert [200, 200] == [(await status(d))[0] for d in (a, b)]
+        assert {"password": 1} == idp.issuer.stats.grants
+        server.kill()
+        await clock.tick(LIFETIME + 1)
+        code, doc = await status(a)
+        assert (503, "shared_state_unavailable") == (code, doc["cause"])
+        seen = [doc["body"], str(await readyz(a)), logs.text,
+                (await _metrics_text(a))]
+        assert [] == [text for text in seen if password in text]
+        assert f"rediss://127.0.0.1:{server.port}/0" in doc["body"]
+    finally:
+        server.stop()
+
+
+async def test_a_wrong_redis_password_is_a_clear_error(
+    start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, clock: FakeClock,
+    logs: CapturedLogs,
+) -> None:
+    server = RedisServer(tmp_path / "redis-pw", password="the-right-one-77").start()
+    try:
+        idp = await start(lifetime=LIFETIME)
+        raw = replica_config(idp, tmp_path, server)
+        raw["shared_state"]["redis_url"] = raw["shared_state"]["redis_url"].replace(
+            "the-right-one-77", "a-wrong-one-88")
+        (a,) = await replicas(make_proxy, raw, 1)
+        assert 200 == (await status(a))[0]   # no refresh token yet: a local login
+        await clock.tick(LIFETIME + 1)
+        code, doc = await status(a)
+        assert (503, "shared_state_unavailable") == (code, doc["cause"])
+        assert "authentication failed" in doc["body"]
+        assert "a-wrong-one-88" not in logs.text + doc["body"]
+    finally:
+        server.stop()
+
+
+async def _metrics_text(daemon: Daemon) -> str:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{daemon.admin_port}/metrics") as resp:
+        return await resp.text()

@@ -55,8 +55,12 @@ class RedisServer:
     """One redis-server child process on 127.0.0.1. The port is kept across restart(), so
     clients (and daemons) configured with ``url`` reach the new server."""
 
-    def __init__(self, workdir: Path | None = None, password: str | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, password: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """*tls*: (key, certificate) to serve TLS only (``rediss://``), the certificate being
+        its own CA (the ``cert`` fixture's)."""
         self.password = password
+        self.tls = tls
         self._own_dir = workdir is None
         self.dir = Path(tempfile.mkdtemp(prefix="redis-")) if workdir is None else workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,8 @@ class RedisServer:
     def url(self) -> str:
         """redis://127.0.0.1:PORT/0, with the password when there is one."""
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "redis" if self.tls is None else "rediss"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -92,8 +97,14 @@ class RedisServer:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        cmd = [redis_server_binary(),
-               "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            key, crt = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(crt),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(crt),
+                     "--tls-auth-clients", "no"]
+        cmd = [redis_server_binary(), *ports,
+               "--bind", "127.0.0.1", "--protected-mode", "yes",
                "--save", "", "--appendonly", "no",      # persistence off: a restart loses all
                "--dir", str(self.dir), "--logfile", str(self.log_path),
                "--daemonize", "no", "--loglevel", "notice"]
@@ -210,9 +221,12 @@ class RedisServer:
 
     def _new_client(self, socket_timeout: float) -> redis.Redis:
         # No retries (redis-py retries 3 times by default): a test sees each failure as is.
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls[1])}
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                            socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                           retry=Retry(NoBackoff(), 0))
+                           retry=Retry(NoBackoff(), 0), **tls)
 
     def client(self, socket_timeout: float = 2.0) -> redis.Redis:
         """A sync client (bytes in, bytes out, no retries); closed by stop(). Its calls block:
