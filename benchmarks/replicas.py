@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import socket
 import statistics
@@ -75,6 +76,22 @@ def wait_ready(admin_ports: list[int], timeout: float = 15.0) -> None:
                 raise RuntimeError(f"the daemon with admin port {admin} was not ready within "
                                    f"{timeout:g} s")
             time.sleep(0.05)
+
+
+EXPIRY = re.compile(r'^tokenproxy_token_expiry_timestamp_seconds\{provider="api"\} (\S+)$',
+                    re.M)
+
+
+def wait_expired(admin_ports: list[int], lifetime: float) -> None:
+    """Until the token every daemon holds has expired: the latest expiry their /metrics give
+    (Unix time), or *lifetime* from now when one does not say."""
+    latest = 0.0
+    for admin in admin_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
+            m = EXPIRY.search(resp.read().decode())
+        expiry = float(m[1]) if m else 0.0
+        latest = max(latest, expiry if expiry > 0 else time.time() + lifetime)
+    time.sleep(max(0.0, latest - time.time()) + 0.2)
 
 
 @dataclass
