@@ -143,7 +143,8 @@ def summary(cfg: Config) -> list[str]:
     lines.append(f"providers ({len(cfg.providers)}):")
     for name, p in cfg.providers.items():
         # Endpoints without their query: a query string may carry a key.
-        ident = {k: v.split("?", 1)[0] for k, v in p.identity().items() if k != "type" and v}
+        ident = {k: v.split("?", 1)[0] for k, v in p.identity().items()
+                 if k != "type" and not k.endswith("_digest") and v}
         if isinstance(p, OAuth2Provider) and p.issuer is not None:
             ident = {("issuer" if k == "endpoint" else k): v for k, v in ident.items()}
         detail = " ".join(f"{k}={v}" for k, v in ident.items() if "\x00" not in v)

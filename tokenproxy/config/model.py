@@ -24,7 +24,14 @@ from typing import (
     get_type_hints,
 )
 
-from tokenproxy.config.values import HttpUrl, Listener, Secret
+from tokenproxy.config.values import (
+    SECRET_NAME,
+    HttpUrl,
+    Listener,
+    Secret,
+    digest,
+    without_secrets,
+)
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -136,7 +143,9 @@ class OAuth2Provider(ProviderBase):
             "client_id": self.client_id or "",
             "user": self.username or "",
             "grant_type": self.grant_type,
-        } | ({"scope": self.scope} if self.scope else {})
+        } | ({"scope": self.scope} if self.scope else {}) | (
+            # An audience or resource parameter makes another token.
+            {"params_digest": digest(without_secrets(dict(self.params)))} if self.params else {})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,7 +174,12 @@ class JsonProvider(ProviderBase):
                 if isinstance(self.login.json.get(key), str):
                     user = self.login.json[key]
                     break
-        return {"type": self.kind, "endpoint": self.login.url.url, "user": user}
+        # The rest of the login (a tenant, an audience) makes another token too; secrets are
+        # left out, so a changed password keeps the identity, as for oauth2.
+        login = {"method": self.login.method, "json": without_secrets(self.login.json),
+                 "headers": [(k, v) for k, v in self.login.headers if not SECRET_NAME.search(k)]}
+        return {"type": self.kind, "endpoint": self.login.url.url, "user": user,
+                "login_digest": digest(login)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 from urllib.parse import urlsplit
 
 from tokenproxy.config.model import Config, JsonProvider
-from tokenproxy.config.values import expand_env, written_text
-
-_SECRET_NAME: Final = re.compile(r"(?i)pass|secret|token|key|auth|credential")
+from tokenproxy.config.values import SECRET_NAME, expand_env, written_text
 
 
 def config_secrets(cfg: Config) -> list[str]:
@@ -29,7 +26,7 @@ def config_secrets(cfg: Config) -> list[str]:
             for call in (p.login, p.refresh):
                 if call is not None:
                     out.extend(_secret_leaves(call.json))
-                    out.extend(v for k, v in call.headers if _SECRET_NAME.search(k))
+                    out.extend(v for k, v in call.headers if SECRET_NAME.search(k))
     if cfg.shared_state is not None:
         password = urlsplit(cfg.shared_state.redis_url.value).password
         if password:
@@ -43,7 +40,7 @@ def _secret_leaves(node: Any, key: str = "") -> list[str]:
         return [v for k, item in node.items() for v in _secret_leaves(item, str(k))]
     if isinstance(node, list):
         return [v for item in node for v in _secret_leaves(item, key)]
-    if isinstance(node, str) and _SECRET_NAME.search(key) and "{refresh_token}" not in node:
+    if isinstance(node, str) and SECRET_NAME.search(key) and "{refresh_token}" not in node:
         return [node]
     return []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -87,6 +88,8 @@ def _check_url(url: Secret, where: str) -> None:
         raise ConfigError(f"{where}: expected a redis://, rediss:// or unix:// URL")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{where}: the URL names no host")
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d{1,4}", parts.path):
+        raise ConfigError(f"{where}: the path names the database by its number (/0 to /9999)")
     if parts.query or parts.fragment:
         # Options belong in this section's keys, where they are checked.
         raise ConfigError(f"{where}: query options are not accepted; use this section's keys")

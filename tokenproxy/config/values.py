@@ -5,15 +5,36 @@ Each takes the raw YAML value and the key path, and raises ConfigError naming th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from tokenproxy.errors import ConfigError
+
+# Names under which a value is taken for a secret (a JSON login's fields, its headers).
+SECRET_NAME: Final = re.compile(r"(?i)pass|secret|token|key|auth|credential")
+
+
+def digest(value: Any) -> str:
+    """A short stable fingerprint of a JSON-able value, for identities (never of a secret)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def without_secrets(node: Any, key: str = "") -> Any:
+    """*node* with every value under a secret-sounding key left out."""
+    if isinstance(node, dict):
+        return {k: without_secrets(v, str(k)) for k, v in node.items()
+                if not SECRET_NAME.search(str(k))}
+    if isinstance(node, list):
+        return [without_secrets(v, key) for v in node]
+    return node
 
 
 @dataclass(frozen=True, slots=True)

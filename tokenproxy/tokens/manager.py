@@ -102,7 +102,8 @@ class TokenManager:
         self._redactor = redactor
         self._store = store
         self._default_lifetime = default_lifetime
-        self._lock_timeout = lock_timeout
+        # A lease left by a replica that died runs out only after the store's own bound.
+        self._lock_timeout = max(lock_timeout, 0.0 if store is None else store.lock_wait)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = log.get_logger(provider=name)
         self._calls = TokenCalls(name, grantor, metrics, self._log)
@@ -122,7 +123,10 @@ class TokenManager:
         self._misconfigured = False
         self._last_error: str | None = None
         self._shared_problem: str | None = None   # why the shared state cannot be used now
-        self._shared_seen = False   # the shared store held our tokens once (data loss shows)
+        # The shared-state version this replica last read or wrote (0: none yet). Replicas'
+        # wall clocks disagree, so a fenced store's entry is judged newer by this, not by time.
+        self._version = 0
+        self._calling = False   # the refresh in flight has begun its token-endpoint call
         self._guard = UnauthorizedGuard()
         self._loop_task: asyncio.Task[None] | None = None
         self._inherited = False
@@ -141,7 +145,6 @@ class TokenManager:
             with contextlib.suppress(SharedStateUnavailable):
                 stored = await self._store.read(self._key)
                 if stored is not None:
-                    self._shared_seen = stored.access_token is not None
                     self._adopt_stored(stored)
 
     def inherit(self, old: TokenManager) -> None:
@@ -152,8 +155,11 @@ class TokenManager:
         self._token, self._lifetime = old._token, old._lifetime
         self._obtained_mono, self._obtained_wall = old._obtained_mono, old._obtained_wall
         self._generation = old._generation
-        if self._config_seed == old._config_seed and old._refresh_token:
-            self._refresh_token = old._refresh_token
+        self._version = old._version
+        if self._config_seed == old._config_seed:
+            self._rejected_refresh = old._rejected_refresh
+            if old._refresh_token:
+                self._refresh_token = old._refresh_token
         if old._token is not None:
             self._metrics.token_expiry.labels(self.name).set(
                 0 if old._token.expires_at is None or old._lifetime is None
@@ -180,6 +186,8 @@ class TokenManager:
             self._loop_task = None
         inflight = self._inflight
         if inflight is not None:
+            if not self._calling:
+                inflight.cancel()   # still waiting for the lock: nothing to lose
             # A call in flight finishes (within its own timeout) and persists its result.
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(inflight)
@@ -327,6 +335,9 @@ class TokenManager:
                                          misconfigured=isinstance(exc, DiscoveryFailed))
             raise self._unauthenticated_error() from None
         except GrantFailed as exc:
+            detail = "token endpoint failing"
+            if self._store is not None and exc.grant == self._store.adopted_grant:
+                detail = exc.reason   # the lock, not the endpoint
             self._failures += 1
             delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (self._failures - 1))
             delay = min(BACKOFF_MAX, delay * self._rng.uniform(1.0, 1.25))
@@ -336,11 +347,10 @@ class TokenManager:
             self._log.warning(log.TOKEN_REFRESH_FAILED, trigger=trigger, grant=exc.grant,
                               error=exc.reason, retry_in_s=round(delay, 2),
                               failures=self._failures)
-            raise TokenUnavailable(
-                self.name, f"provider {self.name!r}: token endpoint failing", delay
-            ) from None
+            raise TokenUnavailable(self.name, f"provider {self.name!r}: {detail}", delay) from None
         finally:
             self._inflight = None
+            self._calling = False
             self._metrics.token_refresh_duration.labels(self.name).observe(
                 time.perf_counter() - started)
             self._wake.set()
@@ -370,13 +380,18 @@ class TokenManager:
             async with store.locked(self._key, self._lock_timeout):
                 return await self._obtain_locked(trigger, stale, store)
         except StateLockTimeout as exc:
+            if store.fenced and not self._spends_refresh():
+                # A lock nobody releases (set by hand, without a lease) must not stop a grant
+                # that spends nothing: get one alone.
+                self._log.warning("shared_state_lock_stuck", next_step="local grant")
+                return await self._obtain_locked(trigger, stale, None)
             self._calls.count(trigger, store.adopted_grant, "error")
             failed = GrantFailed(str(exc))
             failed.grant = store.adopted_grant
             raise failed from None
         except SharedStateUnavailable as exc:
             # Raised before any token-endpoint call (locking, reading, marking), never after.
-            spends = bool(self._refresh_token) and self._calls.grantor.can_refresh
+            spends = self._spends_refresh()
             if isinstance(exc, SharedStateUnreadable):
                 raise SharedStateDown(self.name, f"provider {self.name!r}: {exc}",
                                       SHARED_RETRY) from None
@@ -385,6 +400,9 @@ class TokenManager:
                     self.name, f"provider {self.name!r}: {exc}; its refresh token is spent "
                     "only under the shared lock", SHARED_RETRY) from None
             return await self._obtain_locked(trigger, stale, None)   # a local grant
+
+    def _spends_refresh(self) -> bool:
+        return bool(self._refresh_token) and self._calls.grantor.can_refresh
 
     async def _obtain_locked(self, trigger: Trigger, stale: Token | None,
                              store: TokenStore | None) -> Token:
@@ -396,16 +414,16 @@ class TokenManager:
                 version = stored.version
                 adopted = self._adopt_stored(stored, stale=stale)
                 if adopted is not None:
-                    self._shared_seen = True
                     self._calls.count(trigger, store.adopted_grant, "success")
                     self._log.info(log.TOKEN_REFRESHED, trigger=trigger,
                                    grant=store.adopted_grant, expires_in=self._rounded_lifetime())
                     return adopted
             if store.fenced:
-                await self._doubt_refresh(store, stored)
+                await self._doubt_refresh(store, stored, version)
         # expires_in counts from when the issuer answered, which is after we asked: timing the
         # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
+        self._calling = True
         grant, used_refresh, grant_type = await self._calls.exchange(
             trigger, self._refresh_token, self._forget_refresh)
         # RFC 6749 section 6: a refresh answer without a refresh token keeps the old one.
@@ -450,7 +468,8 @@ class TokenManager:
         self._metrics.provider_authenticated.labels(self.name).set(1)
         return token
 
-    async def _doubt_refresh(self, store: TokenStore, stored: StoredTokens | None) -> None:
+    async def _doubt_refresh(self, store: TokenStore, stored: StoredTokens | None,
+                             version: int) -> None:
         """Before spending a refresh token that replicas share: not one a vanished holder had
         begun spending, nor one from memory when the shared state lost our entry (another
         replica may have rotated it since). A provider that can log in does so instead."""
@@ -460,11 +479,11 @@ class TokenManager:
         seed = _seed(refresh)
         if stored is not None and stored.spending == seed:
             doubt = "another replica began spending it and did not finish"
-        elif self._shared_seen and (stored is None or stored.access_token is None):
+        elif self._version > 0 and (stored is None or stored.access_token is None):
             doubt = "the shared state lost this provider's entry"
         else:
             assert seed is not None
-            await store.mark_spending(self._key, seed)
+            await store.mark_spending(self._key, seed, version)
             return
         if self._calls.grantor.can_login:
             self._log.warning("refresh_token_in_doubt", reason=doubt, next_step="login")
@@ -473,19 +492,20 @@ class TokenManager:
             self._log.warning("refresh_token_in_doubt", reason=doubt,
                               next_step="spend it: this provider cannot log in")
             assert seed is not None
-            await store.mark_spending(self._key, seed)
+            await store.mark_spending(self._key, seed, version)
 
     async def _persist(self, store: TokenStore, entry: StoredTokens) -> bool:
         """False only when a fenced store refused the write: newer tokens are stored."""
         try:
-            applied = await store.write(self._key, entry)
+            version = await store.write(self._key, entry)
         except StoreWriteFailed as exc:
             # The new refresh token lives on in memory; the next refresh writes again.
             self._log.error("state_write_failed", error=str(exc))
             return True
-        if applied:
-            self._shared_seen = store.fenced
-        return applied
+        if version is None:
+            return False
+        self._version = version
+        return True
 
     async def _fenced_out(self, trigger: Trigger, store: TokenStore, access: str,
                           refresh_token: str | None, life: float | None, now_mono: float,
@@ -505,7 +525,14 @@ class TokenManager:
         token when it is newer than *stale* and not itself due for a refresh."""
         if stored.seed != self._config_seed and self._config_seed is not None:
             return None   # the config carries a new refresh token: it wins over the file
-        newer = stored.obtained_at >= self._obtained_wall
+        if self._store is not None and self._store.fenced:
+            # Another version than the last one seen is another replica's (or Redis lost ours
+            # and someone wrote anew): authoritative, whatever the wall clocks say.
+            newer = stored.version != self._version
+            if newer:
+                self._version = stored.version
+        else:
+            newer = stored.obtained_at >= self._obtained_wall
         if (stored.refresh_token and newer
                 and _seed(stored.refresh_token) != self._rejected_refresh):
             self._refresh_token = stored.refresh_token
@@ -518,8 +545,9 @@ class TokenManager:
         if stored.expires_at is None:
             remaining: float | None = self._default_lifetime
         else:
-            remaining = stored.expires_at - now_wall
             life = stored.expires_at - stored.obtained_at
+            # Never longer than its lifetime: the writer's clock may run behind ours.
+            remaining = min(stored.expires_at - now_wall, life)
             if remaining <= 0 or (self._margin > 0 and remaining <= min(self._margin, life / 2)):
                 return None
         self._redactor.track(self.name, stored.access_token)
@@ -529,7 +557,8 @@ class TokenManager:
         self._token = token
         self._lifetime = (None if stored.expires_at is None
                           else stored.expires_at - stored.obtained_at)
-        self._obtained_mono = now_mono - (now_wall - stored.obtained_at)
+        self._obtained_mono = now_mono - (
+            0.0 if remaining is None or self._lifetime is None else self._lifetime - remaining)
         self._obtained_wall = stored.obtained_at
         self._metrics.token_expiry.labels(self.name).set(stored.expires_at or 0)
         return token
@@ -577,7 +606,7 @@ class TokenManager:
                                         waiter=False)
                 continue
             if tok is None or tok.expired(now):
-                if tok is not None and self._margin <= 0:
+                if tok is not None and self._margin <= 0 and self._shared_problem is None:
                     await self._nap(None)   # demand-only: a request will refresh it
                     continue
                 trigger: Trigger = "initial" if tok is None and self._generation == 0 else "expiry"

@@ -33,6 +33,11 @@ class SharedStateUnreadable(SharedStateUnavailable):
     or they would drift apart silently."""
 
 
+class LeaseLost(SharedStateUnavailable):
+    """The refresh lock ran out (or the entry changed) before the call: another replica may
+    be refreshing now, so this one does not spend the refresh token."""
+
+
 class StoreWriteFailed(Exception):
     """Nothing could be written; the new tokens live on in memory and the next refresh
     writes again."""
@@ -47,6 +52,11 @@ class TokenStore(Protocol):
     def fenced(self) -> bool:
         """Whether writes carry a version, and a stale writer can lose (Redis)."""
 
+    @property
+    def lock_wait(self) -> float:
+        """How long a lock may stay taken by a holder that died: waiting less would report a
+        dead holder's lease as a failure."""
+
     def key_for(self, provider: str, identity: Mapping[str, str]) -> str: ...
 
     async def close(self) -> None: ...
@@ -55,14 +65,15 @@ class TokenStore(Protocol):
 
     def locked(self, key: str, wait: float) -> AbstractAsyncContextManager[None]: ...
 
-    async def mark_spending(self, key: str, refresh_seed: str) -> None:
+    async def mark_spending(self, key: str, refresh_seed: str, version: int) -> None:
         """Record, before the call, that the stored refresh token is being spent: a holder
-        that vanishes mid-call leaves the mark, and the next one does not spend it again."""
+        that vanishes mid-call leaves the mark, and the next one does not spend it again.
+        Raises LeaseLost when this holder's lock, or the *version* it read, is gone."""
 
-    async def write(self, key: str, entry: StoredTokens) -> bool:
+    async def write(self, key: str, entry: StoredTokens) -> int | None:
         """Store *entry* if the stored version is still ``entry.version`` (the one read under
-        the lock). False when a newer one was written meanwhile: it must not be replaced.
-        Raises StoreWriteFailed when nothing could be written."""
+        the lock); returns the new version. None when a newer one was written meanwhile: it
+        must not be replaced. Raises StoreWriteFailed when nothing could be written."""
 
 
 class FileStore:
@@ -72,6 +83,7 @@ class FileStore:
 
     adopted_grant = STATE_FILE
     fenced = False
+    lock_wait = 0.0   # flock: the kernel releases a dead holder's lock at once
 
     def __init__(self, state: StateStore) -> None:
         self.state = state
@@ -88,14 +100,14 @@ class FileStore:
     def locked(self, key: str, wait: float) -> AbstractAsyncContextManager[None]:
         return self.state.locked(key, wait)
 
-    async def mark_spending(self, key: str, refresh_seed: str) -> None:
+    async def mark_spending(self, key: str, refresh_seed: str, version: int) -> None:
         return None
 
-    async def write(self, key: str, entry: StoredTokens) -> bool:
+    async def write(self, key: str, entry: StoredTokens) -> int | None:
         try:
             await asyncio.to_thread(self.state.write, key, entry)
         except StateFileError as exc:
             raise StoreWriteFailed(f"{self.state.path}: {exc}") from None
-        return True
+        return 0
 
 

@@ -23,7 +23,7 @@ import random
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -38,6 +38,7 @@ from tokenproxy.tokens.shared.sealing import Sealer, Unreadable
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
 from tokenproxy.tokens.store import (
     SHARED,
+    LeaseLost,
     SharedStateUnavailable,
     SharedStateUnreadable,
     StoreWriteFailed,
@@ -49,9 +50,35 @@ T = TypeVar("T")
 # change (a new identity) leaves its old entry behind.
 ENTRY_TTL_MS: Final = 30 * 24 * 3600 * 1000
 WATCH_INTERVAL: Final = 1.0
+# Sealed tokens are a few KiB; more is not ours, and would stall the event loop to parse.
+MAX_ENTRY: Final = 64 * 1024
+MARK_BYTES: Final = 64
 LOCK_POLL_FIRST: Final = 0.005
 LOCK_POLL_MAX: Final = 0.1
 
+# Entry checks done in Redis, so a hostile entry costs neither transfer nor parsing here:
+# {version, data, spending} or {error, size}. Versions: -1 not a hash, -2 not a number.
+_READ: Final = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return {0, false, false} end
+if kind ~= 'hash' then return {-1, false, false} end
+local ver = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
+if ver == nil or ver ~= ver or ver < 0 or ver > 9007199254740991 then return {-2, false, false} end
+local size = redis.call('HSTRLEN', KEYS[1], 'data')
+if size > tonumber(ARGV[1]) or redis.call('HSTRLEN', KEYS[1], 'spending') > tonumber(ARGV[2]) then
+  return {-3, false, false}
+end
+return {ver, redis.call('HGET', KEYS[1], 'data'), redis.call('HGET', KEYS[1], 'spending')}
+"""
+_MARK: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'ver') or '0') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'spending', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+_UNREADABLE: Final = {-1: "not a hash", -2: "its version is not a number",
+                      -3: f"larger than {MAX_ENTRY // 1024} KiB"}
 _WRITE: Final = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
 if cur ~= tonumber(ARGV[1]) then return -1 end
@@ -68,6 +95,11 @@ _UNLOCK: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _bound(name: str, version: int) -> bytes:
+    """The associated data a value is sealed with: its key name and its version."""
+    return f"{name}#{version}".encode()
 
 
 def _text(value: bytes | str) -> str:
@@ -92,6 +124,7 @@ class RedisStore:
 
     adopted_grant = SHARED
     fenced = True
+    lock_wait: float
 
     def __init__(self, cfg: SharedStateConfig, metrics: Metrics, *,
                  rng: random.Random | None = None) -> None:
@@ -100,6 +133,8 @@ class RedisStore:
         self._ttl_ms = max(1, int(cfg.lock_ttl * 1000))
         self._lock_ttl = cfg.lock_ttl
         self._timeout = cfg.timeout
+        self.lock_wait = cfg.lock_ttl + cfg.timeout
+        self._held: dict[str, str] = {}   # key -> owner value of the locks this store holds
         self._sealer = Sealer(cfg.encryption_keys)
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - poll jitter, not cryptography
@@ -110,6 +145,8 @@ class RedisStore:
         self._redis = aioredis.Redis.from_url(
             cfg.redis_url.value, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, **extra)
+        self._read_script = self._redis.register_script(_READ)
+        self._mark_script = self._redis.register_script(_MARK)
         self._write_script = self._redis.register_script(_WRITE)
         self._renew_script = self._redis.register_script(_RENEW)
         self._unlock_script = self._redis.register_script(_UNLOCK)
@@ -142,6 +179,13 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await call()
+        except ResponseError as exc:
+            # Redis answered, refusing this command (a key of another type, an ACL): a
+            # problem of this entry or setup, not an outage of the whole shared state.
+            self._metrics.shared_state_errors.labels(operation).inc()
+            self._came_up()
+            raise SharedStateUnreadable(
+                f"shared state {self.where}: {_reason(exc, self._timeout)}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             reason = _reason(exc, self._timeout)
             self._went_down(operation, reason)
@@ -189,26 +233,34 @@ class RedisStore:
 
     async def read(self, key: str) -> StoredTokens | None:
         name = self._tokens_key(key)
-        ver, data, spending = await self._op(
-            "read", lambda: self._redis.hmget(name, ["ver", "data", "spending"]))
-        # Bytes, as the client does not decode responses; str(...) only satisfies typing.
+        version, data, spending = await self._op(
+            "read", lambda: self._read_script(keys=[name], args=[MAX_ENTRY, MARK_BYTES]))
+        version = int(version)
+        if version < 0:
+            self._unreadable(name, _UNREADABLE.get(version, "unknown contents"))
+        # Bytes, as the client does not decode responses; _text only satisfies typing.
         mark = _text(spending) if spending else None
-        version = int(ver or 0)
         if data is None:
-            return None if mark is None else StoredTokens(version=version, spending=mark)
+            if version == 0 and mark is None:
+                return None
+            return StoredTokens(version=version, spending=mark)   # the tokens were lost
         try:
-            doc = self._sealer.open(data if isinstance(data, bytes) else data.encode(),
-                                    name.encode())
+            entry = StoredTokens.from_json(self._sealer.open(
+                data if isinstance(data, bytes) else data.encode(), _bound(name, version)))
         except Unreadable as exc:
-            self._metrics.shared_state_errors.labels("decrypt").inc()
-            self._log.error("shared_state_unreadable", error=str(exc))
-            raise SharedStateUnreadable(f"shared state entry unreadable: {exc}") from None
-        entry = StoredTokens.from_json(doc)
+            self._unreadable(name, str(exc))
+        except (ValueError, TypeError, RecursionError):
+            entry = None
         if entry is None:
-            self._metrics.shared_state_errors.labels("decrypt").inc()
-            raise SharedStateUnreadable("shared state entry unreadable: unknown contents")
+            self._unreadable(name, "unknown contents")
         return StoredTokens(entry.access_token, entry.expires_at, entry.refresh_token,
                             entry.obtained_at, entry.seed, version=version, spending=mark)
+
+    def _unreadable(self, name: str, reason: str) -> NoReturn:
+        self._metrics.shared_state_errors.labels("decrypt").inc()
+        self._log.error("shared_state_unreadable", key=name, error=reason)
+        raise SharedStateUnreadable(f"shared state entry {name} unreadable: {reason} (fix or "
+                                    "delete it)")
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
@@ -225,9 +277,11 @@ class RedisStore:
             pause = min(LOCK_POLL_MAX, pause * 2)
         self._metrics.shared_state_lock_wait.observe(loop.time() - started)
         renewer = asyncio.create_task(self._renew(name, owner), name="shared-state-renew")
+        self._held[key] = owner
         try:
             yield
         finally:
+            self._held.pop(key, None)
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -247,16 +301,24 @@ class RedisStore:
                 self._log.warning("shared_state_lease_lost")
                 return
 
-    async def mark_spending(self, key: str, refresh_seed: str) -> None:
-        name = self._tokens_key(key)
-        await self._op("mark", lambda: self._redis.hset(name, "spending", refresh_seed))
+    async def mark_spending(self, key: str, refresh_seed: str, version: int) -> None:
+        names = [self._tokens_key(key), self._lock_key(key)]
+        owner = self._held.get(key, "")
+        marked = await self._op("mark", lambda: self._mark_script(
+            keys=names, args=[owner, version, refresh_seed, ENTRY_TTL_MS]))
+        if not marked:
+            self._log.warning("shared_state_lease_lost", before="the token-endpoint call")
+            raise LeaseLost("the refresh lock ran out before the call; another replica may be "
+                            "refreshing")
 
-    async def write(self, key: str, entry: StoredTokens) -> bool:
+    async def write(self, key: str, entry: StoredTokens) -> int | None:
         name = self._tokens_key(key)
-        blob = self._sealer.seal(entry.to_json(), name.encode())
+        # Sealed for the version the script will give it: an older value put back alone (by
+        # whoever can write Redis but has no key) then does not open.
+        blob = self._sealer.seal(entry.to_json(), _bound(name, entry.version + 1))
         try:
             applied = await self._op("write", lambda: self._write_script(
                 keys=[name], args=[entry.version, blob, ENTRY_TTL_MS]))
         except SharedStateUnavailable as exc:
             raise StoreWriteFailed(str(exc)) from None
-        return int(applied) >= 0
+        return None if int(applied) < 0 else int(applied)

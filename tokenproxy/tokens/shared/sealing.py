@@ -1,6 +1,7 @@
 """What the shared state holds for a provider, sealed: AES-256-GCM with a random 96-bit nonce
 per value, the key id beside it (keys rotate: the first key seals, every key opens), and the
-Redis key name as associated data, so a value copied under another identity does not open.
+Redis key name and version as associated data, so a value copied under another identity, or
+put back alone after a newer one was written, does not open.
 
 Without keys, values are stored in clear; with keys, a clear value is refused, since whoever
 can write Redis could otherwise choose the token the upstream receives.
@@ -12,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -19,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ENVELOPE: Final = 1
+_KID: Final = re.compile(r"[0-9a-f]{8}")
 NONCE_BYTES: Final = 12
 
 
@@ -62,9 +65,11 @@ class Sealer:
                                  "refused (whoever wrote it could choose the token)")
             return envelope["clear"]
         kid = envelope.get("kid")
+        if not isinstance(kid, str) or not _KID.fullmatch(kid):
+            raise Unreadable("encrypted, but its key id is not one tokenproxy writes")
         if self._sealing is None:
             raise Unreadable(f"encrypted (key id {kid}), but no encryption_key_file is set")
-        aead = self._keys.get(kid) if isinstance(kid, str) else None
+        aead = self._keys.get(kid)
         if aead is None:
             raise Unreadable(f"encrypted with key id {kid}, which encryption_key_file does "
                              f"not hold (it holds {', '.join(self._keys)})")
