@@ -16,11 +16,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.fakes import PASSWORD, FakeClock, JumpClock
-from tests.helpers.idp import Idp, StartIdp, advance, gate, oauth2_config
+from tests.helpers.fakes import FakeClock, JumpClock
+from tests.helpers.idp import StartIdp, advance, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count, metric, refreshes
 from tests.helpers.redis_server import RedisServer
+from tests.helpers.replicas import PASSWORD_GRANT, key_file, readyz, replica_config, status
 from tests.helpers.wait import wait_for
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
@@ -33,42 +34,6 @@ from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
 
 LIFETIME = 10.0
-PASSWORD_GRANT = {"grant_type": "password", "username": "demo", "password": PASSWORD,
-                  "refresh_margin": 0}
-
-
-def key_file(tmp_path: Path, name: str = "state.key") -> Path:
-    path = tmp_path / name
-    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def replica_config(idp: Idp, tmp_path: Path, redis: RedisServer, *, key: Path | None = None,
-                   timeout: str = "0.5s", **provider: Any) -> dict[str, Any]:
-    """A daemon of the replica set: the issuer's API behind provider ``idp``, its tokens in
-    *redis* (no state file)."""
-    raw = oauth2_config(idp, tmp_path, **{**PASSWORD_GRANT, **provider})
-    del raw["state_path"]
-    raw["shared_state"] = {"redis_url": redis.url, "timeout": timeout, "lock_ttl": "3s"}
-    if key is not None:
-        raw["shared_state"]["encryption_key_file"] = str(key)
-    return raw
-
-
-async def status(daemon: Daemon, path: str = "/api/x") -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.port()}{path}") as resp:
-        body = await resp.read()
-        doc = {"cause": resp.headers.get("Tokenproxy-Error"),
-               "retry_after": resp.headers.get("Retry-After"), "body": body.decode()}
-        return resp.status, doc
-
-
-async def readyz(daemon: Daemon) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.admin_port}/readyz") as resp:
-        return resp.status, await resp.json()
 
 
 async def replicas(make_proxy: MakeProxy, raw: dict[str, Any], n: int = 2) -> list[Daemon]:

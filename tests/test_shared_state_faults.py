@@ -11,7 +11,6 @@ chosen command) and a clock wrapper that shifts one replica's wall time (clock s
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -21,16 +20,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import PASSWORD, JumpClock
-from tests.helpers.idp import Idp, StartIdp, gate, oauth2_config
+from tests.helpers.idp import StartIdp, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import metric
 from tests.helpers.redis_server import RedisServer
+from tests.helpers.replicas import key_file, readyz, replica_config, status
+from tests.helpers.wait import wait_for
 from tokenproxy import log
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
@@ -40,53 +40,9 @@ from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.shared.redis_store import _MARK, RedisStore
 
 LIFETIME = 10.0
-PASSWORD_GRANT = {"grant_type": "password", "username": "demo", "password": PASSWORD,
-                  "refresh_margin": 0}
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def key_file(tmp_path: Path, name: str = "state.key", *keys: bytes) -> Path:
-    path = tmp_path / name
-    lines = [base64.b64encode(k).decode() for k in (keys or (os.urandom(32),))]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def shared_config(idp: Idp, tmp_path: Path, redis: RedisServer, *, url: str | None = None,
-                  key: Path | None = None, timeout: str = "0.5s", lock_ttl: str = "3s",
-                  **provider: Any) -> dict[str, Any]:
-    raw = oauth2_config(idp, tmp_path, **{**PASSWORD_GRANT, **provider})
-    del raw["state_path"]
-    raw["shared_state"] = {"redis_url": url or redis.url, "timeout": timeout,
-                           "lock_ttl": lock_ttl}
-    if key is not None:
-        raw["shared_state"]["encryption_key_file"] = str(key)
-    return raw
-
-
-async def status(daemon: Daemon, path: str = "/api/x") -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.port()}{path}") as resp:
-        body = await resp.read()
-        return resp.status, {"cause": resp.headers.get("Tokenproxy-Error"),
-                             "retry_after": resp.headers.get("Retry-After"),
-                             "body": body.decode()}
-
-
-async def readyz(daemon: Daemon) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{daemon.admin_port}/readyz") as resp:
-        return resp.status, await resp.json()
-
-
-async def until(check: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not met in time"
-        await asyncio.sleep(0.01)
 
 
 def tokens_key(redis: RedisServer) -> str:
@@ -206,7 +162,7 @@ async def test_a_wall_clock_step_back_never_spends_a_refresh_token_twice(
     the entry under the lock, but _adopt_stored compares wall stamps and finds it 'older' than
     its own: B does not take R2 and spends R1 again: reuse, the family is revoked."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     clock.jump_wall(-120)
@@ -227,7 +183,7 @@ async def test_clock_skew_between_replicas_never_spends_a_refresh_token_twice(
     re-reads under the lock, finds the entry 'older' than its own tokens, keeps R1 and spends
     it again: reuse, the whole family revoked."""
     idp = await start(lifetime=300.0)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     async with daemon_on(raw, SkewedClock(clock, +5.0)) as a:
         b = await make_proxy(raw)
         assert 200 == (await status(a))[0]   # A logs in
@@ -251,9 +207,9 @@ async def test_a_holder_stalled_between_read_and_mark_never_spends_twice(
     idp = await start(lifetime=LIFETIME)
     relay = await Relay(redis_server.port).start()
     try:
-        a = await make_proxy(shared_config(idp, tmp_path, redis_server, url=relay.url,
+        a = await make_proxy(replica_config(idp, tmp_path, redis_server, url=relay.url,
                                            timeout="2s", lock_ttl="4s"))
-        b = await make_proxy(shared_config(idp, tmp_path, redis_server, timeout="2s",
+        b = await make_proxy(replica_config(idp, tmp_path, redis_server, timeout="2s",
                                            lock_ttl="4s"))
         assert [200, 200] == [(await status(d))[0] for d in (a, b)]
         await clock.tick(LIFETIME + 1)
@@ -284,18 +240,18 @@ async def test_after_a_reload_lost_shared_state_still_casts_doubt(
     _shared_seen: after Redis loses its data it spends its stale refresh token (B rotated it
     meanwhile): reuse. Without the reload (the control) it logs in."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]   # A logs in, B adopts
     await clock.tick(LIFETIME + 1)
     assert 200 == (await status(b))[0]       # B: R1 -> R2; A still holds R1 (demand-only)
     if reload:
-        changed = shared_config(idp, tmp_path, redis_server, timeout="0.6s")
+        changed = replica_config(idp, tmp_path, redis_server, timeout="0.6s")
         assert ["idp"] == (await a.reload(build_config(changed, {})))["providers_changed"]
     redis_server.restart()                   # no persistence: the entry is gone
     code, _ = await status(a)
     if code == 503:                          # the pooled connection died with the server
-        await until(lambda: metric(a, "tokenproxy_shared_state_up") == 1)
+        await wait_for(lambda: metric(a, "tokenproxy_shared_state_up") == 1, "the condition")
         await clock.tick(1.5)
         code, _ = await status(a)
     assert 0 == idp.issuer.stats.reuse_detected, "a stale refresh token was spent"
@@ -372,13 +328,13 @@ async def test_a_demand_only_replica_is_ready_again_once_redis_returns(
     which only a request starts, and a readiness-gated replica receives no requests. Without
     shared_state the same expired demand-only token is 'ready' (it can get one)."""
     idp = await start(lifetime=LIFETIME)
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server))
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
     redis_server.kill()
     await clock.tick(LIFETIME + 1)
     assert 503 == (await status(a))[0]
     redis_server.restart()
-    await until(lambda: metric(a, "tokenproxy_shared_state_up") == 1, what="shared state up")
+    await wait_for(lambda: metric(a, "tokenproxy_shared_state_up") == 1, "shared state up")
     ready = 0
     for _ in range(20):                    # ~2 s of real time and 20 s of the test clock
         await clock.tick(1)
@@ -398,7 +354,7 @@ async def test_an_entry_that_lost_its_data_field_heals_at_the_next_refresh(
     the Lua script finds ver=1 and refuses it (fenced) for ever: nothing is stored again,
     each replica logs in on its own at each expiry, until the 30-day TTL."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     name = tokens_key(redis_server)
@@ -425,7 +381,7 @@ async def test_a_garbage_entry_does_not_stop_a_replica_from_starting(
     value, before any decryption) escape; load() suppresses only SharedStateUnavailable, so a
     replica starting (or restarting) against such an entry fails to start at all."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server,
+    raw = replica_config(idp, tmp_path, redis_server,
                         key=key_file(tmp_path) if keyed else None)
     assert 200 == (await status(await make_proxy(raw)))[0]
     redis_server.client().hset(tokens_key(redis_server), field, value)
@@ -468,7 +424,7 @@ async def test_an_oversized_entry_does_not_block_the_event_loop(
     of the daemon, valid tokens included, waits meanwhile. No size bound, unlike the token
     endpoint's answers (64 KiB)."""
     idp = await start(lifetime=LIFETIME)
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server, key=key_file(tmp_path),
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path),
                                        timeout="5s", lock_ttl="10s"))
     assert 200 == (await status(a))[0]
     blob = json.dumps({"v": 1, "kid": "00000000", "nonce": "AAAA",
@@ -504,7 +460,7 @@ async def test_a_hostile_key_id_is_not_echoed_into_answers_and_logs(
     detail of every request needing a token, and /readyz. A 1 MB kid makes each of them
     1 MB (log flooding, answer amplification, attacker text in the operator's logs)."""
     idp = await start(lifetime=LIFETIME)
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server, key=key_file(tmp_path)))
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path)))
     assert 200 == (await status(a))[0]
     hostile = json.dumps({"v": 1, "kid": "k" * 1_000_000, "nonce": "AAAA", "ct": "AAAA"})
     redis_server.client().hset(tokens_key(redis_server), "data", hostile)
@@ -531,12 +487,12 @@ async def test_rotating_the_key_as_documented_keeps_a_rolling_update_serving(
     old, new = os.urandom(32), os.urandom(32)
     files = [key_file(tmp_path, "old.key", old), key_file(tmp_path, "step1.key", old, new),
              key_file(tmp_path, "step2.key", new, old)]
-    daemons = [await make_proxy(shared_config(idp, tmp_path, redis_server, key=files[0]))
+    daemons = [await make_proxy(replica_config(idp, tmp_path, redis_server, key=files[0]))
                for _ in range(2)]
     assert [200, 200] == [(await status(d))[0] for d in daemons]
     for keys in files[1:]:
         for d in daemons:
-            await d.reload(build_config(shared_config(idp, tmp_path, redis_server, key=keys),
+            await d.reload(build_config(replica_config(idp, tmp_path, redis_server, key=keys),
                                         {}))
             await clock.tick(LIFETIME + 1)
             answers = [await status(x) for x in daemons]
@@ -552,10 +508,10 @@ async def test_a_client_credentials_provider_with_an_unreadable_entry_waits_too(
     idp = await start(lifetime=LIFETIME)
     cc: dict[str, Any] = {"grant_type": "client_credentials", "username": None,
                           "password": None}
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server,
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server,
                                        key=key_file(tmp_path, "a.key"), **cc))
     assert 200 == (await status(a))[0]
-    b = await make_proxy(shared_config(idp, tmp_path, redis_server,
+    b = await make_proxy(replica_config(idp, tmp_path, redis_server,
                                        key=key_file(tmp_path, "b.key"), **cc))
     code, doc = await status(b)
     assert (503, "shared_state_unavailable") == (code, doc["cause"]), doc
@@ -573,7 +529,7 @@ async def test_a_vanished_holders_lease_is_waited_out_not_reported_as_endpoint_f
     'another replica holds the refresh lock too long' with a backoff, though the token
     endpoint was never called."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server, timeout="0.5s", lock_ttl="3s")
+    raw = replica_config(idp, tmp_path, redis_server, timeout="0.5s", lock_ttl="3s")
     raw["providers"]["idp"]["timeout"] = "1s"
     a = await make_proxy(raw)
     assert 200 == (await status(a))[0]
@@ -604,7 +560,7 @@ async def test_one_bad_key_does_not_flap_the_whole_shared_state(
     shared_state_unavailable, the lock's SET then flips it back (shared_state_restored): a
     pair of error lines per provider per second, and an 'up' metric that lies."""
     idp = await start(lifetime=LIFETIME)
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server))
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
     name = tokens_key(redis_server)
     client = redis_server.client()
@@ -628,7 +584,7 @@ async def test_shutdown_while_waiting_for_the_lock_keeps_to_the_grace(
     which goes on polling the lock for the provider's whole timeout + 1 s (4 s here, 11 s by
     default; and, should it get the lock, makes a token-endpoint call during shutdown)."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     raw["providers"]["idp"]["timeout"] = "3s"
     a = await make_proxy(raw)
     assert 200 == (await status(a))[0]
@@ -654,7 +610,7 @@ async def test_a_replayed_sealed_entry_does_not_make_a_replica_spend_an_old_refr
     data is the key name only, no version): a replica that starts then adopts its refresh
     token (already rotated) and spends it: reuse, the family revoked."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server, key=key_file(tmp_path))
+    raw = replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path))
     a = await make_proxy(raw)
     assert 200 == (await status(a))[0]               # login: R1, sealed
     name = tokens_key(redis_server)
@@ -682,8 +638,8 @@ async def test_held_no_redis_password_in_logs_metrics_answers_or_check_config(
     server = RedisServer(tmp_path / "redis-auth", password=secret).start()
     try:
         idp = await start(lifetime=LIFETIME)
-        good = shared_config(idp, tmp_path, server, url=server.url)
-        bad = shared_config(idp, tmp_path, server,
+        good = replica_config(idp, tmp_path, server, url=server.url)
+        bad = replica_config(idp, tmp_path, server,
                             url=server.url.replace(secret, wrong))
         a, b = await make_proxy(good), await make_proxy(bad)
         seen: list[str] = []
@@ -721,7 +677,7 @@ async def test_held_reload_while_a_refresh_holds_the_lock(
     its call hangs; B waits for the lock meanwhile. One refresh-token call, no reuse, both
     serve afterwards."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
@@ -729,10 +685,10 @@ async def test_held_reload_while_a_refresh_holds_the_lock(
     idp.calls.queue.append(gate(released))
     before = len(idp.calls.seen)
     slow_a = asyncio.create_task(status(a))
-    await until(lambda: len(idp.calls.seen) == before + 1)
+    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
     slow_b = asyncio.create_task(status(b))
     reloading = asyncio.create_task(
-        a.reload(build_config(shared_config(idp, tmp_path, redis_server, timeout="0.6s"), {})))
+        a.reload(build_config(replica_config(idp, tmp_path, redis_server, timeout="0.6s"), {})))
     await asyncio.sleep(0.2)
     released.set()
     await asyncio.wait_for(reloading, 10)
@@ -749,7 +705,7 @@ async def test_held_a_waiter_that_hangs_up_costs_nothing(
     """B's request waits for the lock A holds, and its client hangs up; B's refresh goes on,
     adopts A's token; nothing is spent twice, B's next request calls nobody."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
@@ -757,7 +713,7 @@ async def test_held_a_waiter_that_hangs_up_costs_nothing(
     idp.calls.queue.append(gate(released))
     before = len(idp.calls.seen)
     slow_a = asyncio.create_task(status(a))
-    await until(lambda: len(idp.calls.seen) == before + 1)
+    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
     waiting = asyncio.create_task(status(b))
     await asyncio.sleep(0.1)
     waiting.cancel()
@@ -777,7 +733,7 @@ async def test_held_redis_restarted_between_mark_and_write(
     (version gone), A keeps its new tokens in memory; B, finding the entry gone, logs in
     rather than spend R1. No reuse; both serve."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
@@ -785,13 +741,13 @@ async def test_held_redis_restarted_between_mark_and_write(
     idp.calls.queue.append(gate(released))
     before = len(idp.calls.seen)
     slow_a = asyncio.create_task(status(a))
-    await until(lambda: len(idp.calls.seen) == before + 1)
+    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
     redis_server.restart()
     released.set()
     assert 200 == (await slow_a)[0]
     code, _ = await status(b)
     if code == 503:
-        await until(lambda: metric(b, "tokenproxy_shared_state_up") == 1)
+        await wait_for(lambda: metric(b, "tokenproxy_shared_state_up") == 1, "the condition")
         await clock.tick(1.5)
         code, _ = await status(b)
     assert 200 == code
@@ -805,7 +761,7 @@ async def test_held_many_providers_one_login_each_across_replicas(
     """Twelve providers (other scopes) on three replicas, all expiring at once, requests on
     every replica: one call per provider per expiry, no reuse."""
     idp = await start(lifetime=LIFETIME)
-    raw = shared_config(idp, tmp_path, redis_server)
+    raw = replica_config(idp, tmp_path, redis_server)
     base = raw["providers"].pop("idp")
     raw["routes"] = []
     for i in range(12):
@@ -831,7 +787,7 @@ async def test_held_a_redis_paused_mid_lock_heals_without_crossed_answers(
     SET runs anyway and leaves a lock nobody owns for lock_ttl, which the next refresh waits
     out: 200, one refresh-token call, no reuse."""
     idp = await start(lifetime=LIFETIME)
-    a = await make_proxy(shared_config(idp, tmp_path, redis_server))
+    a = await make_proxy(replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
     await clock.tick(LIFETIME + 1)
     redis_server.pause()
@@ -840,8 +796,8 @@ async def test_held_a_redis_paused_mid_lock_heals_without_crossed_answers(
     finally:
         redis_server.resume()
     assert (503, "shared_state_unavailable") == (code, doc["cause"])
-    await until(lambda: redis_server.keys("tokenproxy:lock:*") != [], what="orphan lock")
-    await until(lambda: metric(a, "tokenproxy_shared_state_up") == 1)
+    await wait_for(lambda: redis_server.keys("tokenproxy:lock:*") != [], "orphan lock")
+    await wait_for(lambda: metric(a, "tokenproxy_shared_state_up") == 1, "the condition")
     await clock.tick(1.5)
     assert 200 == (await status(a))[0]
     assert {"password": 1, "refresh_token": 1} == idp.issuer.stats.grants
