@@ -1220,12 +1220,15 @@ def _example_sections() -> dict[str, set[str]]:
     for key, value in root.value:
         if key.value in ("log", "security", "limits"):
             note(key.value, value)
-        elif key.value == "shared_state" and isinstance(value, yaml.ScalarNode):
-            # Off in the example: its keys are in the comment block under it.
-            block = itertools.takewhile(lambda line: line.lstrip().startswith("#"),
-                                        lines[key.start_mark.line + 1:])
-            named["shared_state"] = {m[1] for line in block
-                                     for m in re.finditer(r"([a-z_]+):", line)}
+        elif isinstance(value, yaml.ScalarNode) and value.value in ("", "null", "~"):
+            # A section off in the example: its keys (and its parts') are in the comment
+            # block under it.
+            block = list(itertools.takewhile(lambda line: line.lstrip().startswith("#"),
+                                             lines[key.start_mark.line + 1:]))
+            keys = {m[1] for line in block for m in re.finditer(r"([a-z_]+):", line)}
+            for section in accepted_keys():
+                if section.split(".")[0] == key.value:
+                    named[section] = keys
         elif key.value == "routes":
             for item in value.value:
                 note("routes[]", item)

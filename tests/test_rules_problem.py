@@ -71,7 +71,8 @@ def test_every_cause_has_a_title() -> None:
     """The causes tokenproxy answers with, each with a title (docs/errors.md documents them;
     tests/test_docs.py checks that)."""
     assert {"bad_request", "forbidden_host", "cross_site", "forwarded", "client_key",
-            "require_header", "not_found", "header_too_large", "request_timeout",
+            "require_header", "not_found", "forward_refused", "proxy_auth",
+            "header_too_large", "request_timeout",
             "expectation_failed", "upstream_unreachable", "upstream_timeout",
             "token_unavailable", "shared_state_unavailable", "unauthenticated",
             "provider_misconfigured", "internal"} == set(TITLES)

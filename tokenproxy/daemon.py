@@ -19,6 +19,8 @@ from tokenproxy.clock import Clock, SystemClock
 from tokenproxy.config import Config, Listener
 from tokenproxy.config.secrets import config_secrets, exposed_mode
 from tokenproxy.errors import ConfigError
+from tokenproxy.forward.connection import ForwardConnection
+from tokenproxy.forward.service import Forward, Inner, MakeInner, open_ca
 from tokenproxy.listeners import ConnectionGate, ListeningSocket, ProtocolFactory, bind
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
@@ -68,6 +70,7 @@ class Serving:
     gate: ConnectionGate
     admin_gate: ConnectionGate
     fast: FastEnv
+    forward: Forward | None = None   # with forward_proxy: rebuilt by a reload
 
 
 class Daemon:
@@ -98,6 +101,7 @@ class Daemon:
         self.sources: dict[str, TokenSource] = {}
         self.listeners: list[ListeningSocket] = []
         self.admin_listeners: list[ListeningSocket] = []
+        self.forward_listeners: list[ListeningSocket] = []
         self._serving: Serving | None = None   # from start() until stop()
         self._reload_lock = asyncio.Lock()
         self._log = log.get_logger()
@@ -178,6 +182,11 @@ class Daemon:
                 self.admin_listeners = self._bind_all(
                     [cfg.admin_listen], cfg.socket_group,
                     self._admin_factory(serving.admin_server), serving.admin_gate)
+            serving.forward = await self._forward_for(cfg, self.sources, serving)
+            if cfg.forward_proxy is not None:
+                self.forward_listeners = self._bind_all(
+                    [cfg.forward_proxy.listen], cfg.socket_group,
+                    self._forward_factory(serving), serving.gate)
             for source in self.sources.values():
                 await source.start()
         except BaseException:
@@ -187,10 +196,46 @@ class Daemon:
             log.LISTENING,
             listen=[ls.address for ls in self.listeners],
             admin=[ls.address for ls in self.admin_listeners],
+            forward_proxy=[ls.address for ls in self.forward_listeners],
             version=__version__,
             fast_path=self.fast_path,
             allocator_tuned=self.allocator_tuned,
         )
+
+    # -- the forward proxy -------------------------------------------------------------------
+
+    async def _forward_for(self, cfg: Config, sources: Mapping[str, TokenSource],
+                           serving: Serving) -> Forward | None:
+        if cfg.forward_proxy is None:
+            return None
+        # The system's clock, not the daemon's: clients check the certificates by theirs.
+        ca = await open_ca(cfg.forward_proxy, SystemClock())
+        return Forward(cfg, ca, sources=sources, metrics=self.metrics,
+                       budget=self.replay_budget, make_inner=self._inner(serving))
+
+    def _inner(self, serving: Serving) -> MakeInner:
+        """How an intercepted host's requests are served: the request paths of a route."""
+        def make(proxy: Callable[[], Proxy]) -> Inner:
+            server = web.Server(AiohttpHandler(proxy, serving.sessions).handle,
+                                handler_cancellation=True)
+            slow = self._factory(server)
+            env = FastEnv(proxy=proxy, limits=lambda: self.config.limits, slow=slow,
+                          pool=serving.fast.pool)
+
+            async def drain(grace: float) -> None:
+                server.pre_shutdown()
+                await asyncio.gather(server.shutdown(grace), env.shutdown(grace))
+
+            return self._fast_factory(env), drain
+
+        return make
+
+    def _forward_factory(self, serving: Serving) -> ProtocolFactory:
+        def make(on_close: Callable[[], None] | None) -> ForwardConnection:
+            forward = serving.forward   # the one of the config when the connection began
+            return ForwardConnection(lambda: forward, lambda: self.config.limits, on_close)
+
+        return make
 
     async def _serving_parts(self, store: TokenStore | None) -> Serving:
         """Everything start() builds before it binds; a failure closes the clients again."""
@@ -263,6 +308,16 @@ class Daemon:
         except BaseException:
             await listeners.undo()
             raise
+        try:
+            forward_listeners = ListenerChange.bind(
+                self.forward_listeners,
+                [] if new.forward_proxy is None else [new.forward_proxy.listen],
+                lambda add: self._bind_all(add, new.socket_group,
+                                           self._forward_factory(serving), gate))
+        except BaseException:
+            await listeners.undo()
+            await admin.undo()
+            raise
         # Build everything before anything running changes: a failure here leaves the old
         # config serving untouched (only the listeners bound above are closed again).
         plan: ProviderPlan | None = None
@@ -270,9 +325,11 @@ class Daemon:
             plan = await ProviderPlan.build(old, new, self.sources, serving.sources)
             proxy = Proxy(new, sources=plan.sources, metrics=self.metrics,
                           budget=self.replay_budget)
+            forward = await self._forward_for(new, plan.sources, serving)
         except BaseException:
             await listeners.undo()
             await admin.undo()
+            await forward_listeners.undo()
             if plan is not None:
                 await plan.discard(serving.sources)
             raise
@@ -286,20 +343,25 @@ class Daemon:
         self.config = new
         self.sources = plan.sources
         serving.proxy = proxy
+        serving.forward = forward
         # Idle upstream connections may belong to routes (or TLS settings) that just went.
         fast.pool.close()
         gate.resize(new.limits.max_connections)
         self.replay_budget.total = new.limits.max_replay_total
         await listeners.commit()
         await admin.commit()
+        await forward_listeners.commit()
         self.listeners = listeners.listening
         self.admin_listeners = admin.listening
+        self.forward_listeners = forward_listeners.listening
         await close_quietly(retired)
         if old_store is not None and old_store is not plan.factory.store:
             await old_store.close()   # after the sources that used it
         return {
-            "listen_added": [ls.address for ls in listeners.added + admin.added],
-            "listen_removed": [str(ls.listener) for ls in listeners.drop + admin.drop],
+            "listen_added": [ls.address for ls in
+                             listeners.added + admin.added + forward_listeners.added],
+            "listen_removed": [str(ls.listener) for ls in
+                               listeners.drop + admin.drop + forward_listeners.drop],
             "providers_changed": changed,
             "providers_removed": [n for n in old.providers if n not in new.providers],
         }
@@ -312,17 +374,20 @@ class Daemon:
         # aiohttp reads a shutdown timeout of 0 as "no timeout" (helpers.ceil_timeout), which
         # would wait for every in-flight request: cut at once with a tiny positive one instead.
         grace = max(grace, 0.001)
-        for ls in self.listeners + self.admin_listeners:
+        for ls in self.listeners + self.admin_listeners + self.forward_listeners:
             await ls.close()
         self.listeners.clear()
         self.admin_listeners.clear()
+        self.forward_listeners.clear()
         serving, self._serving = self._serving, None
         if serving is not None:
             for server in (serving.server, serving.admin_server):
                 server.pre_shutdown()
             await asyncio.gather(serving.server.shutdown(grace),
                                  serving.admin_server.shutdown(grace),
-                                 serving.fast.shutdown(grace))
+                                 serving.fast.shutdown(grace),
+                                 *([] if serving.forward is None
+                                   else [serving.forward.drain(grace)]))
         for source in self.sources.values():
             with contextlib.suppress(Exception):
                 await source.close()

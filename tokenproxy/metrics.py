@@ -111,5 +111,11 @@ class Metrics:
             "Time a replica waited for a provider's refresh lock in the shared state.",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=registry)
+        self.forward_connects = Counter(
+            "tokenproxy_forward_connects_total",
+            "Requests to the forward-proxy listener by outcome: intercepted (TLS ended here, "
+            "tokens attached), tunnelled (passed through), refused (not listed), failed (TLS "
+            "handshake or tunnel connect failed).",
+            ("outcome",), registry=registry)
         Gauge("tokenproxy_build_info", "tokenproxy version.", ("version",),
               registry=registry).labels(version).set(1)

@@ -12,9 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tokenproxy.config.forward_proxy import read_forward_proxy
 from tokenproxy.config.limits import read_limits
 from tokenproxy.config.model import (
     Config,
+    ForwardCA,
+    ForwardProxyConfig,
+    InterceptHost,
     LimitsConfig,
     LogConfig,
     Route,
@@ -40,6 +44,9 @@ def accepted_keys() -> dict[str, tuple[str, ...]]:
     return {"": yaml_keys(Config), "log": yaml_keys(LogConfig),
             "security": yaml_keys(SecurityConfig), "limits": yaml_keys(LimitsConfig),
             "shared_state": yaml_keys(SharedStateConfig),
+            "forward_proxy": yaml_keys(ForwardProxyConfig),
+            "forward_proxy.ca": yaml_keys(ForwardCA),
+            "forward_proxy.intercept[]": yaml_keys(InterceptHost),
             "routes[]": yaml_keys(Route), **provider_keys()}
 
 
@@ -53,13 +60,16 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
     providers = read_providers(top.value("providers"))
     if not providers:
         raise ConfigError("providers: at least one provider is needed")
+    state_path = _state_path(top.string("state_path"), env)
     cfg = Config(
         listen=listen,
         admin_listen=admin,
         socket_group=top.string("socket_group"),
         log=_log(top.value("log")),
-        state_path=_state_path(top.string("state_path"), env),
+        state_path=state_path,
         shared_state=read_shared_state(top.value("shared_state")),
+        forward_proxy=read_forward_proxy(top.value("forward_proxy"), providers,
+                                         None if state_path is None else state_path.parent),
         shutdown_grace=top.parse("shutdown_grace", parse_duration),
         security=security,
         limits=read_limits(top.value("limits")),
@@ -79,6 +89,11 @@ def build_config(raw: object, env: Mapping[str, str], source: Path | None = None
             "or list security.allowed_hosts explicitly"
         )
     _check_admin_exposure(admin, security)
+    forward = cfg.forward_proxy
+    if forward is not None and not forward.listen.is_loopback and security.client_key is None:
+        raise ConfigError(f"forward_proxy.listen: {forward.listen} is reachable from other "
+                          "hosts; set security.client_key (clients send it as "
+                          "Proxy-Authorization)")
     return replace(cfg, inline_secrets=holds_inline_secrets(raw, env, cfg))
 
 

@@ -200,23 +200,58 @@ Provider = StaticProvider | OAuth2Provider | JsonProvider | CommandProvider
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Route:
-    prefix: str                 # as configured, starts with "/"
-    match: str = field(metadata=COMPUTED)   # prefix without a trailing "/" ("" for the root)
-    upstream: HttpUrl
+class Attachment:
+    """How a provider's token goes on a request, and which answers are retried: the same keys
+    (and defaults) for a route and for a host the forward proxy intercepts."""
+
     provider: str
     header: str = "Authorization"
     value: str = "Bearer {token}"
     retry_on: frozenset[int] = frozenset({401})
     client_authorization: Literal["replace", "keep"] = "replace"
-    preserve_host: bool = False
     timeout: float = 60.0
     ca_file: Path | None = None
 
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route(Attachment):
+    prefix: str                 # as configured, starts with "/"
+    match: str = field(metadata=COMPUTED)   # prefix without a trailing "/" ("" for the root)
+    upstream: HttpUrl
+    preserve_host: bool = False
+    # The forward proxy's routes are named by their host; configured ones by their prefix.
+    name: str | None = field(default=None, metadata=COMPUTED)
+
     @property
     def label(self) -> str:
-        """The route's name in metrics and logs: its prefix, which is bounded by the config."""
-        return self.prefix
+        """The route's name in metrics and logs, bounded by the config: its prefix, or the
+        intercepted host it serves."""
+        return self.prefix if self.name is None else self.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InterceptHost(Attachment):
+    host: str                   # a name, "*.name" (one label), or an IP literal; lower case
+    port: int = 443
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardCA:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Where the files are when not configured (the state directory), and that they are
+    # tokenproxy's own, to create and renew.
+    generated: bool = field(default=False, metadata=COMPUTED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardProxyConfig:
+    """The forward-proxy listener (HTTPS_PROXY), docs/forward-proxy.md."""
+
+    listen: Listener = Listener(kind="tcp", host="127.0.0.1", port=3128)  # noqa: RUF009
+    ca: ForwardCA = field(default_factory=ForwardCA)
+    intercept: tuple[InterceptHost, ...] = ()
+    tunnel: tuple[tuple[str, int], ...] = ()   # (host pattern, port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,6 +262,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     state_path: Path | None = None
     shared_state: SharedStateConfig | None = None
+    forward_proxy: ForwardProxyConfig | None = None
     shutdown_grace: float = 10.0
     security: SecurityConfig = field(default_factory=SecurityConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

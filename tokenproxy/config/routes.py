@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from tokenproxy.config.model import Provider, Route
 from tokenproxy.config.named_files import ca_file
@@ -32,30 +33,37 @@ def read_routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, 
         if match in seen:
             raise ConfigError(f"{m.path('prefix')}: the same prefix as routes[{seen[match]}]")
         seen[match] = i
-        provider = m.string("provider")
-        if provider is None:
-            raise ConfigError(f"{m.path('provider')}: required (a name under providers)")
-        if provider not in providers:
-            raise ConfigError(f"{m.path('provider')}: no provider named {provider!r}")
-        value = m.string("value") or ""
-        if "{token}" not in value or not is_header_value(value.replace("{token}", "x")):
-            raise ConfigError(f"{m.path('value')}: must contain {{token}} and be printable ASCII")
         out.append(
             Route(
                 prefix=prefix,
                 match=match,
                 upstream=parse_http_url(m.value("upstream"), m.path("upstream")),
-                provider=provider,
-                header=m.parse("header", parse_header_name),
-                value=value,
-                retry_on=m.parse("retry_on", _status_list),
-                client_authorization=m.choice("client_authorization"),
                 preserve_host=m.boolean("preserve_host"),
-                timeout=m.parse("timeout", parse_positive_duration),
-                ca_file=m.optional("ca_file", ca_file),
+                **read_attachment(m, providers),
             )
         )
     return tuple(out)
+
+
+def read_attachment(m: Section, providers: Mapping[str, Provider]) -> dict[str, Any]:
+    """The keys of Attachment (model.py), as a route and an intercepted host both have them."""
+    provider = m.string("provider")
+    if provider is None:
+        raise ConfigError(f"{m.path('provider')}: required (a name under providers)")
+    if provider not in providers:
+        raise ConfigError(f"{m.path('provider')}: no provider named {provider!r}")
+    value = m.string("value") or ""
+    if "{token}" not in value or not is_header_value(value.replace("{token}", "x")):
+        raise ConfigError(f"{m.path('value')}: must contain {{token}} and be printable ASCII")
+    return {
+        "provider": provider,
+        "header": m.parse("header", parse_header_name),
+        "value": value,
+        "retry_on": m.parse("retry_on", _status_list),
+        "client_authorization": m.choice("client_authorization"),
+        "timeout": m.parse("timeout", parse_positive_duration),
+        "ca_file": m.optional("ca_file", ca_file),
+    }
 
 
 def _prefix(raw: object, where: str) -> str:

@@ -21,6 +21,8 @@ TITLES: Final = {
     "client_key": "Missing or wrong Tokenproxy-Key",
     "require_header": "Required request header missing",
     "not_found": "No route for this path",
+    "forward_refused": "Destination not served by this proxy",
+    "proxy_auth": "Proxy authentication required",
     "header_too_large": "Request header fields too large",
     "request_timeout": "Request body not received in time",
     "expectation_failed": "Expectation not supported",

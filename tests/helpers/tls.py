@@ -1,0 +1,46 @@
+"""TLS material made by the tests themselves with the openssl command: a CA, and server
+certificates it signs, for upstreams on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    key: Path
+    cert: Path
+    ca: Path     # what a client trusts to verify it
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def upstream_tls(directory: Path, names: tuple[str, ...] = ("localhost",),
+            ips: tuple[str, ...] = ("127.0.0.1",)) -> ServerCert:
+    """A CA of the test's own and a server certificate it signed for *names* and *ips*."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "upstream-ca-key.pem", directory / "upstream-ca.pem"
+    key, csr, crt = (directory / "upstream-key.pem", directory / "upstream.csr",
+                     directory / "upstream.pem")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2",
+             "-subj", "/CN=tokenproxy tests upstream CA")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={names[0]}")
+    san = ",".join([f"DNS:{n}" for n in names] + [f"IP:{i}" for i in ips])
+    ext = directory / "upstream.ext"
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                   "extendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(crt), "-days", "1", "-extfile", str(ext))
+    return ServerCert(key, crt, ca_crt)

@@ -1,0 +1,150 @@
+"""The forward-proxy listener (docs/forward-proxy.md): tools that honour HTTPS_PROXY get tokens
+attached without changing their URLs. Real clients (curl, requests, aiohttp) trust the local
+CA tokenproxy generates; the upstream is a real TLS server on 127.0.0.1 whose certificate a
+CA of the test's own signed, reached by the name ``localhost``."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+from pytest_aiohttp import AiohttpServer
+
+from tests.helpers.config import MakeProxy
+from tests.helpers.fakes import TOKEN, FakeUpstream
+from tests.helpers.tls import ServerCert, upstream_tls
+from tokenproxy.daemon import Daemon
+
+
+class Upstream:
+    """The FakeUpstream app over TLS (and, for absolute-form requests, over plain HTTP)."""
+
+    def __init__(self, fake: FakeUpstream, tls: ServerCert, port: int, plain_port: int) -> None:
+        self.fake, self.tls, self.port, self.plain_port = fake, tls, port, plain_port
+
+
+@pytest.fixture(name="tls_upstream")
+async def _tls_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
+    tls = upstream_tls(tmp_path / "upstream-tls")
+    fake = FakeUpstream()
+    secure = await aiohttp_server(fake.app(), ssl=tls.server_context())
+    plain = await aiohttp_server(fake.app())
+    return Upstream(fake, tls, secure.port, plain.port)
+
+
+def forward_config(tmp_path: Path, up: Upstream, **forward: Any) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+        "state_path": str(tmp_path / "state" / "state.json"),
+        "providers": {"api": {"type": "static", "token": TOKEN}},
+        "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{up.plain_port}/",
+                    "provider": "api"}],
+        "forward_proxy": {"listen": "127.0.0.1:0",
+                          "intercept": [{"host": "localhost", "port": up.port,
+                                         "provider": "api", "ca_file": str(up.tls.ca)},
+                                        {"host": "localhost", "port": up.plain_port,
+                                         "provider": "api"}],
+                          **forward},
+    }
+
+
+def proxy_url(daemon: Daemon) -> str:
+    return f"http://127.0.0.1:{daemon.forward_listeners[0].port}"
+
+
+def ca_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "forward-ca.pem"
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "--silent", "--show-error", "--max-time", "10", "--noproxy", "",
+        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_curl_through_the_proxy_gets_the_token_attached(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """curl --proxy, trusting the generated CA: the upstream sees the token, not the
+    placeholder the client sent, and curl gets the upstream's answer."""
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    code, out, err = await curl(
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        "-H", "Authorization: Bearer placeholder",
+        f"https://localhost:{tls_upstream.port}/echo?q=1")
+    assert 0 == code, err
+    seen = tls_upstream.fake.last
+    assert [f"Bearer {TOKEN}"] == seen.header("Authorization")
+    assert "/echo?q=1" == seen.raw_path
+    assert '"raw_path": "/echo?q=1"' in out
+
+
+async def test_requests_and_aiohttp_through_the_proxy(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    url = f"https://localhost:{tls_upstream.port}/echo"
+    proxies = {"https": proxy_url(daemon), "http": proxy_url(daemon)}
+    answer = await asyncio.to_thread(
+        requests.post, url, data=b"body-bytes", proxies=proxies,
+        verify=str(ca_path(tmp_path)), timeout=10)
+    assert 200 == answer.status_code
+    assert b"body-bytes" == tls_upstream.fake.last.body
+    ctx = ssl.create_default_context(cafile=str(ca_path(tmp_path)))
+    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
+                                                   ssl=ctx) as resp:
+        assert 200 == resp.status
+    assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
+
+
+async def test_absolute_form_http_to_an_intercepted_host(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    answer = await asyncio.to_thread(
+        requests.get, f"http://localhost:{tls_upstream.plain_port}/status/201",
+        proxies={"http": proxy_url(daemon)}, timeout=10)
+    assert 201 == answer.status_code
+    assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
+
+
+async def test_a_tunnel_host_is_passed_through_without_a_token(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """CONNECT to a tunnel host: the client talks TLS with the upstream itself (its own
+    certificate, verified by the client), and no token is added."""
+    raw = forward_config(tmp_path, tls_upstream)
+    raw["forward_proxy"]["intercept"] = raw["forward_proxy"]["intercept"][1:]
+    raw["forward_proxy"]["tunnel"] = [f"localhost:{tls_upstream.port}"]
+    daemon = await make_proxy(raw)
+    answer = await asyncio.to_thread(
+        requests.get, f"https://localhost:{tls_upstream.port}/echo",
+        proxies={"https": proxy_url(daemon)}, verify=str(tls_upstream.tls.ca), timeout=10)
+    assert 200 == answer.status_code
+    assert [] == tls_upstream.fake.last.header("Authorization")
+
+
+async def test_other_destinations_get_a_403_naming_the_host(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                   daemon.forward_listeners[0].port)
+    try:
+        writer.write(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"Tokenproxy-Error: forward_refused" in answer
+    assert b"example.org:443 is neither intercepted nor tunnelled" in answer
+

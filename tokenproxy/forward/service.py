@@ -1,0 +1,133 @@
+"""The forward proxy of one config: its CA, its lists, and for each intercepted host the
+Proxy and HTTP protocol that serve what the client sends inside the tunnel.
+
+An intercepted host is served exactly as a route is: one Route (prefix ``/``, the host's
+origin as upstream, the entry's token settings, named by the host in metrics and logs) in a
+Proxy of its own, on the same request paths. Its security settings are the main listener's
+with the Host allowlist narrowed to the host; the client key and the required header are
+checked once, on the CONNECT (Proxy-Authorization), since tools behind HTTPS_PROXY cannot add
+headers of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Final
+
+from tokenproxy.clock import Clock
+from tokenproxy.config.model import Config, ForwardProxyConfig, InterceptHost, Route
+from tokenproxy.config.values import parse_http_url
+from tokenproxy.errors import ConfigError
+from tokenproxy.forward.ca import CAError, CAFiles, LocalCA
+from tokenproxy.forward.targets import Decision, Target, decide
+from tokenproxy.listeners import ProtocolFactory
+from tokenproxy.metrics import Metrics
+from tokenproxy.proxy.rules.budget import ReplayBudget
+from tokenproxy.proxy.runtime import Proxy
+from tokenproxy.tokens.source import TokenSource
+
+# Wildcard entries make a Proxy per name a client asks for: bounded, the oldest dropped.
+MAX_HOSTS: Final = 256
+
+# The daemon's way to serve HTTP on a decrypted stream for a Proxy: the protocol factory, and
+# how to drain what it serves at shutdown.
+Inner = tuple[ProtocolFactory, Callable[[float], Awaitable[None]]]
+MakeInner = Callable[[Callable[[], Proxy]], Inner]
+
+
+@dataclass(slots=True)
+class HostService:
+    proxy: Proxy
+    factory: ProtocolFactory
+    drain: Callable[[float], Awaitable[None]]
+
+
+class Forward:
+    """Built per config (start and reload); connections look it up when they begin."""
+
+    def __init__(self, cfg: Config, ca: LocalCA, *, sources: Mapping[str, TokenSource],
+                 metrics: Metrics, budget: ReplayBudget, make_inner: MakeInner) -> None:
+        assert cfg.forward_proxy is not None
+        self.config = cfg
+        self.settings = cfg.forward_proxy
+        self.ca = ca
+        self.metrics = metrics
+        key = cfg.security.client_key
+        self.client_key = None if key is None else key.value.encode()
+        self._sources = sources
+        self._budget = budget
+        self._make_inner = make_inner
+        self._hosts: dict[tuple[str, int, bool], HostService] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._connects = {outcome: metrics.forward_connects.labels(outcome)
+                          for outcome in ("intercepted", "tunnelled", "refused", "failed")}
+
+    def count(self, outcome: str) -> None:
+        self._connects[outcome].inc()
+
+    def decide(self, target: Target, *, connect: bool) -> Decision:
+        return decide(self.settings, target, connect=connect)
+
+    def service(self, entry: InterceptHost, target: Target, *, tls: bool) -> HostService:
+        key = (target.host, target.port, tls)
+        found = self._hosts.get(key)
+        if found is not None:
+            return found
+        if len(self._hosts) >= MAX_HOSTS:
+            self._hosts.pop(next(iter(self._hosts)))
+        proxy = Proxy(self._host_config(entry, target, tls=tls), sources=self._sources,
+                      metrics=self.metrics, budget=self._budget)
+        factory, drain = self._make_inner(lambda: proxy)
+        made = self._hosts[key] = HostService(proxy, factory, drain)
+        return made
+
+    def _host_config(self, entry: InterceptHost, target: Target, *, tls: bool) -> Config:
+        scheme = "https" if tls else "http"
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        route = Route(prefix="/", match="", name=target.host,
+                      upstream=parse_http_url(f"{scheme}://{host}:{target.port}/", "upstream"),
+                      provider=entry.provider, header=entry.header, value=entry.value,
+                      retry_on=entry.retry_on, client_authorization=entry.client_authorization,
+                      timeout=entry.timeout, ca_file=entry.ca_file)
+        security = replace(self.config.security, allowed_hosts=frozenset({target.host}),
+                           allowed_hosts_explicit=True, client_key=None, require_header=None)
+        return replace(self.config, routes=(route,), security=security)
+
+    def tls_context(self, host: str) -> ssl.SSLContext:
+        """The server side of the client's TLS for *host*: a leaf the local CA signed, and a
+        ClientHello naming another host (SNI) refused."""
+        ctx = self._contexts.get(host)
+        if ctx is None:
+            ctx = self.ca.server_context(host)
+
+            def same_name(_: object, name: str | None, __: ssl.SSLContext) -> int | None:
+                if name is not None and name.lower().rstrip(".") != host:
+                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+                return None
+
+            ctx.sni_callback = same_name
+            if len(self._contexts) >= MAX_HOSTS:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[host] = ctx
+        return ctx
+
+    async def drain(self, grace: float) -> None:
+        for service in self._hosts.values():
+            await service.drain(grace)
+
+
+async def open_ca(cfg: ForwardProxyConfig, clock: Clock) -> LocalCA:
+    """The local CA for the intercepted hosts, loaded or made in a thread (file I/O, key
+    generation); a CA that cannot be used is a configuration error (exit 2)."""
+    assert cfg.ca.cert_file is not None
+    assert cfg.ca.key_file is not None
+    files = CAFiles(cert=cfg.ca.cert_file, key=cfg.ca.key_file)
+    try:
+        return await asyncio.to_thread(
+            LocalCA.load_or_create, files, [e.host for e in cfg.intercept], clock=clock,
+            generated=cfg.ca.generated)
+    except CAError as exc:
+        raise ConfigError(f"forward_proxy.ca: {exc}") from None

@@ -1,0 +1,58 @@
+"""CONNECT to a ``tunnel`` host: bytes relayed both ways, never decrypted, no token.
+
+Each side's protocol writes what it receives to the other side's transport; when one side's
+write buffer fills, the other side stops reading (backpressure), and an EOF is passed on as
+a half-close, so protocols that finish sending before they finish reading work through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class Pipe(asyncio.Protocol):
+    """One end of a tunnel; ``peer`` is the other end's transport."""
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self.received = 0
+        self._on_lost = on_lost
+        self._pending = bytearray()   # what arrived before the peer was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def join(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+        if self._pending:
+            peer.write(bytes(self._pending))
+            self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.peer is None:
+            self._pending += data
+        elif not self.peer.is_closing():
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.can_write_eof() and not self.peer.is_closing():
+            self.peer.write_eof()
+            return True   # keep our side open for the other direction
+        return False
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.close()
+        self._on_lost()
