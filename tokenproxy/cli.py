@@ -20,6 +20,7 @@ from tokenproxy.config.shared_state import redacted_url
 from tokenproxy.daemon import fast_path_setting
 from tokenproxy.demo.run import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
+from tokenproxy.forward import tools
 from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
 from tokenproxy.run import serve
@@ -100,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
                        "the token is never printed); exit 1 if any fails")
     token = command("token", "print a provider's current token")
     token.add_argument("provider", nargs="?", help="provider name (optional with one provider)")
+    ca = command("ca", "print the forward proxy's CA certificate (PEM; its path on stderr), "
+                 "made in the state directory if it is not there yet")
+    ca.add_argument("--bundle", action="store_true",
+                    help="print the system CA bundle with the CA appended, for tools that "
+                    "take one file")
+    exec_parser = command("exec", "run a command with HTTPS_PROXY, HTTP_PROXY, NO_PROXY and the CA "
+                      "variables (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, "
+                      "NODE_EXTRA_CA_CERTS) pointing at the forward proxy; exit with the "
+                      "command's status")
+    exec_parser.usage = "tokenproxy exec [-h] [-c FILE] [--standalone] -- COMMAND [ARGS...]"
+    exec_parser.add_argument("--standalone", action="store_true",
+                         help="start a private daemon on free loopback ports for the "
+                         "command's lifetime, instead of using the running one")
+    exec_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                         help="the command and its arguments, after --")
     demo = sub.add_parser("demo", help="run a self-contained demo with short-lived tokens")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     return parser
@@ -236,6 +252,60 @@ def _token(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _write_bytes(out: TextIO, data: bytes) -> None:
+    # A CA bundle is not ASCII (certifi's comments name issuers): written as it is.
+    raw = getattr(out, "buffer", None)
+    if raw is None:
+        out.write(data.decode("utf-8", "replace"))
+        return
+    out.flush()
+    raw.write(data)
+    raw.flush()
+
+
+def _ca(args: argparse.Namespace, out: TextIO) -> int:
+    cfg = _load(args.config)
+    ca = run_async(tools.load_ca(cfg))
+    text, notes = tools.ca_output(ca, bundle=args.bundle, environ=os.environ)
+    for note in notes:
+        sys.stderr.write(f"tokenproxy: {note}\n")
+    _write_bytes(out, text)
+    return EXIT_OK
+
+
+def exec_command(parsed: Sequence[str], argv: Sequence[str]) -> list[str] | None:
+    """The command of ``exec``: what follows the first ``--`` of *argv*, when that is all
+    argparse left (*parsed*, with or without the ``--``); None when there is no ``--``, no
+    command, or words before the ``--``."""
+    if "--" not in argv:
+        return None
+    tail = list(argv[list(argv).index("--") + 1:])
+    if not tail or list(parsed) not in (["--", *tail], tail):
+        return None
+    return tail
+
+
+def _exec(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    command = exec_command(args.argv, argv)
+    if command is None:
+        sys.stderr.write("usage: tokenproxy exec [-c FILE] [--standalone] -- COMMAND "
+                         "[ARGS...]\ntokenproxy exec: name the command after --\n")
+        return EXIT_CONFIG
+    cfg = _load(args.config)
+    tools.forward_settings(cfg, "exec")
+    if not args.standalone:
+        return run_async(tools.exec_with_daemon(cfg, command, environ=os.environ,
+                                                err=sys.stderr))
+    problem = http_stack_problem(aiohttp.__version__, llhttp_parser_loaded())
+    if problem is not None and os.environ.get(ALLOW_UNSAFE_ENV) != "1":
+        sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")
+        return EXIT_FAILURE
+    redactor = log.Redactor(config_secrets(cfg))
+    log.configure("warning", "console", redactor=redactor)
+    return run_async(tools.exec_standalone(cfg, command, environ=os.environ, err=sys.stderr,
+                                           redactor=redactor))
+
+
 def _demo(args: argparse.Namespace) -> int:
     tuned = tune_allocator()
     redactor = log.Redactor()
@@ -255,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args, sys.stdout)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "ca":
+            return _ca(args, sys.stdout)
+        if args.command == "exec":
+            return _exec(args, sys.argv[1:] if argv is None else argv)
         return _run(args)
     except ConfigError as exc:
         sys.stderr.write(f"tokenproxy: {exc}\n")

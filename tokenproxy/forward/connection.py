@@ -19,7 +19,7 @@ import binascii
 import hmac
 import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from tokenproxy import log
 from tokenproxy.config.model import InterceptHost, LimitsConfig
@@ -90,8 +90,8 @@ class ForwardConnection(asyncio.Protocol):
     # -- the connection's life -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: typing only.
+        self._transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(
             self._limits.header_timeout, self._too_slow)
 

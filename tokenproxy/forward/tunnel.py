@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 
 class Pipe(asyncio.Protocol):
@@ -22,8 +23,8 @@ class Pipe(asyncio.Protocol):
         self._pending = bytearray()   # what arrived before the peer was connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: typing only.
+        self.transport = cast(asyncio.Transport, transport)
 
     def join(self, peer: asyncio.Transport) -> None:
         self.peer = peer
