@@ -9,7 +9,6 @@ import asyncio
 import ssl
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -17,49 +16,23 @@ import requests
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
-from tests.helpers.fakes import TOKEN, FakeUpstream
-from tests.helpers.tls import ServerCert, upstream_tls
-from tokenproxy.daemon import Daemon
-
-
-class Upstream:
-    """The FakeUpstream app over TLS (and, for absolute-form requests, over plain HTTP)."""
-
-    def __init__(self, fake: FakeUpstream, tls: ServerCert, port: int, plain_port: int) -> None:
-        self.fake, self.tls, self.port, self.plain_port = fake, tls, port, plain_port
+from tests.helpers.fakes import TOKEN
+from tests.helpers.forward import (
+    Upstream,
+    ca_file,
+    forward_config,
+    proxy_url,
+    start_upstream,
+)
 
 
 @pytest.fixture(name="tls_upstream")
 async def _tls_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
-    tls = upstream_tls(tmp_path / "upstream-tls")
-    fake = FakeUpstream()
-    secure = await aiohttp_server(fake.app(), ssl=tls.server_context())
-    plain = await aiohttp_server(fake.app())
-    return Upstream(fake, tls, secure.port, plain.port)
-
-
-def forward_config(tmp_path: Path, up: Upstream, **forward: Any) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
-        "state_path": str(tmp_path / "state" / "state.json"),
-        "providers": {"api": {"type": "static", "token": TOKEN}},
-        "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{up.plain_port}/",
-                    "provider": "api"}],
-        "forward_proxy": {"listen": "127.0.0.1:0",
-                          "intercept": [{"host": "localhost", "port": up.port,
-                                         "provider": "api", "ca_file": str(up.tls.ca)},
-                                        {"host": "localhost", "port": up.plain_port,
-                                         "provider": "api"}],
-                          **forward},
-    }
-
-
-def proxy_url(daemon: Daemon) -> str:
-    return f"http://127.0.0.1:{daemon.forward_listeners[0].port}"
+    return await start_upstream(aiohttp_server, tmp_path)
 
 
 def ca_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "forward-ca.pem"
+    return ca_file(tmp_path)
 
 
 async def curl(*args: str) -> tuple[int, str, str]:

@@ -3,6 +3,7 @@ certificates it signs, for upstreams on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -44,3 +45,16 @@ def upstream_tls(directory: Path, names: tuple[str, ...] = ("localhost",),
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
              "-CAcreateserial", "-out", str(crt), "-days", "1", "-extfile", str(ext))
     return ServerCert(key, crt, ca_crt)
+
+
+def client_hello(server_hostname: str | None = "localhost") -> bytes:
+    """The bytes of a real TLS ClientHello (Python's ssl, SNI *server_hostname*), made in
+    memory, for tests that send one where it does not belong."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()

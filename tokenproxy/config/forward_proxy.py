@@ -6,6 +6,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from tokenproxy.config.model import (
     ForwardCA,
@@ -21,6 +22,7 @@ from tokenproxy.errors import ConfigError
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 DEFAULT_PORT = 443
+HTTP_PORT = 80
 CA_FILE = "forward-ca.pem"
 CA_KEY_FILE = "forward-ca-key.pem"
 
@@ -77,7 +79,12 @@ def _intercepts(raw: object, providers: Mapping[str, Provider]) -> tuple[Interce
         if (host, port) in seen:
             raise ConfigError(f"{m.path('host')}: {host}:{port} is listed twice")
         seen.add((host, port))
-        out.append(InterceptHost(host=host, port=port, **read_attachment(m, providers)))
+        scheme: Literal["https", "http"] = (
+            m.choice("scheme") if m.has("scheme") else "http" if port == HTTP_PORT else "https")
+        if scheme == "http" and m.has("ca_file"):
+            raise ConfigError(f"{m.path('ca_file')}: a scheme: http entry has no TLS to verify")
+        out.append(InterceptHost(host=host, port=port, scheme=scheme,
+                                 **read_attachment(m, providers)))
     return tuple(out)
 
 

@@ -233,6 +233,9 @@ class Route(Attachment):
 class InterceptHost(Attachment):
     host: str                   # a name, "*.name" (one label), or an IP literal; lower case
     port: int = 443
+    # https: CONNECT, TLS ended here; http: absolute-form http:// requests (the loader makes
+    # it the default on port 80). Never both: a token must not go in clear to a TLS port.
+    scheme: Literal["https", "http"] = "https"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

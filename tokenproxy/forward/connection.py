@@ -28,6 +28,7 @@ from tokenproxy.forward.service import Forward
 from tokenproxy.forward.targets import TUNNEL, Target, absolute_target, connect_target
 from tokenproxy.forward.tunnel import Pipe
 from tokenproxy.proxy.fast_path import wire
+from tokenproxy.proxy.rules.headers import connection_listed
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.upstream import CONNECT_TIMEOUT
 
@@ -159,7 +160,7 @@ class ForwardConnection(asyncio.Protocol):
             if decision is TUNNEL:
                 self._task = asyncio.ensure_future(self._tunnel(forward, where, rest))
                 return
-            if not isinstance(decision, InterceptHost):
+            if not isinstance(decision, InterceptHost) or decision.scheme != "https":
                 raise _refused(where)
             if rest:
                 raise RequestRejected(400, "bad_request", "bytes sent after CONNECT before "
@@ -168,11 +169,15 @@ class ForwardConnection(asyncio.Protocol):
             return
         where, path = absolute_target(target)
         decision = forward.decide(where, connect=False)
-        if not isinstance(decision, InterceptHost):
+        # Only an entry for plain HTTP: a token must never go in clear to a TLS port.
+        if not isinstance(decision, InterceptHost) or decision.scheme != "http":
             raise _refused(where)
         forward.count("intercepted")
+        # The fields Connection names are hop-by-hop too (rules/headers.py), like Connection
+        # itself, which is replaced below.
+        dropped = {*_DROPPED, *connection_listed(fields)}
         lines = [method + b" " + path.encode("ascii") + b" HTTP/1.1"]
-        lines += [n + b": " + v for n, v in fields if n.lower() not in _DROPPED]
+        lines += [n + b": " + v for n, v in fields if n.lower() not in dropped]
         lines.append(b"Connection: close")   # one request: the next may name another host
         self._hand_to(forward.service(decision, where, tls=False).factory,
                       b"\r\n".join(lines) + b"\r\n\r\n" + rest, self._transport)
@@ -225,8 +230,12 @@ class ForwardConnection(asyncio.Protocol):
             self._log.info("forward_tls_failed", target=where.authority,
                            error=type(exc).__name__)
             transport.abort()
+            # asyncio does not call connection_lost for a handshake that failed midway: the
+            # connection's slot is given back here, or it would leak with every such client.
+            self._release()
             return
         if tls is None:
+            self._release()
             return
         forward.count("intercepted")
         early, self._early = bytes(self._early), bytearray()

@@ -61,7 +61,6 @@ class Forward:
         self._budget = budget
         self._make_inner = make_inner
         self._hosts: dict[tuple[str, int, bool], HostService] = {}
-        self._contexts: dict[str, ssl.SSLContext] = {}
         self._connects = {outcome: metrics.forward_connects.labels(outcome)
                           for outcome in ("intercepted", "tunnelled", "refused", "failed")}
 
@@ -92,16 +91,18 @@ class Forward:
                       provider=entry.provider, header=entry.header, value=entry.value,
                       retry_on=entry.retry_on, client_authorization=entry.client_authorization,
                       timeout=entry.timeout, ca_file=entry.ca_file)
-        security = replace(self.config.security, allowed_hosts=frozenset({target.host}),
+        # A client may name the host with its root dot (``api.example.com.``).
+        security = replace(self.config.security,
+                           allowed_hosts=frozenset({target.host, target.host + "."}),
                            allowed_hosts_explicit=True, client_key=None, require_header=None)
         return replace(self.config, routes=(route,), security=security)
 
     def tls_context(self, host: str) -> ssl.SSLContext:
         """The server side of the client's TLS for *host*: a leaf the local CA signed, and a
         ClientHello naming another host (SNI) refused."""
-        ctx = self._contexts.get(host)
-        if ctx is None:
-            ctx = self.ca.server_context(host)
+        # Asked of the CA each time: it caches its leaves and renews them before they expire.
+        ctx = self.ca.server_context(host)
+        if ctx.sni_callback is None:
 
             def same_name(_: object, name: str | None, __: ssl.SSLContext) -> int | None:
                 if name is not None and name.lower().rstrip(".") != host:
@@ -109,9 +110,6 @@ class Forward:
                 return None
 
             ctx.sni_callback = same_name
-            if len(self._contexts) >= MAX_HOSTS:
-                self._contexts.pop(next(iter(self._contexts)))
-            self._contexts[host] = ctx
         return ctx
 
     async def drain(self, grace: float) -> None:

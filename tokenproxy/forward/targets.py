@@ -84,9 +84,11 @@ def absolute_target(url: str) -> tuple[Target, str]:
         raise _bad("the request's URL is malformed") from None
     if parts.username is not None or parts.password is not None or not parts.netloc:
         raise _bad("the request's URL has no host, or carries credentials")
+    if port == 0:
+        raise _bad("the target's port is not a port number")
     netloc = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
     path = parts.path or "/"
-    return (Target(host_of(netloc), port or HTTP_PORT),
+    return (Target(host_of(netloc), HTTP_PORT if port is None else port),
             path + (f"?{parts.query}" if parts.query or url.endswith("?") else ""))
 
 
