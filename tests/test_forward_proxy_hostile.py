@@ -1,10 +1,10 @@
-"""The forward-proxy listener beyond its first use (docs/forward-proxy.md): a route's
-behaviour inside an intercepted TLS connection (a 401 refreshed and retried with its body,
-streaming both ways, a WebSocket), Node's https through it, and hostile clients on the listener -- targets not
+"""The forward-proxy listener beyond its first use (docs/forward-proxy.md): a route's behaviour
+inside an intercepted TLS connection (a 401 refreshed and retried with its body, streaming both
+ways, a WebSocket), Node's https through it, and hostile clients on the listener -- targets not
 listed, on other ports, as IP literals or names that resolve to loopback; malformed CONNECT
-lines; TLS handshakes that never finish, that name another host, or that are not TLS at all;
-the client key; what the requests inside may not say -- and the CA key and the token kept
-out of the logs and the answers.
+lines; TLS handshakes that never finish, that name another host, or that are not TLS at all; the
+client key; what the requests inside may not say -- and the CA key and the token kept out of the
+logs and the answers.
 
 Everything listens on 127.0.0.1; every wait is bounded. The upstreams are real TLS servers
 reached as ``localhost``, their certificates signed by a CA of the test's own
