@@ -68,3 +68,19 @@ def test_config_depends_on_nothing_of_ours_but_errors(path: Path) -> None:
 def test_what_both_paths_share_imports_neither(name: str) -> None:
     assert set() == {m for m in imports(PACKAGE / "proxy" / name) if m.startswith(
         ("tokenproxy.proxy.fast_path", "tokenproxy.proxy.aiohttp_path"))}
+
+
+@pytest.mark.parametrize("path", modules("proxy") + modules("tokens"),
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_request_paths_and_tokens_know_nothing_of_the_forward_proxy(path: Path) -> None:
+    """forward/ builds on proxy/ (an intercepted host is a one-route Proxy); never the
+    reverse."""
+    assert set() == {m for m in imports(path) if m.startswith("tokenproxy.forward")}
+
+
+@pytest.mark.parametrize("path", modules("forward"), ids=lambda p: p.name)
+def test_the_forward_proxy_uses_the_paths_only_through_the_daemon(path: Path) -> None:
+    """The forward proxy is handed its request paths (service.MakeInner) by the daemon; it
+    builds neither path's protocol itself."""
+    assert set() == {m for m in imports(path) if m.startswith(
+        ("tokenproxy.proxy.aiohttp_path", "tokenproxy.proxy.fast_path.connection"))}
