@@ -31,7 +31,7 @@ def test_every_config_key_is_in_the_reference() -> None:
 
 def test_every_metric_is_in_the_reference() -> None:
     registry = CollectorRegistry()
-    Metrics(registry, "test")
+    Metrics(registry, "test").shared_state()
     names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
     assert [] == sorted(names - _backticked(DOCS / "metrics.md"))
 

@@ -97,25 +97,37 @@ class Metrics:
             "Connections the fast path handed to the aiohttp server, by reason (protocol, "
             "refused, malformed, shutdown).",
             ("reason",), registry=registry)
-        self.shared_state_up = Gauge(
-            "tokenproxy_shared_state_up",
-            "1 while the shared state (Redis) answers, 0 while it does not (shared_state only).",
-            registry=registry)
-        self.shared_state_errors = Counter(
-            "tokenproxy_shared_state_errors_total",
-            "Shared-state operations that failed, by operation (connect, read, lock, renew, "
-            "unlock, mark, write, decrypt).",
-            ("operation",), registry=registry)
-        self.shared_state_lock_wait = Histogram(
-            "tokenproxy_shared_state_lock_wait_seconds",
-            "Time a replica waited for a provider's refresh lock in the shared state.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-            registry=registry)
         self.forward_connects = Counter(
             "tokenproxy_forward_connects_total",
             "Requests to the forward-proxy listener by outcome: intercepted (TLS ended here, "
             "tokens attached), tunnelled (passed through), refused (not listed), failed (TLS "
             "handshake or tunnel connect failed).",
             ("outcome",), registry=registry)
+        self._shared_state: SharedStateMetrics | None = None
         Gauge("tokenproxy_build_info", "tokenproxy version.", ("version",),
               registry=registry).labels(version).set(1)
+
+    def shared_state(self) -> SharedStateMetrics:
+        """The shared state's collectors, registered when a daemon has one: a daemon without
+        Redis exports no ``tokenproxy_shared_state_up`` 0 for an alert to fire on."""
+        if self._shared_state is None:
+            self._shared_state = SharedStateMetrics(self.registry)
+        return self._shared_state
+
+
+class SharedStateMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "tokenproxy_shared_state_up",
+            "1 while the shared state (Redis) answers, 0 while it does not (shared_state only).",
+            registry=registry)
+        self.errors = Counter(
+            "tokenproxy_shared_state_errors_total",
+            "Shared-state operations that failed, by operation (connect, read, lock, renew, "
+            "unlock, mark, write, decrypt).",
+            ("operation",), registry=registry)
+        self.lock_wait = Histogram(
+            "tokenproxy_shared_state_lock_wait_seconds",
+            "Time a replica waited for a provider's refresh lock in the shared state.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=registry)

@@ -40,6 +40,8 @@ def read_shared_state(raw: object) -> SharedStateConfig | None:
         encryption_keys=() if key_file is None else read_keys(
             key_file, m.path("encryption_key_file")),
     )
+    if cfg.ca_file is not None and not url.value.lower().startswith("rediss://"):
+        raise ConfigError("shared_state.ca_file: applies to rediss:// (TLS) URLs only")
     if cfg.lock_ttl < 2 * cfg.timeout:
         # The lease is renewed every third of lock_ttl by a call that may take `timeout`.
         raise ConfigError("shared_state.lock_ttl: must be at least twice shared_state.timeout")

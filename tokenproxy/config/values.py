@@ -21,10 +21,11 @@ from tokenproxy.errors import ConfigError
 SECRET_NAME: Final = re.compile(r"(?i)pass|secret|token|key|auth|credential")
 
 
-def digest(value: Any) -> str:
-    """A short stable fingerprint of a JSON-able value, for identities (never of a secret)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def digest(value: Any, length: int = 16) -> str:
+    """A stable fingerprint of a JSON-able value (never of a secret): what names a provider's
+    identity in the state file and in Redis, and parts of an identity."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def without_secrets(node: Any, key: str = "") -> Any:

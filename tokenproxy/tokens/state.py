@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import stat
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from tokenproxy.config.values import digest
 from tokenproxy.log import get_logger
 
 SCHEMA_VERSION: Final = 1
@@ -39,8 +39,7 @@ LOCK_POLL: Final = 0.02
 
 def identity_key(provider: str, identity: Mapping[str, str]) -> str:
     """``name:hash`` — a changed token URL, client or user never reuses another's tokens."""
-    digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()
-    return f"{provider}:{digest[:16]}"
+    return f"{provider}:{digest(dict(identity))}"
 
 
 @dataclass(frozen=True, slots=True)

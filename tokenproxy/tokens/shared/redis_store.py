@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import random
 import secrets
@@ -33,6 +31,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from tokenproxy import log
 from tokenproxy.config import SharedStateConfig
 from tokenproxy.config.shared_state import redacted_url
+from tokenproxy.config.values import digest
 from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.shared.sealing import Sealer, Unreadable
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
@@ -82,10 +81,10 @@ _UNREADABLE: Final = {-1: "not a hash", -2: "its version is not a number",
 _WRITE: Final = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'ver') or '0')
 if cur ~= tonumber(ARGV[1]) then return -1 end
-redis.call('HSET', KEYS[1], 'ver', cur + 1, 'data', ARGV[2])
+redis.call('HSET', KEYS[1], 'ver', ARGV[4], 'data', ARGV[2])
 redis.call('HDEL', KEYS[1], 'spending')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return cur + 1
+return tonumber(ARGV[4])
 """
 _RENEW: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -136,11 +135,11 @@ class RedisStore:
         self.lock_wait = cfg.lock_ttl + cfg.timeout
         self._held: dict[str, str] = {}   # key -> owner value of the locks this store holds
         self._sealer = Sealer(cfg.encryption_keys)
-        self._metrics = metrics
+        self._stats = metrics.shared_state()
         self._rng = rng or random.Random()  # noqa: S311 - poll jitter, not cryptography
         self._log = log.get_logger(shared_state=self.where)
         extra: dict[str, Any] = {}
-        if cfg.ca_file is not None:
+        if cfg.ca_file is not None:   # rediss:// only (the config says so)
             extra["ssl_ca_certs"] = str(cfg.ca_file)
         self._redis = aioredis.Redis.from_url(
             cfg.redis_url.value, socket_timeout=cfg.timeout, socket_connect_timeout=cfg.timeout,
@@ -152,7 +151,7 @@ class RedisStore:
         self._unlock_script = self._redis.register_script(_UNLOCK)
         self._up: bool | None = None   # not known before the first answer
         self._watcher: asyncio.Task[None] | None = None
-        metrics.shared_state_up.set(0)
+        self._stats.up.set(0)
 
     @property
     def encrypts(self) -> bool:
@@ -180,12 +179,16 @@ class RedisStore:
             async with asyncio.timeout(self._timeout):
                 result = await call()
         except ResponseError as exc:
-            # Redis answered, refusing this command (a key of another type, an ACL): a
-            # problem of this entry or setup, not an outage of the whole shared state.
-            self._metrics.shared_state_errors.labels(operation).inc()
-            self._came_up()
-            raise SharedStateUnreadable(
-                f"shared state {self.where}: {_reason(exc, self._timeout)}") from None
+            if str(exc).startswith("WRONGTYPE"):
+                # A key of another type where ours should be: a problem of that entry, not
+                # an outage of the whole shared state (READONLY, OOM, NOPERM are, below).
+                self._stats.errors.labels(operation).inc()
+                self._came_up()
+                raise SharedStateUnreadable(
+                    f"shared state {self.where}: {_reason(exc, self._timeout)}") from None
+            reason = _reason(exc, self._timeout)
+            self._went_down(operation, reason)
+            raise SharedStateUnavailable(f"shared state {self.where}: {reason}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             reason = _reason(exc, self._timeout)
             self._went_down(operation, reason)
@@ -194,11 +197,11 @@ class RedisStore:
         return result
 
     def _went_down(self, operation: str, reason: str) -> None:
-        self._metrics.shared_state_errors.labels(operation).inc()
+        self._stats.errors.labels(operation).inc()
         if self._up is not False:
             self._log.error(log.SHARED_STATE_UNAVAILABLE, operation=operation, error=reason)
         self._up = False
-        self._metrics.shared_state_up.set(0)
+        self._stats.up.set(0)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch(), name="shared-state-watch")
 
@@ -206,7 +209,7 @@ class RedisStore:
         if self._up is False:
             self._log.info(log.SHARED_STATE_RESTORED)
         self._up = True
-        self._metrics.shared_state_up.set(1)
+        self._stats.up.set(1)
 
     async def _watch(self) -> None:
         """While Redis is away, ping it, so health shows again without waiting for traffic."""
@@ -220,8 +223,7 @@ class RedisStore:
     def key_for(self, provider: str, identity: Mapping[str, str]) -> str:
         """The grant's identity alone (not the provider's name): replicas whose configs name
         it differently still share, and other credentials never do."""
-        digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode())
-        return digest.hexdigest()[:32]
+        return digest(dict(identity), 32)
 
     def _tokens_key(self, key: str) -> str:
         return f"{self._prefix}tokens:{key}"
@@ -257,13 +259,15 @@ class RedisStore:
                             entry.obtained_at, entry.seed, version=version, spending=mark)
 
     def _unreadable(self, name: str, reason: str) -> NoReturn:
-        self._metrics.shared_state_errors.labels("decrypt").inc()
+        self._stats.errors.labels("decrypt").inc()
         self._log.error("shared_state_unreadable", key=name, error=reason)
         raise SharedStateUnreadable(f"shared state entry {name} unreadable: {reason} (fix or "
                                     "delete it)")
 
     @contextlib.asynccontextmanager
     async def locked(self, key: str, wait: float) -> AsyncIterator[None]:
+        # Real time (asyncio's clock), not the daemon's injected one: the lease runs out in
+        # Redis, by Redis's clock, whatever the daemon's clock says.
         name = self._lock_key(key)
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
         loop = asyncio.get_running_loop()
@@ -275,7 +279,7 @@ class RedisStore:
                 raise StateLockTimeout("another replica holds the refresh lock too long")
             await asyncio.sleep(pause * self._rng.uniform(0.5, 1.5))
             pause = min(LOCK_POLL_MAX, pause * 2)
-        self._metrics.shared_state_lock_wait.observe(loop.time() - started)
+        self._stats.lock_wait.observe(loop.time() - started)
         renewer = asyncio.create_task(self._renew(name, owner), name="shared-state-renew")
         self._held[key] = owner
         try:
@@ -313,12 +317,15 @@ class RedisStore:
 
     async def write(self, key: str, entry: StoredTokens) -> int | None:
         name = self._tokens_key(key)
-        # Sealed for the version the script will give it: an older value put back alone (by
-        # whoever can write Redis but has no key) then does not open.
-        blob = self._sealer.seal(entry.to_json(), _bound(name, entry.version + 1))
+        # A new entry starts at a random version, not 1: after Redis lost its data, a replica
+        # that remembers version n must not take another's new entry n for its own.
+        after = entry.version + 1 if entry.version else secrets.randbits(40) + 1
+        # Sealed for that version: an older value put back alone (by whoever can write Redis
+        # but has no key) then does not open.
+        blob = self._sealer.seal(entry.to_json(), _bound(name, after))
         try:
             applied = await self._op("write", lambda: self._write_script(
-                keys=[name], args=[entry.version, blob, ENTRY_TTL_MS]))
+                keys=[name], args=[entry.version, blob, ENTRY_TTL_MS, after]))
         except SharedStateUnavailable as exc:
             raise StoreWriteFailed(str(exc)) from None
         return None if int(applied) < 0 else int(applied)
