@@ -6,6 +6,7 @@ CA of the test's own signed, reached by the name ``localhost``."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import ssl
 import subprocess
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.helpers.forward import (
     proxy_url,
     start_upstream,
 )
+from tokenproxy.config import build_config
 
 
 @pytest.fixture(name="tls_upstream")
@@ -121,3 +123,31 @@ async def test_other_destinations_get_a_403_naming_the_host(
     assert b"Tokenproxy-Error: forward_refused" in answer
     assert b"example.org:443 is neither intercepted nor tunnelled" in answer
 
+
+
+async def test_a_reload_changes_what_is_intercepted_and_makes_the_ca_again(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """The intercepted names are the CA's name constraints: a reload that changes them makes
+    a new CA (which clients must trust anew) and serves the new list at once; a host no
+    longer listed is refused. The forward listener stays where it was."""
+    raw = forward_config(tmp_path, tls_upstream)
+    daemon = await make_proxy(raw)
+    port = daemon.forward_listeners[0].port
+    first_ca = ca_path(tmp_path).read_bytes()
+    moved = copy.deepcopy(raw)
+    moved["forward_proxy"]["intercept"][0]["host"] = "127.0.0.1"
+    changed = await daemon.reload(build_config(moved, {}))
+    assert [] == changed["listen_added"]
+    assert port == daemon.forward_listeners[0].port
+    assert first_ca != ca_path(tmp_path).read_bytes()
+    code, _, err = await curl(
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        f"https://127.0.0.1:{tls_upstream.port}/echo")
+    assert 0 == code, err
+    assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
+    code, _, err = await curl(
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        f"https://localhost:{tls_upstream.port}/echo")
+    assert 0 != code
+    assert "403" in err
