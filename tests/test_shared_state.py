@@ -6,37 +6,48 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from aiohttp.test_utils import TestServer
 
-from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.fakes import FakeClock, JumpClock
-from tests.helpers.idp import StartIdp, advance, gate, oauth2_config
+from tests.helpers.config import MakeProxy, command_provider, upstream_url, write_config
+from tests.helpers.fakes import PASSWORD, FakeClock, FakeUpstream, JumpClock
+from tests.helpers.idp import StartIdp, TokenCall, advance, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count, metric, refreshes
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.replicas import PASSWORD_GRANT, key_file, readyz, replica_config, status
-from tests.helpers.wait import wait_for
+from tests.helpers.replicas import (
+    REPLICA_GRANT,
+    key_file,
+    redis_store,
+    refresh_token_config,
+    replica_config,
+    static_config,
+    status,
+    tokens_key_of,
+)
+from tests.helpers.wait import readyz, wait_for
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
 from tokenproxy.log import Redactor
-from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.factory import obtain_token
-from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens
 
 LIFETIME = 10.0
 
 
-async def replicas(make_proxy: MakeProxy, raw: dict[str, Any], n: int = 2) -> list[Daemon]:
+async def start_replicas(make_proxy: MakeProxy, raw: dict[str, Any],
+                         n: int = 2) -> list[Daemon]:
+    """*n* in-process replicas of *raw*, started one after the other (not yet asked)."""
     return [await make_proxy(raw) for _ in range(n)]
 
 
@@ -47,13 +58,15 @@ async def test_a_second_replica_adopts_the_first_ones_token(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: FakeClock,
 ) -> None:
-    """One login for two replicas: the second finds the first one's token in Redis."""
+    """One login for two replicas started together: whichever takes the lock first logs in;
+    the other finds its token in Redis, at its start or under the lock (then counted as
+    adopted), and calls nobody."""
     idp = await start(lifetime=LIFETIME)
-    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    a, b = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
     assert 200 == (await status(b))[0]
     assert {"password": 1} == idp.issuer.stats.grants
-    assert 1 == refreshes(b, "initial", grant="shared") + refreshes(b, "expiry", grant="shared")
+    assert sum(refreshes(d, "initial", grant="shared") for d in (a, b)) <= 1
     assert idp.tap.bearers()[0] == idp.tap.bearers()[1]
 
 
@@ -64,7 +77,7 @@ async def test_concurrent_expiries_on_two_replicas_make_one_call(
     """Both replicas' tokens expire at once and both get requests: one refresh-token call,
     the other replica adopts it; no refresh token is spent twice."""
     idp = await start(lifetime=LIFETIME)
-    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    a, b = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     for _ in range(3):
         await clock.tick(LIFETIME + 1)
@@ -96,6 +109,40 @@ async def test_replicas_with_other_credentials_never_share(
     assert 2 == len(redis_server.keys("tokenproxy:tokens:*"))
 
 
+@pytest.mark.parametrize("credential", ["client_id", "username"])
+async def test_another_client_id_or_user_is_another_entry_with_its_own_login(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    credential: str,
+) -> None:
+    """Same token endpoint, same grant, another client id (the issuer knows the client by
+    that id now) or another user of the issuer: its own key in Redis and its own login, never
+    the first replica's token."""
+    idp = await start(lifetime=LIFETIME, users={"demo": PASSWORD, "other-user": PASSWORD})
+    raw = replica_config(idp, tmp_path, redis_server)
+    a = await make_proxy(raw)
+    assert 200 == (await status(a))[0]
+    if credential == "client_id":
+        idp.issuer.client_id = "other-client"   # the issuer knows the client by this id now
+        other = replica_config(idp, tmp_path, redis_server, client_id="other-client")
+        second_login = ("other-client", "demo")
+    else:
+        other = replica_config(idp, tmp_path, redis_server, username="other-user")
+        second_login = ("demo-client", "other-user")
+    b = await make_proxy(other)
+    assert 200 == (await status(b))[0]
+    assert {"password": 2} == idp.issuer.stats.grants
+
+    def login(call: TokenCall) -> tuple[str, str]:
+        client = base64.b64decode(call.headers["authorization"][6:]).decode().split(":")[0]
+        return client, call.form["username"]
+
+    assert [("demo-client", "demo"), second_login] == [login(c) for c in idp.calls.seen]
+    keys = sorted([tokens_key_of(raw, "idp"), tokens_key_of(other, "idp")])
+    assert keys == redis_server.keys("tokenproxy:tokens:*")
+    first, second = idp.tap.bearers()
+    assert first != second
+
+
 async def test_proactive_timers_of_three_replicas_make_one_call(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
@@ -104,7 +151,7 @@ async def test_proactive_timers_of_three_replicas_make_one_call(
     take the lock refreshes, the others find its token and adopt it. No request waits."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server, refresh_margin="3s")
-    daemons = await replicas(make_proxy, raw, 3)
+    daemons = await start_replicas(make_proxy, raw, 3)
     for d in daemons:
         assert 200 == (await status(d))[0]
     for expiry in range(1, 4):
@@ -122,9 +169,28 @@ async def test_the_token_command_takes_the_replicas_token(
     """``tokenproxy token`` reads the shared state: the replicas' token, no call of its own."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server)
-    (a,) = await replicas(make_proxy, raw, 1)
+    (a,) = await start_replicas(make_proxy, raw, 1)
     assert 200 == (await status(a))[0]
     token = await obtain_token(build_config(raw, {}), "idp", redactor=Redactor())
+    assert [token] == idp.tap.bearers()
+    assert {"password": 1} == idp.issuer.stats.grants
+
+
+async def test_the_token_command_stores_its_token_for_the_replicas(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: JumpClock,
+) -> None:
+    """``tokenproxy token`` writes the shared state too: with Redis empty it logs in and
+    stores the entry; a replica started after it takes that token, no call of its own."""
+    clock.set_wall(time.time())   # the command stamps its entry with the system's wall clock
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server)
+    assert [] == redis_server.keys()
+    token = await obtain_token(build_config(raw, {}), "idp", redactor=Redactor())
+    assert {"password": 1} == idp.issuer.stats.grants
+    assert [tokens_key_of(raw, "idp")] == redis_server.keys("tokenproxy:tokens:*")
+    (a,) = await start_replicas(make_proxy, raw, 1)
+    assert 200 == (await status(a))[0]
     assert [token] == idp.tap.bearers()
     assert {"password": 1} == idp.issuer.stats.grants
 
@@ -141,7 +207,7 @@ async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
     logs in. A's answer then arrives; its write is refused (fenced) and A adopts B's token.
     The stored token is B's throughout, and no refresh token was presented twice."""
     idp = await start(lifetime=LIFETIME)
-    a, b = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
+    a, b = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
     held = asyncio.Event()
@@ -167,6 +233,89 @@ async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
     assert bearers[-1] == bearers[-2]   # A's retry-free request carried B's token
 
 
+@pytest.mark.slow
+async def test_the_lease_is_renewed_while_a_refresh_call_runs(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """lock_ttl 1 s, and A's refresh call takes 2.5 s (real time) at the token endpoint: A
+    renews its lease meanwhile, so the lock stays A's throughout (the same owner value, its
+    TTL never run out) and B, needing a token meanwhile, waits. Afterwards: one
+    refresh-token call, and B adopted A's token."""
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server, lock_ttl="1s", timeout="0.2s")
+    a = await make_proxy(raw)
+    assert 200 == (await status(a))[0]
+    b = await make_proxy(raw)
+    assert 200 == (await status(b))[0]
+    await clock.tick(LIFETIME + 1)
+    held = asyncio.Event()
+    idp.calls.queue.append(gate(held))
+    slow = asyncio.create_task(status(a))
+    await wait_for(lambda: ["password", "refresh_token"] == idp.calls.grants(),
+                   "A's refresh call")
+    [lock] = redis_server.keys("tokenproxy:lock:*")
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[Any, int]] = []
+    async with redis_server.aclient() as r:
+        owner = await r.get(lock)
+        waiting = asyncio.create_task(status(b))
+        until = loop.time() + 2.5
+        while loop.time() < until:
+            seen.append((await r.get(lock), await r.pttl(lock)))
+            await asyncio.sleep(0.05)
+        assert not waiting.done(), "B did not wait for A's refresh"
+    held.set()
+    assert 200 == (await slow)[0]
+    assert 200 == (await waiting)[0]
+    assert owner is not None
+    assert {owner} == {o for o, _ in seen}, "the lock changed hands"
+    assert min(ttl for _, ttl in seen) > 0
+    assert len(seen) > 20
+    assert {"password": 1, "refresh_token": 1} == idp.issuer.stats.grants
+    assert 0 == idp.issuer.stats.reuse_detected
+    assert 1 == refreshes(b, "expiry", grant="shared")
+    assert idp.tap.bearers()[-1] == idp.tap.bearers()[-2]
+
+
+async def test_after_redis_lost_its_data_a_new_entry_is_not_taken_for_an_old_one(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+    clock: FakeClock,
+) -> None:
+    """A replica tells its own entry from another's by the version it last read or wrote.
+    B rotates three times and remembers the version it wrote; Redis loses its data
+    (FLUSHALL); A logs in afresh and rotates three times too. A new entry starts at a random
+    version (not at 1, where A's fourth entry would carry the very version B remembers), so
+    B takes A's entry for another's and adopts it: no call of its own, nothing spent twice."""
+    idp = await start(lifetime=LIFETIME)
+    raw = replica_config(idp, tmp_path, redis_server)
+    a = await make_proxy(raw)
+    assert 200 == (await status(a))[0]       # A logs in
+    b = await make_proxy(raw)
+    assert 200 == (await status(b))[0]       # B took A's entry at its start
+    for _ in range(3):
+        await clock.tick(LIFETIME + 1)
+        assert 200 == (await status(b))[0]   # B rotates; A is asked nothing
+    client = redis_server.client()
+    name = tokens_key_of(raw, "idp")
+    client.flushall()
+    versions: list[int] = []
+    for _ in range(4):
+        await clock.tick(LIFETIME + 1)
+        assert 200 == (await status(a))[0]   # a login (the entry is lost), then rotations
+        versions.append(int(client.hget(name, "ver") or 0))
+    assert versions[0] > 1000, versions
+    assert [versions[0] + n for n in range(4)] == versions
+    calls = idp.calls.grants()
+    adopted = refreshes(b, "expiry", grant="shared")
+    assert 200 == (await status(b))[0]
+    assert calls == idp.calls.grants(), "B spent its own refresh token"
+    assert adopted + 1 == refreshes(b, "expiry", grant="shared")
+    assert {"password": 2, "refresh_token": 6} == idp.issuer.stats.grants
+    assert 0 == idp.issuer.stats.reuse_detected
+    assert idp.tap.bearers()[-1] == idp.tap.bearers()[-2]
+
+
 # -- Redis away ----------------------------------------------------------------------------
 
 
@@ -180,7 +329,7 @@ async def test_redis_down_valid_tokens_go_on_refresh_tokens_wait_then_heal(
     /readyz says why. Redis back (empty: no persistence): it heals without a restart, and
     since the entry is gone it logs in rather than spend a refresh token that may be stale."""
     idp = await start(lifetime=LIFETIME)
-    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
+    (a,) = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
     assert 200 == (await status(a))[0]
     assert 1 == metric(a, "tokenproxy_shared_state_up")
     redis_server.kill()
@@ -207,19 +356,56 @@ async def test_redis_down_valid_tokens_go_on_refresh_tokens_wait_then_heal(
         e["reason"] for e in logs.events("refresh_token_in_doubt")]
 
 
+@pytest.mark.parametrize("grant", ["client_credentials", "json_login"])
 async def test_a_provider_without_refresh_token_refreshes_locally_while_redis_is_down(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
-    clock: FakeClock,
+    clock: FakeClock, grant: str,
 ) -> None:
+    """Nothing to spend twice: with Redis killed, an oauth2 client_credentials provider and
+    a json provider that logs in without a refresh call get their next token alone."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server, grant_type="client_credentials",
                          username=None, password=None)
-    (a,) = await replicas(make_proxy, raw, 1)
+    if grant == "json_login":
+        raw["providers"]["idp"] = {
+            "type": "json", "refresh_margin": 0,
+            "login": {"url": idp.url + "/auth/login",
+                      "json": {"username": "demo", "password": PASSWORD},
+                      "access_token": "/accessToken", "expires_in": "/expiresIn"}}
+    (a,) = await start_replicas(make_proxy, raw, 1)
     assert 200 == (await status(a))[0]
+    assert 1 == len(redis_server.keys("tokenproxy:tokens:*"))   # it did use Redis
     redis_server.kill()
     await clock.tick(LIFETIME + 1)
     assert 200 == (await status(a))[0]
-    assert {"client_credentials": 2} == idp.issuer.stats.grants
+    assert {grant: 2} == idp.issuer.stats.grants
+    assert 2 == len(set(idp.tap.bearers()))
+
+
+async def test_a_command_provider_runs_its_command_while_redis_is_down(
+    make_proxy: MakeProxy, redis_server: RedisServer, upstream: TestServer,
+    fake_upstream: FakeUpstream, tmp_path: Path, clock: FakeClock,
+) -> None:
+    """A command provider holds no refresh token: with Redis killed, once its token's
+    cache_for has passed, it runs the command again and serves the new token."""
+    runs = tmp_path / "runs"
+    script = (f"import pathlib; p = pathlib.Path({str(runs)!r}); "
+              "n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n)); "
+              "print('cmd-token-%d' % n)")
+    raw: dict[str, Any] = {
+        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+        "providers": {"cmd": command_provider(script, cache_for="30s", refresh_margin=0)},
+        "routes": [{"prefix": "/", "upstream": upstream_url(upstream), "provider": "cmd"}],
+        "shared_state": {"redis_url": redis_server.url, "timeout": "0.5s"}}
+    (a,) = await start_replicas(make_proxy, raw, 1)
+    assert 200 == (await status(a, "/x"))[0]
+    assert [tokens_key_of(raw, "cmd")] == redis_server.keys("tokenproxy:tokens:*")
+    redis_server.kill()
+    await clock.tick(31)
+    assert 200 == (await status(a, "/x"))[0]
+    sent = [seen.header("Authorization") for seen in fake_upstream.seen]
+    assert [["Bearer cmd-token-1"], ["Bearer cmd-token-2"]] == sent
+    assert "2" == runs.read_text()
 
 
 @pytest.mark.slow
@@ -231,8 +417,8 @@ async def test_a_hung_redis_costs_a_refresh_its_timeout_and_never_the_event_loop
     token gets its 503 within about the operation timeout, and the admin listener answers
     meanwhile."""
     idp = await start(lifetime=LIFETIME)
-    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
-                                                     timeout="0.5s"), 1)
+    (a,) = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
+                                                           timeout="0.5s"), 1)
     assert 200 == (await status(a))[0]
     await clock.tick(LIFETIME + 1)
     redis_server.pause()
@@ -251,6 +437,28 @@ async def test_a_hung_redis_costs_a_refresh_its_timeout_and_never_the_event_loop
     assert probe < 0.5
 
 
+async def test_without_shared_state_no_shared_state_series_is_exported(
+    start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    """tokenproxy_shared_state_* exist only in a daemon with a Redis store: one without
+    shared_state exports no tokenproxy_shared_state_up 0 for an alert to fire on."""
+    idp = await start(lifetime=LIFETIME)
+    alone = await make_proxy(oauth2_config(idp, tmp_path, **REPLICA_GRANT))
+    shared = await make_proxy(replica_config(idp, tmp_path, redis_server))
+    assert [200, 200] == [(await status(d))[0] for d in (alone, shared)]
+
+    def families(daemon: Daemon) -> list[str]:
+        return sorted(f.name for f in daemon.registry.collect()
+                      if f.name.startswith("tokenproxy_shared_state"))
+
+    assert metric(alone, "tokenproxy_shared_state_up") is None
+    assert [] == families(alone)
+    assert "tokenproxy_shared_state" not in await _metrics_text(alone)
+    assert 1 == metric(shared, "tokenproxy_shared_state_up")
+    assert ["tokenproxy_shared_state_errors", "tokenproxy_shared_state_lock_wait_seconds",
+            "tokenproxy_shared_state_up"] == families(shared)
+
+
 # -- encryption ------------------------------------------------------------------------------
 
 
@@ -258,8 +466,8 @@ async def test_with_a_key_redis_holds_no_token_in_clear(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
     idp = await start(lifetime=LIFETIME)
-    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
-                                                     key=key_file(tmp_path)), 1)
+    (a,) = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server,
+                                                           key=key_file(tmp_path)), 1)
     assert 200 == (await status(a))[0]
     issued = [*idp.issuer._access, *idp.issuer._refresh]
     dump = redis_server.raw_dump()
@@ -272,7 +480,7 @@ async def test_without_a_key_tokens_are_stored_in_clear(
 ) -> None:
     """The counterpart of the test above: what it looks for is there without a key."""
     idp = await start(lifetime=LIFETIME)
-    (a,) = await replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
+    (a,) = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server), 1)
     assert 200 == (await status(a))[0]
     dump = redis_server.raw_dump()
     assert all(t.encode() in dump for t in [*idp.issuer._access, *idp.issuer._refresh])
@@ -317,30 +525,26 @@ async def test_with_a_key_an_entry_in_clear_is_refused(
 # -- the store itself ----------------------------------------------------------------------
 
 
-def _store(redis: RedisServer, **kw: Any) -> RedisStore:
-    cfg = build_config({"providers": {"s": {"type": "static", "token": "x"}},
-                        "shared_state": {"redis_url": redis.url, **kw},
-                        "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1",
-                                    "provider": "s"}]}, {})
-    assert cfg.shared_state is not None
-    return RedisStore(cfg.shared_state, Metrics(CollectorRegistry(), "test"))
-
-
 async def test_writes_are_fenced_by_the_version_read(redis_server: RedisServer) -> None:
-    store = _store(redis_server)
+    """A write applies only if the entry's version is still the one its writer read; each
+    applied write moves the version on by one from where the first one put it."""
+    store = redis_store(redis_server)
     try:
         first = StoredTokens("access-1", None, "refresh-1", 1.0, None, version=0)
-        assert await store.write("k", first)
+        base = await store.write("k", first)
+        assert base
         read = await store.read("k")
         assert read is not None
-        assert (1, "access-1") == (read.version, read.access_token)
-        newer = StoredTokens("access-2", None, "refresh-2", 2.0, None, version=1)
-        assert await store.write("k", newer)
-        stale = StoredTokens("access-old", None, "refresh-old", 3.0, None, version=1)
-        assert not await store.write("k", stale)
+        assert (base, "access-1") == (read.version, read.access_token)
+        newer = StoredTokens("access-2", None, "refresh-2", 2.0, None, version=base)
+        assert base + 1 == await store.write("k", newer)
+        stale = StoredTokens("access-old", None, "refresh-old", 3.0, None, version=base)
+        assert await store.write("k", stale) is None
+        again = StoredTokens("access-new", None, "refresh-new", 3.0, None, version=0)
+        assert await store.write("k", again) is None   # "no entry yet" is stale too
         now = await store.read("k")
         assert now is not None
-        assert (2, "access-2") == (now.version, now.access_token)
+        assert (base + 1, "access-2") == (now.version, now.access_token)
     finally:
         await store.close()
 
@@ -349,25 +553,35 @@ async def test_writes_are_fenced_by_the_version_read(redis_server: RedisServer) 
 async def test_the_lock_is_a_lease_released_only_by_its_owner(
     redis_server: RedisServer,
 ) -> None:
-    """A second holder waits; a lock taken over after the first one's lease ran out is not
-    released by the first one's late unlock."""
-    store = _store(redis_server, lock_ttl="1s", timeout="0.2s")
-    other = _store(redis_server, lock_ttl="1s", timeout="0.2s")
+    """Two stores of one process (same host, same pid). A holds the lock; B waits for it in
+    vain. A's lease runs out (the key is gone) and B takes the lock; A then leaves its block:
+    its unlock must not delete B's lock (the owner value's random part tells them apart);
+    B's own unlock does."""
+    a = redis_store(redis_server, lock_ttl="1s", timeout="0.2s")
+    b = redis_store(redis_server, lock_ttl="1s", timeout="0.2s")
     client = redis_server.client()
+    lock = "tokenproxy:lock:k"
     try:
-        async with store.locked("k", 5):
-            owner = client.get("tokenproxy:lock:k")
-            assert owner is not None
-            assert str(os.getpid()).encode() in owner
-            with pytest.raises(StateLockTimeout):
-                async with other.locked("k", 0.3):
-                    pass
-            client.delete("tokenproxy:lock:k")           # the lease ran out ...
-            client.set("tokenproxy:lock:k", b"someone-else", px=5000)   # ... and was taken
-        assert b"someone-else" == client.get("tokenproxy:lock:k")
+        async with contextlib.AsyncExitStack() as holding_b:
+            async with a.locked("k", 5):
+                owner_a = client.get(lock)
+                assert isinstance(owner_a, bytes)
+                with pytest.raises(StateLockTimeout):
+                    async with b.locked("k", 0.3):
+                        pass
+                client.delete(lock)                          # A's lease ran out
+                await holding_b.enter_async_context(b.locked("k", 1))
+                owner_b = client.get(lock)
+                assert isinstance(owner_b, bytes)
+                host_pid = f"{socket.gethostname()}:{os.getpid()}:".encode()
+                assert owner_a.startswith(host_pid)
+                assert owner_b.startswith(host_pid)
+                assert owner_a != owner_b
+            assert owner_b == client.get(lock), "A's unlock released B's lock"
+        assert client.get(lock) is None
     finally:
-        await store.close()
-        await other.close()
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.parametrize(("shared", "error"), [
@@ -380,10 +594,8 @@ async def test_the_lock_is_a_lease_released_only_by_its_owner(
     ({"redis_url": "redis://h", "lok_ttl": "1s"}, "shared_state.lok_ttl: unknown key"),
 ])
 def test_bad_shared_state_settings_name_the_key(shared: dict[str, Any], error: str) -> None:
-    raw = {"providers": {"s": {"type": "static", "token": "x"}}, "shared_state": shared,
-           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "s"}]}
     with pytest.raises(ConfigError) as caught:
-        build_config(raw, {})
+        build_config(static_config(shared), {})
     assert str(caught.value).startswith(error)
 
 
@@ -397,9 +609,7 @@ def test_a_bad_key_file_names_the_key_and_the_line(tmp_path: Path, text: str,
                                                    error: str) -> None:
     path = tmp_path / "k"
     path.write_text(text)
-    raw = {"providers": {"s": {"type": "static", "token": "x"}},
-           "shared_state": {"redis_url": "redis://h", "encryption_key_file": str(path)},
-           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "s"}]}
+    raw = static_config({"redis_url": "redis://h", "encryption_key_file": str(path)})
     with pytest.raises(ConfigError) as caught:
         build_config(raw, {})
     assert str(caught.value).startswith("shared_state.encryption_key_file:")
@@ -423,16 +633,7 @@ def test_with_shared_state_no_state_path_is_needed(tmp_path: Path) -> None:
 
 def _cli_config(tmp_path: Path, redis: RedisServer, *, key: Path | None = None,
                 url: str | None = None) -> Path:
-    shared: dict[str, Any] = {"redis_url": url or redis.url, "timeout": "0.5s"}
-    if key is not None:
-        shared["encryption_key_file"] = str(key)
-    raw = {"shared_state": shared,
-           "providers": {"rt": {"type": "oauth2", "grant_type": "refresh_token",
-                                "token_url": "http://127.0.0.1:9/token", "client_auth": "none",
-                                "client_id": "c",
-                                "refresh_token": "rt-secret-0123456789"}},
-           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "rt"}]}
-    return write_config(tmp_path, raw, "shared.yaml")
+    return write_config(tmp_path, refresh_token_config(redis, key=key, url=url), "shared.yaml")
 
 
 def test_check_config_shows_the_url_without_password_and_warns_without_a_key(
@@ -475,7 +676,7 @@ async def test_a_reload_moves_the_tokens_into_the_shared_state(
     """From the state file to Redis by a reload: the provider's identity did not change, so
     its token is kept; its next refresh is stored in Redis and the state file is left."""
     idp = await start(lifetime=LIFETIME)
-    file_raw = oauth2_config(idp, tmp_path, **PASSWORD_GRANT)
+    file_raw = oauth2_config(idp, tmp_path, **REPLICA_GRANT)
     daemon = await make_proxy(file_raw)
     assert 200 == (await status(daemon))[0]
     changed = await daemon.reload(build_config(replica_config(idp, tmp_path, redis_server), {}))
@@ -505,7 +706,7 @@ async def test_rediss_with_a_ca_file_and_a_password_that_never_shows(
         raw = replica_config(idp, tmp_path, server)
         raw["shared_state"]["ca_file"] = str(cert[1])
         assert raw["shared_state"]["redis_url"].startswith(f"rediss://:{password}@")
-        a, b = await replicas(make_proxy, raw)
+        a, b = await start_replicas(make_proxy, raw)
         assert [200, 200] == [(await status(d))[0] for d in (a, b)]
         assert {"password": 1} == idp.issuer.stats.grants
         server.kill()
@@ -530,7 +731,7 @@ async def test_a_wrong_redis_password_is_a_clear_error(
         raw = replica_config(idp, tmp_path, server)
         raw["shared_state"]["redis_url"] = raw["shared_state"]["redis_url"].replace(
             "the-right-one-77", "a-wrong-one-88")
-        (a,) = await replicas(make_proxy, raw, 1)
+        (a,) = await start_replicas(make_proxy, raw, 1)
         assert 200 == (await status(a))[0]   # no refresh token yet: a local login
         await clock.tick(LIFETIME + 1)
         code, doc = await status(a)

@@ -1,7 +1,7 @@
 """The shared state under attack and faults (docs/replicas.md): a hostile or broken Redis,
 skewed clocks, stalled holders, tampered entries, reloads at bad moments. Each test of the
-first sections was written against a hole an adversarial review found, and failed until it was
-fixed; the last section holds the attacks the design withstood from the start.
+first sections failed once, against a hole since closed (its docstring says which, after
+"Once:"); the last section holds the attacks the design withstood from the start.
 
 Real Redis (the ``redis_server`` fixture), the real rotating, reuse-detecting Issuer, real
 daemons on the test clock; nothing of tokenproxy is mocked. The only test-owned machinery is a
@@ -29,15 +29,21 @@ from tests.helpers.idp import StartIdp, gate, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import metric
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.replicas import key_file, readyz, replica_config, status
-from tests.helpers.wait import wait_for
+from tests.helpers.replicas import (
+    key_file,
+    refresh_token_config,
+    replica_config,
+    static_config,
+    status,
+    tokens_key_of,
+)
+from tests.helpers.wait import readyz, wait_for
 from tokenproxy import log
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.errors import ConfigError
-from tokenproxy.metrics import Metrics
-from tokenproxy.tokens.shared.redis_store import _MARK, RedisStore
+from tokenproxy.tokens.shared.redis_store import _MARK
 
 LIFETIME = 10.0
 
@@ -46,16 +52,9 @@ LIFETIME = 10.0
 
 
 def tokens_key(redis: RedisServer) -> str:
+    """The one tokens key in *redis*."""
     [name] = redis.keys("tokenproxy:tokens:*")
     return name
-
-
-def store_key(raw: dict[str, Any], provider: str) -> str:
-    """The Redis key name of *provider*'s tokens, as the daemon derives it."""
-    cfg = build_config(raw, {})
-    assert cfg.shared_state is not None
-    store = RedisStore(cfg.shared_state, Metrics(CollectorRegistry(), "test"))
-    return f"tokenproxy:tokens:{store.key_for(provider, cfg.providers[provider].identity())}"
 
 
 class SkewedClock:
@@ -157,10 +156,11 @@ async def test_a_wall_clock_step_back_never_spends_a_refresh_token_twice(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """The hosts' wall clock steps back (NTP correcting a clock that ran ahead, a VM resumed).
-    A refreshes and stores R2 stamped with the earlier wall time; B then needs a token, reads
-    the entry under the lock, but _adopt_stored compares wall stamps and finds it 'older' than
-    its own: B does not take R2 and spends R1 again: reuse, the family is revoked."""
+    """The hosts' wall clock steps back 120 s (NTP correcting a clock that ran ahead, a VM
+    resumed). A refreshes and stores R2 stamped with the earlier wall time; B then needs a
+    token and takes R2, calling nobody: the entry's version says it is newer, whatever its
+    stamp. One refresh-token call, no reuse. Once: B compared wall stamps, found the entry
+    'older' than its own tokens and spent R1 again."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
@@ -177,11 +177,11 @@ async def test_clock_skew_between_replicas_never_spends_a_refresh_token_twice(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """Replica A's wall clock runs 5 s ahead of B's (other machines). Tokens live 5 minutes.
-    A logs in; a second later the upstream revokes access tokens and both replicas get a 401.
-    B refreshes first (R1 -> R2, stamped with B's wall time, 4 s 'before' A's login); A then
-    re-reads under the lock, finds the entry 'older' than its own tokens, keeps R1 and spends
-    it again: reuse, the whole family revoked."""
+    """Replica A's wall clock runs 5 s ahead of B's (other machines); tokens live 5 minutes.
+    A logs in, B adopts; a second later the issuer revokes the access tokens, so each
+    replica's next request gets a 401. B refreshes first (R1 -> R2, stamped with B's wall
+    time: 4 s 'before' A's login); A then adopts R2 rather than spend R1: one refresh-token
+    call, no reuse. Once: A judged the entry by its wall stamp, kept R1 and spent it again."""
     idp = await start(lifetime=300.0)
     raw = replica_config(idp, tmp_path, redis_server)
     async with daemon_on(raw, SkewedClock(clock, +5.0)) as a:
@@ -233,12 +233,12 @@ async def test_after_a_reload_lost_shared_state_still_casts_doubt(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock, reload: bool,
 ) -> None:
-    """docs/replicas.md: 'Each replica remembers that it had tokens in the shared state; one
-    that then finds its provider's entry gone treats the refresh token in its memory as
-    possibly outdated ... and logs in afresh'. A reload that changes shared_state (a new
-    timeout, a rotated key) rebuilds the provider, which inherits the tokens but not
-    _shared_seen: after Redis loses its data it spends its stale refresh token (B rotated it
-    meanwhile): reuse. Without the reload (the control) it logs in."""
+    """docs/replicas.md: a replica that had tokens in the shared state and then finds its
+    provider's entry gone treats the refresh token in its memory as possibly outdated and
+    logs in afresh. A reload that changes shared_state (a new timeout, a rotated key) rebuilds
+    the provider, which keeps that memory: after Redis loses its data, A (still holding R1,
+    which B has rotated since) does not spend R1, with the reload as without it (the
+    control). Once: the rebuilt provider forgot it had seen the entry and spent R1: reuse."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
@@ -266,10 +266,10 @@ async def test_providers_that_differ_only_in_params_never_share_a_token(
     where: str,
 ) -> None:
     """Two providers of one config, one client, two audiences (`params: {audience: ...}`, the
-    example docs/configuration.md gives). With the state file each has its own token. With
-    shared_state the key drops the provider's name and the identity does not hold `params`:
-    the second adopts the first's token, so API B receives a token minted for API A (and can
-    replay it there)."""
+    example docs/configuration.md gives): with the state file and with shared_state alike,
+    each provider asks for a token of its own audience, and API B never receives a token
+    that API A received. Once: the shared_state key left `params` out of the identity, so
+    the second provider adopted the first one's token."""
     idp = await start(lifetime=LIFETIME)
     raw = oauth2_config(idp, tmp_path, grant_type="client_credentials",
                         params={"audience": "https://a.example"})
@@ -291,9 +291,10 @@ async def test_providers_that_differ_only_in_params_never_share_a_token(
 async def test_json_providers_for_other_tenants_never_share_a_token(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
-    """A json provider's identity is its login URL and the first of username/user/email/
-    login/client_id in the login body; any other field (a tenant, an account, a realm) is
-    left out, so logins for other tenants share one entry."""
+    """A json provider's identity holds its whole login body but for secrets: two logins that
+    differ only in another field (a tenant, an account, a realm) are two entries, each with
+    a login of its own. Once: only the first of username/user/email/login/client_id in the
+    body counted, and logins for other tenants shared one entry."""
     idp = await start(lifetime=LIFETIME)
 
     def provider(tenant: str) -> dict[str, Any]:
@@ -315,18 +316,20 @@ async def test_json_providers_for_other_tenants_never_share_a_token(
     assert ["tenant-a", "tenant-b"] == tenants
 
 
-# == replicas that never heal ===================================================================
+# == replicas that heal ========================================================================
 
 
+@pytest.mark.slow
 async def test_a_demand_only_replica_is_ready_again_once_redis_returns(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
     """refresh_margin 0 (demand-only). While Redis was away a request needed a token (503);
-    Redis returns, shared_state_restored is logged, the metric is 1 again, but /readyz stays
-    503 'shared_state_unavailable' for ever: _shared_problem is cleared only by a refresh,
-    which only a request starts, and a readiness-gated replica receives no requests. Without
-    shared_state the same expired demand-only token is 'ready' (it can get one)."""
+    once Redis is back (the metric 1 again), /readyz answers 200 within the test's twenty
+    ticks without any request, as an expired demand-only token is 'ready' without
+    shared_state (it can get one). Once: /readyz stayed 503 'shared_state_unavailable' for
+    ever: only a refresh cleared the problem, only a request started one, and a
+    readiness-gated replica receives none."""
     idp = await start(lifetime=LIFETIME)
     a = await make_proxy(replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
@@ -349,10 +352,12 @@ async def test_an_entry_that_lost_its_data_field_heals_at_the_next_refresh(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """Another writer removed the entry's `data` field (or it was never written) but left
-    `ver`. read() returns None and drops the version, every write is sent with version 0,
-    the Lua script finds ver=1 and refuses it (fenced) for ever: nothing is stored again,
-    each replica logs in on its own at each expiry, until the 30-day TTL."""
+    """Another writer removed the entry's `data` field but left `ver`. At the next expiry the
+    first replica to refresh logs in (there are no tokens to adopt, nor a refresh token to
+    trust) and stores its tokens again under that version; the other adopts them: both
+    answer 200, `data` is back, two logins in all. Once: read() dropped the version, every
+    write went with version 0 and was fenced for ever, and each replica logged in alone at
+    each expiry until the entry's 30-day TTL."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server)
     a, b = await make_proxy(raw), await make_proxy(raw)
@@ -377,9 +382,11 @@ async def test_a_garbage_entry_does_not_stop_a_replica_from_starting(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     field: str, value: bytes, keyed: bool,
 ) -> None:
-    """read() lets ValueError (int(ver)) and RecursionError (json.loads of a deeply nested
-    value, before any decryption) escape; load() suppresses only SharedStateUnavailable, so a
-    replica starting (or restarting) against such an entry fails to start at all."""
+    """An entry whose `ver` is not a number, or whose sealed `data` is a deeply nested JSON
+    value: a replica starting against it starts, and answers 503 shared_state_unavailable
+    (an unreadable entry is a problem to fix; the replica does not go on alone). Once:
+    read() let ValueError (int(ver)) and RecursionError (json.loads, before any decryption)
+    escape, and the replica failed to start."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server,
                         key=key_file(tmp_path) if keyed else None)
@@ -389,7 +396,9 @@ async def test_a_garbage_entry_does_not_stop_a_replica_from_starting(
         b = await make_proxy(raw)
     except Exception as exc:   # the point of the test
         pytest.fail(f"a replica does not start: {exc!r}"[:300])
-    assert (await status(b))[0] in (200, 503)
+    code, doc = await status(b)
+    assert (503, "shared_state_unavailable") == (code, doc["cause"]), doc
+    assert "unreadable" in doc["body"]
 
 
 @pytest.mark.parametrize("command", [["check-config", "--online"], ["token", "rt"]],
@@ -399,14 +408,10 @@ def test_the_command_line_reports_a_garbage_entry(
     command: list[str],
 ) -> None:
     """`check-config --online` and `tokenproxy token` with a tampered entry (`ver` not a
-    number): a traceback (ValueError from read()) instead of exit 1 and a message."""
-    raw = {"shared_state": {"redis_url": redis_server.url, "timeout": "0.5s"},
-           "providers": {"rt": {"type": "oauth2", "grant_type": "refresh_token",
-                                "token_url": "http://127.0.0.1:9/token", "client_auth": "none",
-                                "client_id": "c", "refresh_token": "rt-secret-0123456789"}},
-           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "rt"}]}
+    number): exit code 1 and a message, no traceback. Once: ValueError from read() escaped."""
+    raw = refresh_token_config(redis_server)
     path = write_config(tmp_path, raw, "shared.yaml")
-    redis_server.client().hset(store_key(raw, "rt"), mapping={"ver": "x", "data": "{}"})
+    redis_server.client().hset(tokens_key_of(raw, "rt"), mapping={"ver": "x", "data": "{}"})
     try:
         code = main([*command, "-c", str(path)])
     except Exception as exc:   # the point of the test
@@ -419,10 +424,11 @@ async def test_an_oversized_entry_does_not_block_the_event_loop(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """A 100 MB value under the provider's key (anyone who can write Redis): read() fetches
-    it whole and json.loads it on the event loop before looking at the key id; every request
-    of the daemon, valid tokens included, waits meanwhile. No size bound, unlike the token
-    endpoint's answers (64 KiB)."""
+    """A 100 MB value under the provider's key (anyone who can write Redis): the request
+    needing a token gets 503, and the event loop never stands still for 0.1 s meanwhile:
+    the entry's size is checked in Redis, and the value is neither fetched nor parsed. Once:
+    read() fetched it whole and parsed it on the event loop, stalling every request, with no
+    size bound (unlike the token endpoint's answers, 64 KiB)."""
     idp = await start(lifetime=LIFETIME)
     a = await make_proxy(replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path),
                                        timeout="5s", lock_ttl="10s"))
@@ -455,10 +461,11 @@ async def test_a_hostile_key_id_is_not_echoed_into_answers_and_logs(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock, logs: CapturedLogs,
 ) -> None:
-    """The envelope's `kid` is whatever the stored value says; Sealer.open puts it verbatim
-    into the Unreadable message, which becomes the shared_state_unreadable log line, the 503
-    detail of every request needing a token, and /readyz. A 1 MB kid makes each of them
-    1 MB (log flooding, answer amplification, attacker text in the operator's logs)."""
+    """The envelope's `kid` is whatever the stored value says. With a 1 MB kid, the 503's
+    problem body, /readyz and every log line stay under 4 KiB. Once: Sealer.open put the kid
+    verbatim into its message, which became the shared_state_unreadable log line, the 503
+    detail of every request needing a token and /readyz (log flooding, answer
+    amplification, attacker text in the operator's logs)."""
     idp = await start(lifetime=LIFETIME)
     a = await make_proxy(replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path)))
     assert 200 == (await status(a))[0]
@@ -523,11 +530,11 @@ async def test_a_vanished_holders_lease_is_waited_out_not_reported_as_endpoint_f
     clock: JumpClock, logs: CapturedLogs,
 ) -> None:
     """A replica took the lock and died (a pod killed mid-refresh); its lease (lock_ttl 3 s)
-    runs on. The waiter's patience is the provider's timeout + 1 s (2 s here; 11 s vs the
-    default lock_ttl 15 s the docs recommend keeping above the timeout), so it gives up while
-    the lease is still live and answers 503 token_unavailable, logging token_refresh_failed
-    'another replica holds the refresh lock too long' with a backoff, though the token
-    endpoint was never called."""
+    runs on. The waiter's patience is at least lock_ttl + timeout, more than the provider's
+    timeout + 1 s (2 s here): it waits the lease out, then refreshes: 200, one refresh-token
+    call, no token_refresh_failed. Once: it gave up while the lease was live and answered
+    503 token_unavailable, logging 'another replica holds the refresh lock too long' with a
+    backoff, though the token endpoint was never called."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server, timeout="0.5s", lock_ttl="3s")
     raw["providers"]["idp"]["timeout"] = "1s"
@@ -538,27 +545,28 @@ async def test_a_vanished_holders_lease_is_waited_out_not_reported_as_endpoint_f
     await clock.tick(LIFETIME + 1)
     code, doc = await status(a)
     assert 200 == code, doc
+    assert {"password": 1, "refresh_token": 1} == idp.issuer.stats.grants
+    assert [] == logs.events("token_refresh_failed")
 
 
 @pytest.mark.parametrize("path", ["/tokens", "/99999"])
 def test_a_redis_url_path_that_is_no_database_number_is_refused(path: str) -> None:
-    """redis://host:6379/tokens passes check-config and silently means database 0 (redis-py
-    ignores a path it cannot parse); /99999 passes too and fails at every operation."""
-    raw = {"providers": {"s": {"type": "static", "token": "x"}},
-           "shared_state": {"redis_url": f"redis://127.0.0.1:6379{path}"},
-           "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "s"}]}
+    """redis://host:6379/tokens is refused by the config (redis-py would silently take it for
+    database 0), and so is /99999 (no such database: every operation would fail). Once: both
+    passed check-config."""
     with pytest.raises(ConfigError):
-        build_config(raw, {})
+        build_config(static_config({"redis_url": f"redis://127.0.0.1:6379{path}"}), {})
 
 
 async def test_one_bad_key_does_not_flap_the_whole_shared_state(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock, logs: CapturedLogs,
 ) -> None:
-    """The provider's key holds a string (WRONGTYPE for HMGET): Redis answers every other
-    command. Each attempt flips tokenproxy_shared_state_up to 0 and logs
-    shared_state_unavailable, the lock's SET then flips it back (shared_state_restored): a
-    pair of error lines per provider per second, and an 'up' metric that lies."""
+    """The provider's key holds a string (WRONGTYPE for the read) while Redis answers every
+    other command: each attempt answers 503, but the shared state as a whole is not reported
+    down: shared_state_unavailable logged at most once, shared_state_restored never,
+    tokenproxy_shared_state_up 1. Once: each attempt flipped the metric to 0 and back, a pair
+    of error lines per provider per second, and an 'up' metric that lied."""
     idp = await start(lifetime=LIFETIME)
     a = await make_proxy(replica_config(idp, tmp_path, redis_server))
     assert 200 == (await status(a))[0]
@@ -572,6 +580,7 @@ async def test_one_bad_key_does_not_flap_the_whole_shared_state(
         await clock.tick(1.5)
     assert len(logs.events("shared_state_unavailable")) <= 1
     assert len(logs.events("shared_state_restored")) == 0
+    assert 1 == metric(a, "tokenproxy_shared_state_up")
 
 
 @pytest.mark.slow
@@ -579,10 +588,11 @@ async def test_shutdown_while_waiting_for_the_lock_keeps_to_the_grace(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """Another replica holds the lock; a request here waits for it. SIGTERM (stop with a
-    grace of 0.2 s): the request is cut at once, but stop() then awaits the refresh task,
-    which goes on polling the lock for the provider's whole timeout + 1 s (4 s here, 11 s by
-    default; and, should it get the lock, makes a token-endpoint call during shutdown)."""
+    """Another replica holds the lock; a request here waits for it. stop() with a grace of
+    0.2 s returns within 1.5 s: the refresh still waiting for the lock (it has called nobody)
+    is cancelled. Once: stop() awaited it while it polled the lock for the provider's whole
+    timeout + 1 s (4 s here, 11 s by default), and had it got the lock it would have called
+    the token endpoint during shutdown."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server)
     raw["providers"]["idp"]["timeout"] = "3s"
@@ -605,10 +615,12 @@ async def test_a_replayed_sealed_entry_does_not_make_a_replica_spend_an_old_refr
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
 ) -> None:
-    """With encryption_key_file, whoever can write Redis must not choose the tokens. Without
-    the key, they can still put back an older sealed value of the same entry (the associated
-    data is the key name only, no version): a replica that starts then adopts its refresh
-    token (already rotated) and spends it: reuse, the family revoked."""
+    """With encryption_key_file, whoever can write Redis but has no key can still put back an
+    older sealed value of the same entry. A replica starting then does not spend the refresh
+    token in it (rotated since): a value is sealed for its key name and version, so the
+    replayed one no longer opens, and nothing is spent twice. Once: the associated data was
+    the key name only, the replayed value opened, and its refresh token was spent: reuse,
+    the family revoked."""
     idp = await start(lifetime=LIFETIME)
     raw = replica_config(idp, tmp_path, redis_server, key=key_file(tmp_path))
     a = await make_proxy(raw)
@@ -754,6 +766,7 @@ async def test_held_redis_restarted_between_mark_and_write(
     assert 0 == idp.issuer.stats.reuse_detected
 
 
+@pytest.mark.slow
 async def test_held_many_providers_one_login_each_across_replicas(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,

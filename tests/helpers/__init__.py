@@ -16,7 +16,9 @@ from here; nothing here imports a test module or the conftest.
                         a discovery metadata server
     daemon_proc.py      a daemon in a child process
     redis_server.py     a real redis-server on loopback, to kill, restart, pause and resume
-    replicas.py         shared_state replicas: their config, key files, answers
+    replicas.py         shared_state replicas: their config, key files, answers; a RedisStore
+                        and an entry's key name for the store's own tests
+    forward.py          the forward proxy: a TLS and a plain upstream named localhost, a config
     tls.py              a CA of the tests' own and server certificates it signs (openssl)
     transport.py        a recording double of asyncio's transport, for protocol unit tests
     proxy.py            a Proxy (tokenproxy.proxy.runtime) from a config, for unit tests

@@ -3,7 +3,7 @@ persistence off, no config file, its working directory and log in a directory of
 Faults are the real thing: kill (SIGKILL), restart on the same port with the data gone, pause
 (SIGSTOP: connections are still accepted by the kernel, commands never answered), resume.
 
-Never a mock: what the daemons see is the server the issue names. ``redis_server_fixture`` is
+Never a mock: what the daemons see is the server operators run. ``redis_server_fixture`` is
 the body of the ``redis_server`` fixture (tests/conftest.py registers it); every wait here is
 bounded, and the server is always stopped, even when the test fails.
 """
@@ -292,8 +292,8 @@ class RedisServer:
 
     def cli(self, *args: str, timeout: float = 5.0) -> str:
         """Run ``redis-cli -h 127.0.0.1 -p PORT ARGS...`` (Debian's redis-tools), as an operator
-        would (the issue's ``redis-cli --scan``); its stdout. The password goes through
-        REDISCLI_AUTH, never argv."""
+        would to see what is stored (``--scan``, ``HGETALL``); its stdout. The password goes
+        through REDISCLI_AUTH, never argv."""
         binary = shutil.which(REDIS_CLI)
         if binary is None:
             pytest.fail(MISSING.replace("redis-server is", "redis-cli is"), pytrace=False)
