@@ -14,6 +14,13 @@ Then two refresh storms (--storm requests at once at an expired token, a slow to
 one daemon; and three replicas sharing one redis-server (shared_state), the storm spread evenly
 across them, reported as token-endpoint calls per expiry and latency against the same storm on
 one replica alone (skipped when redis-server is not installed).
+Then intercepted HTTPS (benchmarks/intercept.py, --no-intercept skips it, about a minute and
+a half; a few seconds with --quick): a client behind HTTPS_PROXY reaching the upstream over TLS
+through tokenproxy's forward proxy (CONNECT, TLS ended with a leaf of tokenproxy's CA, token
+attached, TLS again to the upstream), on the fast path and on the aiohttp path
+(TOKENPROXY_FAST_PATH=0), against the same client straight to the upstream over TLS and through
+nginx as a TLS-terminating proxy; req/s, latency, CPU per request, and from the daemon's
+metrics which of its paths served the intercepted requests.
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
 a large body (uploads go to a sink that reads every byte before answering) -- the first ones of
 the freshly started process apart, since a heap that earlier load grew flatters later ones --,
@@ -48,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import intercept  # benchmarks/intercept.py, as replicas.py
 import replicas  # benchmarks/replicas.py: this script's directory is first on sys.path
 
 HERE = Path(__file__).resolve().parent
@@ -485,6 +493,109 @@ def replica_storm(procs: Procs, d: Path, args: argparse.Namespace, up: int, sink
             procs.stop(redis)
 
 
+def intercept_bench(procs: Procs, d: Path, args: argparse.Namespace, up: int, sink: int,
+                    proxy_core: int | None, load_core: int | None) -> dict[str, Any]:
+    """Intercepted HTTPS (benchmarks/intercept.py): the upstream over TLS (a test CA made with
+    openssl), and the same load client straight to it, through nginx ending TLS, and through
+    two tokenproxy daemons' forward proxies, one on the fast path and one on the aiohttp path.
+    Everything is started first (the daemons together, on every core, pinned once ready), then
+    each of --repeat rounds measures every variant once, in an order rotated each round; the
+    daemons and nginx wait idle, on the proxy's core, while another is measured. Never
+    raises: the other figures are reported whatever happens here."""
+    if not shutil.which("openssl"):
+        note = "openssl is not installed (Debian package openssl): it makes the test CA"
+        print(f"note: intercepted HTTPS skipped: {note}", file=sys.stderr)
+        return {"skipped": note}
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        tls = intercept.make_tls(d / "intercept-tls")
+        tls_up = free_port()
+        if shutil.which("nginx"):
+            (d / "tls-up.conf").write_text(intercept.NGINX_TLS_UPSTREAM.format(
+                dir=d, port=tls_up, cert=tls.cert, key=tls.key))
+            started.append(procs.start(["nginx", "-c", str(d / "tls-up.conf"), "-p", str(d)],
+                                       load_core))
+        else:
+            started.append(procs.start([sys.executable, str(HERE / "servers.py"), "upstream",
+                                        str(tls_up), "0", str(tls.cert), str(tls.key)],
+                                       load_core))
+        # (variant, port the client reaches, CONNECT through, CA it trusts, token it sends,
+        #  the proxy's process)
+        plan: list[tuple[intercept.Variant, int, int | None, Path, str | None, int | None]] = [
+            (intercept.Variant(intercept.DIRECT), tls_up, None, tls.ca, TOKEN, None)]
+        if shutil.which("nginx"):
+            port = free_port()
+            (d / "tls-proxy.conf").write_text(intercept.NGINX_TLS_PROXY.format(
+                dir=d, port=port, up=tls_up, cert=tls.cert, key=tls.key, ca=tls.ca,
+                token=TOKEN))
+            proc = procs.start(["nginx", "-c", str(d / "tls-proxy.conf"), "-p", str(d)],
+                               proxy_core)
+            started.append(proc)
+            wait_port(port)
+            plan.append((intercept.Variant(intercept.NGINX), port, None, tls.ca, None,
+                         nginx_worker(proc.pid)))
+        daemons: list[tuple[intercept.Variant, subprocess.Popen[bytes], int, Path]] = []
+        for name, env in ((intercept.FAST, {"TOKENPROXY_FAST_PATH": "1"}),
+                          (intercept.SLOW, {"TOKENPROXY_FAST_PATH": "0"})):
+            port, admin, forward = free_port(), free_port(), free_port()
+            where = d / f"intercept-{len(daemons)}"
+            where.mkdir()
+            doc = tokenproxy_config(port, admin, up, sink, where / "state.json", None)
+            doc["forward_proxy"] = intercept.forward_section(forward, tls_up, tls)
+            (where / "config.json").write_text(json.dumps(doc))
+            with (where / "daemon.log").open("wb") as log_file:
+                proc = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                                    str(where / "config.json")], None,
+                                   env={**os.environ, **env}, stderr=log_file)
+            started.append(proc)
+            daemons.append((intercept.Variant(name), proc, admin, where))
+            # Its CA (generated at its start into the state directory) is what the client
+            # trusts, as a tool run by `tokenproxy exec` would.
+            plan.append((daemons[-1][0], tls_up, forward, where / "forward-ca.pem", None,
+                         proc.pid))
+        wait_port(tls_up)
+        for _, _, admin, _ in daemons:
+            wait_port(admin)
+        for _, _, through, _, _, _ in plan:
+            if through is not None:
+                wait_port(through)
+        for _, proc, _, _ in daemons:
+            pin_threads(proc.pid, proxy_core)
+        # As the table above: 64 connections, then the latency one connection sees; then
+        # new connections one at a time (a tool that connects anew for each request). --quick
+        # keeps it to a few seconds.
+        seconds = 0.3 if args.quick else args.seconds
+        phases = ["--phase", f"64:{seconds:g}",
+                  "--phase", f"1:{0.1 if args.quick else max(1.0, seconds / 2):g}",
+                  "--fresh", "3" if args.quick else "50"]
+        taskset = ["taskset", "-c", str(load_core)] \
+            if load_core is not None and shutil.which("taskset") else []
+        for round_ in range(args.repeat):
+            turn = round_ % len(plan)
+            for variant, port, through, ca, token, pid in plan[turn:] + plan[:turn]:
+                argv = [*taskset, sys.executable, str(HERE / "intercept.py"), "--port", str(port),
+                        "--ca", str(ca), *phases]
+                if through is not None:
+                    argv += ["--proxy", str(through)]
+                if token is not None:
+                    argv += ["--token", token]
+                if pid is not None:
+                    argv += ["--pid", str(pid)]
+                variant.add(intercept.run_client(argv, 2 * seconds))
+        for variant, _, _, _, _, pid in plan:
+            if pid is not None:
+                variant.peak_rss_mb = peak_rss_mb(pid)
+        for variant, _, admin, where in daemons:
+            variant.counters = intercept.served_by(admin)
+            variant.fast_path = intercept.fast_path_logged(where / "daemon.log")
+        return intercept.summary([v for v, *_ in plan], 64, seconds)
+    except Exception as exc:
+        print(f"intercepted HTTPS failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        procs.stop_all(started)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 s loads, 1 repeat")
@@ -500,6 +611,8 @@ def main() -> int:
                     help="also measure static with one lever off at a time: the aiohttp path "
                          "instead of the fast path, no access log, asyncio's loop instead of "
                          "uvloop (adds about a minute)")
+    ap.add_argument("--no-intercept", action="store_true",
+                    help="skip the intercepted-HTTPS measurement (about a minute and a half)")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.big_mib, args.storm = 1.0, 1, 16, 200
@@ -513,6 +626,7 @@ def main() -> int:
     results: list[Result] = []
     storm: dict[str, float] = {}
     replica: dict[str, Any] = {}
+    intercepted: dict[str, Any] = {}
     started = time.monotonic()
     with workdir() as d:
         d.chmod(0o755)   # nginx workers run as an unprivileged user and must read big.bin
@@ -629,19 +743,28 @@ def main() -> int:
             # The same storm across three replicas sharing one Redis; the same token server.
             replica = replica_storm(procs, d, args, up, sink, slow_token, lifetime,
                                     proxy_core, up_core)
+
+            # A client behind HTTPS_PROXY: the same upstream over TLS, through the forward
+            # proxy; the proxy's core for the proxies, the upstream's for the client.
+            if not args.no_intercept:
+                intercepted = intercept_bench(procs, d, args, up, sink, proxy_core, up_core)
         finally:
             procs.stop_all()
-    report(results, storm, replica, args, time.monotonic() - started)
+    report(results, storm, replica, intercepted, args, time.monotonic() - started)
     if args.json:
         args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
-                                         "storm": storm, "replica_storm": replica}, indent=1))
-    errors = sum(r.errors for r in results) + int(replica.get("errors", 0))
+                                         "storm": storm, "replica_storm": replica,
+                                         "intercepted_https": intercepted}, indent=1))
+    errors = (sum(r.errors for r in results) + int(replica.get("errors", 0))
+              + int(intercepted.get("errors", 0)))
     if errors:
         print(f"\n{errors} failed requests or transfers: the figures above are not valid",
               file=sys.stderr)
     if "error" in replica:
         print("\nthe replica storm failed (above)", file=sys.stderr)
-    return 1 if errors or "error" in replica else 0
+    if "error" in intercepted:
+        print("\nthe intercepted-HTTPS measurement failed (above)", file=sys.stderr)
+    return 1 if errors or "error" in replica or "error" in intercepted else 0
 
 
 def cpu_model() -> str:
@@ -658,7 +781,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def report(results: list[Result], storm: dict[str, float], replica: dict[str, Any],
-           args: argparse.Namespace, elapsed: float) -> None:
+           intercepted: dict[str, Any], args: argparse.Namespace, elapsed: float) -> None:
     by = {r.name: r for r in results}
     direct, nginx = by.get("direct"), by.get("nginx")
     base_p50 = direct.median("p50_1c_us") if direct else None
@@ -709,6 +832,8 @@ def report(results: list[Result], storm: dict[str, float], replica: dict[str, An
               f"upstream = {storm['ideal_s'] * 1000:.0f} ms; ratio {storm['ratio']:.2f}")
     if replica:
         print(f"\n{replicas.describe(replica)}")
+    if intercepted:
+        print(f"\n{intercept.describe(intercepted)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Helper processes for the benchmark: a token server, a fallback upstream, an upload sink.
 
     python benchmarks/servers.py token PORT LIFETIME DELAY_MS   # GET /bench/stats: its calls
-    python benchmarks/servers.py upstream PORT BIG_BYTES
+    python benchmarks/servers.py upstream PORT BIG_BYTES [CERT KEY]   # over TLS with CERT
     python benchmarks/servers.py sink PORT
 
 The sink reads every byte of a Content-Length upload before it answers. nginx's `return 200`
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import sys
 from typing import Any
 
@@ -42,7 +43,7 @@ def token_server(port: int, lifetime: float, delay_ms: float) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def upstream(port: int, big: int) -> None:
+def upstream(port: int, big: int, tls: list[str] | None = None) -> None:
     chunk = b"x" * 65536
 
     async def small(request: web.Request) -> web.Response:
@@ -74,7 +75,12 @@ def upstream(port: int, big: int) -> None:
     app.router.add_get("/small", small)
     app.router.add_get("/big", download)
     app.router.add_post("/upload", upload)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    context = None
+    if tls:   # the intercepted-HTTPS measurement's upstream when nginx is not installed
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls[0], tls[1])
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
+                ssl_context=context)
 
 
 class Sink(asyncio.Protocol):
@@ -128,4 +134,4 @@ if __name__ == "__main__":
 
         uvloop.run(sink(int(args[0])))
     else:
-        upstream(int(args[0]), int(args[1]))
+        upstream(int(args[0]), int(args[1]), args[2:4])

@@ -599,6 +599,15 @@ def test_bad_shared_state_settings_name_the_key(shared: dict[str, Any], error: s
     assert str(caught.value).startswith(error)
 
 
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "unix:///run/redis.sock"])
+def test_a_ca_file_without_tls_is_a_config_error(url: str, cert: tuple[Path, Path]) -> None:
+    """redis-py would refuse ssl_ca_certs for a plain connection at start, with a traceback:
+    the config says so first, naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        build_config(static_config({"redis_url": url, "ca_file": str(cert[1])}), {})
+    assert str(caught.value).startswith("shared_state.ca_file: applies to rediss://")
+
+
 @pytest.mark.parametrize(("text", "error"), [
     ("", "is empty"),
     ("not base64 at all!\n", "line 1 of"),
