@@ -22,6 +22,7 @@ from tests.helpers.idp import Idp, StartIdp, start_idp
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.rawupstream import MakeRaw, RawUpstream, Script
 from tests.helpers.redis_server import RedisServer, redis_server_fixture
+from tests.helpers.tls import ServerCert, upstream_tls
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
@@ -133,11 +134,12 @@ async def _raw_upstream() -> AsyncIterator[MakeRaw]:
         await up.stop()
 
 
-@pytest.fixture(name="cert")
-def _cert(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(name="cert", scope="session")
+def _cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (key, certificate), made with the openssl
-    command."""
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    command once per test process: tests only read it."""
+    folder = tmp_path_factory.mktemp("cert")
+    key, crt = folder / "key.pem", folder / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
          "-out", str(crt), "-days", "1", "-subj", "/CN=127.0.0.1",
@@ -160,3 +162,10 @@ def _closing() -> Iterator[list[socket.socket]]:
 def _redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, persistence off; always stopped."""
     yield from redis_server_fixture(tmp_path)
+
+
+@pytest.fixture(name="upstream_cert", scope="session")
+def _upstream_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    """A CA of the tests' own and a certificate it signed for localhost and 127.0.0.1, made
+    once per test process (tests/helpers/tls.py)."""
+    return upstream_tls(tmp_path_factory.mktemp("upstream-tls"))

@@ -25,12 +25,13 @@ from tests.helpers.forward import (
     proxy_url,
     start_upstream,
 )
+from tests.helpers.tls import ServerCert
 from tokenproxy.config import build_config
 
 
 @pytest.fixture(name="tls_upstream")
-async def _tls_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
-    return await start_upstream(aiohttp_server, tmp_path)
+async def _tls_upstream(aiohttp_server: AiohttpServer, upstream_cert: ServerCert) -> Upstream:
+    return await start_upstream(aiohttp_server, upstream_cert)
 
 
 def ca_path(tmp_path: Path) -> Path:

@@ -64,8 +64,8 @@ LIMITS = {"header_timeout": f"{HEADER_TIMEOUT}s"}
 
 
 @pytest.fixture(name="up")
-async def _up(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
-    return await start_upstream(aiohttp_server, tmp_path)
+async def _up(aiohttp_server: AiohttpServer, upstream_cert: ServerCert) -> Upstream:
+    return await start_upstream(aiohttp_server, upstream_cert)
 
 
 def forward_config(tmp_path: Path, up: Upstream, *, limits: dict[str, Any] | None = None,

@@ -12,7 +12,7 @@ from typing import Any
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.fakes import TOKEN, FakeUpstream
-from tests.helpers.tls import ServerCert, upstream_tls
+from tests.helpers.tls import ServerCert
 from tokenproxy.daemon import Daemon
 
 
@@ -30,8 +30,8 @@ class Upstream:
         return f"localhost:{self.port}"
 
 
-async def start_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
-    tls = upstream_tls(tmp_path / "upstream-tls")
+async def start_upstream(aiohttp_server: AiohttpServer, tls: ServerCert) -> Upstream:
+    """*tls*: the session's upstream certificate (the ``upstream_cert`` fixture)."""
     fake = FakeUpstream()
     secure = await aiohttp_server(fake.app(), ssl=tls.server_context(), host="127.0.0.1")
     plain = await aiohttp_server(fake.app(), host="127.0.0.1")
