@@ -1,6 +1,6 @@
 """tokenproxy's benchmark: one command, every variant measured in the same run.
 
-    python benchmarks/run.py            # about 2 minutes on 2 cores
+    python benchmarks/run.py            # about 3.5 minutes on 2 cores (2 with --no-intercept)
     python benchmarks/run.py --levers   # plus static with one lever off at a time (+1 minute)
     python benchmarks/run.py --quick    # a smoke run (CI): seconds, figures meaningless
     python benchmarks/run.py --baseline /tmp/old   # also a checkout of another commit, same run
@@ -14,13 +14,6 @@ Then two refresh storms (--storm requests at once at an expired token, a slow to
 one daemon; and three replicas sharing one redis-server (shared_state), the storm spread evenly
 across them, reported as token-endpoint calls per expiry and latency against the same storm on
 one replica alone (skipped when redis-server is not installed).
-Then intercepted HTTPS (benchmarks/intercept.py, --no-intercept skips it, about a minute and
-a half; a few seconds with --quick): a client behind HTTPS_PROXY reaching the upstream over TLS
-through tokenproxy's forward proxy (CONNECT, TLS ended with a leaf of tokenproxy's CA, token
-attached, TLS again to the upstream), on the fast path and on the aiohttp path
-(TOKENPROXY_FAST_PATH=0), against the same client straight to the upstream over TLS and through
-nginx as a TLS-terminating proxy; req/s, latency, CPU per request, and from the daemon's
-metrics which of its paths served the intercepted requests.
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
 a large body (uploads go to a sink that reads every byte before answering) -- the first ones of
 the freshly started process apart, since a heap that earlier load grew flatters later ones --,
@@ -28,6 +21,14 @@ CPU per request and peak RSS of the proxy; medians of --repeat runs; ratios to d
 nginx. --baseline DIR measures the static variant of another checkout (its tokenproxy package
 first on PYTHONPATH) right after this one's, for before/after figures from one run. The
 upstream and the load generator share one core, the proxy gets the other (when there are two).
+Last, intercepted HTTPS (benchmarks/intercept.py; about a minute and a half, a few seconds
+with --quick, skipped with --no-intercept): a client behind HTTPS_PROXY reaching the same
+upstream over TLS through tokenproxy's forward proxy (CONNECT, TLS ended with a leaf of
+tokenproxy's CA, token attached, TLS again to the upstream), on the fast path and on the aiohttp
+path (TOKENPROXY_FAST_PATH=0), against the same client straight to the upstream over TLS and
+through nginx as a TLS-terminating proxy (when installed): req/s and latency at 64 keep-alive
+connections, p50 at one, a new connection's first answer, the proxy's CPU per request and how
+busy its core was, and from each daemon's metrics which of its paths served the requests.
 Installs nothing; says what is missing. Only 127.0.0.1 is used.
 """
 
