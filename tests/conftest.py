@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from tests.helpers.tls import ServerCert, upstream_tls
 from tokenproxy import log
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
+
+# pytest keeps each test module with its asserts rewritten as bytecode, unless bytecode is not
+# written (PYTHONDONTWRITEBYTECODE): then every run rewrites all of them again, seconds of
+# each worker's start. The suite's own bytecode is worth keeping either way.
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(autouse=True, name="logs")

@@ -1062,6 +1062,7 @@ async def test_the_ca_key_is_private_and_in_no_log_line_nor_answer(
 # -- bugs ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_absolute_form_request_never_sends_the_token_in_clear_to_a_tls_port(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
 ) -> None:

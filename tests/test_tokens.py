@@ -727,6 +727,7 @@ async def test_old_token_used_while_the_refresh_is_in_flight(
     assert old[0] != idp.tap.bearers()[-1]
 
 
+@pytest.mark.slow
 async def test_margin_zero_no_background_refresh_and_the_request_waits(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
     http: aiohttp.ClientSession,
