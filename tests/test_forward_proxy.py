@@ -10,6 +10,7 @@ import copy
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,16 +18,19 @@ import requests
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
-from tests.helpers.fakes import TOKEN
+from tests.helpers.fakes import TOKEN, TOKEN_2
 from tests.helpers.forward import (
     Upstream,
     ca_file,
     forward_config,
+    fport,
     proxy_url,
     start_upstream,
 )
+from tests.helpers.metrics import count
 from tests.helpers.tls import ServerCert
 from tokenproxy.config import build_config
+from tokenproxy.errors import ConfigError
 
 
 @pytest.fixture(name="tls_upstream")
@@ -152,3 +156,125 @@ async def test_a_reload_changes_what_is_intercepted_and_makes_the_ca_again(
         f"https://localhost:{tls_upstream.port}/echo")
     assert 0 != code
     assert "403" in err
+
+
+async def test_a_reload_reaches_connections_already_open(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """An intercepted connection reads its host's route per request, as the main listener's
+    connections do: after a reload, the next request on it carries the new token, and once
+    the host is no longer intercepted, it is not served (404 not_found)."""
+    raw = forward_config(tmp_path, tls_upstream)
+    daemon = await make_proxy(raw)
+    url = f"https://localhost:{tls_upstream.port}/echo"
+    ctx = ssl.create_default_context(cafile=str(ca_path(tmp_path)))
+    connector = aiohttp.TCPConnector(limit=1)   # one connection, kept alive across the reload
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async with s.get(url, proxy=proxy_url(daemon), ssl=ctx) as resp:
+            assert 200 == resp.status
+        renewed = copy.deepcopy(raw)
+        renewed["providers"]["api"]["token"] = TOKEN_2
+        await daemon.reload(build_config(renewed, {}))
+        async with s.get(url, proxy=proxy_url(daemon), ssl=ctx) as resp:
+            assert 200 == resp.status
+        assert [f"Bearer {TOKEN_2}"] == tls_upstream.fake.last.header("Authorization")
+        assert 1 == count(daemon, "tokenproxy_forward_connects_total", outcome="intercepted")
+        gone = copy.deepcopy(renewed)
+        gone["forward_proxy"]["intercept"] = gone["forward_proxy"]["intercept"][1:]
+        await daemon.reload(build_config(gone, {}))
+        seen = len(tls_upstream.fake.seen)
+        async with s.get(url, proxy=proxy_url(daemon), ssl=ctx) as resp:
+            assert (404, "not_found") == (resp.status, resp.headers["Tokenproxy-Error"])
+        assert seen == len(tls_upstream.fake.seen)
+
+
+async def test_a_wildcard_entry_is_one_route_label_whatever_names_clients_ask_for(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """Metrics' labels stay bounded by the config: CONNECTs to made-up names under one
+    wildcard entry count under the entry's pattern, not under each name."""
+    raw = forward_config(tmp_path, tls_upstream)
+    raw["forward_proxy"]["intercept"].append(
+        {"host": "*.example.test", "port": tls_upstream.port, "provider": "api"})
+    daemon = await make_proxy(raw)
+    for n in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+        try:
+            writer.write(f"CONNECT n{n}.example.test:{tls_upstream.port} HTTP/1.1\r\n"
+                         f"Host: n{n}.example.test\r\n\r\n".encode())
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+            tls_reader, tls_writer = await asyncio.wait_for(asyncio.open_connection(
+                sock=writer.get_extra_info("socket").dup(),
+                ssl=ssl.create_default_context(cafile=str(ca_path(tmp_path))),
+                server_hostname=f"n{n}.example.test"), 5)
+            tls_writer.write(f"GET /x HTTP/1.1\r\nHost: n{n}.example.test\r\n"
+                             "Connection: close\r\n\r\n".encode())
+            await asyncio.wait_for(tls_reader.read(), 10)
+            tls_writer.close()
+        finally:
+            writer.close()
+    routes = {s.labels["route"] for family in daemon.registry.collect()
+              if family.name == "tokenproxy_requests" for s in family.samples}
+    assert {"*.example.test"} == routes
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def _raw(forward: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"state_path": "/var/lib/tp/state.json",
+            "providers": {"api": {"type": "static", "token": TOKEN}},
+            "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:1/", "provider": "api"}],
+            "forward_proxy": forward, **top}
+
+
+API = {"host": "api.example.com", "provider": "api"}
+
+
+@pytest.mark.parametrize(("forward", "top", "error"), [
+    ({"listen": "0.0.0.0:3128", "intercept": [API]}, {},
+     "forward_proxy.listen: 0.0.0.0:3128 is reachable from other hosts"),
+    ({"intercept": [API], "ca": {"cert_file": "/x.pem"}}, {},
+     "forward_proxy.ca: give cert_file and key_file together"),
+    ({"intercept": [API], "tunnel": ["api.example.com"]}, {},
+     "forward_proxy.tunnel: api.example.com:443 is intercepted too"),
+    ({"intercept": [{**API, "host": "*.com"}]}, {}, "forward_proxy.intercept[0].host:"),
+    ({"intercept": [{**API, "port": 80, "ca_file": "/etc/hostname"}]}, {},
+     "forward_proxy.intercept[0].ca_file: a scheme: http entry has no TLS"),
+    ({"intercept": [API, API]}, {}, "forward_proxy.intercept[1].host: api.example.com:443 is"),
+    ({}, {}, "forward_proxy.intercept: list the hosts"),
+    ({"intercept": [{**API, "provider": "nope"}]}, {},
+     "forward_proxy.intercept[0].provider: no provider named 'nope'"),
+    ({"intercept": [{**API, "port": 0}]}, {}, "forward_proxy.intercept[0].port:"),
+    ({"tunnel": ["github.com:99999"]}, {}, "forward_proxy.tunnel[0]:"),
+])
+def test_bad_forward_proxy_settings_name_the_key(forward: dict[str, Any], top: dict[str, Any],
+                                                 error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(_raw(forward, **top), {})
+    assert str(caught.value).startswith(error), str(caught.value)
+
+
+def test_a_reachable_forward_listener_with_a_client_key_is_accepted() -> None:
+    cfg = build_config(_raw({"listen": "0.0.0.0:3128", "intercept": [API]},
+                            security={"client_key": "k" * 24}), {})
+    assert cfg.forward_proxy is not None
+    assert "https" == cfg.forward_proxy.intercept[0].scheme
+    port80 = build_config(_raw({"intercept": [{**API, "port": 80}]}), {})
+    assert port80.forward_proxy is not None
+    assert "http" == port80.forward_proxy.intercept[0].scheme
+
+
+async def test_connect_to_a_plain_http_entry_is_refused(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A scheme: http entry takes absolute-form requests only; a CONNECT to it would have
+    tokenproxy speak TLS where the entry says there is none."""
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+    try:
+        writer.write(f"CONNECT localhost:{tls_upstream.plain_port} HTTP/1.1\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 403 ")

@@ -20,7 +20,7 @@ from tokenproxy.config import Config, Listener
 from tokenproxy.config.secrets import config_secrets, exposed_mode
 from tokenproxy.errors import ConfigError
 from tokenproxy.forward.connection import ForwardConnection
-from tokenproxy.forward.service import Forward, Inner, MakeInner, open_ca
+from tokenproxy.forward.service import Forward, Hosts, Inner, MakeInner, open_ca
 from tokenproxy.listeners import ConnectionGate, ListeningSocket, ProtocolFactory, bind
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
@@ -71,6 +71,7 @@ class Serving:
     admin_gate: ConnectionGate
     fast: FastEnv
     forward: Forward | None = None   # with forward_proxy: rebuilt by a reload
+    forward_hosts: Hosts | None = None   # its intercepted hosts' servers, kept across reloads
 
 
 class Daemon:
@@ -210,8 +211,13 @@ class Daemon:
             return None
         # The system's clock, not the daemon's: clients check the certificates by theirs.
         ca = await open_ca(cfg.forward_proxy, SystemClock())
+        if ca.created is not None:
+            self._log.warning("forward_ca_created", path=str(ca.path), reason=ca.created)
+        if serving.forward_hosts is None:
+            serving.forward_hosts = Hosts(self._inner(serving),
+                                          lambda: self.config.shutdown_grace)
         return Forward(cfg, ca, sources=sources, metrics=self.metrics,
-                       budget=self.replay_budget, make_inner=self._inner(serving))
+                       budget=self.replay_budget, hosts=serving.forward_hosts)
 
     def _inner(self, serving: Serving) -> MakeInner:
         """How an intercepted host's requests are served: the request paths of a route."""
@@ -386,8 +392,8 @@ class Daemon:
             await asyncio.gather(serving.server.shutdown(grace),
                                  serving.admin_server.shutdown(grace),
                                  serving.fast.shutdown(grace),
-                                 *([] if serving.forward is None
-                                   else [serving.forward.drain(grace)]))
+                                 *([] if serving.forward_hosts is None
+                                   else [serving.forward_hosts.drain(grace)]))
         for source in self.sources.values():
             with contextlib.suppress(Exception):
                 await source.close()

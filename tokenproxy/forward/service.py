@@ -38,18 +38,51 @@ Inner = tuple[ProtocolFactory, Callable[[float], Awaitable[None]]]
 MakeInner = Callable[[Callable[[], Proxy]], Inner]
 
 
+HostKey = tuple[str, int, bool]   # (host, port, TLS ended here)
+
+
 @dataclass(slots=True)
 class HostService:
+    """One intercepted host's HTTP server. Its connections read ``proxy`` per request, and a
+    reload swaps it, as the main listener's connections see a reload."""
+
     proxy: Proxy
     factory: ProtocolFactory
     drain: Callable[[float], Awaitable[None]]
+
+
+class Hosts:
+    """The intercepted hosts' services, kept across reloads (their open connections with
+    them), at most MAX_HOSTS; one pushed out is drained in the background."""
+
+    def __init__(self, make_inner: MakeInner, grace: Callable[[], float]) -> None:
+        self.make_inner = make_inner
+        self._grace = grace
+        self.services: dict[HostKey, HostService] = {}
+        self._draining: set[asyncio.Task[None]] = set()
+
+    def add(self, key: HostKey, proxy: Proxy) -> HostService:
+        if len(self.services) >= MAX_HOSTS:
+            oldest = self.services.pop(next(iter(self.services)))
+            task = asyncio.ensure_future(oldest.drain(self._grace()))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        made: list[HostService] = []
+        factory, drain = self.make_inner(lambda: made[0].proxy)
+        made.append(HostService(proxy, factory, drain))
+        self.services[key] = made[0]
+        return made[0]
+
+    async def drain(self, grace: float) -> None:
+        await asyncio.gather(*(s.drain(grace) for s in self.services.values()),
+                             *self._draining)
 
 
 class Forward:
     """Built per config (start and reload); connections look it up when they begin."""
 
     def __init__(self, cfg: Config, ca: LocalCA, *, sources: Mapping[str, TokenSource],
-                 metrics: Metrics, budget: ReplayBudget, make_inner: MakeInner) -> None:
+                 metrics: Metrics, budget: ReplayBudget, hosts: Hosts) -> None:
         assert cfg.forward_proxy is not None
         self.config = cfg
         self.settings = cfg.forward_proxy
@@ -59,10 +92,11 @@ class Forward:
         self.client_key = None if key is None else key.value.encode()
         self._sources = sources
         self._budget = budget
-        self._make_inner = make_inner
-        self._hosts: dict[tuple[str, int, bool], HostService] = {}
+        self._hosts = hosts
         self._connects = {outcome: metrics.forward_connects.labels(outcome)
                           for outcome in ("intercepted", "tunnelled", "refused", "failed")}
+        for key_, service in hosts.services.items():
+            service.proxy = self._proxy_now(key_)
 
     def count(self, outcome: str) -> None:
         self._connects[outcome].inc()
@@ -72,21 +106,32 @@ class Forward:
 
     def service(self, entry: InterceptHost, target: Target, *, tls: bool) -> HostService:
         key = (target.host, target.port, tls)
-        found = self._hosts.get(key)
+        found = self._hosts.services.get(key)
         if found is not None:
             return found
-        if len(self._hosts) >= MAX_HOSTS:
-            self._hosts.pop(next(iter(self._hosts)))
-        proxy = Proxy(self._host_config(entry, target, tls=tls), sources=self._sources,
-                      metrics=self.metrics, budget=self._budget)
-        factory, drain = self._make_inner(lambda: proxy)
-        made = self._hosts[key] = HostService(proxy, factory, drain)
-        return made
+        return self._hosts.add(key, self._proxy(entry, target, tls=tls))
+
+    def _proxy_now(self, key: HostKey) -> Proxy:
+        """What an open connection to *key* is served by under this config: the entry's
+        route, or none when the host is no longer intercepted (404 not_found)."""
+        host, port, tls = key
+        target = Target(host, port)
+        entry = self.decide(target, connect=tls)
+        if isinstance(entry, InterceptHost) and entry.scheme == ("https" if tls else "http"):
+            return self._proxy(entry, target, tls=tls)
+        return Proxy(replace(self.config, routes=()), sources=self._sources,
+                     metrics=self.metrics, budget=self._budget)
+
+    def _proxy(self, entry: InterceptHost, target: Target, *, tls: bool) -> Proxy:
+        return Proxy(self._host_config(entry, target, tls=tls), sources=self._sources,
+                     metrics=self.metrics, budget=self._budget)
 
     def _host_config(self, entry: InterceptHost, target: Target, *, tls: bool) -> Config:
         scheme = "https" if tls else "http"
         host = f"[{target.host}]" if ":" in target.host else target.host
-        route = Route(prefix="/", match="", name=target.host,
+        # Named by the entry (``*.example.com``), not by the name the client asked for: the
+        # metrics' route label stays bounded by the config.
+        route = Route(prefix="/", match="", name=entry.host,
                       upstream=parse_http_url(f"{scheme}://{host}:{target.port}/", "upstream"),
                       provider=entry.provider, header=entry.header, value=entry.value,
                       retry_on=entry.retry_on, client_authorization=entry.client_authorization,
@@ -112,9 +157,6 @@ class Forward:
             ctx.sni_callback = same_name
         return ctx
 
-    async def drain(self, grace: float) -> None:
-        for service in self._hosts.values():
-            await service.drain(grace)
 
 
 async def open_ca(cfg: ForwardProxyConfig, clock: Clock) -> LocalCA:
@@ -125,7 +167,9 @@ async def open_ca(cfg: ForwardProxyConfig, clock: Clock) -> LocalCA:
     files = CAFiles(cert=cfg.ca.cert_file, key=cfg.ca.key_file)
     try:
         return await asyncio.to_thread(
-            LocalCA.load_or_create, files, [e.host for e in cfg.intercept], clock=clock,
+            # Only the names whose TLS is ended here: an http entry needs no certificate.
+            LocalCA.load_or_create, files,
+            [e.host for e in cfg.intercept if e.scheme == "https"], clock=clock,
             generated=cfg.ca.generated)
     except CAError as exc:
         raise ConfigError(f"forward_proxy.ca: {exc}") from None
