@@ -428,3 +428,15 @@ def test_exec_help_shows_the_double_dash(tmp_path: Path) -> None:
     done = run_to_exit(["exec", "--help"], tmp_path)
     assert 0 == done.returncode
     assert "-- COMMAND [ARGS...]" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_process_is_made_undumpable() -> None:
+    """make_undumpable (called by run and exec) leaves the process non-dumpable: a tool of the
+    same user cannot read its environment or memory through /proc or ptrace. (The suite runs
+    as root, which may read them anyway; the kernel's flag is what is checked.)"""
+    code = ("import ctypes; from tokenproxy.process import make_undumpable; "
+            "assert make_undumpable(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert "0" == out.strip()

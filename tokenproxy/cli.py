@@ -23,6 +23,7 @@ from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
 from tokenproxy.forward import tools
 from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
+from tokenproxy.process import make_undumpable
 from tokenproxy.run import serve
 from tokenproxy.tokens.factory import obtain_token, open_state_store
 
@@ -226,6 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     os.umask(0o077)   # state files and sockets are ours alone
     tuned = tune_allocator()
+    make_undumpable()   # processes of our user cannot read our tokens from /proc or ptrace
     redactor = log.Redactor(config_secrets(cfg))
     log.configure(cfg.log.level, cfg.log.format, redactor=redactor)
     return run_async(serve(cfg, redactor=redactor, allocator_tuned=tuned))
@@ -293,6 +295,7 @@ def _exec(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_CONFIG
     cfg = _load(args.config)
     tools.forward_settings(cfg, "exec")
+    make_undumpable()   # the command runs as our user: it must not read our memory
     if not args.standalone:
         return run_async(tools.exec_with_daemon(cfg, command, environ=os.environ,
                                                 err=sys.stderr))

@@ -4,9 +4,9 @@ Proxy and HTTP protocol that serve what the client sends inside the tunnel.
 An intercepted host is served exactly as a route is: one Route (prefix ``/``, the host's
 origin as upstream, the entry's token settings, named by the host in metrics and logs) in a
 Proxy of its own, on the same request paths. Its security settings are the main listener's
-with the Host allowlist narrowed to the host; the client key and the required header are
-checked once, on the CONNECT (Proxy-Authorization), since tools behind HTTPS_PROXY cannot add
-headers of their own.
+with the Host allowlist narrowed to the host. The client key is checked once, on the CONNECT
+(Proxy-Authorization); ``require_header`` does not apply, since tools behind HTTPS_PROXY cannot
+add headers of their own.
 """
 
 from __future__ import annotations
