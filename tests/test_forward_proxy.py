@@ -278,3 +278,52 @@ async def test_connect_to_a_plain_http_entry_is_refused(
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 403 ")
+
+
+@pytest.mark.slow
+async def test_an_idle_tunnel_is_closed_after_the_keepalive_timeout(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A tunnel that carries nothing either way gives its connection slot back after
+    limits.keepalive_timeout; one that carries bytes stays open."""
+    raw = forward_config(tmp_path, tls_upstream, limits={"keepalive_timeout": "0.5s"})
+    raw["forward_proxy"]["intercept"] = raw["forward_proxy"]["intercept"][1:]
+    raw["forward_proxy"]["tunnel"] = [f"localhost:{tls_upstream.port}"]
+    daemon = await make_proxy(raw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+    try:
+        writer.write(f"CONNECT localhost:{tls_upstream.port} HTTP/1.1\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 200")
+        started = asyncio.get_running_loop().time()
+        assert b"" == await asyncio.wait_for(reader.read(), 5)   # closed by tokenproxy
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+    assert 0.4 < took < 2.0
+
+
+async def test_an_http_1_0_request_keeps_its_version_and_relayed_connects_are_refused(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """Absolute form: an HTTP/1.0 client gets an HTTP/1.0 answer, as on the main listener.
+    A CONNECT that says it was relayed (Via, Forwarded) is refused like a relayed request."""
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+    try:
+        writer.write(f"GET http://localhost:{tls_upstream.plain_port}/status/200 HTTP/1.0\r\n"
+                     f"Host: localhost:{tls_upstream.plain_port}\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:60]
+    assert b"Transfer-Encoding: chunked" not in answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+    try:
+        writer.write(f"CONNECT localhost:{tls_upstream.port} HTTP/1.1\r\n"
+                     "Via: 1.1 another-proxy\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"Tokenproxy-Error: forwarded" in answer

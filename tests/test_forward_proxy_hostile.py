@@ -424,7 +424,7 @@ async def test_case_and_trailing_dot_spellings_of_a_listed_name_are_that_name(
     and Host as the URL spells them) and to http://NAME:port/ (absolute form) are served
     with the token.
 
-    Once a bug (trailing dot): the CONNECT target and the SNI are normalised (targets.host_of,
+    Was a bug (trailing dot): the CONNECT target and the SNI are normalised (targets.host_of,
     service.same_name) but the Host check inside is not (rules/security.host_name keeps the
     dot), so both requests get 403 forbidden_host after the CONNECT was accepted."""
     daemon = await make_proxy(forward_config(tmp_path, up))
@@ -544,7 +544,7 @@ async def test_port_0_in_an_absolute_form_url_is_refused_not_read_as_port_80(
 ) -> None:
     """CONNECT localhost:0 is a 400; ``http://localhost:0/`` must be too.
 
-    Once a bug: targets.absolute_target takes ``port or HTTP_PORT``, and urlsplit's port is 0, so
+    Was a bug: targets.absolute_target takes ``port or HTTP_PORT``, and urlsplit's port is 0, so
     the target becomes localhost:80 (here a 403 naming localhost:80; with port 80
     intercepted, the request would be served there)."""
     daemon = await make_proxy(forward_config(tmp_path, up))
@@ -580,7 +580,7 @@ async def test_fields_the_connection_header_names_are_not_forwarded_in_absolute_
     it -- the main listener does, and so does the request inside an intercepted CONNECT --
     and an absolute-form request, "served the same way", must too.
 
-    Once a bug: connection.py rewrites the absolute-form head dropping the Connection field itself
+    Was a bug: connection.py rewrites the absolute-form head dropping the Connection field itself
     (_DROPPED) before the route sees it, so the fields it named are no longer known to be
     hop-by-hop and reach the upstream."""
     daemon = await make_proxy(forward_config(tmp_path, up))
@@ -728,7 +728,7 @@ async def test_a_handshake_that_fails_gives_its_connection_slot_back(
     under limits.max_connections 4 (shared with the main listener, whose accept loop holds
     one): afterwards no connection counts as open, and a new CONNECT is answered.
 
-    Once a bug (timed-out, reset): when the handshake times out or the client resets during it,
+    Was a bug (timed-out, reset): when the handshake times out or the client resets during it,
     asyncio's SSLProtocol is still in DO_HANDSHAKE and never calls the app protocol's
     connection_lost (sslproto.py connection_lost), so ForwardConnection.connection_lost --
     the only place the slot is given back (_release) -- never runs: every such connection
@@ -1073,7 +1073,7 @@ async def test_an_absolute_form_request_never_sends_the_token_in_clear_to_a_tls_
     listener can send ``GET http://api.example.com:443/`` and have the token cross the
     network unencrypted (the real server then answers 400, too late).
 
-    Once a bug: absolute form was served for any entry whose port matched; now only for a
+    Was a bug: absolute form was served for any entry whose port matched; now only for a
     ``scheme: http`` entry. The 'TLS upstream' here is a plain socket that records what
     arrives: it must receive nothing."""
     arrived = bytearray()
@@ -1147,7 +1147,7 @@ async def test_a_daemon_running_past_a_day_serves_a_leaf_that_is_still_valid(
     """Leaves live 24 hours and the CA renews them an hour before expiry; the listener must
     present the renewed one. The daemon's CA runs on the system clock, shifted here.
 
-    Once a bug: Forward.tls_context caches the ssl.SSLContext per host for the life of the config
+    Was a bug: Forward.tls_context caches the ssl.SSLContext per host for the life of the config
     and never asks LocalCA.server_context again, so the CA's renewal never takes effect:
     after 24 hours every intercepted handshake presents an expired certificate (clients
     fail with "certificate has expired") until a reload or restart."""

@@ -26,10 +26,11 @@ from tokenproxy.config.model import InterceptHost, LimitsConfig
 from tokenproxy.errors import RequestRejected
 from tokenproxy.forward.service import Forward
 from tokenproxy.forward.targets import TUNNEL, Target, absolute_target, connect_target
-from tokenproxy.forward.tunnel import Pipe
+from tokenproxy.forward.tunnel import Idle, Pipe
 from tokenproxy.proxy.fast_path import wire
 from tokenproxy.proxy.rules.headers import connection_listed
 from tokenproxy.proxy.rules.problem import Problem
+from tokenproxy.proxy.rules.security import FORWARDING_HEADERS
 from tokenproxy.proxy.rules.upstream import CONNECT_TIMEOUT
 
 ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -38,8 +39,11 @@ _TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789"
 _DROPPED: Final = (b"proxy-authorization", b"proxy-connection", b"connection", b"keep-alive")
 
 
-def parse_head(head: bytes) -> tuple[bytes, str, list[tuple[bytes, bytes]]]:
-    """(method, target, fields) of a request head without its final CRLF CRLF."""
+def parse_head(head: bytes) -> tuple[bytes, str, bytes, list[tuple[bytes, bytes]]]:
+    """(method, target, version, fields) of a request head without its final CRLF CRLF.
+
+    Only the first head of a forward-proxy connection is read here (a CONNECT, or one
+    absolute-form request); what follows is llhttp's, on the request paths."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[0] \
@@ -55,7 +59,7 @@ def parse_head(head: bytes) -> tuple[bytes, str, list[tuple[bytes, bytes]]]:
         target = parts[1].decode("ascii")
     except UnicodeDecodeError:
         raise RequestRejected(400, "bad_request", "a request target that is not ASCII") from None
-    return parts[0], target, fields
+    return parts[0], target, parts[2], fields
 
 
 def proxy_key(fields: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -148,7 +152,13 @@ class ForwardConnection(asyncio.Protocol):
             self._refuse(Problem.of(exc), proxy_auth=exc.status == 407)
 
     def _dispatch(self, forward: Forward, head: bytes, rest: bytes) -> None:
-        method, target, fields = parse_head(head)
+        method, target, version, fields = parse_head(head)
+        if forward.config.security.reject_forwarded:
+            relayed = [FORWARDING_HEADERS[n.lower()] for n, _ in fields
+                       if n.lower() in FORWARDING_HEADERS]
+            if relayed:
+                raise RequestRejected(403, "forwarded",
+                                      f"requests relayed with {relayed[0]} are refused")
         if forward.client_key is not None:
             key = proxy_key(fields)
             if key is None or not hmac.compare_digest(key, forward.client_key):
@@ -176,7 +186,7 @@ class ForwardConnection(asyncio.Protocol):
         # The fields Connection names are hop-by-hop too (rules/headers.py), like Connection
         # itself, which is replaced below.
         dropped = {*_DROPPED, *connection_listed(fields)}
-        lines = [method + b" " + path.encode("ascii") + b" HTTP/1.1"]
+        lines = [method + b" " + path.encode("ascii") + b" " + version]
         lines += [n + b": " + v for n, v in fields if n.lower() not in dropped]
         lines.append(b"Connection: close")   # one request: the next may name another host
         self._hand_to(forward.service(decision, where, tls=False).factory,
@@ -259,6 +269,8 @@ class ForwardConnection(asyncio.Protocol):
                                  f"{where.authority} could not be reached"))
             return
         forward.count("tunnelled")
+        idle = Idle(self._limits.keepalive_timeout, transport.close)
+        client.idle = far.idle = idle
         transport.set_protocol(client)
         client.connection_made(transport)
         client.join(upstream)

@@ -12,13 +12,42 @@ from collections.abc import Callable
 from typing import cast
 
 
+class Idle:
+    """Closes a tunnel that carried nothing either way for *timeout* seconds (the listener's
+    keepalive_timeout): an idle tunnel would hold a connection slot for ever."""
+
+    def __init__(self, timeout: float, close: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._close = close
+        self._last = self._loop.time()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self._last
+        if idle >= self._timeout:
+            self._handle = None
+            self._close()
+        else:
+            self._handle = self._loop.call_later(self._timeout - idle, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Pipe(asyncio.Protocol):
     """One end of a tunnel; ``peer`` is the other end's transport."""
 
-    def __init__(self, on_lost: Callable[[], None]) -> None:
+    def __init__(self, on_lost: Callable[[], None], idle: Idle | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None
         self.received = 0
+        self.idle = idle
         self._on_lost = on_lost
         self._pending = bytearray()   # what arrived before the peer was connected
 
@@ -34,6 +63,8 @@ class Pipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        if self.idle is not None:
+            self.idle.touch()
         if self.peer is None:
             self._pending += data
         elif not self.peer.is_closing():
@@ -54,6 +85,8 @@ class Pipe(asyncio.Protocol):
             self.peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
         if self.peer is not None:
             self.peer.close()
         self._on_lost()
