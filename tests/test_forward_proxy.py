@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +329,33 @@ async def test_an_http_1_0_request_keeps_its_version_and_relayed_connects_are_re
         writer.close()
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"Tokenproxy-Error: forwarded" in answer
+
+
+@pytest.mark.slow
+async def test_requests_and_aiohttp_find_the_proxy_and_the_ca_in_their_environment(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """Each client as a tool would be run: requests with only HTTPS_PROXY and
+    REQUESTS_CA_BUNDLE set, aiohttp with trust_env and SSL_CERT_FILE, in a child process."""
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    url = f"https://localhost:{tls_upstream.port}/echo"
+    env = {"PATH": os.environ.get("PATH", ""), "HTTPS_PROXY": proxy_url(daemon),
+           "REQUESTS_CA_BUNDLE": str(ca_path(tmp_path)), "SSL_CERT_FILE": str(ca_path(tmp_path))}
+    scripts = [
+        f"import requests; print(requests.get({url!r}, timeout=10).status_code)",
+        "import asyncio, aiohttp\n"
+        "async def main():\n"
+        "    async with aiohttp.ClientSession(trust_env=True) as s:\n"
+        f"        async with s.get({url!r}) as r:\n"
+        "            print(r.status)\n"
+        "asyncio.run(main())",
+    ]
+    for script in scripts:
+        before = len(tls_upstream.fake.seen)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert (0, "200") == (proc.returncode, out.decode().strip()), err.decode()
+        assert len(tls_upstream.fake.seen) == before + 1
+        assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")

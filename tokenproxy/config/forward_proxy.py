@@ -20,7 +20,8 @@ from tokenproxy.config.values import parse_listener
 from tokenproxy.errors import ConfigError
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+# A host name as the forward proxy takes it, in the config and in a request (forward/targets).
+HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 DEFAULT_PORT = 443
 HTTP_PORT = 80
 CA_FILE = "forward-ca.pem"
@@ -59,7 +60,7 @@ def host_pattern(raw: object, where: str) -> str:
     except ValueError:
         pass
     name = text[2:] if text.startswith("*.") else text
-    if not _NAME.fullmatch(name) or (name != text and name.count(".") < 1):
+    if not HOST_NAME.fullmatch(name) or (name != text and name.count(".") < 1):
         raise ConfigError(f"{where}: expected a host name, *.name (one label) or an IP "
                           "address")
     return text

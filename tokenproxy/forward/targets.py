@@ -6,15 +6,14 @@ that resolves to loopback is not a way in. Pure: no I/O."""
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from tokenproxy.config.forward_proxy import HOST_NAME
 from tokenproxy.config.model import ForwardProxyConfig, InterceptHost
 from tokenproxy.errors import RequestRejected
 
-_NAME: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 HTTP_PORT: Final = 80
 
 
@@ -53,7 +52,7 @@ def host_of(text: str) -> str:
         return str(ipaddress.IPv4Address(name))
     except ValueError:
         pass
-    if not _NAME.fullmatch(name):
+    if not HOST_NAME.fullmatch(name):
         raise _bad("the target's host is not a host name")
     return name
 
