@@ -36,6 +36,7 @@ import pytest
 import requests
 from aiohttp import WSMsgType
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
@@ -56,6 +57,7 @@ from tests.helpers.net import closed_port
 from tests.helpers.rawhttp import RawConnection, RawResponse, assert_problem, exchange
 from tests.helpers.tls import ServerCert, client_hello, upstream_tls
 from tests.helpers.wait import wait_for, wait_ready
+from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 
 TIMEOUT = 5.0            # the bound of every single wait
@@ -1142,7 +1144,7 @@ async def served_leaf(daemon: Daemon, authority: str) -> x509.Certificate:
 
 
 async def test_a_daemon_running_past_a_day_serves_a_leaf_that_is_still_valid(
-    make_proxy: MakeProxy, up: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    up: Upstream, tmp_path: Path,
 ) -> None:
     """Leaves live 24 hours and the CA renews them an hour before expiry; the listener must
     present the renewed one. The daemon's CA runs on the system clock, shifted here.
@@ -1152,12 +1154,16 @@ async def test_a_daemon_running_past_a_day_serves_a_leaf_that_is_still_valid(
     after 24 hours every intercepted handshake presents an expired certificate (clients
     fail with "certificate has expired") until a reload or restart."""
     clock = ShiftedClock()
-    monkeypatch.setattr("tokenproxy.daemon.SystemClock", lambda: clock)
-    daemon = await make_proxy(forward_config(tmp_path, up))
-    first = await served_leaf(daemon, up.authority)
-    clock.offset = 25 * 3600.0
-    now = dt.datetime.fromtimestamp(clock.time(), dt.UTC)
-    later = await served_leaf(daemon, up.authority)
+    daemon = Daemon(build_config(forward_config(tmp_path, up), {}),
+                    registry=CollectorRegistry(), certificate_clock=clock)
+    await daemon.start()
+    try:
+        first = await served_leaf(daemon, up.authority)
+        clock.offset = 25 * 3600.0
+        now = dt.datetime.fromtimestamp(clock.time(), dt.UTC)
+        later = await served_leaf(daemon, up.authority)
+    finally:
+        await daemon.stop(grace=1)
     assert first.not_valid_after_utc < now   # the first leaf has expired by now
     assert later.not_valid_before_utc <= now < later.not_valid_after_utc, \
         f"an expired leaf (valid until {later.not_valid_after_utc}) served at {now}"

@@ -88,6 +88,7 @@ class Daemon:
         redactor: Redactor | None = None,
         fast_path: bool | None = None,
         allocator_tuned: bool = False,
+        certificate_clock: Clock | None = None,
     ) -> None:
         self.config = cfg
         self.allocator_tuned = allocator_tuned   # said in the listening event (memory.py)
@@ -96,6 +97,10 @@ class Daemon:
         self.fast_path = fast_path_setting(os.environ) if fast_path is None else fast_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock if clock is not None else SystemClock()
+        # The forward proxy's certificates are checked by clients against their clocks: the
+        # system's, whatever clock the tokens run on.
+        self.certificate_clock = (certificate_clock if certificate_clock is not None
+                                  else SystemClock())
         self.redactor = redactor if redactor is not None else Redactor()
         self.metrics = Metrics(self.registry, __version__)
         self.replay_budget = ReplayBudget(cfg.limits.max_replay_total, self.metrics)
@@ -209,8 +214,7 @@ class Daemon:
                            serving: Serving) -> Forward | None:
         if cfg.forward_proxy is None:
             return None
-        # The system's clock, not the daemon's: clients check the certificates by theirs.
-        ca = await open_ca(cfg.forward_proxy, SystemClock())
+        ca = await open_ca(cfg.forward_proxy, self.certificate_clock)
         if ca.created is not None:
             self._log.warning("forward_ca_created", path=str(ca.path), reason=ca.created)
         if serving.forward_hosts is None:
