@@ -31,6 +31,7 @@ from pytest_aiohttp import AiohttpServer
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.daemon_proc import child_env, run_to_exit
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.forward import forward_config, start_upstream
 from tests.helpers.metrics import count
 from tests.helpers.net import busy_port, closed_port, free_port
 from tests.helpers.tls import ServerCert, upstream_tls
@@ -440,3 +441,22 @@ def test_the_process_is_made_undumpable() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     assert "0" == out.strip()
+
+
+@pytest.mark.slow
+@needs_curl
+async def test_exec_reaches_a_host_by_its_name(
+    aiohttp_server: AiohttpServer, upstream_cert: ServerCert, tmp_path: Path,
+) -> None:
+    """The upstream named, not numbered: curl asks for https://localhost:PORT/ (``--noproxy
+    ''`` keeps it on the proxy despite exec's NO_PROXY, which lists localhost), tokenproxy
+    resolves the name, verifies the upstream's certificate for it and attaches the token."""
+    up = await start_upstream(aiohttp_server, upstream_cert)
+    config = write_config(tmp_path, forward_config(tmp_path, up))
+    code, out, err = await tokenproxy(
+        "exec", "-c", str(config), "--standalone", "--", "curl", "--silent", "--show-error",
+        "--max-time", "10", "--noproxy", "", f"https://localhost:{up.port}/echo",
+        env=exec_env(tmp_path), cwd=tmp_path)
+    assert 0 == code, err
+    assert [f"Bearer {TOKEN}"] == up.fake.last.header("Authorization")
+    assert "/echo" == json.loads(out)["raw_path"]
