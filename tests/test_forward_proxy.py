@@ -257,6 +257,13 @@ def test_bad_forward_proxy_settings_name_the_key(forward: dict[str, Any], top: d
     assert str(caught.value).startswith(error), str(caught.value)
 
 
+def test_tunnel_entries_take_ipv6_with_or_without_a_port() -> None:
+    cfg = build_config(_raw({"tunnel": ["[::1]:8443", "::1", "github.com", "x.org:22"]}), {})
+    assert cfg.forward_proxy is not None
+    assert (("::1", 8443), ("::1", 443), ("github.com", 443), ("x.org", 22)) == (
+        cfg.forward_proxy.tunnel)
+
+
 def test_a_reachable_forward_listener_with_a_client_key_is_accepted() -> None:
     cfg = build_config(_raw({"listen": "0.0.0.0:3128", "intercept": [API]},
                             security={"client_key": "k" * 24}), {})

@@ -99,8 +99,10 @@ def _tunnels(raw: object) -> tuple[tuple[str, int], ...]:
         where = f"forward_proxy.tunnel[{i}]"
         text = item.strip() if isinstance(item, str) else item
         port = DEFAULT_PORT
-        if isinstance(text, str) and (found := re.fullmatch(r"(.+?):(\d{1,5})", text)) \
-                and "::" not in text:
+        # host:port, [v6]:port; a bare IPv6 address has colons but no port.
+        found = isinstance(text, str) and (re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})", text)
+                                           or re.fullmatch(r"([^:\[\]]+):(\d{1,5})", text))
+        if found:
             text, port = found[1], _port(int(found[2]), where)
         out.append((host_pattern(text, where), port))
     return tuple(out)
