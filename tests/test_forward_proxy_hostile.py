@@ -104,7 +104,7 @@ def request(path: str, host: str, *extra: str, method: str = "GET") -> str:
     return "\n".join([f"{method} {path} HTTP/1.1", f"Host: {host}", *extra]) + "\n\n"
 
 
-async def refused(daemon: Daemon, data: bytes) -> RawResponse:
+async def refused_answer(daemon: Daemon, data: bytes) -> RawResponse:
     """The forward listener's answer to *data* on a new connection, which it then closed;
     no secret in any byte of it."""
     resp, closed = await exchange(fport(daemon), data, TIMEOUT)
@@ -408,7 +408,7 @@ async def test_unlisted_targets_are_refused_naming_them(
         f"localhost:{closed_port()}": None,
     }
     for authority, named in cases.items():
-        resp = await refused(daemon, connect_head(authority))
+        resp = await refused_answer(daemon, connect_head(authority))
         assert_problem(resp, 403, "forward_refused")
         expected = named or authority
         assert f"{expected} is neither intercepted nor tunnelled" in resp.json()["detail"], \
@@ -479,7 +479,7 @@ async def test_malformed_connect_heads_are_refused_and_the_connection_closed(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, line: bytes, status: int,
 ) -> None:
     daemon = await make_proxy(forward_config(tmp_path, up))
-    resp = await refused(daemon, line + b"\r\n\r\n")
+    resp = await refused_answer(daemon, line + b"\r\n\r\n")
     assert_problem(resp, status, "bad_request" if status == 400 else "header_too_large")
     assert [] == up.fake.seen
 
@@ -505,7 +505,8 @@ async def test_a_wildcard_entry_takes_one_label_in_any_spelling(
             await conn.close()
     for authority in ("a.b.example.test:443", "example.test:443", "x.example.test:8443",
                       "x.example.test.evil:443", "xexample.test:443"):
-        assert_problem(await refused(daemon, connect_head(authority)), 403, "forward_refused")
+        answer = await refused_answer(daemon, connect_head(authority))
+        assert_problem(answer, 403, "forward_refused")
     conn, resp = await connect(daemon, "x.example.test:443")
     try:
         assert 200 == resp.status
@@ -536,7 +537,7 @@ async def test_absolute_form_requests_elsewhere_are_refused(
 ) -> None:
     daemon = await make_proxy(forward_config(tmp_path, up))
     url = target.format(p=up.port, q=up.plain_port, x=closed_port())
-    resp = await refused(daemon, f"GET {url} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    resp = await refused_answer(daemon, f"GET {url} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     assert_problem(resp, status, cause)
     assert [] == up.fake.seen
 
@@ -550,7 +551,8 @@ async def test_port_0_in_an_absolute_form_url_is_refused_not_read_as_port_80(
     the target becomes localhost:80 (here a 403 naming localhost:80; with port 80
     intercepted, the request would be served there)."""
     daemon = await make_proxy(forward_config(tmp_path, up))
-    resp = await refused(daemon, b"GET http://localhost:0/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    resp = await refused_answer(
+        daemon, b"GET http://localhost:0/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert_problem(resp, 400, "bad_request")
 
 
@@ -875,7 +877,7 @@ async def test_bytes_pipelined_after_the_connect_head_are_refused(
     """A ClientHello in the same write as the CONNECT, before its 200: 400, closed, and no
     TLS begun."""
     daemon = await make_proxy(forward_config(tmp_path, up))
-    resp = await refused(daemon, connect_head(up.authority) + client_hello())
+    resp = await refused_answer(daemon, connect_head(up.authority) + client_hello())
     assert_problem(resp, 400, "bad_request")
     assert [] == up.fake.seen
     assert 0 == connects(daemon, "intercepted")
@@ -905,7 +907,7 @@ async def test_without_the_client_key_a_connect_gets_407(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, extra: tuple[str, ...],
 ) -> None:
     daemon = await make_proxy(forward_config(tmp_path, up, security={"client_key": CLIENT_KEY}))
-    resp = await refused(daemon, connect_head(up.authority, *extra))
+    resp = await refused_answer(daemon, connect_head(up.authority, *extra))
     assert_problem(resp, 407, "proxy_auth")
     assert ['Basic realm="tokenproxy"'] == resp.header("Proxy-Authenticate")
     assert [] == up.fake.seen
@@ -1039,8 +1041,8 @@ async def test_the_ca_key_is_private_and_in_no_log_line_nor_answer(
     conn = await inside(daemon, tmp_path, up.authority)
     received += (await conn.request(request("/echo", up.authority))).raw
     await conn.close()
-    received += (await refused(daemon, connect_head("example.org:443"))).raw
-    received += (await refused(daemon, b"CONNECT x HTTP/1.1\r\n\r\n")).raw
+    received += (await refused_answer(daemon, connect_head("example.org:443"))).raw
+    received += (await refused_answer(daemon, b"CONNECT x HTTP/1.1\r\n\r\n")).raw
     conn, _ = await connect(daemon, up.authority)
     await conn.send(b"GET / HTTP/1.1\r\n\r\n")
     await closed_within(conn, TIMEOUT)

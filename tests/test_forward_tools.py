@@ -29,9 +29,9 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.daemon_proc import child_env, run_to_exit
+from tests.helpers.daemon_proc import child_env, run_to_exit, run_to_exit_async
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
-from tests.helpers.forward import forward_config, start_upstream
+from tests.helpers.forward import Upstream, forward_config, start_upstream
 from tests.helpers.metrics import count
 from tests.helpers.net import busy_port, closed_port, free_port
 from tests.helpers.tls import ServerCert, upstream_tls
@@ -57,11 +57,6 @@ needs_alias = pytest.mark.skipif(not _alias_bindable(), reason=f"{ALIAS} cannot 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
 
-class Upstream:
-    def __init__(self, fake: FakeUpstream, tls: ServerCert, port: int) -> None:
-        self.fake, self.tls, self.port = fake, tls, port
-
-
 @pytest.fixture(name="alias_upstream")
 async def _alias_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upstream:
     """The FakeUpstream app over TLS on 127.0.0.2, its certificate (IP SAN) from a test CA."""
@@ -69,7 +64,7 @@ async def _alias_upstream(aiohttp_server: AiohttpServer, tmp_path: Path) -> Upst
     fake = FakeUpstream()
     server = await aiohttp_server(fake.app(), host=ALIAS, ssl=tls.server_context())
     assert server.port is not None
-    return Upstream(fake, tls, server.port)
+    return Upstream(fake, tls, server.port, plain_port=0)   # no plain-HTTP side here
 
 
 def raw_config(tmp_path: Path, *, forward_listen: str = "127.0.0.1:0",
@@ -98,13 +93,7 @@ def exec_env(tmp_path: Path) -> dict[str, str]:
 
 async def tokenproxy(*argv: str, env: dict[str, str], cwd: Path,
                      timeout: float = 30) -> tuple[int, str, str]:
-    """``python -m tokenproxy ARGV`` to its exit, while this test's loop keeps serving."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenproxy", *argv, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_to_exit_async(list(argv), cwd, env, timeout)
 
 
 def curl_command(up: Upstream, path: str = "/echo") -> list[str]:

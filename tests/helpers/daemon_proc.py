@@ -8,6 +8,7 @@ kills the child in a ``finally`` and sweeps its output for the suite's secrets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -147,6 +148,24 @@ def run_to_exit(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
     except subprocess.TimeoutExpired:
         raise AssertionError(
             f"tokenproxy {' '.join(argv)} did not finish within {timeout} s") from None
+
+
+async def run_to_exit_async(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+                            timeout: float = 30.0) -> tuple[int, str, str]:
+    """run_to_exit for a test whose event loop must keep serving meanwhile (an upstream or an
+    issuer in the test process): (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenproxy", *argv, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=child_env(cwd) if env is None else env, cwd=cwd)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(
+            f"tokenproxy {' '.join(argv)} did not finish within {timeout} s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def spawn(config: Path, directory: Path) -> DaemonProcess:
