@@ -40,10 +40,6 @@ async def _tls_upstream(aiohttp_server: AiohttpServer, upstream_cert: ServerCert
     return await start_upstream(aiohttp_server, upstream_cert)
 
 
-def ca_path(tmp_path: Path) -> Path:
-    return ca_file(tmp_path)
-
-
 async def curl(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         "curl", "--silent", "--show-error", "--max-time", "10", "--noproxy", "",
@@ -60,7 +56,7 @@ async def test_curl_through_the_proxy_gets_the_token_attached(
     placeholder the client sent, and curl gets the upstream's answer."""
     daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
     code, out, err = await curl(
-        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_file(tmp_path)),
         "-H", "Authorization: Bearer placeholder",
         f"https://localhost:{tls_upstream.port}/echo?q=1")
     assert 0 == code, err
@@ -78,10 +74,10 @@ async def test_requests_and_aiohttp_through_the_proxy(
     proxies = {"https": proxy_url(daemon), "http": proxy_url(daemon)}
     answer = await asyncio.to_thread(
         requests.post, url, data=b"body-bytes", proxies=proxies,
-        verify=str(ca_path(tmp_path)), timeout=10)
+        verify=str(ca_file(tmp_path)), timeout=10)
     assert 200 == answer.status_code
     assert b"body-bytes" == tls_upstream.fake.last.body
-    ctx = ssl.create_default_context(cafile=str(ca_path(tmp_path)))
+    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
     async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
                                                    ssl=ctx) as resp:
         assert 200 == resp.status
@@ -141,20 +137,20 @@ async def test_a_reload_changes_what_is_intercepted_and_makes_the_ca_again(
     raw = forward_config(tmp_path, tls_upstream)
     daemon = await make_proxy(raw)
     port = daemon.forward_listeners[0].port
-    first_ca = ca_path(tmp_path).read_bytes()
+    first_ca = ca_file(tmp_path).read_bytes()
     moved = copy.deepcopy(raw)
     moved["forward_proxy"]["intercept"][0]["host"] = "127.0.0.1"
     changed = await daemon.reload(build_config(moved, {}))
     assert [] == changed["listen_added"]
     assert port == daemon.forward_listeners[0].port
-    assert first_ca != ca_path(tmp_path).read_bytes()
+    assert first_ca != ca_file(tmp_path).read_bytes()
     code, _, err = await curl(
-        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_file(tmp_path)),
         f"https://127.0.0.1:{tls_upstream.port}/echo")
     assert 0 == code, err
     assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
     code, _, err = await curl(
-        "--proxy", proxy_url(daemon), "--cacert", str(ca_path(tmp_path)),
+        "--proxy", proxy_url(daemon), "--cacert", str(ca_file(tmp_path)),
         f"https://localhost:{tls_upstream.port}/echo")
     assert 0 != code
     assert "403" in err
@@ -169,7 +165,7 @@ async def test_a_reload_reaches_connections_already_open(
     raw = forward_config(tmp_path, tls_upstream)
     daemon = await make_proxy(raw)
     url = f"https://localhost:{tls_upstream.port}/echo"
-    ctx = ssl.create_default_context(cafile=str(ca_path(tmp_path)))
+    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
     connector = aiohttp.TCPConnector(limit=1)   # one connection, kept alive across the reload
     async with aiohttp.ClientSession(connector=connector) as s:
         async with s.get(url, proxy=proxy_url(daemon), ssl=ctx) as resp:
@@ -207,7 +203,7 @@ async def test_a_wildcard_entry_is_one_route_label_whatever_names_clients_ask_fo
             assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
             tls_reader, tls_writer = await asyncio.wait_for(asyncio.open_connection(
                 sock=writer.get_extra_info("socket").dup(),
-                ssl=ssl.create_default_context(cafile=str(ca_path(tmp_path))),
+                ssl=ssl.create_default_context(cafile=str(ca_file(tmp_path))),
                 server_hostname=f"n{n}.example.test"), 5)
             tls_writer.write(f"GET /x HTTP/1.1\r\nHost: n{n}.example.test\r\n"
                              "Connection: close\r\n\r\n".encode())
@@ -347,7 +343,7 @@ async def test_requests_and_aiohttp_find_the_proxy_and_the_ca_in_their_environme
     daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
     url = f"https://localhost:{tls_upstream.port}/echo"
     env = {"PATH": os.environ.get("PATH", ""), "HTTPS_PROXY": proxy_url(daemon),
-           "REQUESTS_CA_BUNDLE": str(ca_path(tmp_path)), "SSL_CERT_FILE": str(ca_path(tmp_path))}
+           "REQUESTS_CA_BUNDLE": str(ca_file(tmp_path)), "SSL_CERT_FILE": str(ca_file(tmp_path))}
     scripts = [
         f"import requests; print(requests.get({url!r}, timeout=10).status_code)",
         "import asyncio, aiohttp\n"
