@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
 from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream, JumpClock
+from tests.helpers.forward import Upstream, start_upstream
 from tests.helpers.idp import Idp, StartIdp, start_idp
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.rawupstream import MakeRaw, RawUpstream, Script
@@ -175,3 +176,10 @@ def _upstream_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
     """A CA of the tests' own and a certificate it signed for localhost and 127.0.0.1, made
     once per test process (tests/helpers/tls.py)."""
     return upstream_tls(tmp_path_factory.mktemp("upstream-tls"))
+
+
+@pytest.fixture(name="tls_upstream")
+async def _tls_upstream(aiohttp_server: AiohttpServer, upstream_cert: ServerCert) -> Upstream:
+    """The recording upstream as ``localhost`` over TLS and over plain HTTP, for the forward
+    proxy (tests/helpers/forward.py)."""
+    return await start_upstream(aiohttp_server, upstream_cert)

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy
 from tests.helpers.fakes import TOKEN, TOKEN_2
@@ -27,17 +26,10 @@ from tests.helpers.forward import (
     forward_config,
     fport,
     proxy_url,
-    start_upstream,
 )
 from tests.helpers.metrics import count
-from tests.helpers.tls import ServerCert
 from tokenproxy.config import build_config
 from tokenproxy.errors import ConfigError
-
-
-@pytest.fixture(name="tls_upstream")
-async def _tls_upstream(aiohttp_server: AiohttpServer, upstream_cert: ServerCert) -> Upstream:
-    return await start_upstream(aiohttp_server, upstream_cert)
 
 
 async def curl(*args: str) -> tuple[int, str, str]:

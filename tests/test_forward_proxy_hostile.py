@@ -47,7 +47,6 @@ from tests.helpers.forward import (
     ca_file,
     fport,
     proxy_url,
-    start_upstream,
 )
 from tests.helpers.forward import forward_config as shared_forward_config
 from tests.helpers.idp import Idp, StartIdp, oauth2
@@ -66,8 +65,9 @@ LIMITS = {"header_timeout": f"{HEADER_TIMEOUT}s"}
 
 
 @pytest.fixture(name="up")
-async def _up(aiohttp_server: AiohttpServer, upstream_cert: ServerCert) -> Upstream:
-    return await start_upstream(aiohttp_server, upstream_cert)
+def _up(tls_upstream: Upstream) -> Upstream:
+    """This file's short name for the conftest's tls_upstream."""
+    return tls_upstream
 
 
 def forward_config(tmp_path: Path, up: Upstream, *, limits: dict[str, Any] | None = None,

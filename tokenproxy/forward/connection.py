@@ -228,7 +228,8 @@ class ForwardConnection(asyncio.Protocol):
             self._log.error("forward_tls_failed", target=where.authority,
                             error=type(exc).__name__)
             forward.count("failed")
-            self._refuse(Problem(502, "upstream_unreachable",
+            # Ours, not the upstream's: the local CA could not sign for the host.
+            self._refuse(Problem(500, "internal",
                                  f"no certificate for {where.host} could be made"))
             return
         transport.write(ESTABLISHED)
