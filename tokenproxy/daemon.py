@@ -236,14 +236,19 @@ class Daemon:
                 server.pre_shutdown()
                 await asyncio.gather(server.shutdown(grace), env.shutdown(grace))
 
-            return self._fast_factory(env), drain
+            def busy() -> bool:
+                return bool(env.conns) or bool(server.connections)
+
+            return self._fast_factory(env), drain, busy
 
         return make
 
     def _forward_factory(self, serving: Serving) -> ProtocolFactory:
         def make(on_close: Callable[[], None] | None) -> ForwardConnection:
-            forward = serving.forward   # the one of the config when the connection began
-            return ForwardConnection(lambda: forward, lambda: self.config.limits, on_close)
+            # Looked up when the first head is complete, not at accept: a reload in between
+            # must decide what the request gets (and with which token).
+            return ForwardConnection(lambda: serving.forward, lambda: self.config.limits,
+                                     on_close)
 
         return make
 

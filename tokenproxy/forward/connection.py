@@ -270,8 +270,18 @@ class ForwardConnection(asyncio.Protocol):
                                  f"{where.authority} could not be reached"))
             return
         forward.count("tunnelled")
-        idle = Idle(self._limits.keepalive_timeout, transport.close)
+        pair = (transport, upstream)
+
+        def cut() -> None:
+            # abort, not close: a client that stopped reading never lets a close flush.
+            transport.abort()
+            upstream.abort()
+
+        idle = Idle(self._limits.keepalive_timeout, cut)
         client.idle = far.idle = idle
+        client.partner, far.partner = far, client
+        forward.hosts.tunnels.add(pair)
+        far.on_lost = lambda: forward.hosts.tunnel_ended(pair)
         transport.set_protocol(client)
         client.connection_made(transport)
         client.join(upstream)

@@ -12,7 +12,9 @@ add headers of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final
@@ -32,9 +34,9 @@ from tokenproxy.tokens.source import TokenSource
 # Wildcard entries make a Proxy per name a client asks for: bounded, the oldest dropped.
 MAX_HOSTS: Final = 256
 
-# The daemon's way to serve HTTP on a decrypted stream for a Proxy: the protocol factory, and
-# how to drain what it serves at shutdown.
-Inner = tuple[ProtocolFactory, Callable[[float], Awaitable[None]]]
+# The daemon's way to serve HTTP on a decrypted stream for a Proxy: the protocol factory, how
+# to drain what it serves at shutdown, and whether it has connections open now.
+Inner = tuple[ProtocolFactory, Callable[[float], Awaitable[None]], Callable[[], bool]]
 MakeInner = Callable[[Callable[[], Proxy]], Inner]
 
 
@@ -49,33 +51,61 @@ class HostService:
     proxy: Proxy
     factory: ProtocolFactory
     drain: Callable[[float], Awaitable[None]]
+    busy: Callable[[], bool]
 
 
 class Hosts:
     """The intercepted hosts' services, kept across reloads (their open connections with
-    them), at most MAX_HOSTS; one pushed out is drained in the background."""
+    them). Past MAX_HOSTS the least recently asked for without open connections is dropped;
+    hosts with connections are never cut for room (there are at most max_connections)."""
 
     def __init__(self, make_inner: MakeInner, grace: Callable[[], float]) -> None:
         self.make_inner = make_inner
         self._grace = grace
-        self.services: dict[HostKey, HostService] = {}
+        # Least recently used first: a host in use is not the one pushed out.
+        self.services: OrderedDict[HostKey, HostService] = OrderedDict()
         self._draining: set[asyncio.Task[None]] = set()
+        # Open tunnels (client, upstream): cut at shutdown once the grace is over.
+        self.tunnels: set[tuple[asyncio.Transport, asyncio.Transport]] = set()
+        self._tunnel_ended = asyncio.Event()
 
     def add(self, key: HostKey, proxy: Proxy) -> HostService:
         if len(self.services) >= MAX_HOSTS:
-            oldest = self.services.pop(next(iter(self.services)))
-            task = asyncio.ensure_future(oldest.drain(self._grace()))
-            self._draining.add(task)
-            task.add_done_callback(self._draining.discard)
+            idle = next((k for k, s in self.services.items() if not s.busy()), None)
+            if idle is not None:
+                task = asyncio.ensure_future(self.services.pop(idle).drain(self._grace()))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
         made: list[HostService] = []
-        factory, drain = self.make_inner(lambda: made[0].proxy)
-        made.append(HostService(proxy, factory, drain))
+        factory, drain, busy = self.make_inner(lambda: made[0].proxy)
+        made.append(HostService(proxy, factory, drain, busy))
         self.services[key] = made[0]
         return made[0]
 
+    def get(self, key: HostKey) -> HostService | None:
+        found = self.services.get(key)
+        if found is not None:
+            self.services.move_to_end(key)
+        return found
+
     async def drain(self, grace: float) -> None:
         await asyncio.gather(*(s.drain(grace) for s in self.services.values()),
-                             *self._draining)
+                             *self._draining, self._end_tunnels(grace))
+
+    def tunnel_ended(self, pair: tuple[asyncio.Transport, asyncio.Transport]) -> None:
+        self.tunnels.discard(pair)
+        self._tunnel_ended.set()
+
+    async def _end_tunnels(self, grace: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self.tunnels:
+                    self._tunnel_ended.clear()
+                    await self._tunnel_ended.wait()
+        for client, upstream in list(self.tunnels):
+            client.abort()
+            upstream.abort()
+        self.tunnels.clear()
 
 
 class Forward:
@@ -92,7 +122,7 @@ class Forward:
         self.client_key = None if key is None else key.value.encode()
         self._sources = sources
         self._budget = budget
-        self._hosts = hosts
+        self.hosts = hosts
         self._connects = {outcome: metrics.forward_connects.labels(outcome)
                           for outcome in ("intercepted", "tunnelled", "refused", "failed")}
         for key_, service in hosts.services.items():
@@ -106,10 +136,10 @@ class Forward:
 
     def service(self, entry: InterceptHost, target: Target, *, tls: bool) -> HostService:
         key = (target.host, target.port, tls)
-        found = self._hosts.services.get(key)
+        found = self.hosts.get(key)
         if found is not None:
             return found
-        return self._hosts.add(key, self._proxy(entry, target, tls=tls))
+        return self.hosts.add(key, self._proxy(entry, target, tls=tls))
 
     def _proxy_now(self, key: HostKey) -> Proxy:
         """What an open connection to *key* is served by under this config: the entry's

@@ -48,7 +48,9 @@ class Pipe(asyncio.Protocol):
         self.peer: asyncio.Transport | None = None
         self.received = 0
         self.idle = idle
-        self._on_lost = on_lost
+        self.partner: Pipe | None = None   # the other end's protocol
+        self.eof = False
+        self.on_lost = on_lost
         self._pending = bytearray()   # what arrived before the peer was connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +73,13 @@ class Pipe(asyncio.Protocol):
             self.peer.write(data)
 
     def eof_received(self) -> bool:
+        self.eof = True
+        if self.partner is not None and self.partner.eof:
+            # Both directions are done: nothing will come either way, so close both now
+            # rather than hold the connection until the idle timeout.
+            if self.peer is not None:
+                self.peer.close()
+            return False
         if self.peer is not None and self.peer.can_write_eof() and not self.peer.is_closing():
             self.peer.write_eof()
             return True   # keep our side open for the other direction
@@ -89,4 +98,4 @@ class Pipe(asyncio.Protocol):
             self.idle.cancel()
         if self.peer is not None:
             self.peer.close()
-        self._on_lost()
+        self.on_lost()
