@@ -573,6 +573,7 @@ async def test_connection_idle_longest_makes_room(daemon: Daemon, logs: Captured
     assert ("warning", ADMIN_MAX_CONNECTIONS) == (event["level"], event["limit"])
 
 
+@pytest.mark.slow
 async def test_a_request_whose_body_never_comes_frees_its_connection(daemon: Daemon) -> None:
     """The admin listener does not wait for a body nobody needs (aiohttp would read it for
     10 s after the answer, holding a slot): that connection closes after its answer, and a

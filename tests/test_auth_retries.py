@@ -80,6 +80,7 @@ async def test_body_over_max_replay_streamed_and_its_401_passed_back(
     assert 2 == len(idp.calls.seen)
 
 
+@pytest.mark.slow
 async def test_failed_background_refresh_after_a_skipped_retry_is_quiet(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
     logs: CapturedLogs,

@@ -198,6 +198,7 @@ async def test_a_connection_that_carried_a_body_is_not_handed_to_another_client(
 
 
 @pytest.mark.both_paths
+@pytest.mark.slow
 async def test_a_late_answer_to_a_smuggled_request_reaches_no_other_client(
     make_proxy: MakeProxy, stdlib: StdlibUpstream
 ) -> None:
@@ -349,6 +350,7 @@ async def test_uploads_through_aiohttp_never_race_the_upstreams_close(
 
 
 @pytest.mark.both_paths
+@pytest.mark.slow
 async def test_connection_listed_content_length_keeps_the_body_framed(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:

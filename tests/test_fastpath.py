@@ -932,6 +932,7 @@ class TestPool:
             await asyncio.wait_for(upconn.ended.wait(), 1)
         assert upconn.ended.is_set(), "the upstream connection was left open, owned by no one"
 
+    @pytest.mark.slow
     async def test_idle_pooled_connection_is_closed_after_the_pool_keepalive(
         self, make_proxy: MakeProxy, raw_upstream: MakeRaw
     ) -> None:

@@ -937,6 +937,7 @@ class TestObservability:
         assert (404, len(body)) == (event["status"], event["bytes"])
         assert len(body) > 0
 
+    @pytest.mark.slow
     async def test_a_head_problem_answer_logs_no_body_bytes(
         self, make_proxy: MakeProxy, logs: CapturedLogs,
     ) -> None:

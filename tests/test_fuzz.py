@@ -178,6 +178,7 @@ def test_token_answers_parse_or_fail_cleanly(body: bytes) -> None:
 @FUZZ
 @given(st.one_of(st.none(), st.booleans(), st.integers(-10**400, 10**400), st.floats(),
                  st.text(max_size=20), st.lists(st.integers(), max_size=2)))
+@pytest.mark.slow
 def test_expires_in_is_finite_positive_or_none(value: Any) -> None:
     """parse_expires_in never raises and never returns an unusable lifetime."""
     result = parse_expires_in(value)

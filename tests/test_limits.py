@@ -169,6 +169,7 @@ class TestHeaderTimeout:
         assert closed_at is not None
         assert 0.25 <= closed_at < 0.9
 
+    @pytest.mark.slow
     async def test_slow_but_complete_head_succeeds(
         self, make_proxy: MakeProxy, upstream: TestServer, fake_upstream: FakeUpstream
     ) -> None:
@@ -655,6 +656,7 @@ async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(
 
 
 @pytest.mark.both_paths
+@pytest.mark.slow
 async def test_heads_without_bodies_pin_no_replay_budget(
     make_proxy: MakeProxy, raw_upstream: MakeRaw, tmp_path: Path
 ) -> None:

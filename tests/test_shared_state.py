@@ -143,6 +143,7 @@ async def test_another_client_id_or_user_is_another_entry_with_its_own_login(
     assert first != second
 
 
+@pytest.mark.slow
 async def test_proactive_timers_of_three_replicas_make_one_call(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
@@ -163,6 +164,7 @@ async def test_proactive_timers_of_three_replicas_make_one_call(
     assert 0 == idp.issuer.stats.reuse_detected
 
 
+@pytest.mark.slow
 async def test_the_token_command_takes_the_replicas_token(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
@@ -701,6 +703,7 @@ async def test_a_reload_moves_the_tokens_into_the_shared_state(
 # -- TLS and passwords -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_rediss_with_a_ca_file_and_a_password_that_never_shows(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, clock: FakeClock,
     cert: tuple[Path, Path], logs: CapturedLogs,

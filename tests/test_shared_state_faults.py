@@ -681,6 +681,7 @@ async def test_held_no_redis_password_in_logs_metrics_answers_or_check_config(
         server.stop()
 
 
+@pytest.mark.slow
 async def test_held_reload_while_a_refresh_holds_the_lock(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,
@@ -710,6 +711,7 @@ async def test_held_reload_while_a_refresh_holds_the_lock(
     assert 0 == idp.issuer.stats.reuse_detected
 
 
+@pytest.mark.slow
 async def test_held_a_waiter_that_hangs_up_costs_nothing(
     start: StartIdp, make_proxy: MakeProxy, redis_server: RedisServer, tmp_path: Path,
     clock: JumpClock,

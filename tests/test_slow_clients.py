@@ -317,6 +317,7 @@ async def test_a_pipelining_client_that_never_reads_is_not_buffered_without_boun
     assert fetched < 300, f"{fetched} of 1000 answers fetched for a client that reads none"
 
 
+@pytest.mark.slow
 async def test_a_client_that_reads_late_still_gets_every_answer(
     make_proxy: MakeProxy, raw_upstream: MakeRaw
 ) -> None:

@@ -774,6 +774,7 @@ async def test_proactive_refresh_before_expiry(
 # -- single flight ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_concurrent_401s_for_one_token_make_one_refresh(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -923,6 +924,7 @@ async def test_a_4xx_from_the_token_endpoint_is_counted_rejected(
     assert 1 == refreshes(daemon, "initial", "rejected"), "counted as error"
 
 
+@pytest.mark.slow
 async def test_a_refused_connection_to_the_token_endpoint_is_named_so(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, logs: CapturedLogs,
 ) -> None:
@@ -940,6 +942,7 @@ async def test_a_refused_connection_to_the_token_endpoint_is_named_so(
     assert "connection refused" in ready["providers"]["idp"]["error"]
 
 
+@pytest.mark.slow
 async def test_token_metric_labels_stay_bounded_whatever_the_issuer_answers(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
     clock: JumpClock,
@@ -1424,6 +1427,7 @@ async def test_shutdown_lets_a_token_call_finish_and_persist(
 # -- two daemons on one state file -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_two_daemons_sharing_a_state_file_never_reuse_a_refresh_token(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
     http: aiohttp.ClientSession,

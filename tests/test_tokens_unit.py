@@ -528,6 +528,7 @@ class TestStateStore:
             store.write("a:1", entry())
         assert ["not-a-dir"] == sorted(p.name for p in tmp_path.iterdir())
 
+    @pytest.mark.slow
     async def test_lock_excludes_another_store_on_the_same_file(self, tmp_path: Path) -> None:
         """Two StateStores (as two processes would have) on one file take turns: flock."""
         path = tmp_path / "state.json"
