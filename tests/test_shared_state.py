@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.helpers.config import MakeProxy, command_provider, upstream_url, write_config
 from tests.helpers.fakes import PASSWORD, FakeClock, FakeUpstream, JumpClock
-from tests.helpers.idp import StartIdp, TokenCall, advance, gate, oauth2_config
+from tests.helpers.idp import StartIdp, TokenCall, advance, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count, metric, refreshes
 from tests.helpers.redis_server import RedisServer
@@ -31,6 +31,7 @@ from tests.helpers.replicas import (
     replica_config,
     static_config,
     status,
+    token_call_held,
     tokens_key_of,
 )
 from tests.helpers.wait import readyz, wait_for
@@ -212,11 +213,8 @@ async def test_a_late_writer_adopts_the_newer_token_and_spends_nothing_twice(
     a, b = await start_replicas(make_proxy, replica_config(idp, tmp_path, redis_server))
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
-    held = asyncio.Event()
-    idp.calls.queue.append(gate(held))
     before = len(idp.calls.grants())
-    slow = asyncio.create_task(status(a))
-    await wait_for(lambda: len(idp.calls.grants()) == before + 1, "A's refresh call")
+    held, slow = await token_call_held(idp, a)
     assert ["refresh_token"] == idp.calls.grants()[before:]
     assert 1 == len(redis_server.keys("tokenproxy:lock:*"))
     redis_server.client().delete(*redis_server.keys("tokenproxy:lock:*"))   # A's lease ran out
@@ -251,11 +249,8 @@ async def test_the_lease_is_renewed_while_a_refresh_call_runs(
     b = await make_proxy(raw)
     assert 200 == (await status(b))[0]
     await clock.tick(LIFETIME + 1)
-    held = asyncio.Event()
-    idp.calls.queue.append(gate(held))
-    slow = asyncio.create_task(status(a))
-    await wait_for(lambda: ["password", "refresh_token"] == idp.calls.grants(),
-                   "A's refresh call")
+    held, slow = await token_call_held(idp, a)
+    assert ["password", "refresh_token"] == idp.calls.grants()
     [lock] = redis_server.keys("tokenproxy:lock:*")
     loop = asyncio.get_running_loop()
     seen: list[tuple[Any, int]] = []

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import PASSWORD, JumpClock
-from tests.helpers.idp import StartIdp, gate, oauth2_config
+from tests.helpers.idp import StartIdp, oauth2_config
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import metric
 from tests.helpers.redis_server import RedisServer
@@ -35,6 +35,7 @@ from tests.helpers.replicas import (
     replica_config,
     static_config,
     status,
+    token_call_held,
     tokens_key_of,
 )
 from tests.helpers.wait import readyz, wait_for
@@ -694,11 +695,7 @@ async def test_held_reload_while_a_refresh_holds_the_lock(
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
-    released = asyncio.Event()
-    idp.calls.queue.append(gate(released))
-    before = len(idp.calls.seen)
-    slow_a = asyncio.create_task(status(a))
-    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
+    released, slow_a = await token_call_held(idp, a)
     slow_b = asyncio.create_task(status(b))
     reloading = asyncio.create_task(
         a.reload(build_config(replica_config(idp, tmp_path, redis_server, timeout="0.6s"), {})))
@@ -723,11 +720,7 @@ async def test_held_a_waiter_that_hangs_up_costs_nothing(
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
-    released = asyncio.Event()
-    idp.calls.queue.append(gate(released))
-    before = len(idp.calls.seen)
-    slow_a = asyncio.create_task(status(a))
-    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
+    released, slow_a = await token_call_held(idp, a)
     waiting = asyncio.create_task(status(b))
     await asyncio.sleep(0.1)
     waiting.cancel()
@@ -751,11 +744,7 @@ async def test_held_redis_restarted_between_mark_and_write(
     a, b = await make_proxy(raw), await make_proxy(raw)
     assert [200, 200] == [(await status(d))[0] for d in (a, b)]
     await clock.tick(LIFETIME + 1)
-    released = asyncio.Event()
-    idp.calls.queue.append(gate(released))
-    before = len(idp.calls.seen)
-    slow_a = asyncio.create_task(status(a))
-    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the condition")
+    released, slow_a = await token_call_held(idp, a)
     redis_server.restart()
     released.set()
     assert 200 == (await slow_a)[0]

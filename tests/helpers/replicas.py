@@ -4,6 +4,7 @@ key names as a daemon derives them. (/readyz is tests/helpers/wait.py's readyz.)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from tests.helpers.idp import PASSWORD_GRANT, Idp, oauth2_config
+from tests.helpers.idp import PASSWORD_GRANT, Idp, gate, oauth2_config
 from tests.helpers.redis_server import RedisServer
+from tests.helpers.wait import wait_for
 from tokenproxy.config import build_config
 from tokenproxy.daemon import Daemon
 from tokenproxy.demo.issuer import Issuer
@@ -96,3 +98,16 @@ async def status(daemon: Daemon, path: str = "/api/x") -> tuple[int, dict[str, A
         return resp.status, {"cause": resp.headers.get("Tokenproxy-Error"),
                              "retry_after": resp.headers.get("Retry-After"),
                              "body": body.decode()}
+
+
+async def token_call_held(idp: Idp, daemon: Daemon
+                          ) -> tuple[asyncio.Event, asyncio.Task[tuple[int, dict[str, Any]]]]:
+    """A request through *daemon* whose token-endpoint call the issuer holds until the
+    returned event is set; returns once that call has reached the issuer (the replica then
+    holds the refresh lock), with the request still waiting."""
+    released = asyncio.Event()
+    idp.calls.queue.append(gate(released))
+    before = len(idp.calls.seen)
+    request = asyncio.create_task(status(daemon))
+    await wait_for(lambda: len(idp.calls.seen) == before + 1, "the token call at the issuer")
+    return released, request
