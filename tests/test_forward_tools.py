@@ -29,7 +29,12 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.daemon_proc import child_env, run_to_exit, run_to_exit_async
+from tests.helpers.daemon_proc import (
+    child_env,
+    run_command_async,
+    run_to_exit,
+    run_to_exit_async,
+)
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
 from tests.helpers.forward import Upstream, forward_config, start_upstream
 from tests.helpers.metrics import count
@@ -55,6 +60,25 @@ def _alias_bindable() -> bool:
 
 needs_alias = pytest.mark.skipif(not _alias_bindable(), reason=f"{ALIAS} cannot be bound")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+API_HOST = "api.example.com"
+
+
+def _private_hosts_argv() -> list[str] | None:
+    """How to run a command with an /etc/hosts of its own: a private mount namespace (as
+    root, or as any user in a user namespace of its own where the kernel allows one)."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return None
+    for argv in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([*argv, "mount", "--bind", "/etc/hosts", "/etc/hosts"],
+                               capture_output=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return argv
+    return None
+
+
+PRIVATE_HOSTS = _private_hosts_argv()
+needs_private_hosts = pytest.mark.skipif(
+    PRIVATE_HOSTS is None, reason="no private mount namespace (unshare) for a hosts entry")
 
 
 @pytest.fixture(name="alias_upstream")
@@ -449,3 +473,41 @@ async def test_exec_reaches_a_host_by_its_name(
     assert 0 == code, err
     assert [f"Bearer {TOKEN}"] == up.fake.last.header("Authorization")
     assert "/echo" == json.loads(out)["raw_path"]
+
+
+@pytest.mark.slow
+@needs_curl
+@needs_private_hosts
+async def test_exec_curl_https_api_example_com_through_a_hosts_entry(
+    aiohttp_server: AiohttpServer, tmp_path: Path,
+) -> None:
+    """The issue's own command: ``tokenproxy exec -- curl https://api.example.com/...``, the
+    name resolved to 127.0.0.1 by a hosts entry the test gives the whole process tree (a
+    bind mount over /etc/hosts in a private mount namespace). curl takes everything from the
+    environment; the daemon resolves the name itself, verifies the upstream's certificate
+    for it and attaches the token; the command's environment never holds the token."""
+    assert PRIVATE_HOSTS is not None
+    tls = upstream_tls(tmp_path / "upstream-tls", names=(API_HOST,), ips=())
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app(), host="127.0.0.1", ssl=tls.server_context())
+    assert server.port is not None
+    raw = raw_config(tmp_path)
+    raw["forward_proxy"]["intercept"] = [{"host": API_HOST, "port": server.port,
+                                          "provider": "api", "ca_file": str(tls.ca)}]
+    config = write_config(tmp_path, raw)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {API_HOST}\n")
+    seen_env = tmp_path / "command-env"
+    script = (f'mount --bind "$1" /etc/hosts && exec "$2" -m tokenproxy exec -c "$3" '
+              f'--standalone -- sh -c \'env > "$0"; exec curl --silent --show-error '
+              f'--max-time 10 "$1"\' "$4" "https://{API_HOST}:{server.port}/v1/items?q=1"')
+    code, out, err = await run_command_async(
+        [*PRIVATE_HOSTS, "sh", "-c", script, "sh", str(hosts), sys.executable, str(config),
+         str(seen_env)], tmp_path, exec_env(tmp_path))
+    assert 0 == code, err
+    assert [f"Bearer {TOKEN}"] == fake.last.header("Authorization")
+    assert [f"{API_HOST}:{server.port}"] == fake.last.header("Host")
+    assert "/v1/items?q=1" == json.loads(out)["raw_path"]
+    environment = seen_env.read_text()
+    assert "HTTPS_PROXY=http://127.0.0.1:" in environment
+    assert TOKEN not in environment

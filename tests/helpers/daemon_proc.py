@@ -154,16 +154,21 @@ async def run_to_exit_async(argv: list[str], cwd: Path, env: dict[str, str] | No
                             timeout: float = 30.0) -> tuple[int, str, str]:
     """run_to_exit for a test whose event loop must keep serving meanwhile (an upstream or an
     issuer in the test process): (exit code, stdout, stderr)."""
+    return await run_command_async([sys.executable, "-m", "tokenproxy", *argv], cwd, env,
+                                   timeout)
+
+
+async def run_command_async(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+                            timeout: float = 30.0) -> tuple[int, str, str]:
+    """Any command (tokenproxy inside a wrapper, say), as run_to_exit_async runs tokenproxy."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenproxy", *argv, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=child_env(cwd) if env is None else env, cwd=cwd)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
-        raise AssertionError(
-            f"tokenproxy {' '.join(argv)} did not finish within {timeout} s") from None
+        raise AssertionError(f"{' '.join(argv)} did not finish within {timeout} s") from None
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
