@@ -188,7 +188,7 @@ def test_summary_lists_structure() -> None:
         lines[:3])
     assert "state_path: /var/lib/tp/state.json" in lines
     assert ("  corp: oauth2 endpoint=https://auth.example.com/oauth2/token client_id=my-app "
-            "grant_type=client_credentials") in lines
+            "grant_type=client_credentials client_auth=basic") in lines
     assert ("  / -> https://api.example.com/v1/ (provider fixed, header Authorization, "
             "retry_on [401])") in lines
     assert ("  /corp -> https://corp-api.example.com/ (provider corp, header Authorization, "

@@ -826,7 +826,8 @@ def test_static_token_must_be_printable(token: str) -> None:
         (oauth2(token_url="auth.example.com/token"),
          "providers.corp.token_url: not an absolute http(s) URL"),
         (oauth2(grant_type="implicit"),
-         "providers.corp.grant_type: expected one of client_credentials, password, refresh_token"),
+         "providers.corp.grant_type: expected one of client_credentials, password, refresh_token,"
+         " token_exchange, jwt_bearer"),
         (oauth2(grant_type="password", username="u"),
          "providers.corp.password: grant_type password needs username and password"),
         (oauth2(grant_type="password", password=PASSWORD),
@@ -840,7 +841,8 @@ def test_static_token_must_be_printable(token: str) -> None:
         (oauth2(client_auth="post", client_secret=None),
          "providers.corp.client_secret: client_auth post needs client_id and client_secret"),
         (oauth2(client_auth="jwt"),
-         "providers.corp.client_auth: expected one of basic, post, none"),
+         "providers.corp.client_auth: expected one of basic, post, none, client_secret_jwt,"
+         " private_key_jwt, client_assertion, tls_client_auth"),
         (oauth2(scope={"a": 1}),
          "providers.corp.scope: expected a string or a list of strings"),
         (oauth2(timeout=0), "providers.corp.timeout: not a positive duration"

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tokenproxy.config import build_config, parse_yaml
+from tokenproxy.config import OAuth2Provider, build_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "tokenproxy.service"
@@ -129,6 +129,34 @@ def test_kubernetes_example_is_valid(tmp_path: Path) -> None:
     assert {"emptyDir": {}} == {k: v for k, v in next(
         v for v in pod["spec"]["volumes"] if v["name"] == "state").items() if k != "name"}
     assert "true" == pod["metadata"]["annotations"]["prometheus.io/scrape"]
+
+
+def test_kubernetes_projected_token_example_is_valid(tmp_path: Path) -> None:
+    """The variant without a stored secret: its config validates (the token file where the
+    manifest mounts it, moved under tmp_path), only the sidecar mounts the projected token,
+    and the token's audience is the token endpoint's host."""
+    docs = list(yaml.safe_load_all(
+        (ROOT / "examples/kubernetes/tokenproxy-sidecar-projected-token.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    raw = parse_yaml(kinds["ConfigMap"]["data"]["config.yaml"], "configmap")
+    provider = raw["providers"]["api"]
+    pod = kinds["Deployment"]["spec"]["template"]
+    [sidecar] = pod["spec"]["initContainers"]
+    [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == "sts-token"]
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == "sts-token"]
+    [source] = volume["projected"]["sources"]
+    assert Path(provider["subject_token_file"]) == (
+        Path(mount["mountPath"]) / source["serviceAccountToken"]["path"])
+    assert provider["token_url"].startswith(source["serviceAccountToken"]["audience"])
+    token = tmp_path / "sts-token"
+    token.write_text("header.payload.signature")
+    provider["subject_token_file"] = str(token)
+    cfg = build_config(raw, {"POD_IP": "10.1.2.3"})
+    api = cfg.providers["api"]
+    assert isinstance(api, OAuth2Provider)
+    assert ("token_exchange", "none") == (api.grant_type, api.client_auth)
+    assert all(m["name"] != "sts-token" for c in pod["spec"]["containers"]
+               for m in c.get("volumeMounts", []))
 
 
 def test_compose_example_is_valid(tmp_path: Path) -> None:

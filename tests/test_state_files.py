@@ -435,7 +435,7 @@ async def test_provider_start_reads_the_state_file_off_the_event_loop(
     async with make_token_session() as session:
         factory = SourceFactory(clock=clock, metrics=Metrics(CollectorRegistry(), "test"),
                                 redactor=Redactor(), session=session, store=FileStore(store))
-        source = factory.build(build_config(raw, {}).providers["idp"])
+        source = factory.build(build_config(raw, {}).providers["idp"], {})
         assert isinstance(source, TokenManager)
         starting = asyncio.create_task(source.start())
         await asyncio.sleep(0.05)

@@ -15,7 +15,8 @@ from aiohttp import http_parser
 
 from tokenproxy import __version__, log
 from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_config
-from tokenproxy.config.secrets import config_secrets, exposed_warning
+from tokenproxy.config.providers import subject_chain
+from tokenproxy.config.secrets import config_secrets, exposed_warning, readable_key_warnings
 from tokenproxy.config.shared_state import redacted_url
 from tokenproxy.daemon import fast_path_setting
 from tokenproxy.demo.run import run_demo
@@ -165,7 +166,12 @@ def summary(cfg: Config) -> list[str]:
         if isinstance(p, OAuth2Provider) and p.issuer is not None:
             ident = {("issuer" if k == "endpoint" else k): v for k, v in ident.items()}
         detail = " ".join(f"{k}={v}" for k, v in ident.items() if "\x00" not in v)
-        lines.append(f"  {name}: {p.type_name()}" + (f" {detail}" if detail else ""))
+        if isinstance(p, OAuth2Provider):
+            detail += f" client_auth={p.client_auth}"
+            chain = subject_chain(cfg.providers, name)
+            if len(chain) > 1:
+                detail += " chain=" + " <- ".join(chain)
+        lines.append(f"  {name}: {p.type_name()}" + (f" {detail.strip()}" if detail else ""))
     lines.append(f"routes ({len(cfg.routes)}):")
     for r in cfg.routes:
         lines.append(f"  {r.prefix} -> {r.upstream.url} (provider {r.provider}, "
@@ -188,7 +194,8 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     for line in summary(cfg):
         out.write(redactor.scrub(line) + "\n")
     # On stdout with the report: the file is valid, and stderr stays for errors.
-    for warning in (exposed_warning(cfg), clear_state_warning(cfg)):
+    for warning in (exposed_warning(cfg), clear_state_warning(cfg),
+                    *readable_key_warnings(cfg)):
         if warning is not None:
             out.write(redactor.scrub(warning) + "\n")
     if not args.online:

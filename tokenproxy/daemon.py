@@ -17,7 +17,7 @@ from tokenproxy import __version__, log
 from tokenproxy.admin import AdminHandler
 from tokenproxy.clock import Clock, SystemClock
 from tokenproxy.config import Config, Listener
-from tokenproxy.config.secrets import config_secrets, exposed_mode
+from tokenproxy.config.secrets import config_secrets, exposed_mode, readable_keys
 from tokenproxy.errors import ConfigError
 from tokenproxy.forward.connection import ForwardConnection
 from tokenproxy.forward.service import Forward, Hosts, Inner, MakeInner, open_ca
@@ -169,12 +169,17 @@ class Daemon:
             ls.start(factory, gate)
         return opened
 
+    async def _warn_readable_keys(self, cfg: Config) -> None:
+        for where, path, mode in await asyncio.to_thread(readable_keys, cfg):
+            self._log.warning(log.KEY_FILE_READABLE, key=where, path=str(path), mode=oct(mode))
+
     async def start(self) -> None:
         cfg = self.config
         store = await open_token_store(cfg, self.metrics)
         mode = await asyncio.to_thread(exposed_mode, cfg)
         if mode is not None:
             self._log.warning("config_file_permissions", path=str(cfg.source), mode=oct(mode))
+        await self._warn_readable_keys(cfg)
         try:
             serving = self._serving = await self._serving_parts(store)
         except BaseException:
@@ -269,7 +274,7 @@ class Daemon:
         factory = SourceFactory(clock=self.clock, metrics=self.metrics, redactor=self.redactor,
                                 session=token_session, store=store)
         for name, provider in cfg.providers.items():
-            self.sources[name] = factory.build(provider)
+            self.sources[name] = factory.build(provider, self.sources)
         proxy = Proxy(cfg, sources=self.sources, budget=self.replay_budget,
                       metrics=self.metrics)
 
@@ -370,6 +375,7 @@ class Daemon:
         self.admin_listeners = admin.listening
         self.forward_listeners = forward_listeners.listening
         await close_quietly(retired)
+        await self._warn_readable_keys(new)
         if old_store is not None and old_store is not plan.factory.store:
             await old_store.close()   # after the sources that used it
         return {

@@ -32,6 +32,8 @@ CONFIG_RELOAD_FAILED: Final = "config_reload_failed"
 LISTENING: Final = "listening"
 SHARED_STATE_UNAVAILABLE: Final = "shared_state_unavailable"
 SHARED_STATE_RESTORED: Final = "shared_state_restored"
+ASSERTION_EXPIRED: Final = "assertion_expired"
+KEY_FILE_READABLE: Final = "key_file_readable"
 
 MASK: Final = "***"
 SENSITIVE_KEYS: Final = frozenset({

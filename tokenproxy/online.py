@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,7 @@ from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
 from tokenproxy.tokens.shared.redis_store import RedisStore
+from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, StoredTokens, identity_key
 from tokenproxy.tokens.store import SharedStateUnavailable
 
@@ -56,7 +58,17 @@ async def check_providers(cfg: Config, redactor: Redactor) -> list[ProviderCheck
         factory = SourceFactory(clock=SystemClock(), redactor=redactor, session=session,
                                 metrics=metrics, store=None)
         stored = _left(entries)
-        return checks + [await _check(p, factory, stored) for p in cfg.providers.values()]
+        # Where a token exchange finds its subject provider (its token got as the daemon
+        # would, by a call of its own).
+        sources: dict[str, TokenSource] = {}
+        for name, p in cfg.providers.items():
+            sources[name] = factory.build(p, sources)
+        try:
+            return checks + [await _check(p, factory, stored, sources)
+                             for p in cfg.providers.values()]
+        finally:
+            for source in sources.values():
+                await source.close()
 
 
 async def _file_entries(cfg: Config, store: StateStore | None) -> dict[str, StoredTokens]:
@@ -95,11 +107,11 @@ def _left(entries: dict[str, StoredTokens]) -> dict[str, float | None]:
             for name, e in entries.items() if e.access_token}
 
 
-async def _check(p: Provider, factory: SourceFactory, stored: dict[str, float | None]
-                 ) -> ProviderCheck:
+async def _check(p: Provider, factory: SourceFactory, stored: dict[str, float | None],
+                 sources: Mapping[str, TokenSource]) -> ProviderCheck:
     if isinstance(p, StaticProvider):
         return ProviderCheck(p.name, True, "ok (static token)")
-    grantor = factory.grantor(p)
+    grantor = factory.grantor(p, sources)
     endpoint: str | None = None
     try:
         if isinstance(grantor, OAuth2Grantor) and isinstance(p, OAuth2Provider) and p.issuer:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tokenproxy.config import Config, Listener
+from tokenproxy.config.providers import subject_chain
 from tokenproxy.listeners import ListeningSocket
 from tokenproxy.tokens.factory import SourceFactory, open_token_store
 from tokenproxy.tokens.manager import TokenManager
@@ -66,14 +67,24 @@ class ProviderPlan:
         if not same_store or not old.persists_tokens:
             store = await open_token_store(new, factory.metrics)
         plan = cls(factory.with_store(store), {})
-        for name, provider in new.providers.items():
-            before, running = old.providers.get(name), current.get(name)
+
+        def unchanged(name: str) -> bool:
+            running = current.get(name)
             # A provider whose credentials were rejected starts over with the new config.
             stuck = isinstance(running, TokenManager) and running.unauthenticated
-            if running is not None and before == provider and same_store and not stuck:
+            return (running is not None and old.providers.get(name) == new.providers[name]
+                    and same_store and not stuck)
+
+        for name, provider in new.providers.items():
+            before, running = old.providers.get(name), current.get(name)
+            stuck = isinstance(running, TokenManager) and running.unauthenticated
+            # A provider exchanged from another is rebuilt with it: its subject is looked
+            # up in the new sources (inheriting the token, so nothing is fetched for that).
+            if running is not None and all(unchanged(n)
+                                           for n in subject_chain(new.providers, name)):
                 plan.sources[name] = running
                 continue
-            fresh = plan.factory.build(provider)
+            fresh = plan.factory.build(provider, plan.sources)
             inherit = (isinstance(fresh, TokenManager) and isinstance(running, TokenManager)
                        and before is not None and before.identity() == provider.identity()
                        and not stuck)

@@ -1,18 +1,30 @@
-"""TLS client contexts for the extra CA files a config names (upstreams and token endpoints)."""
+"""TLS client contexts for what a config names: extra CA files, and client certificates for
+mTLS (upstreams and token endpoints)."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
-from pathlib import Path
+
+from tokenproxy.config.values import ClientTls
 
 
-def ssl_contexts(ca_files: Iterable[Path | None]) -> dict[Path, ssl.SSLContext]:
-    """One context per extra CA file, built once. The system roots stay trusted too."""
-    out: dict[Path, ssl.SSLContext] = {}
-    for path in ca_files:
-        if path is not None and path not in out:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(cafile=str(path))
-            out[path] = ctx
+def client_context(tls: ClientTls) -> ssl.SSLContext:
+    """A context verifying with the system roots (and the extra CA file, if any), presenting
+    the client certificate, if any."""
+    ctx = ssl.create_default_context()
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), None if tls.key_file is None
+                            else str(tls.key_file))
+    return ctx
+
+
+def ssl_contexts(settings: Iterable[ClientTls]) -> dict[ClientTls, ssl.SSLContext]:
+    """One context per setting other than the default, built once."""
+    out: dict[ClientTls, ssl.SSLContext] = {}
+    for tls in settings:
+        if not tls.default and tls not in out:
+            out[tls] = client_context(tls)
     return out

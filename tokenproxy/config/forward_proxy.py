@@ -82,8 +82,9 @@ def _intercepts(raw: object, providers: Mapping[str, Provider]) -> tuple[Interce
         seen.add((host, port))
         scheme: Literal["https", "http"] = (
             m.choice("scheme") if m.has("scheme") else "http" if port == HTTP_PORT else "https")
-        if scheme == "http" and m.has("ca_file"):
-            raise ConfigError(f"{m.path('ca_file')}: a scheme: http entry has no TLS to verify")
+        for key in ("ca_file", "tls_client_cert_file"):
+            if scheme == "http" and m.has(key):
+                raise ConfigError(f"{m.path(key)}: a scheme: http entry has no TLS upstream")
         out.append(InterceptHost(host=host, port=port, scheme=scheme,
                                  **read_attachment(m, providers)))
     return tuple(out)

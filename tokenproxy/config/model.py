@@ -26,6 +26,7 @@ from typing import (
 
 from tokenproxy.config.values import (
     SECRET_NAME,
+    ClientTls,
     HttpUrl,
     Listener,
     Secret,
@@ -118,15 +119,31 @@ class StaticProvider(ProviderBase):
         return {"type": self.kind, "token_file": str(self.token_file or "")}
 
 
+GrantType = Literal["client_credentials", "password", "refresh_token", "token_exchange",
+                    "jwt_bearer"]
+# RFC 8693 and RFC 7523 name their grants by URN; either form is taken, the short one kept.
+GRANT_URNS: Final = MappingProxyType({
+    "urn:ietf:params:oauth:grant-type:token-exchange": "token_exchange",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer": "jwt_bearer",
+})
+# Grants whose inputs are made elsewhere and change (a rotated file, another provider's
+# token): done again at each renewal, never by a refresh token.
+ASSERTED_GRANTS: Final = frozenset({"token_exchange", "jwt_bearer"})
+JWT_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
+ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OAuth2Provider(ProviderBase):
     kind: ClassVar[str] = "oauth2"
     token_url: HttpUrl | None = None
     issuer: HttpUrl | None = None
-    grant_type: Literal["client_credentials", "password", "refresh_token"] = "client_credentials"
+    grant_type: GrantType = "client_credentials"
     client_id: str | None = None
     client_secret: Secret | None = None
-    client_auth: Literal["basic", "post", "none"] = "basic"
+    # The default is basic, or none for the asserted grants (the loader decides).
+    client_auth: Literal["basic", "post", "none", "client_secret_jwt", "private_key_jwt",
+                         "client_assertion", "tls_client_auth"] = "basic"
     scope: str | None = None
     params: tuple[tuple[str, str], ...] = ()
     username: str | None = None
@@ -134,16 +151,52 @@ class OAuth2Provider(ProviderBase):
     refresh_token: Secret | None = None
     timeout: float = 10.0
     ca_file: Path | None = None
+    # Client authentication without a shared secret (docs/without-secrets.md).
+    private_key_file: Path | None = None
+    key_id: str | None = None
+    # The certificate of private_key_file as registered with the issuer: its thumbprints go
+    # in the assertion's header (x5t, x5t#S256), as Entra ID identifies keys.
+    assertion_certificate_file: Path | None = None
+    signing_alg: Literal["RS256", "PS256", "ES256", "ES384", "EdDSA"] | None = None
+    assertion_audience: str | None = None
+    client_assertion_file: Path | None = None
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+    # token_exchange (RFC 8693)
+    subject_token_file: Path | None = None
+    subject_token_provider: str | None = None
+    # Default: the jwt type for a file, access_token for another provider's token.
+    subject_token_type: str | None = None
+    actor_token_file: Path | None = None
+    actor_token_type: str = JWT_TOKEN_TYPE
+    audience: str | None = None
+    resource: str | None = None
+    requested_token_type: str | None = None
+    # jwt_bearer (RFC 7523 section 2.1)
+    assertion_file: Path | None = None
+    issuer_claim: str | None = None
+    subject_claim: str | None = None
+
+    @property
+    def asserted(self) -> bool:
+        return self.grant_type in ASSERTED_GRANTS
 
     def identity(self) -> dict[str, str]:
         where = self.token_url or self.issuer
+        grant_inputs = {
+            key: str(value) for key in (
+                "subject_token_file", "subject_token_provider", "subject_token_type",
+                "actor_token_file", "audience", "resource", "requested_token_type",
+                "assertion_file", "issuer_claim", "subject_claim")
+            if (value := getattr(self, key)) is not None
+        } if self.asserted else {}
         return {
             "type": self.kind,
             "endpoint": where.url if where else "",
             "client_id": self.client_id or "",
             "user": self.username or "",
             "grant_type": self.grant_type,
-        } | ({"scope": self.scope} if self.scope else {}) | (
+        } | ({"scope": self.scope} if self.scope else {}) | grant_inputs | (
             # An audience or resource parameter makes another token.
             {"params_digest": digest(without_secrets(dict(self.params)))} if self.params else {})
 
@@ -211,6 +264,13 @@ class Attachment:
     client_authorization: Literal["replace", "keep"] = "replace"
     timeout: float = 60.0
     ca_file: Path | None = None
+    # mTLS to the upstream (certificate-bound tokens, RFC 8705).
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+
+    @property
+    def client_tls(self) -> ClientTls:
+        return ClientTls(self.ca_file, self.tls_client_cert_file, self.tls_client_key_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, cast
 
 from tokenproxy.config.model import (
+    ASSERTED_GRANTS,
+    GRANT_URNS,
+    JWT_TOKEN_TYPE,
     CommandProvider,
+    GrantType,
     JsonCall,
     JsonProvider,
     OAuth2Provider,
@@ -18,9 +23,17 @@ from tokenproxy.config.model import (
     StaticProvider,
     yaml_keys,
 )
-from tokenproxy.config.named_files import ca_file, read_secret_file, readable_file
+from tokenproxy.config.named_files import (
+    ca_file,
+    certificate_of,
+    client_certificate,
+    read_secret_file,
+    readable_file,
+    signing_key,
+)
 from tokenproxy.config.section import Section
 from tokenproxy.config.values import (
+    HttpUrl,
     Secret,
     is_header_value,
     parse_duration,
@@ -50,6 +63,7 @@ def read_providers(raw: object) -> dict[str, Provider]:
         schema, read = _TYPES[kind]
         m.read_as(schema, "type")
         out[name] = read(name, m)
+    check_chains(out)
     return out
 
 
@@ -87,14 +101,8 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
     issuer = m.optional("issuer", parse_http_url)
     if (token_url is None) == (issuer is None):
         raise ConfigError(f"{m.path('token_url')}: give token_url or issuer (one of them)")
-    grant = m.choice("grant_type")
-    auth = m.choice("client_auth")
+    grant = _grant_type(m)
     client_id = m.string("client_id")
-    secret = m.secret("client_secret")
-    if auth != "none" and (client_id is None or secret is None):
-        raise ConfigError(
-            f"{m.path('client_secret')}: client_auth {auth} needs client_id and client_secret"
-        )
     username = m.string("username")
     password = m.secret("password")
     if grant == "password" and (username is None or password is None):
@@ -109,15 +117,18 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
         scope = " ".join(scope)
     elif scope is not None and not isinstance(scope, str):
         raise ConfigError(f"{m.path('scope')}: expected a string or a list of strings")
-    return OAuth2Provider(
+    endpoint = token_url or issuer
+    assert endpoint is not None
+    provider = OAuth2Provider(
         name=name,
         refresh_margin=m.parse("refresh_margin", parse_duration),
         token_url=token_url,
         issuer=issuer,
         grant_type=grant,
         client_id=client_id,
-        client_secret=secret,
-        client_auth=auth,
+        client_secret=m.secret("client_secret"),
+        client_auth=(m.choice("client_auth") if m.has("client_auth") or grant not in
+                     ASSERTED_GRANTS else "none"),
         scope=scope,
         params=m.parse("params", _str_pairs),
         username=username,
@@ -125,7 +136,168 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
         refresh_token=refresh,
         timeout=m.parse("timeout", parse_positive_duration),
         ca_file=m.optional("ca_file", ca_file),
+        private_key_file=m.optional("private_key_file", readable_file),
+        key_id=_printable(m, "key_id"),
+        assertion_certificate_file=m.optional("assertion_certificate_file", readable_file),
+        signing_alg=None,
+        assertion_audience=_printable(m, "assertion_audience"),
+        client_assertion_file=m.optional("client_assertion_file", _path),
+        tls_client_cert_file=m.optional("tls_client_cert_file", readable_file),
+        tls_client_key_file=m.optional("tls_client_key_file", readable_file),
+        subject_token_file=m.optional("subject_token_file", _path),
+        subject_token_provider=m.string("subject_token_provider"),
+        subject_token_type=_printable(m, "subject_token_type"),
+        actor_token_file=m.optional("actor_token_file", _path),
+        actor_token_type=_printable(m, "actor_token_type") or JWT_TOKEN_TYPE,
+        audience=_printable(m, "audience"),
+        resource=_printable(m, "resource"),
+        requested_token_type=_printable(m, "requested_token_type"),
+        assertion_file=m.optional("assertion_file", _path),
+        issuer_claim=_printable(m, "issuer_claim"),
+        subject_claim=_printable(m, "subject_claim"),
     )
+    _client_auth(provider, m)
+    _mutual_tls(provider, m, endpoint)
+    provider = _signing(provider, m)
+    _grant_inputs(provider, m)
+    return provider
+
+
+def _grant_type(m: Section) -> GrantType:
+    raw = m.value("grant_type")
+    if isinstance(raw, str) and raw.strip() in GRANT_URNS:
+        return cast("GrantType", GRANT_URNS[raw.strip()])
+    return cast("GrantType", m.choice("grant_type"))
+
+
+def _client_auth(p: OAuth2Provider, m: Section) -> None:
+    """What each client_auth method needs (docs/without-secrets.md)."""
+    auth, where = p.client_auth, m.path("client_auth")
+    if auth in ("basic", "post", "client_secret_jwt") and (
+            p.client_id is None or p.client_secret is None):
+        raise ConfigError(f"{m.path('client_secret')}: client_auth {auth} needs client_id and "
+                          "client_secret")
+    if auth == "private_key_jwt" and (p.client_id is None or p.private_key_file is None):
+        raise ConfigError(f"{m.path('private_key_file')}: client_auth private_key_jwt needs "
+                          "client_id and private_key_file")
+    if auth == "client_assertion" and p.client_assertion_file is None:
+        raise ConfigError(f"{m.path('client_assertion_file')}: client_auth client_assertion "
+                          "needs client_assertion_file")
+    if auth == "tls_client_auth" and (p.client_id is None or p.tls_client_cert_file is None):
+        raise ConfigError(f"{m.path('tls_client_cert_file')}: client_auth tls_client_auth "
+                          "needs client_id, tls_client_cert_file and tls_client_key_file")
+    if p.client_assertion_file is not None and auth != "client_assertion":
+        raise ConfigError(f"{m.path('client_assertion_file')}: used only with client_auth "
+                          f"client_assertion (not {auth}); set {where} or remove it")
+
+
+def _mutual_tls(p: OAuth2Provider, m: Section, endpoint: HttpUrl) -> None:
+    cert, key = p.tls_client_cert_file, p.tls_client_key_file
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{m.path('tls_client_cert_file')}: give tls_client_cert_file and "
+                          "tls_client_key_file together")
+    if cert is None or key is None:
+        return
+    if not endpoint.url.startswith("https://"):
+        raise ConfigError(f"{m.path('tls_client_cert_file')}: the token endpoint is not "
+                          "https: there is no TLS to present a certificate in")
+    client_certificate(cert, key, m.path("tls_client_cert_file"))
+
+
+def _signing(p: OAuth2Provider, m: Section) -> OAuth2Provider:
+    """The key and algorithm assertions made here are signed with; the key is loaded now,
+    so a bad one is a config error, and the algorithm defaults to the key's own."""
+    alg = _printable(m, "signing_alg")
+    signs_here = p.client_auth == "private_key_jwt" or (
+        p.grant_type == "jwt_bearer" and p.assertion_file is None)
+    if p.private_key_file is None:
+        if alg is not None and p.client_auth != "client_secret_jwt":
+            raise ConfigError(f"{m.path('signing_alg')}: there is no private_key_file to "
+                              "sign with")
+        if p.assertion_certificate_file is not None:
+            raise ConfigError(f"{m.path('assertion_certificate_file')}: there is no "
+                              "private_key_file it would be the certificate of")
+        if alg not in (None, "HS256"):
+            raise ConfigError(f"{m.path('signing_alg')}: client_secret_jwt signs with HS256")
+        return p
+    if not signs_here:
+        raise ConfigError(f"{m.path('private_key_file')}: used by client_auth private_key_jwt "
+                          "or grant_type jwt_bearer (without assertion_file) only")
+    key, algs = signing_key(p.private_key_file, m.path("private_key_file"))
+    if p.assertion_certificate_file is not None:
+        certificate_of(key, p.assertion_certificate_file, m.path("assertion_certificate_file"))
+    if alg is None:
+        alg = algs[0]
+    elif alg not in algs:
+        raise ConfigError(f"{m.path('signing_alg')}: this key signs with "
+                          f"{' or '.join(algs)}, not {alg}")
+    return replace(p, signing_alg=cast("Any", alg))
+
+
+def _grant_inputs(p: OAuth2Provider, m: Section) -> None:
+    if p.grant_type == "token_exchange":
+        if (p.subject_token_file is None) == (p.subject_token_provider is None):
+            raise ConfigError(f"{m.path('subject_token_file')}: grant_type token_exchange "
+                              "needs subject_token_file or subject_token_provider (one of them)")
+    elif p.grant_type == "jwt_bearer":
+        if p.assertion_file is None and p.private_key_file is None:
+            raise ConfigError(f"{m.path('assertion_file')}: grant_type jwt_bearer needs "
+                              "assertion_file, or private_key_file to sign one here")
+        if (p.assertion_file is None and p.client_id is None
+                and (p.issuer_claim is None or p.subject_claim is None)):
+            raise ConfigError(f"{m.path('issuer_claim')}: an assertion signed here needs "
+                              "client_id, or issuer_claim and subject_claim")
+    keys = {"token_exchange": ("subject_token_file", "subject_token_provider",
+                               "subject_token_type", "actor_token_file", "actor_token_type",
+                               "audience", "resource", "requested_token_type"),
+            "jwt_bearer": ("assertion_file", "issuer_claim", "subject_claim")}
+    for grant, own in keys.items():
+        if p.grant_type != grant:
+            for key in own:
+                if m.has(key):
+                    raise ConfigError(f"{m.path(key)}: used only with grant_type {grant}")
+    if p.asserted and p.refresh_token is not None:
+        raise ConfigError(f"{m.path('refresh_token')}: grant_type {p.grant_type} is done "
+                          "again at each renewal and takes no refresh token")
+
+
+def check_chains(providers: Mapping[str, Provider]) -> None:
+    """subject_token_provider names another provider, and following it never comes back."""
+    for name, p in providers.items():
+        where = f"providers.{name}.subject_token_provider"
+        seen = [name]
+        while isinstance(p, OAuth2Provider) and p.subject_token_provider is not None:
+            nxt = p.subject_token_provider
+            if nxt not in providers:
+                raise ConfigError(f"{where}: no provider named {nxt!r}")
+            if nxt in seen:
+                raise ConfigError(f"{where}: a cycle: {' -> '.join([*seen, nxt])}")
+            seen.append(nxt)
+            p = providers[nxt]
+
+
+def subject_chain(providers: Mapping[str, Provider], name: str) -> list[str]:
+    """*name* and the providers whose tokens it is exchanged from, in order (check_chains
+    has refused cycles)."""
+    out = [name]
+    p = providers[name]
+    while isinstance(p, OAuth2Provider) and p.subject_token_provider is not None:
+        out.append(p.subject_token_provider)
+        p = providers[p.subject_token_provider]
+    return out
+
+
+def _printable(m: Section, key: str) -> str | None:
+    value = m.string(key)
+    if value is not None and (not value or not is_header_value(value)):
+        raise ConfigError(f"{m.path(key)}: expected printable ASCII without line breaks")
+    return value
+
+
+def _path(raw: object, where: str) -> Path:
+    """A file read at each token request: it must be there now (a mount not yet populated
+    is a mistake better found at start); its content may change at any time."""
+    return readable_file(raw, where)
 
 
 def _json(name: str, m: Section) -> JsonProvider:

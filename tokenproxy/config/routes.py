@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tokenproxy.config.model import Provider, Route
-from tokenproxy.config.named_files import ca_file
+from tokenproxy.config.named_files import ca_file, client_certificate, readable_file
 from tokenproxy.config.section import Section
 from tokenproxy.config.values import (
     is_header_value,
@@ -33,15 +34,17 @@ def read_routes(raw: object, providers: Mapping[str, Provider]) -> tuple[Route, 
         if match in seen:
             raise ConfigError(f"{m.path('prefix')}: the same prefix as routes[{seen[match]}]")
         seen[match] = i
-        out.append(
-            Route(
-                prefix=prefix,
-                match=match,
-                upstream=parse_http_url(m.value("upstream"), m.path("upstream")),
-                preserve_host=m.boolean("preserve_host"),
-                **read_attachment(m, providers),
-            )
+        route = Route(
+            prefix=prefix,
+            match=match,
+            upstream=parse_http_url(m.value("upstream"), m.path("upstream")),
+            preserve_host=m.boolean("preserve_host"),
+            **read_attachment(m, providers),
         )
+        if route.tls_client_cert_file is not None and route.upstream.scheme != "https":
+            raise ConfigError(f"{m.path('tls_client_cert_file')}: the upstream is not https: "
+                              "there is no TLS to present a certificate in")
+        out.append(route)
     return tuple(out)
 
 
@@ -63,7 +66,20 @@ def read_attachment(m: Section, providers: Mapping[str, Provider]) -> dict[str, 
         "client_authorization": m.choice("client_authorization"),
         "timeout": m.parse("timeout", parse_positive_duration),
         "ca_file": m.optional("ca_file", ca_file),
+        **_client_certificate(m),
     }
+
+
+def _client_certificate(m: Section) -> dict[str, Path | None]:
+    """mTLS to the upstream: a certificate and its key, together, loaded now."""
+    cert = m.optional("tls_client_cert_file", readable_file)
+    key = m.optional("tls_client_key_file", readable_file)
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{m.path('tls_client_cert_file')}: give tls_client_cert_file and "
+                          "tls_client_key_file together")
+    if cert is not None and key is not None:
+        client_certificate(cert, key, m.path("tls_client_cert_file"))
+    return {"tls_client_cert_file": cert, "tls_client_key_file": key}
 
 
 def _prefix(raw: object, where: str) -> str:

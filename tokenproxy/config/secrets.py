@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -86,3 +87,42 @@ def exposed_warning(cfg: Config) -> str | None:
     return (f"warning: {cfg.source} is readable by group or others (mode {oct(mode)}) and "
             f"holds secrets written in it: chmod 600 {cfg.source}, or move them to a *_file "
             "or ${VARIABLE}")
+
+
+def private_key_files(cfg: Config) -> list[tuple[str, Path]]:
+    """Every private key file the config names, with its key path: assertion signing keys
+    and TLS client keys."""
+    out: list[tuple[str, Path]] = []
+    for name, p in cfg.providers.items():
+        for key in ("private_key_file", "tls_client_key_file"):
+            path = getattr(p, key, None)
+            if path is not None:
+                out.append((f"providers.{name}.{key}", path))
+    for i, r in enumerate(cfg.routes):
+        if r.tls_client_key_file is not None:
+            out.append((f"routes[{i}].tls_client_key_file", r.tls_client_key_file))
+    if cfg.forward_proxy is not None:
+        for i, e in enumerate(cfg.forward_proxy.intercept):
+            if e.tls_client_key_file is not None:
+                out.append((f"forward_proxy.intercept[{i}].tls_client_key_file",
+                            e.tls_client_key_file))
+    return out
+
+
+def readable_keys(cfg: Config) -> list[tuple[str, Path, int]]:
+    """The private key files group or others can read: (key path, file, mode)."""
+    out: list[tuple[str, Path, int]] = []
+    for where, path in private_key_files(cfg):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if mode & 0o044:
+            out.append((where, path, mode))
+    return out
+
+
+def readable_key_warnings(cfg: Config) -> list[str]:
+    """check-config's lines for private keys others can read."""
+    return [f"warning: {where}: {path} is readable by group or others (mode {oct(mode)}): "
+            f"chmod 600 {path}" for where, path, mode in readable_keys(cfg)]

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -195,6 +196,20 @@ def parse_listener(raw: object, where: str) -> Listener:
     if not host:
         raise ConfigError(f"{where}: name the host to bind (127.0.0.1:8080, not :8080)")
     return Listener(kind="tcp", host=host, port=port)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """How tokenproxy's client side of a TLS connection is set up: extra CA file, and the
+    certificate it presents (mTLS). All None: the system roots, no certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def default(self) -> bool:
+        return self.ca_file is None and self.cert_file is None
 
 
 @dataclass(frozen=True, slots=True)

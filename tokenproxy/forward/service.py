@@ -165,7 +165,9 @@ class Forward:
                       upstream=parse_http_url(f"{scheme}://{host}:{target.port}/", "upstream"),
                       provider=entry.provider, header=entry.header, value=entry.value,
                       retry_on=entry.retry_on, client_authorization=entry.client_authorization,
-                      timeout=entry.timeout, ca_file=entry.ca_file)
+                      timeout=entry.timeout, ca_file=entry.ca_file,
+                      tls_client_cert_file=entry.tls_client_cert_file,
+                      tls_client_key_file=entry.tls_client_key_file)
         # A client may name the host with its root dot (``api.example.com.``).
         security = replace(self.config.security,
                            allowed_hosts=frozenset({target.host, target.host + "."}),

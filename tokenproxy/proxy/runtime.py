@@ -97,15 +97,16 @@ class Proxy:
         # origin the fast path connects to.
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         self._origin: dict[str, Origin] = {}
-        contexts = ssl_contexts(r.ca_file for r in cfg.routes)
+        contexts = ssl_contexts(r.client_tls for r in cfg.routes)
         default_tls: ssl.SSLContext | None = None
         for r in cfg.routes:
-            self._ssl[r.prefix] = contexts[r.ca_file] if r.ca_file else True
+            own = contexts.get(r.client_tls)
+            self._ssl[r.prefix] = True if own is None else own
             url = URL(r.upstream.origin)
             tls: ssl.SSLContext | None = None
             if url.scheme == "https":
-                if r.ca_file:
-                    tls = contexts[r.ca_file]
+                if own is not None:
+                    tls = own
                 else:
                     if default_tls is None:
                         default_tls = ssl.create_default_context()

@@ -5,6 +5,8 @@ client and token store (the state file, or Redis with shared_state), and the one
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -20,10 +22,12 @@ from tokenproxy.config import (
     Provider,
     StaticProvider,
 )
+from tokenproxy.config.providers import subject_chain
+from tokenproxy.config.values import ClientTls
 from tokenproxy.errors import ConfigError
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
-from tokenproxy.tls import ssl_contexts
+from tokenproxy.tls import client_context
 from tokenproxy.tokens.calls import Grantor
 from tokenproxy.tokens.command import CommandGrantor
 from tokenproxy.tokens.http import make_token_session
@@ -35,6 +39,7 @@ from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, UnsafeStateFile
 from tokenproxy.tokens.static import StaticSource
 from tokenproxy.tokens.store import FileStore, TokenStore
+from tokenproxy.tokens.subject import Subject
 
 
 async def open_state_store(cfg: Config) -> StateStore | None:
@@ -76,7 +81,7 @@ class SourceFactory:
         self._redactor = redactor
         self._session = session
         self.store = store
-        self._ssl = ssl_contexts([])
+        self._ssl: dict[ClientTls, ssl.SSLContext] = {}
 
     def with_store(self, store: TokenStore | None) -> SourceFactory:
         if store is self.store:
@@ -84,22 +89,30 @@ class SourceFactory:
         return SourceFactory(clock=self._clock, metrics=self.metrics, redactor=self._redactor,
                              session=self._session, store=store)
 
-    def _ssl_for(self, ca_file: Any) -> Any:
-        if ca_file is None:
+    def _ssl_for(self, tls: ClientTls) -> ssl.SSLContext | bool:
+        if tls.default:
             return True
-        if ca_file not in self._ssl:
-            self._ssl.update(ssl_contexts([ca_file]))
-        return self._ssl[ca_file]
+        if tls not in self._ssl:
+            self._ssl[tls] = client_context(tls)
+        return self._ssl[tls]
 
-    def grantor(self, cfg: OAuth2Provider | JsonProvider | CommandProvider) -> Grantor:
-        """What talks to the provider's token endpoint (or runs its command)."""
+    def grantor(self, cfg: OAuth2Provider | JsonProvider | CommandProvider,
+                sources: Mapping[str, TokenSource]) -> Grantor:
+        """What talks to the provider's token endpoint (or runs its command). *sources*: the
+        providers' sources, where a token exchange finds its subject provider."""
         if isinstance(cfg, OAuth2Provider):
-            return OAuth2Grantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+            tls = ClientTls(cfg.ca_file, cfg.tls_client_cert_file, cfg.tls_client_key_file)
+            subject = (None if cfg.subject_token_provider is None
+                       else Subject(cfg.subject_token_provider, sources))
+            return OAuth2Grantor(cfg, self._session, self._ssl_for(tls), clock=self._clock,
+                                 redactor=self._redactor, subject=subject)
         if isinstance(cfg, JsonProvider):
-            return JsonGrantor(cfg, self._session, self._ssl_for(cfg.ca_file))
+            return JsonGrantor(cfg, self._session, self._ssl_for(ClientTls(cfg.ca_file)))
         return CommandGrantor(cfg, self._redactor)
 
-    def build(self, cfg: Provider) -> TokenSource:
+    def build(self, cfg: Provider, sources: Mapping[str, TokenSource]) -> TokenSource:
+        """*sources*: the mapping the daemon serves from, which holds every provider by the
+        time a token is asked for (a chained provider looks its subject up there)."""
         common: dict[str, Any] = {"clock": self._clock, "metrics": self.metrics,
                                   "redactor": self._redactor}
         if isinstance(cfg, StaticProvider):
@@ -107,10 +120,12 @@ class SourceFactory:
         lifetime = cfg.cache_for if isinstance(cfg, CommandProvider) else None
         # Another holder of the state lock may take up to its whole call timeout.
         lock_wait = cfg.timeout + 1.0
+        grantor = self.grantor(cfg, sources)
         return TokenManager(
-            cfg.name, cfg.type_name(), self.grantor(cfg), identity=cfg.identity(),
+            cfg.name, cfg.type_name(), grantor, identity=cfg.identity(),
             refresh_margin=cfg.refresh_margin, store=self.store, default_lifetime=lifetime,
-            lock_timeout=lock_wait, **common,
+            lock_timeout=lock_wait,
+            subject=grantor.subject if isinstance(grantor, OAuth2Grantor) else None, **common,
         )
 
 
@@ -125,13 +140,18 @@ async def obtain_token(cfg: Config, name: str, *, redactor: Redactor) -> str:
                 clock=SystemClock(), metrics=metrics, redactor=redactor, session=session,
                 store=store,
             )
-            source = factory.build(cfg.providers[name])
-            if isinstance(source, TokenManager):
-                await source.load()
+            # The provider and those whose tokens it is exchanged from (subject_chain).
+            sources: dict[str, TokenSource] = {}
+            for needed in subject_chain(cfg.providers, name):
+                sources[needed] = factory.build(cfg.providers[needed], sources)
             try:
-                return (await source.current()).value
+                for source in sources.values():
+                    if isinstance(source, TokenManager):
+                        await source.load()
+                return (await sources[name].current()).value
             finally:
-                await source.close()
+                for source in sources.values():
+                    await source.close()
     finally:
         if store is not None:
             await store.close()

@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from tokenproxy import log
@@ -49,6 +49,7 @@ from tokenproxy.tokens.store import (
     StoreWriteFailed,
     TokenStore,
 )
+from tokenproxy.tokens.subject import Subject
 
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
@@ -90,6 +91,7 @@ class TokenManager:
         default_lifetime: float | None = None,
         lock_timeout: float = 30.0,
         rng: random.Random | None = None,
+        subject: Subject | None = None,
     ) -> None:
         self.name = name
         self._kind = kind
@@ -131,6 +133,10 @@ class TokenManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._inherited = False
         self._wake = asyncio.Event()
+        # Exchanged from another provider's token: renewed when that one changes.
+        self._subject = subject
+        self._unwatch: Callable[[], None] | None = None
+        self._watchers: list[Callable[[], None]] = []
         self._coalesced = metrics.token_refresh_coalesced.labels(name)
         for secret in (grantor.initial_refresh_token,):
             if secret:
@@ -156,6 +162,8 @@ class TokenManager:
         self._obtained_mono, self._obtained_wall = old._obtained_mono, old._obtained_wall
         self._generation = old._generation
         self._version = old._version
+        if self._subject is not None and old._subject is not None:
+            self._subject.used = old._subject.used
         if self._config_seed == old._config_seed:
             self._rejected_refresh = old._rejected_refresh
             if old._refresh_token:
@@ -176,9 +184,32 @@ class TokenManager:
         if not self._inherited:
             self._metrics.token_expiry.labels(self.name).set(0)
             await self.load()
+        if self._subject is not None:
+            self._unwatch = self._subject.watch(self._wake.set)
         self._loop_task = asyncio.create_task(self._run(), name=f"tokens:{self.name}")
 
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call *wake* whenever this provider gets a new token (a provider exchanging it, see
+        subject.py); returns what undoes that."""
+        self._watchers.append(wake)
+        return lambda: self._watchers.remove(wake) if wake in self._watchers else None
+
+    def _tell_watchers(self) -> None:
+        for wake in list(self._watchers):
+            wake()
+
+    def _subject_moved(self) -> bool:
+        return self._subject is not None and self._subject.moved()
+
+    def _subject_stale(self) -> bool:
+        """The subject moved and a re-exchange may be tried now: requests wait for it (one
+        call for all). While re-exchanges fail, the token in hand serves."""
+        return self._subject_moved() and self._clock.monotonic() >= self._next_attempt
+
     async def close(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -196,7 +227,7 @@ class TokenManager:
         tok = self._token
         if tok is not None and not self._unauthenticated and (
             tok.expires_at is None or self._clock.monotonic() < tok.expires_at
-        ):
+        ) and not (self._subject is not None and self._subject_stale()):
             return tok
         return None
 
@@ -208,6 +239,12 @@ class TokenManager:
         if self._unauthenticated:
             raise self._unauthenticated_error()
         self._raise_if_backing_off()
+        if tok is not None and not tok.expired(self._clock.monotonic()):
+            # Still valid, but exchanged from a subject token that has been replaced.
+            try:
+                return await self._refresh("subject", waiter=True)
+            except TokenUnavailable:
+                return tok   # serves until the re-exchange works or the issuer refuses it
         return await self._refresh("initial" if tok is None else "expiry", waiter=True)
 
     def accepted(self, target: Target) -> None:
@@ -466,6 +503,7 @@ class TokenManager:
         self._refresh_token = refresh_token
         self._metrics.token_expiry.labels(self.name).set(0 if life is None else now_wall + life)
         self._metrics.provider_authenticated.labels(self.name).set(1)
+        self._tell_watchers()
         return token
 
     async def _doubt_refresh(self, store: TokenStore, stored: StoredTokens | None,
@@ -561,6 +599,7 @@ class TokenManager:
             0.0 if remaining is None or self._lifetime is None else self._lifetime - remaining)
         self._obtained_wall = stored.obtained_at
         self._metrics.token_expiry.labels(self.name).set(stored.expires_at or 0)
+        self._tell_watchers()
         return token
 
     # -- background refresh ------------------------------------------------------------------
@@ -598,6 +637,10 @@ class TokenManager:
                 await self._nap(self._next_attempt - now)
                 continue
             tok = self._token
+            if tok is not None and self._subject_moved():
+                with contextlib.suppress(*_REFRESH_ERRORS):
+                    await self._refresh("subject", waiter=False)
+                continue
             if self._misconfigured:
                 # Looked at again every BACKOFF_MAX: an issuer that answered 404 may have been
                 # one still starting behind its ingress. Requests get 502 meanwhile.

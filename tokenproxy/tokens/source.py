@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-Trigger = Literal["initial", "expiry", "unauthorized", "manual"]
+# subject: the token this one is exchanged from changed (subject_token_provider).
+Trigger = Literal["initial", "expiry", "unauthorized", "manual", "subject"]
 # Where a request went: (route, method, path without the query).
 Target = tuple[str, str, str]
 
