@@ -27,6 +27,7 @@ from tests.helpers.forward import (
     fport,
     proxy_url,
 )
+from tests.helpers.logs import CapturedLogs
 from tests.helpers.metrics import count
 from tokenproxy.config import build_config
 from tokenproxy.errors import ConfigError
@@ -56,6 +57,56 @@ async def test_curl_through_the_proxy_gets_the_token_attached(
     assert [f"Bearer {TOKEN}"] == seen.header("Authorization")
     assert "/echo?q=1" == seen.raw_path
     assert '"raw_path": "/echo?q=1"' in out
+
+
+async def test_an_intercepted_request_is_in_the_access_log_under_its_entry(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path, logs: CapturedLogs,
+) -> None:
+    """One ``request`` line per intercepted request, as for a route: the entry's host as the
+    route, the path without its query, the status."""
+    daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
+    url = f"https://localhost:{tls_upstream.port}/echo?secret-query=1"
+    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
+                                                   ssl=ctx) as resp:
+        assert 200 == resp.status
+    [line] = [e for e in logs.events("request") if e.get("route") == "localhost"]
+    assert ("GET", "/echo", 200) == (line["method"], line["path"], line["status"])
+    assert "secret-query" not in logs.text
+
+
+async def test_upstream_tls_is_verified_for_intercepted_hosts(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """Without the upstream's CA (no ca_file: the system roots), its certificate does not
+    verify: 502, and the upstream never sees the request or the token."""
+    raw = forward_config(tmp_path, tls_upstream)
+    del raw["forward_proxy"]["intercept"][0]["ca_file"]
+    daemon = await make_proxy(raw)
+    url = f"https://localhost:{tls_upstream.port}/echo"
+    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
+                                                   ssl=ctx) as resp:
+        assert 502 == resp.status
+        assert "upstream_unreachable" in await resp.text()
+    assert [] == tls_upstream.fake.seen
+
+
+async def test_an_intercepted_ip_literal_gets_the_token(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """An entry naming an IP address: CONNECT 127.0.0.1:port is intercepted (the local CA
+    signs for that address alone) and the upstream, verified by its IP SAN, gets the token."""
+    raw = forward_config(tmp_path, tls_upstream)
+    raw["forward_proxy"]["intercept"] = [{"host": "127.0.0.1", "port": tls_upstream.port,
+                                          "provider": "api", "ca_file": str(tls_upstream.tls.ca)}]
+    daemon = await make_proxy(raw)
+    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+    async with aiohttp.ClientSession() as s, s.get(
+            f"https://127.0.0.1:{tls_upstream.port}/echo", proxy=proxy_url(daemon),
+            ssl=ctx) as resp:
+        assert 200 == resp.status
+    assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
 
 
 async def test_requests_and_aiohttp_through_the_proxy(
