@@ -911,6 +911,8 @@ async def test_without_the_client_key_a_connect_gets_407(
     assert_problem(resp, 407, "proxy_auth")
     assert ['Basic realm="tokenproxy"'] == resp.header("Proxy-Authenticate")
     assert [] == up.fake.seen
+    # A client guessing the key leaves a trace, as on the proxy listeners.
+    assert 1 == count(daemon, "tokenproxy_rejected_requests_total", cause="proxy_auth")
 
 
 async def test_with_the_client_key_a_connect_and_an_absolute_form_request_are_served(

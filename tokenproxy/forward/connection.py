@@ -198,6 +198,10 @@ class ForwardConnection(asyncio.Protocol):
             return
         self._deciding = False
         self._cancel_timer()
+        forward = self._current()
+        if forward is not None:
+            # As on the proxy listeners: a guessed client key (407) leaves a trace.
+            forward.metrics.rejected.labels(problem.cause).inc()
         head, body = wire.problem(problem, wire.DateHeader()(), close=True)
         if proxy_auth:
             head = head[:-2] + b'Proxy-Authenticate: Basic realm="tokenproxy"\r\n\r\n'
