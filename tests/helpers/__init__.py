@@ -19,7 +19,13 @@ from here; nothing here imports a test module or the conftest.
     replicas.py         shared_state replicas: their config, key files, answers; a RedisStore
                         and an entry's key name for the store's own tests
     forward.py          the forward proxy: a TLS and a plain upstream named localhost, a config
-    tls.py              a CA of the tests' own and server certificates it signs (openssl)
+    tls.py              a CA of the tests' own and server certificates it signs (openssl);
+                        a client CA, client certificates, server contexts requiring them
+    keys.py             signing keys as 0600 PEM files and their public halves for joserfc,
+                        JWTs made elsewhere (a projected service-account token), the mTLS
+                        material of a test process
+    assertion_issuer.py a token endpoint that verifies client assertions, jwt-bearer and
+                        token exchange with joserfc (not tokenproxy's PyJWT), and mTLS
     transport.py        a recording double of asyncio's transport, for protocol unit tests
     proxy.py            a Proxy (tokenproxy.proxy.runtime) from a config, for unit tests
 """

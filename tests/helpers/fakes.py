@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +24,11 @@ REFRESH_TOKEN = "tp-refresh-token-91d2"
 SECRETS = (TOKEN, TOKEN_2, CLIENT_KEY, CLIENT_SECRET, PASSWORD, REFRESH_TOKEN)
 
 
-def assert_no_secret(*data: bytes | str) -> None:
-    """Fail if any of the secrets above appears in any of *data* (answers, output, files)."""
+def assert_no_secret(*data: bytes | str, extra: Iterable[str] = ()) -> None:
+    """Fail if any of the secrets above, or of *extra* (a test's own: keys, assertions,
+    issued tokens), appears in any of *data* (answers, output, files)."""
     texts = [d if isinstance(d, str) else d.decode("latin-1") for d in data]
-    leaked = [s for s in SECRETS if any(s in text for text in texts)]
+    leaked = [s for s in (*SECRETS, *extra) if s and any(s in text for text in texts)]
     assert [] == leaked
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import stat
+import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,6 +32,13 @@ CLIENT_ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-
 ASSERTION_LIFETIME: Final = 60
 # A projected token or an SVID is a few KiB; anything near this is not one.
 MAX_CREDENTIAL_FILE: Final = 64 * 1024
+
+
+class _NoSuchWarning(Warning):
+    """Stands in where PyJWT is older than its short-key warning."""
+
+
+_SHORT_KEY_WARNING: type[Warning] = getattr(jwt, "InsecureKeyLengthWarning", _NoSuchWarning)
 
 
 class Signer:
@@ -66,7 +74,11 @@ class Signer:
         claims = {"iss": issuer, "sub": subject, "aud": audience,
                   "jti": secrets.token_urlsafe(24), "iat": issued,
                   "exp": issued + ASSERTION_LIFETIME}
-        return jwt.encode(claims, self._key, algorithm=self._alg, headers=self._headers)
+        with warnings.catch_warnings():
+            # client_secret_jwt: the secret's length is the issuer's choice, not the
+            # operator's; PyJWT would warn at every assertion below 32 bytes.
+            warnings.simplefilter("ignore", _SHORT_KEY_WARNING)
+            return jwt.encode(claims, self._key, algorithm=self._alg, headers=self._headers)
 
 
 def _b64url(data: bytes) -> str:

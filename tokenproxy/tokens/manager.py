@@ -352,6 +352,8 @@ class TokenManager:
         started = time.perf_counter()
         try:
             token = await self._obtain_guarded(trigger)
+            if self._subject is not None:
+                self._subject.settle()
             if self._misconfigured:   # the issuer's metadata is there now
                 self._unauthenticated = self._misconfigured = False
                 self._metrics.provider_authenticated.labels(self.name).set(1)

@@ -154,7 +154,7 @@ class OAuth2Grantor:
         if cfg.grant_type == "jwt_bearer":
             return await self._request(
                 {"grant_type": JWT_BEARER_GRANT, "assertion": await self._bearer_assertion()},
-                "jwt-bearer grant")
+                "jwt_bearer grant")
         return await self._request({"grant_type": "client_credentials"},
                                    "client_credentials grant")
 

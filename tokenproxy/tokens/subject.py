@@ -17,8 +17,12 @@ class Subject:
     def __init__(self, name: str, sources: Mapping[str, TokenSource]) -> None:
         self.name = name
         self._sources = sources
-        # The subject token of the last exchange: a new one means ours is out of date.
+        # The subject token of the token in use: a new one means ours is out of date.
         self.used: str | None = None
+        # The one an exchange in flight presents: it becomes ``used`` once that exchange's
+        # token is in use (settle), not before, or requests meanwhile would take the old
+        # token for a current one.
+        self._asked: str | None = None
 
     async def token(self) -> str:
         """The subject's current token, remembered as used. Its provider failing is a failed
@@ -29,8 +33,13 @@ class Subject:
             retry = exc.retry_after if isinstance(exc, TokenUnavailable) else None
             raise GrantFailed(f"subject_token_provider {self.name!r}: {exc.detail}",
                               retry) from None
-        self.used = tok.value
+        self._asked = tok.value
         return tok.value
+
+    def settle(self) -> None:
+        """The exchange that asked last gave the token now in use."""
+        if self._asked is not None:
+            self.used, self._asked = self._asked, None
 
     def moved(self) -> bool:
         """Whether the subject holds a valid token other than the one last exchanged."""
