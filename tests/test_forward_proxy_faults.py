@@ -12,9 +12,11 @@ import contextlib
 import copy
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.helpers.config import MakeProxy
@@ -325,3 +327,158 @@ async def test_a_host_removed_by_a_reload_gets_no_token_on_a_connection_accepted
         writer.close()
     assert seen == len(tls_upstream.fake.seen), \
         f"a de-listed host got {tls_upstream.fake.last.header('Authorization')}"
+
+
+# -- a second adversarial pass ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_host_in_its_clients_tls_handshake_is_not_evicted(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A host's service was looked up before the client's TLS handshake but counted as in
+    use only once the stream was handed over: MAX_HOSTS other hosts asked for during the
+    handshake evicted it, and the client, served by the evicted service ever after, kept its
+    token through a reload that removed the host."""
+    raw = forward_config(tmp_path, tls_upstream,
+                         limits={"max_connections": 4096, "header_timeout": "60s"})
+    base = 40000
+    raw["forward_proxy"]["intercept"] += [
+        {"host": "localhost", "port": base + i, "provider": "api"} for i in range(MAX_HOSTS)]
+    daemon = await make_proxy(raw)
+    authority = tls_upstream.authority
+    reader, writer = await connect(daemon, authority)   # 200; its handshake not begun
+    try:
+        for i in range(MAX_HOSTS):
+            _r, w = await connect(daemon, f"localhost:{base + i}")
+            w.close()
+        await asyncio.wait_for(writer.start_tls(ca_context(tmp_path),
+                                                server_hostname="localhost"), TIMEOUT)
+        assert b" 200 " in (await get(reader, writer, "/echo", authority))[:20]
+        gone = copy.deepcopy(raw)
+        gone["forward_proxy"]["intercept"] = gone["forward_proxy"]["intercept"][1:]
+        await daemon.reload(build_config(gone, {}))
+        seen = len(tls_upstream.fake.seen)
+        answer = await get(reader, writer, "/echo", authority)
+    finally:
+        writer.close()
+    assert seen == len(tls_upstream.fake.seen), "a de-listed host still got the token"
+    assert b" 404 " in answer[:20]
+
+
+async def test_removing_the_forward_proxy_section_reaches_open_connections(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A reload without the forward_proxy section built no Forward, so nothing re-pointed the
+    hosts' services: open connections kept the old config, token and all."""
+    raw = forward_config(tmp_path, tls_upstream)
+    daemon = await make_proxy(raw)
+    authority = tls_upstream.authority
+    reader, writer = await connect(daemon, authority)
+    try:
+        await asyncio.wait_for(writer.start_tls(ca_context(tmp_path),
+                                                server_hostname="localhost"), TIMEOUT)
+        assert b" 200 " in (await get(reader, writer, "/echo", authority))[:20]
+        gone = copy.deepcopy(raw)
+        del gone["forward_proxy"]
+        gone["providers"]["api"]["token"] = TOKEN_2
+        await daemon.reload(build_config(gone, {}))
+        seen = len(tls_upstream.fake.seen)
+        answer = b""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            answer = await get(reader, writer, "/echo", authority)
+    finally:
+        writer.close()
+    assert seen == len(tls_upstream.fake.seen), "the upstream was reached after the removal"
+    assert answer == b"" or b" 404 " in answer[:20]
+
+
+@pytest.mark.slow
+async def test_evicting_a_host_keeps_the_daemons_pooled_upstream_connections(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """Each host's fast-path environment shares the daemon's upstream pool, and draining one
+    (an eviction) closed that pool: one CONNECT to a new wildcard name cut every idle
+    keep-alive upstream connection of the daemon, the main listener's included."""
+    raw = forward_config(tmp_path, tls_upstream)
+    raw["forward_proxy"]["intercept"].append({"host": "*.example.com", "provider": "api"})
+    daemon = await make_proxy(raw)
+    hosts = daemon._serving.forward_hosts if daemon._serving else None
+    assert hosts is not None
+    main = f"http://127.0.0.1:{daemon.port()}/echo"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(main) as r:
+            assert 200 == r.status
+        before = tls_upstream.fake.ports[-1]
+        for i in range(MAX_HOSTS + 1):   # hosts made as CONNECTs make them; the last evicts
+            _r, w = await connect(daemon, f"n{i}.example.com:443")
+            w.close()
+        await asyncio.sleep(0.1)
+        async with s.get(main) as r:
+            assert 200 == r.status
+    assert before == tls_upstream.fake.ports[-1], "the pooled upstream connection was cut"
+
+
+@pytest.mark.slow
+async def test_a_tunnel_whose_upstream_reset_gives_the_slot_of_a_client_not_reading_back(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """When one end of a tunnel was lost, the other was close()d and the idle timer
+    cancelled: a client that stopped reading never let that close flush, and held its slot
+    (and the pair escaped shutdown) for ever."""
+    async def firehose_then_reset(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                              struct.pack("ii", 1, 0))
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                while True:
+                    w.write(b"x" * 65536)
+                    await w.drain()
+        w.transport.abort()   # RST
+
+    async with raw_server(firehose_then_reset) as port:
+        raw = forward_config(tmp_path, tls_upstream, limits={"keepalive_timeout": "0.5s"})
+        raw["forward_proxy"]["tunnel"] = [f"localhost:{port}"]
+        daemon = await make_proxy(raw)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", fport(daemon)))
+            await loop.sock_sendall(sock, f"CONNECT localhost:{port} HTTP/1.1\r\n\r\n".encode())
+            first = await asyncio.wait_for(loop.sock_recv(sock, 64), TIMEOUT)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            for _ in range(6):   # the tunnel busy one way until the upstream's reset
+                await loop.sock_sendall(sock, b"ping")
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: open_clients(daemon) == 0,
+                           "the slot given back though the client reads nothing", 5.0)
+        finally:
+            sock.close()
+
+
+async def test_a_connect_after_stop_gets_no_tunnel(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A connection accepted before stop() whose CONNECT came after it was still decided: a
+    tunnel opened, and relayed, after the daemon had stopped."""
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1024):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async with raw_server(echo) as port:
+        raw = forward_config(tmp_path, tls_upstream)
+        raw["forward_proxy"]["tunnel"] = [f"localhost:{port}"]
+        daemon = await make_proxy(raw)
+        reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+        await wait_for(lambda: open_clients(daemon) == 1, "the connection accepted")
+        await asyncio.wait_for(daemon.stop(grace=0.2), TIMEOUT)
+        writer.write(f"CONNECT localhost:{port} HTTP/1.1\r\n\r\n".encode())
+        head = b""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+    assert not head.startswith(b"HTTP/1.1 200"), head

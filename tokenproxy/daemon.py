@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import aiohttp
@@ -235,7 +235,7 @@ class Daemon:
                                 handler_cancellation=True)
             slow = self._factory(server)
             env = FastEnv(proxy=proxy, limits=lambda: self.config.limits, slow=slow,
-                          pool=serving.fast.pool)
+                          pool=serving.fast.pool, owns_pool=False)
 
             async def drain(grace: float) -> None:
                 server.pre_shutdown()
@@ -364,6 +364,10 @@ class Daemon:
         self.sources = plan.sources
         serving.proxy = proxy
         serving.forward = forward
+        if forward is None and serving.forward_hosts is not None:
+            # The section is gone: what is open is served as a host no longer listed is.
+            serving.forward_hosts.retire(Proxy(replace(new, routes=()), sources=self.sources,
+                                               metrics=self.metrics, budget=self.replay_budget))
         # Idle upstream connections may belong to routes (or TLS settings) that just went.
         fast.pool.close()
         gate.resize(new.limits.max_connections)
@@ -402,6 +406,9 @@ class Daemon:
         self.forward_listeners.clear()
         serving, self._serving = self._serving, None
         if serving is not None:
+            # A forward connection accepted before now and still reading its first head
+            # gets 503, not a tunnel that outlives the daemon.
+            serving.forward = None
             for server in (serving.server, serving.admin_server):
                 server.pre_shutdown()
             await asyncio.gather(serving.server.shutdown(grace),

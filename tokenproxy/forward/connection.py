@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import re
 import ssl
 from collections.abc import Callable
 from typing import Final, cast
@@ -39,6 +40,10 @@ _TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789"
 _DROPPED: Final = (b"proxy-authorization", b"proxy-connection", b"connection", b"keep-alive")
 
 
+# Bytes no field value may hold (RFC 9110 section 5.5): controls but HTAB, and DEL.
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def parse_head(head: bytes) -> tuple[bytes, str, bytes, list[tuple[bytes, bytes]]]:
     """(method, target, version, fields) of a request head without its final CRLF CRLF.
 
@@ -52,7 +57,7 @@ def parse_head(head: bytes) -> tuple[bytes, str, bytes, list[tuple[bytes, bytes]
     fields: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or not set(name) <= _TOKEN:
+        if not sep or not name or not set(name) <= _TOKEN or _CONTROL.search(value):
             raise RequestRejected(400, "bad_request", "a malformed header field")
         fields.append((name, value.strip(b" \t")))
     try:
@@ -142,7 +147,8 @@ class ForwardConnection(asyncio.Protocol):
         self._cancel_timer()
         forward = self._current()
         if forward is None:   # a listener bound by a reload that is not through yet
-            self._refuse(Problem(503, "internal", "the forward proxy is starting", 1.0))
+            # A listener bound by a reload not through yet, or a daemon shutting down.
+            self._refuse(Problem(503, "internal", "the forward proxy is not serving now", 1.0))
             return
         try:
             self._dispatch(forward, head, rest)
@@ -165,6 +171,12 @@ class ForwardConnection(asyncio.Protocol):
                 raise RequestRejected(407, "proxy_auth", "send the client key as the password "
                                       "of Proxy-Authorization: Basic")
         if method == b"CONNECT":
+            framing = [(n.lower(), v) for n, v in fields
+                       if n.lower() in (b"content-length", b"transfer-encoding")]
+            if any(n == b"transfer-encoding" or v.strip() != b"0" for n, v in framing):
+                # RFC 9110 section 9.3.6: a CONNECT has no content; bytes sent as one would
+                # go into the tunnel as if the client had sent them through it.
+                raise RequestRejected(400, "bad_request", "a CONNECT request with content")
             where = connect_target(target)
             decision = forward.decide(where, connect=True)
             if decision is TUNNEL:
@@ -237,6 +249,7 @@ class ForwardConnection(asyncio.Protocol):
                                  f"no certificate for {where.host} could be made"))
             return
         transport.write(ESTABLISHED)
+        service.pending += 1   # not evicted for room while the client's handshake runs
         try:
             tls = await loop.start_tls(transport, self, context, server_side=True,
                                        ssl_handshake_timeout=self._limits.header_timeout)
@@ -249,7 +262,11 @@ class ForwardConnection(asyncio.Protocol):
             # connection's slot is given back here, or it would leak with every such client.
             self._release()
             return
-        if tls is None:
+        finally:
+            service.pending -= 1
+        if tls is None or forward.hosts.closing:
+            if tls is not None:
+                tls.abort()
             self._release()
             return
         forward.count("intercepted")
@@ -273,6 +290,11 @@ class ForwardConnection(asyncio.Protocol):
             self._refuse(Problem(502, "upstream_unreachable",
                                  f"{where.authority} could not be reached"))
             return
+        if forward.hosts.closing:   # the daemon began to stop while we connected
+            upstream.abort()
+            transport.resume_reading()
+            self._refuse(Problem(503, "internal", "the forward proxy is not serving now", 1.0))
+            return
         forward.count("tunnelled")
         pair = (transport, upstream)
 
@@ -285,7 +307,19 @@ class ForwardConnection(asyncio.Protocol):
         client.idle = far.idle = idle
         client.partner, far.partner = far, client
         forward.hosts.tunnels.add(pair)
-        far.on_lost = lambda: forward.hosts.tunnel_ended(pair)
+
+        def ended() -> None:
+            # Until both ends are gone the pair stays listed: shutdown must still cut an end
+            # whose close never flushes (a peer that stopped reading).
+            if client.lost and far.lost:
+                forward.hosts.tunnel_ended(pair)
+
+        def client_lost() -> None:
+            self._release()
+            ended()
+
+        client.on_lost = client_lost
+        far.on_lost = ended
         transport.set_protocol(client)
         client.connection_made(transport)
         client.join(upstream)

@@ -29,6 +29,7 @@ from tokenproxy.listeners import ProtocolFactory
 from tokenproxy.metrics import Metrics
 from tokenproxy.proxy.rules.budget import ReplayBudget
 from tokenproxy.proxy.runtime import Proxy
+from tokenproxy.tls import ClientContexts
 from tokenproxy.tokens.source import TokenSource
 
 # Wildcard entries make a Proxy per name a client asks for: bounded, the oldest dropped.
@@ -52,6 +53,12 @@ class HostService:
     factory: ProtocolFactory
     drain: Callable[[float], Awaitable[None]]
     busy: Callable[[], bool]
+    # Clients in their TLS handshake, about to be served: in use as much as open connections.
+    pending: int = 0
+
+    @property
+    def in_use(self) -> bool:
+        return self.pending > 0 or self.busy()
 
 
 class Hosts:
@@ -68,14 +75,13 @@ class Hosts:
         # Open tunnels (client, upstream): cut at shutdown once the grace is over.
         self.tunnels: set[tuple[asyncio.Transport, asyncio.Transport]] = set()
         self._tunnel_ended = asyncio.Event()
+        self.closing = False   # shutdown began: nothing new is served
 
     def add(self, key: HostKey, proxy: Proxy) -> HostService:
         if len(self.services) >= MAX_HOSTS:
-            idle = next((k for k, s in self.services.items() if not s.busy()), None)
+            idle = next((k for k, s in self.services.items() if not s.in_use), None)
             if idle is not None:
-                task = asyncio.ensure_future(self.services.pop(idle).drain(self._grace()))
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
+                self._drain_later(self.services.pop(idle))
         made: list[HostService] = []
         factory, drain, busy = self.make_inner(lambda: made[0].proxy)
         made.append(HostService(proxy, factory, drain, busy))
@@ -88,7 +94,21 @@ class Hosts:
             self.services.move_to_end(key)
         return found
 
+    def _drain_later(self, service: HostService) -> None:
+        task = asyncio.ensure_future(service.drain(self._grace()))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    def retire(self, proxy: Proxy) -> None:
+        """The forward proxy is gone from the config: open connections are served by *proxy*
+        (one without routes: 404) until they close, as a host no longer listed is."""
+        for service in self.services.values():
+            service.proxy = proxy
+            self._drain_later(service)
+        self.services.clear()
+
     async def drain(self, grace: float) -> None:
+        self.closing = True
         await asyncio.gather(*(s.drain(grace) for s in self.services.values()),
                              *self._draining, self._end_tunnels(grace))
 
@@ -122,6 +142,7 @@ class Forward:
         self.client_key = None if key is None else key.value.encode()
         self._sources = sources
         self._budget = budget
+        self._contexts = ClientContexts()
         self.hosts = hosts
         self._connects = {outcome: metrics.forward_connects.labels(outcome)
                           for outcome in ("intercepted", "tunnelled", "refused", "failed")}
@@ -154,7 +175,7 @@ class Forward:
 
     def _proxy(self, entry: InterceptHost, target: Target, *, tls: bool) -> Proxy:
         return Proxy(self._host_config(entry, target, tls=tls), sources=self._sources,
-                     metrics=self.metrics, budget=self._budget)
+                     metrics=self.metrics, budget=self._budget, contexts=self._contexts)
 
     def _host_config(self, entry: InterceptHost, target: Target, *, tls: bool) -> Config:
         scheme = "https" if tls else "http"

@@ -50,6 +50,7 @@ class Pipe(asyncio.Protocol):
         self.idle = idle
         self.partner: Pipe | None = None   # the other end's protocol
         self.eof = False
+        self.lost = False
         self.on_lost = on_lost
         self._pending = bytearray()   # what arrived before the peer was connected
 
@@ -90,11 +91,16 @@ class Pipe(asyncio.Protocol):
             self.peer.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.idle is not None:
+            self.idle.touch()   # the peer took bytes: the tunnel is not idle
         if self.peer is not None and not self.peer.is_closing():
             self.peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.idle is not None:
+        self.lost = True
+        # The idle timer outlives one end: it is what aborts the other when that one's
+        # close never flushes (its peer stopped reading).
+        if self.idle is not None and (self.partner is None or self.partner.lost):
             self.idle.cancel()
         if self.peer is not None:
             self.peer.close()

@@ -25,7 +25,7 @@ from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.retry import RetryAction, retry_action
 from tokenproxy.proxy.rules.security import SecurityPolicy
 from tokenproxy.proxy.rules.target import CompiledRoute, RouteTable
-from tokenproxy.tls import ssl_contexts
+from tokenproxy.tls import ClientContexts
 from tokenproxy.tokens.source import Target, Token, TokenSource
 
 CLIENT_GONE: Final = 499   # nginx's code for "the client closed the connection first"
@@ -80,7 +80,10 @@ class Proxy:
         sources: Mapping[str, TokenSource],
         metrics: Metrics,
         budget: ReplayBudget,
+        contexts: ClientContexts | None = None,
     ) -> None:
+        """*contexts*: the TLS client contexts to take from (shared by the Proxies of one
+        config, as the forward proxy's hosts are)."""
         self.table = RouteTable(cfg.routes)
         self.policy = SecurityPolicy(cfg.security, cfg.limits)
         self._sources = sources
@@ -97,20 +100,14 @@ class Proxy:
         # origin the fast path connects to.
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
         self._origin: dict[str, Origin] = {}
-        contexts = ssl_contexts(r.client_tls for r in cfg.routes)
-        default_tls: ssl.SSLContext | None = None
+        contexts = ClientContexts() if contexts is None else contexts
         for r in cfg.routes:
-            own = contexts.get(r.client_tls)
+            own = None if r.client_tls.default else contexts.context(r.client_tls)
             self._ssl[r.prefix] = True if own is None else own
             url = URL(r.upstream.origin)
             tls: ssl.SSLContext | None = None
             if url.scheme == "https":
-                if own is not None:
-                    tls = own
-                else:
-                    if default_tls is None:
-                        default_tls = ssl.create_default_context()
-                    tls = default_tls
+                tls = contexts.context(r.client_tls)
             assert url.raw_host is not None
             assert url.port is not None
             self._origin[r.prefix] = (url.scheme, url.raw_host, url.port, tls)

@@ -54,6 +54,9 @@ class FastEnv:
     conns: set[FastConnection] = field(default_factory=set)
     date: wire.DateHeader = field(default_factory=wire.DateHeader)
     closing: bool = False
+    # The pool is the daemon's, shared with other environments (each intercepted host of
+    # the forward proxy has one): such an environment ends its connections, not the pool.
+    owns_pool: bool = True
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def forget(self, conn: FastConnection) -> None:
@@ -72,7 +75,8 @@ class FastEnv:
                     await self._gone.wait()
         for conn in list(self.conns):
             conn.abort()
-        self.pool.close()
+        if self.owns_pool:
+            self.pool.close()
 
 
 class FastConnection(asyncio.Protocol):
