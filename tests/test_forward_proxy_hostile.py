@@ -474,6 +474,11 @@ async def test_case_and_trailing_dot_spellings_of_a_listed_name_are_that_name(
     (b"CONNECT localhost:443 HTTP/1.1\r\nBad Name: value", 400),
     (b"CONNECT localhost:443 HTTP/1.1\r\n: empty name", 400),
     (b"CONNECT localhost:443 HTTP/1.1\r\nX-Pad: " + b"a" * 17000, 431),
+    # A CONNECT has no content: bytes sent as one would go into a tunnel unasked.
+    (b"CONNECT localhost:443 HTTP/1.1\r\nContent-Length: 3", 400),
+    (b"CONNECT localhost:443 HTTP/1.1\r\nTransfer-Encoding: chunked", 400),
+    (b"CONNECT localhost:443 HTTP/1.1\r\nX-Nul: a\x00b", 400),
+    (b"CONNECT localhost:443 HTTP/1.1\r\nX-Cr: a\rb", 400),
 ])
 async def test_malformed_connect_heads_are_refused_and_the_connection_closed(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, line: bytes, status: int,
