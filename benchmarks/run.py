@@ -675,9 +675,20 @@ def main() -> int:
                 ("static", None, {}, "info", False)]
             if args.baseline:
                 # Right after "static", so both see the same machine; its own package first.
+                # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this
+                # checkout, when run from its root) ahead of PYTHONPATH, and the "baseline"
+                # would silently be this code again.
                 where = str(args.baseline.resolve())
-                variants.append((f"static, baseline {args.baseline.name}", None,
-                                 {"PYTHONPATH": where}, "info", False))
+                env = {"PYTHONPATH": where, "PYTHONSAFEPATH": "1"}
+                found = subprocess.run(
+                    [sys.executable, "-c", "import tokenproxy; print(tokenproxy.__file__)"],
+                    env={**os.environ, **env}, capture_output=True, text=True, check=True,
+                    timeout=30).stdout.strip()
+                if not found.startswith(where):
+                    sys.exit(f"--baseline: {where} does not provide the tokenproxy package "
+                             f"(it came from {found})")
+                variants.append((f"static, baseline {args.baseline.name}", None, env, "info",
+                                 False))
             variants.append(("oauth2", token_port, {}, "info", False))
             if args.levers:
                 # One lever off at a time, against the static variant above.
