@@ -9,8 +9,10 @@ assertion or token shows in logs, metrics, problem bodies or check-config output
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,10 @@ from tests.helpers.keys import (
     write_file,
 )
 from tests.helpers.logs import CapturedLogs, failures
+from tests.helpers.tls import client_tls
 from tests.helpers.wait import readyz, wait_for, wait_ready
 from tokenproxy.cli import main
+from tokenproxy.tokens.assertions import jwt_expiry
 
 CLIENT_ID = "demo-client"
 KID = "2026-key-1"
@@ -71,7 +75,7 @@ def assert_client_assertion(call: Call, clock: JumpClock, *, aud: str, alg: str,
                             kid: str | None) -> None:
     """RFC 7523 section 3 as the daemon must send it (the endpoint verified the signature,
     the times and the jti already): the form, the header, and claims made on the daemon's
-    clock, iat now and exp 60 s later."""
+    clock, iat now and exp five minutes later (the most RFC 7523 issuers commonly take)."""
     assert {"grant_type": "client_credentials", "client_id": CLIENT_ID,
             "client_assertion_type": CLIENT_ASSERTION_TYPE} == {
         k: v for k, v in call.form.items() if k != "client_assertion"}
@@ -82,7 +86,7 @@ def assert_client_assertion(call: Call, clock: JumpClock, *, aud: str, alg: str,
     assert (alg, kid) == (header["alg"], header.get("kid"))
     assert (CLIENT_ID, CLIENT_ID, aud) == (claims["iss"], claims["sub"], claims["aud"])
     assert abs(claims["iat"] - clock.time()) < 1
-    assert 60 == claims["exp"] - claims["iat"]
+    assert 300 == claims["exp"] - claims["iat"]
     assert isinstance(claims["jti"], str)
     assert claims["jti"]
 
@@ -551,3 +555,63 @@ async def test_no_key_secret_assertion_or_token_in_logs_metrics_or_problems(
                 *[c.form.get("client_assertion", "") for c in issuer.calls]]
     assert_no_secret(logs.text, metrics, json.dumps(ready), *bodies, extra=secrets_)
     assert os.fspath(path) in " ".join(failures(logs))
+
+
+# -- hostile files where the config names one -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["pem-as-path", "jwt-as-path", "fifo", "device",
+                                  "encrypted-tls-key"])
+def test_a_hostile_named_file_is_a_config_error_that_quotes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
+) -> None:
+    """A key or token given where its file's path belongs was quoted in the error (and the
+    reload failure's log line) as a path; a FIFO there hung start, check-config and, on the
+    event loop, a reload; /dev/zero as a key was read until memory ran out; an encrypted TLS
+    key made OpenSSL ask for its passphrase on the terminal. Each is now exit 2, one line,
+    naming the key and quoting no credential, at once."""
+    key = make_key(tmp_path / "keys", "p256")
+    pem = key.path.read_text()   # the whole file, as ${VAR} holding it would give
+    jwt_text = external_jwt(make_key(tmp_path / "k8s", "rsa", slot=2), 1_800_000_000.0,
+                            aud="sts")
+    where = "providers.corp.private_key_file"
+    extra: dict[str, Any] = {"client_auth": "private_key_jwt"}
+    if case == "pem-as-path":
+        extra["private_key_file"] = pem
+    elif case == "jwt-as-path":
+        extra = {"grant_type": "token_exchange", "subject_token_file": jwt_text}
+        where = "providers.corp.subject_token_file"
+    elif case == "fifo":
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        extra = {"grant_type": "token_exchange", "subject_token_file": str(fifo)}
+        where = "providers.corp.subject_token_file"
+    elif case == "device":
+        extra["private_key_file"] = "/dev/zero"
+    else:
+        cert = client_tls(tmp_path / "pki", "svc")
+        encrypted = tmp_path / "encrypted-key.pem"
+        subprocess.run(["openssl", "pkey", "-in", str(cert.key), "-aes256", "-passout",
+                        "pass:secret", "-out", str(encrypted)], check=True, timeout=30)
+        extra = {"client_auth": "tls_client_auth", "tls_client_cert_file": str(cert.cert),
+                 "tls_client_key_file": str(encrypted),
+                 "token_url": "https://login.example.com/token"}
+        where = "providers.corp.tls_client_cert_file"
+    path = write_config(tmp_path / "cfg", corp_config(tmp_path, **extra))
+    assert 2 == main(["check-config", "-c", str(path)])
+    out, err = capsys.readouterr()
+    assert 1 == len(err.splitlines()), err
+    assert err.startswith(f"tokenproxy: {where}"), err
+    assert "BEGIN" not in err
+    assert jwt_text[:20] not in err
+    assert "pass phrase" not in (out + err).lower()
+    assert_no_secret(out, err, extra=[key.secret_text])
+
+
+def test_a_jwt_whose_exp_is_beyond_any_float_has_no_expiry() -> None:
+    """A 400-digit exp raised OverflowError out of the expiry check: the file was never
+    presented, and the failure read 'internal error'."""
+    header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
+    payload = base64.urlsafe_b64encode(
+        ('{"exp":' + "9" * 400 + "}").encode()).rstrip(b"=").decode()
+    assert jwt_expiry(f"{header}.{payload}.sig") is None

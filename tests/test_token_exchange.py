@@ -9,6 +9,7 @@ time; a refresh_token in their answers is never used."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tests.helpers.assertion_issuer import (
 )
 from tests.helpers.assertion_issuer import issuers as issuers_of
 from tests.helpers.client import fetch
-from tests.helpers.config import MakeProxy
+from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import CLIENT_SECRET, FakeUpstream, JumpClock
 from tests.helpers.idp import advance, config
 from tests.helpers.keys import (
@@ -47,6 +48,8 @@ from tests.helpers.keys import (
 )
 from tests.helpers.logs import CapturedLogs, failures
 from tests.helpers.wait import settle, wait_for, wait_ready
+from tokenproxy.cli import main
+from tokenproxy.config import build_config
 
 KID = "2026-key-1"
 STS_AUD = "sts"            # the audience of the cluster's tokens meant for the STS
@@ -294,7 +297,7 @@ async def test_jwt_bearer_signed_here(
 ) -> None:
     """jwt_bearer with private_key_file: the daemon signs the assertion -- iss issuer_claim
     (or client_id), sub subject_claim (or client_id), aud the token URL, a jti, iat now,
-    exp 60 s later, kid -- the endpoint verifies it, and a renewal signs a new one (a new
+    exp five minutes later, kid -- the endpoint verifies it, and a renewal signs a new one (a new
     jti: the endpoint refuses a replay)."""
     issuer = await issuers()
     key = make_key(tmp_path / "keys", "p384")
@@ -317,7 +320,7 @@ async def test_jwt_bearer_signed_here(
         assert (iss, subject_claim or "jb-client", issuer.token_url) == (
             claims["iss"], claims["sub"], claims["aud"])
         assert abs(claims["iat"] - clock.time()) < 1
-        assert 60 == claims["exp"] - claims["iat"]
+        assert 300 == claims["exp"] - claims["iat"]
         assert JWT_BEARER == call.form["grant_type"]
         expire(clock)
     assert 2 == len({c.grant_claims["jti"] for c in issuer.calls if c.grant_claims})
@@ -389,3 +392,83 @@ async def test_a_refused_jwt_bearer_grant_is_named_in_the_log(
     assert "***" not in error, error
     # Given up (502), or retried after a backoff since the file may rotate (503): either.
     assert (await fetch(http, daemon)).status in (502, 503)
+
+
+# -- chains across restarts, reloads and the online check ---------------------------------
+
+SUBJECT_A = "subject-token-a-0123456789"
+SUBJECT_B = "subject-token-b-0123456789"
+
+
+def static_chain(issuer: AssertionIssuer, subject: str, up: str, tmp_path: Path
+                 ) -> dict[str, object]:
+    """``api`` (on /) exchanges the token of ``k8s``, a static provider holding *subject*."""
+    issuer.register(Client("api-client", "none", expires_in=3600))
+    raw = config(provider_at(issuer, client_id="api-client", grant_type="token_exchange",
+                             subject_token_provider="k8s"), up, tmp_path)
+    raw["providers"] = {"api": raw["providers"]["idp"],
+                        "k8s": {"type": "static", "token": subject}}
+    raw["routes"] = [{"prefix": "/", "upstream": up, "provider": "api"}]
+    return raw
+
+
+async def test_a_restarted_daemon_does_not_serve_a_token_exchanged_from_the_old_subject(
+    issuers: StartIssuer, make_proxy: MakeProxy, upstream: object, fake_upstream: FakeUpstream,
+    tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    """The persisted token of a chained provider says nothing of the subject it came from:
+    after a restart with another subject (the old one compromised, say), the daemon used to
+    serve the stored token, exchanged from the old one, for the rest of its lifetime."""
+    issuer = await issuers()
+    issuer.known_subjects = {SUBJECT_A: ("a", TT_ACCESS), SUBJECT_B: ("b", TT_ACCESS)}
+    first = await make_proxy(static_chain(issuer, SUBJECT_A, fake_upstream.url("/"), tmp_path))
+    await wait_ready(first)
+    assert "known:a" == (await through(http, first, fake_upstream, issuer, "/x")).call.subject
+    await first.stop()
+    second = await make_proxy(static_chain(issuer, SUBJECT_B, fake_upstream.url("/"),
+                                           tmp_path))
+    await wait_ready(second)
+    assert "known:b" == (await through(http, second, fake_upstream, issuer, "/x")).call.subject
+
+
+async def test_a_reload_changing_the_subjects_identity_drops_the_exchanged_token(
+    issuers: StartIssuer, make_proxy: MakeProxy, upstream: object, fake_upstream: FakeUpstream,
+    tmp_path: Path, http: aiohttp.ClientSession, clock: JumpClock,
+) -> None:
+    """A reload that makes the subject another identity (another client id) rebuilt the
+    chained provider but let it inherit the token exchanged from the old identity's token,
+    which it then served while the new identity could not get one."""
+    issuer = await issuers()
+    key = make_key(tmp_path / "keys", "p256")
+    raw = chain_config(issuer, key, fake_upstream.url("/"), tmp_path, 0)
+    daemon = await make_proxy(raw)
+    await wait_ready(daemon)
+    await through(http, daemon, fake_upstream, issuer, "/b")
+    other = copy.deepcopy(raw)
+    other["providers"]["sa"]["client_id"] = "unknown-client"   # refused by the endpoint
+    await daemon.reload(build_config(other, {}))
+    seen = len(fake_upstream.seen)
+    resp = await fetch(http, daemon, "/b")
+    assert resp.status in (502, 503), resp.text
+    assert seen == len(fake_upstream.seen)
+
+
+async def test_the_online_check_never_spends_a_refresh_token_through_a_chain(
+    issuers: StartIssuer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """check-config --online exchanged a chained provider's subject by asking its source,
+    which, for a refresh_token provider, spent and rotated the daemon's refresh token."""
+    issuer = await issuers()
+    raw = config(provider_at(issuer, client_id="api-client", grant_type="token_exchange",
+                             subject_token_provider="user"), "http://127.0.0.1:9/", tmp_path)
+    raw["providers"] = {"api": raw["providers"]["idp"],
+                        "user": provider_at(issuer, client_id="user-client",
+                                            grant_type="refresh_token", client_auth="none",
+                                            refresh_token="the-daemons-refresh-token")}
+    raw["routes"] = [{"prefix": "/", "upstream": "http://127.0.0.1:9/", "provider": "api"}]
+    path = write_config(tmp_path / "cfg", raw)
+    code = await asyncio.to_thread(main, ["check-config", "--online", "-c", str(path)])
+    out, err = capsys.readouterr()
+    assert [] == [c for c in issuer.calls if c.form.get("grant_type") == "refresh_token"]
+    assert "api: not exchanged (its subject 'user' would rotate the refresh token" in out, err
+    assert 0 == code, out

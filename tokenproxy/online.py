@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from tokenproxy import __version__
 from tokenproxy.clock import SystemClock
 from tokenproxy.config import Config, OAuth2Provider, Provider, StaticProvider
+from tokenproxy.config.providers import subject_chain
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.factory import SourceFactory, open_state_store
@@ -64,8 +65,9 @@ async def check_providers(cfg: Config, redactor: Redactor) -> list[ProviderCheck
         for name, p in cfg.providers.items():
             sources[name] = factory.build(p, sources)
         try:
-            return checks + [await _check(p, factory, stored, sources)
-                             for p in cfg.providers.values()]
+            return checks + [await _check(p, factory, stored, sources,
+                                      _spender(cfg.providers, p.name))
+                         for p in cfg.providers.values()]
         finally:
             for source in sources.values():
                 await source.close()
@@ -107,10 +109,23 @@ def _left(entries: dict[str, StoredTokens]) -> dict[str, float | None]:
             for name, e in entries.items() if e.access_token}
 
 
+def _spender(providers: Mapping[str, Provider], name: str) -> str | None:
+    """The provider *name* is exchanged from (directly or not) whose token only its refresh
+    token gets: asking it would rotate the refresh token the daemon holds."""
+    for member in subject_chain(providers, name)[1:]:
+        p = providers[member]
+        if isinstance(p, OAuth2Provider) and p.grant_type == "refresh_token":
+            return member
+    return None
+
+
 async def _check(p: Provider, factory: SourceFactory, stored: dict[str, float | None],
-                 sources: Mapping[str, TokenSource]) -> ProviderCheck:
+                 sources: Mapping[str, TokenSource], spender: str | None) -> ProviderCheck:
     if isinstance(p, StaticProvider):
         return ProviderCheck(p.name, True, "ok (static token)")
+    if spender is not None:
+        return ProviderCheck(p.name, True, f"not exchanged (its subject {spender!r} would "
+                             "rotate the refresh token the daemon holds)")
     grantor = factory.grantor(p, sources)
     endpoint: str | None = None
     try:

@@ -85,9 +85,12 @@ class ProviderPlan:
                 plan.sources[name] = running
                 continue
             fresh = plan.factory.build(provider, plan.sources)
+            # A token exchanged from a subject whose identity changed is another's token.
+            same = all(n in old.providers
+                       and old.providers[n].identity() == new.providers[n].identity()
+                       for n in subject_chain(new.providers, name))
             inherit = (isinstance(fresh, TokenManager) and isinstance(running, TokenManager)
-                       and before is not None and before.identity() == provider.identity()
-                       and not stuck)
+                       and before is not None and same and not stuck)
             plan.steps.append((fresh, running, inherit))
             plan.sources[name] = fresh
         return plan

@@ -23,7 +23,8 @@ async def reload_file(daemon: Daemon, redactor: Redactor) -> None:
         source = daemon.config.source
         if source is None:
             raise ConfigError("config: this daemon was not started from a file")
-        new = load_config(source)
+        # Off the loop: a config names files, and one may block (a FIFO, a slow mount).
+        new = await asyncio.to_thread(load_config, source)
         old_log = daemon.config.log
         changes = await daemon.reload(new)
         if new.log != old_log:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 
+from tokenproxy.config.named_files import no_passphrase
 from tokenproxy.config.values import ClientTls
 
 
@@ -16,7 +17,7 @@ def client_context(tls: ClientTls) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=str(tls.ca_file))
     if tls.cert_file is not None:
         ctx.load_cert_chain(str(tls.cert_file), None if tls.key_file is None
-                            else str(tls.key_file))
+                            else str(tls.key_file), password=no_passphrase)
     return ctx
 
 

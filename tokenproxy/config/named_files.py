@@ -4,7 +4,11 @@ later."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import ssl
+import stat
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
@@ -16,13 +20,41 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tokenproxy.errors import ConfigError
 
+# No file a config names (a secret, a key, a certificate bundle) is anywhere near this.
+MAX_NAMED_FILE: Final = 1024 * 1024
+# What a credential looks like when it was given where its file's path belongs.
+_CREDENTIAL_SHAPE: Final = re.compile(r"-----BEGIN|^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.")
+
+
+def read_named_file(path: Path, where: str) -> bytes:
+    """The bytes of the regular file at *path* (symlinks followed), bounded. Opened without
+    blocking, so a FIFO put in its place cannot hang the process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{where}: cannot read {path}: {os.strerror(errno.EISDIR)}")
+        if not stat.S_ISREG(mode):   # a FIFO, a device: nothing a config means by a file
+            raise ConfigError(f"{where}: {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_NAMED_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_NAMED_FILE:
+        raise ConfigError(f"{where}: {path} is larger than {MAX_NAMED_FILE // 1024} KiB")
+    return data
+
 
 def read_secret_file(path: Path, where: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{where}: cannot read {path}: {reason}") from None
+        text = read_named_file(path, where).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: cannot read {path}: not UTF-8 text") from None
     secret = text.rstrip("\r\n")
     if not secret.strip():
         # An empty secret is a mistake (a volume not mounted yet), never a credential.
@@ -33,12 +65,12 @@ def read_secret_file(path: Path, where: str) -> str:
 def readable_file(raw: object, where: str) -> Path:
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"{where}: expected a file path")
+    if any(ord(c) < 0x20 for c in raw) or _CREDENTIAL_SHAPE.search(raw):
+        # Never quoted: a key or token given where its path belongs would be in the message.
+        raise ConfigError(f"{where}: expected a file path (this looks like the credential "
+                          "itself: put it in a file and name the file)")
     path = Path(raw)
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    read_named_file(path, where)
     return path
 
 
@@ -65,10 +97,7 @@ def signing_key(path: Path, where: str) -> tuple[SigningKey, tuple[str, ...]]:
     """The private key in PEM file *path* and the algorithms it can sign with (the default
     first): RSA of 2048 bits or more, EC on P-256 or P-384, Ed25519. Unencrypted: a
     passphrase would have to sit beside it anyway."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    data = read_named_file(path, where)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -88,9 +117,7 @@ def signing_key(path: Path, where: str) -> tuple[SigningKey, tuple[str, ...]]:
 def certificate_of(key: SigningKey, path: Path, where: str) -> x509.Certificate:
     """The PEM certificate in *path*, which must be *key*'s."""
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        cert = x509.load_pem_x509_certificate(read_named_file(path, where))
     except ValueError:
         raise ConfigError(f"{where}: {path} holds no PEM certificate") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -100,12 +127,18 @@ def certificate_of(key: SigningKey, path: Path, where: str) -> x509.Certificate:
     return cert
 
 
+def no_passphrase() -> bytes:
+    """For OpenSSL, which would otherwise ask for an encrypted key's passphrase on the
+    terminal: an empty one, so an encrypted key fails to load at once."""
+    return b""
+
+
 def client_certificate(cert: Path, key: Path, where: str) -> None:
     """A certificate and its key that TLS can present: loaded now, so a mismatched pair is a
     config error naming the key, not a handshake failure later."""
     ctx = ssl.create_default_context()
     try:
-        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_cert_chain(str(cert), str(key), password=no_passphrase)
     except (ssl.SSLError, OSError):
         raise ConfigError(f"{where}: {cert} and its key cannot be loaded as a certificate and "
                           "its unencrypted private key") from None

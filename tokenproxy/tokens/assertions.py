@@ -28,8 +28,9 @@ from tokenproxy.log import Redactor
 from tokenproxy.tokens.grant import GrantFailed
 
 CLIENT_ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-# Short: an assertion is used once, at once. RFC 7523 lets the issuer refuse long ones.
-ASSERTION_LIFETIME: Final = 60
+# Used once, at once; as long as RFC 7523 issuers commonly take (five minutes), so that an
+# issuer whose clock runs ahead of ours by minutes still finds it unexpired.
+ASSERTION_LIFETIME: Final = 300
 # A projected token or an SVID is a few KiB; anything near this is not one.
 MAX_CREDENTIAL_FILE: Final = 64 * 1024
 
@@ -97,17 +98,23 @@ def jwt_expiry(text: str) -> float | None:
     except jwt.PyJWTError:
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
-    return float(exp)
+    try:
+        value = float(exp)
+    except OverflowError:   # an integer beyond float range: no expiry worth the name
+        return None
+    return value if math.isfinite(value) else None
 
 
 class CredentialFile:
     """A file whose content is presented at each token request, read afresh every time (a
     kubelet rotates a projected token in place, through a symlink swap)."""
 
-    def __init__(self, path: Path, key: str, provider: str, redactor: Redactor) -> None:
+    def __init__(self, path: Path, key: str, provider: str, redactor: Redactor,
+                 timeout: float) -> None:
         self.path = path
+        self._timeout = timeout   # a read from a hung mount must not hold the call for ever
         self._key = key          # the config key naming it, for messages
         self._provider = provider
         self._redactor = redactor
@@ -117,7 +124,11 @@ class CredentialFile:
         """The content, stripped. Raises GrantFailed naming the path when the file cannot be
         read, is empty, or holds a JWT whose own ``exp`` has passed."""
         try:
-            text = await asyncio.to_thread(self._read)
+            async with asyncio.timeout(self._timeout):
+                text = await asyncio.to_thread(self._read)
+        except TimeoutError:
+            raise GrantFailed(f"{self._key} {self.path}: reading it took longer than "
+                              f"{self._timeout:g} s") from None
         except OSError as exc:
             raise GrantFailed(f"{self._key} {self.path}: cannot read it "
                               f"({exc.strerror or type(exc).__name__})") from None

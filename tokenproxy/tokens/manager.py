@@ -146,7 +146,10 @@ class TokenManager:
 
     async def load(self) -> None:
         """Take persisted tokens from the store, if it has usable ones for us. A shared store
-        that does not answer is no reason not to start: the first refresh tries again."""
+        that does not answer is no reason not to start: the first refresh tries again.
+
+        A provider exchanging another's token takes only a stored token exchanged from the
+        subject's token as it is now (the entry's seed is that token's fingerprint)."""
         if self._store is not None:
             with contextlib.suppress(SharedStateUnavailable):
                 stored = await self._store.read(self._key)
@@ -352,8 +355,6 @@ class TokenManager:
         started = time.perf_counter()
         try:
             token = await self._obtain_guarded(trigger)
-            if self._subject is not None:
-                self._subject.settle()
             if self._misconfigured:   # the issuer's metadata is there now
                 self._unauthenticated = self._misconfigured = False
                 self._metrics.provider_authenticated.labels(self.name).set(1)
@@ -472,11 +473,13 @@ class TokenManager:
             life = self._default_lifetime
         # The rotated refresh token is stored before the new access token is used.
         entry = StoredTokens(grant.access_token, None if life is None else now_wall + life,
-                             refresh_token, now_wall, self._config_seed, version=version)
+                             refresh_token, now_wall, self._entry_seed(), version=version)
         if store is not None and not await self._persist(store, entry):
             return await self._fenced_out(trigger, store, grant.access_token, refresh_token,
                                           life, now_mono, now_wall)
         token = self._install(grant.access_token, refresh_token, life, now_mono, now_wall)
+        if self._subject is not None:
+            self._subject.settle()   # this token is the one exchanged from what it asked
         if grant.expires_in_ignored:
             self._log.warning("expires_in_ignored", reason="not a finite positive number")
         self._log.info(log.TOKEN_REFRESHED, trigger=trigger, grant=grant_type,
@@ -485,6 +488,14 @@ class TokenManager:
 
     def _rounded_lifetime(self) -> float | None:
         return None if self._lifetime is None else round(self._lifetime, 1)
+
+    def _entry_seed(self) -> str | None:
+        """What a stored entry is tied to: the configured refresh token's fingerprint, or,
+        for a token exchanged from another provider's, that token's (a refresh token is
+        never kept for those grants)."""
+        if self._subject is not None:
+            return _seed(self._subject.asking)
+        return self._config_seed
 
     def _forget_refresh(self) -> None:
         """The refresh token was rejected: never presented again, not even when the state
@@ -565,6 +576,8 @@ class TokenManager:
         token when it is newer than *stale* and not itself due for a refresh."""
         if stored.seed != self._config_seed and self._config_seed is not None:
             return None   # the config carries a new refresh token: it wins over the file
+        if self._subject is not None and stored.seed != _seed(self._subject.current()):
+            return None   # exchanged from another subject token than the one there is now
         if self._store is not None and self._store.fenced:
             # Another version than the last one seen is another replica's (or Redis lost ours
             # and someone wrote anew): authoritative, whatever the wall clocks say.
@@ -601,6 +614,8 @@ class TokenManager:
             0.0 if remaining is None or self._lifetime is None else self._lifetime - remaining)
         self._obtained_wall = stored.obtained_at
         self._metrics.token_expiry.labels(self.name).set(stored.expires_at or 0)
+        if self._subject is not None:
+            self._subject.used = self._subject.current()
         self._tell_watchers()
         return token
 

@@ -48,7 +48,8 @@ class OAuth2Grantor:
 
         def file(key: str) -> CredentialFile | None:
             path = getattr(cfg, key)
-            return None if path is None else CredentialFile(path, key, cfg.name, redactor)
+            return None if path is None else CredentialFile(path, key, cfg.name, redactor,
+                                                            cfg.timeout)
 
         self._client_assertion = file("client_assertion_file")
         self._subject_file = file("subject_token_file")

@@ -41,6 +41,16 @@ class Subject:
         if self._asked is not None:
             self.used, self._asked = self._asked, None
 
+    @property
+    def asking(self) -> str | None:
+        """The subject token of the exchange in flight (or just done)."""
+        return self._asked
+
+    def current(self) -> str | None:
+        """The subject's valid token now, if it has one at hand."""
+        tok = self._sources[self.name].valid_now()
+        return None if tok is None else tok.value
+
     def moved(self) -> bool:
         """Whether the subject holds a valid token other than the one last exchanged."""
         used = self.used
