@@ -17,6 +17,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
+from tests.helpers.assertion_issuer import StartIssuer
+from tests.helpers.assertion_issuer import issuers as assertion_issuers
 from tests.helpers.config import MakeProxy
 from tests.helpers.fakes import SECRETS, FakeClock, FakeUpstream, JumpClock
 from tests.helpers.forward import Upstream, start_upstream
@@ -57,6 +59,15 @@ async def _http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session without a limit on its connections (for bursts of requests)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         yield s
+
+
+@pytest.fixture(name="issuers")
+async def _issuers(aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
+                   ) -> AsyncIterator[StartIssuer]:
+    """Start token endpoints that verify assertions (tests/helpers/assertion_issuer.py) on
+    the test's clock; afterwards nothing they issued or received may be in a log line."""
+    async with assertion_issuers(aiohttp_server, clock, logs) as start:
+        yield start
 
 
 @pytest.fixture(name="start")

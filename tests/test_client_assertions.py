@@ -1,4 +1,4 @@
-"""Client authentication without a shared secret, end to end (issue 15): client_secret_jwt,
+"""Client authentication without a shared secret, end to end: client_secret_jwt,
 private_key_jwt (RSA, PS256, EC P-256 and P-384, Ed25519; PKCS#8 and traditional PEM; kid)
 and a JWT made elsewhere as client_assertion (re-read on every token request), each through
 a real daemon to an upstream that gets a token the fake endpoint issued. The endpoint
@@ -13,13 +13,11 @@ import base64
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.assertion_issuer import (
     BREAKAGES,
@@ -30,7 +28,6 @@ from tests.helpers.assertion_issuer import (
     StartIssuer,
     expire,
     file_fails_then_heals,
-    issuers,
     provider_at,
     through,
 )
@@ -62,13 +59,6 @@ CLIENT_ID = "demo-client"
 KID = "2026-key-1"
 # The audience Entra ID's workload identity federation wants in a projected token.
 FEDERATION_AUD = "api://AzureADTokenExchange"
-
-
-@pytest.fixture(name="issuers")
-async def _issuers(aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
-                   ) -> AsyncIterator[StartIssuer]:
-    async with issuers(aiohttp_server, clock, logs) as start:
-        yield start
 
 
 def assert_client_assertion(call: Call, clock: JumpClock, *, aud: str, alg: str,

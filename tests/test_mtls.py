@@ -1,4 +1,4 @@
-"""Mutual TLS (issue 15, RFC 8705): the daemon's client certificate to a token endpoint
+"""Mutual TLS (RFC 8705): the daemon's client certificate to a token endpoint
 (tls_client_auth, and alongside private_key_jwt) and to an upstream (a route's
 tls_client_cert_file / tls_client_key_file, on both request paths). The servers are real
 aiohttp servers whose ssl contexts require a client certificate (CERT_REQUIRED): without
@@ -6,7 +6,6 @@ one the handshake fails. The certificates are the tests' own (tests/helpers/tls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,12 @@ from tests.helpers.assertion_issuer import (
     Client,
     StartIssuer,
     bearer,
-    issuers,
     provider_at,
     through,
 )
 from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, proxy_config, write_config
-from tests.helpers.fakes import TOKEN, FakeUpstream, JumpClock, assert_no_secret
+from tests.helpers.fakes import TOKEN, FakeUpstream, assert_no_secret
 from tests.helpers.idp import config
 from tests.helpers.keys import Pki, make_key, pki
 from tests.helpers.logs import CapturedLogs, failures
@@ -36,13 +34,6 @@ from tokenproxy.cli import main
 
 CLIENT_ID = "demo-client"
 KID = "2026-key-1"
-
-
-@pytest.fixture(name="issuers")
-async def _issuers(aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
-                   ) -> AsyncIterator[StartIssuer]:
-    async with issuers(aiohttp_server, clock, logs) as start:
-        yield start
 
 
 @pytest.fixture(name="tls", scope="session")

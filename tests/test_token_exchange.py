@@ -1,4 +1,4 @@
-"""The grants whose input is made elsewhere, end to end (issue 15): RFC 8693 token exchange
+"""The grants whose input is made elsewhere, end to end: RFC 8693 token exchange
 (the subject from a file, a projected service-account token, or from another provider's
 current token: a chain) and RFC 7523 section 2.1 jwt-bearer (the assertion from a file, or
 signed by the daemon). The fake endpoint (tests/helpers/assertion_issuer.py) verifies the
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.assertion_issuer import (
     BREAKAGES,
@@ -33,7 +31,6 @@ from tests.helpers.assertion_issuer import (
     refreshed,
     through,
 )
-from tests.helpers.assertion_issuer import issuers as issuers_of
 from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import CLIENT_SECRET, FakeUpstream, JumpClock
@@ -55,13 +52,6 @@ KID = "2026-key-1"
 STS_AUD = "sts"            # the audience of the cluster's tokens meant for the STS
 ACTOR_ISSUER = "https://actor.example.com"
 GRANT_SPELLINGS = {"token_exchange": TOKEN_EXCHANGE, "jwt_bearer": JWT_BEARER}
-
-
-@pytest.fixture(name="issuers")
-async def _issuers(aiohttp_server: AiohttpServer, clock: JumpClock, logs: CapturedLogs
-                   ) -> AsyncIterator[StartIssuer]:
-    async with issuers_of(aiohttp_server, clock, logs) as start:
-        yield start
 
 
 @pytest.fixture(name="k8s")
