@@ -53,7 +53,7 @@ from tests.helpers.logs import CapturedLogs, failures
 from tests.helpers.tls import client_tls
 from tests.helpers.wait import readyz, wait_for, wait_ready
 from tokenproxy.cli import main
-from tokenproxy.tokens.assertions import jwt_expiry
+from tokenproxy.tokens.credential_files import jwt_expiry
 
 CLIENT_ID = "demo-client"
 KID = "2026-key-1"

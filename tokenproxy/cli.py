@@ -21,7 +21,6 @@ from tokenproxy.config.shared_state import redacted_url
 from tokenproxy.daemon import fast_path_setting
 from tokenproxy.demo.run import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
-from tokenproxy.forward import tools
 from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
 from tokenproxy.process import make_undumpable
@@ -273,6 +272,8 @@ def _write_bytes(out: TextIO, data: bytes) -> None:
 
 
 def _ca(args: argparse.Namespace, out: TextIO) -> int:
+    from tokenproxy.forward import tools  # the CA's cryptography, only for this command
+
     cfg = _load(args.config)
     ca = run_async(tools.load_ca(cfg))
     text, notes = tools.ca_output(ca, bundle=args.bundle, environ=os.environ)
@@ -295,6 +296,8 @@ def exec_command(parsed: Sequence[str], argv: Sequence[str]) -> list[str] | None
 
 
 def _exec(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from tokenproxy.forward import tools  # the CA's cryptography, only for this command
+
     command = exec_command(args.argv, argv)
     if command is None:
         sys.stderr.write("usage: tokenproxy exec [-c FILE] [--standalone] -- COMMAND "

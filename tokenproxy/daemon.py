@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -19,8 +19,6 @@ from tokenproxy.clock import Clock, SystemClock
 from tokenproxy.config import Config, Listener
 from tokenproxy.config.secrets import config_secrets, exposed_mode, readable_keys
 from tokenproxy.errors import ConfigError
-from tokenproxy.forward.connection import ForwardConnection
-from tokenproxy.forward.service import Forward, Hosts, Inner, MakeInner, open_ca
 from tokenproxy.listeners import ConnectionGate, ListeningSocket, ProtocolFactory, bind
 from tokenproxy.log import Redactor
 from tokenproxy.metrics import Metrics
@@ -36,6 +34,12 @@ from tokenproxy.tokens.factory import SourceFactory, open_token_store
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.store import TokenStore
+
+if TYPE_CHECKING:
+    # Imported where a config has a forward_proxy: its CA code loads the cryptography
+    # package, megabytes a daemon without one does not need (docs/architecture.md).
+    from tokenproxy.forward.connection import ForwardConnection
+    from tokenproxy.forward.service import Forward, Hosts, Inner, MakeInner
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
@@ -219,6 +223,8 @@ class Daemon:
                            serving: Serving) -> Forward | None:
         if cfg.forward_proxy is None:
             return None
+        from tokenproxy.forward.service import Forward, Hosts, open_ca
+
         ca = await open_ca(cfg.forward_proxy, self.certificate_clock)
         if ca.created is not None:
             self._log.warning("forward_ca_created", path=str(ca.path), reason=ca.created)
@@ -249,6 +255,8 @@ class Daemon:
         return make
 
     def _forward_factory(self, serving: Serving) -> ProtocolFactory:
+        from tokenproxy.forward.connection import ForwardConnection
+
         def make(on_close: Callable[[], None] | None) -> ForwardConnection:
             # Looked up when the first head is complete, not at accept: a reload in between
             # must decide what the request gets (and with which token).

@@ -27,7 +27,6 @@ from tokenproxy.tokens.factory import SourceFactory, open_state_store
 from tokenproxy.tokens.grant import GrantFailed, GrantRejected
 from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
-from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, StoredTokens, identity_key
 from tokenproxy.tokens.store import SharedStateUnavailable
@@ -86,6 +85,8 @@ async def _shared_entries(cfg: Config, metrics: Metrics
     """Each token provider's entry in Redis, read only; and whether Redis answers and every
     entry opens (with this config's encryption key)."""
     assert cfg.shared_state is not None
+    from tokenproxy.tokens.shared.redis_store import RedisStore  # only with shared_state
+
     store = RedisStore(cfg.shared_state, metrics)
     entries: dict[str, StoredTokens] = {}
     try:

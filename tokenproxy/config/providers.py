@@ -25,11 +25,9 @@ from tokenproxy.config.model import (
 )
 from tokenproxy.config.named_files import (
     ca_file,
-    certificate_of,
     client_certificate,
     read_secret_file,
     readable_file,
-    signing_key,
 )
 from tokenproxy.config.section import Section
 from tokenproxy.config.values import (
@@ -223,6 +221,8 @@ def _signing(p: OAuth2Provider, m: Section) -> OAuth2Provider:
     if not signs_here:
         raise ConfigError(f"{m.path('private_key_file')}: used by client_auth private_key_jwt "
                           "or grant_type jwt_bearer (without assertion_file) only")
+    from tokenproxy.config.keys import certificate_of, signing_key  # cryptography: on use
+
     key, algs = signing_key(p.private_key_file, m.path("private_key_file"))
     if p.assertion_certificate_file is not None:
         certificate_of(key, p.assertion_certificate_file, m.path("assertion_certificate_file"))

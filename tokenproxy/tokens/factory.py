@@ -34,7 +34,6 @@ from tokenproxy.tokens.http import make_token_session
 from tokenproxy.tokens.json_login import JsonGrantor
 from tokenproxy.tokens.manager import TokenManager
 from tokenproxy.tokens.oauth2 import OAuth2Grantor
-from tokenproxy.tokens.shared.redis_store import RedisStore
 from tokenproxy.tokens.source import TokenSource
 from tokenproxy.tokens.state import StateStore, UnsafeStateFile
 from tokenproxy.tokens.static import StaticSource
@@ -62,6 +61,10 @@ async def open_token_store(cfg: Config, metrics: Metrics) -> TokenStore | None:
     if cfg.shared_state is not None:
         if not cfg.persists_tokens:
             return None
+        # Here, not at the top: redis-py (and the sealing's cryptography) are megabytes that
+        # a daemon without shared_state does not need.
+        from tokenproxy.tokens.shared.redis_store import RedisStore
+
         shared = RedisStore(cfg.shared_state, metrics)
         await shared.open()
         return shared

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import replace
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import aiohttp
@@ -14,12 +15,16 @@ from tokenproxy.clock import Clock
 from tokenproxy.config import OAuth2Provider
 from tokenproxy.config.model import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
 from tokenproxy.log import Redactor
-from tokenproxy.tokens.assertions import CLIENT_ASSERTION_TYPE, CredentialFile, Signer
+from tokenproxy.tokens.credential_files import CredentialFile
 from tokenproxy.tokens.discovery import ServerMetadata, discover
 from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected, grant_from
 from tokenproxy.tokens.http import call, raise_for_answer
 from tokenproxy.tokens.subject import Subject
 
+if TYPE_CHECKING:
+    from tokenproxy.tokens.assertions import Signer
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
@@ -40,11 +45,15 @@ class OAuth2Grantor:
         self.metadata: ServerMetadata | None = None   # from discovery, once it succeeded
         self.subject = subject
         self._signer: Signer | None = None
-        if cfg.private_key_file is not None:
-            self._signer = Signer.from_file(cfg.private_key_file, cfg.signing_alg, cfg.key_id,
-                                            cfg.assertion_certificate_file)
-        elif cfg.client_auth == "client_secret_jwt" and cfg.client_secret is not None:
-            self._signer = Signer.hmac(cfg.client_secret.value, cfg.key_id)
+        if cfg.private_key_file is not None or cfg.client_auth == "client_secret_jwt":
+            # Here, not at the top: PyJWT and cryptography, for the providers that sign.
+            from tokenproxy.tokens.assertions import Signer
+
+            if cfg.private_key_file is not None:
+                self._signer = Signer.from_file(cfg.private_key_file, cfg.signing_alg,
+                                                cfg.key_id, cfg.assertion_certificate_file)
+            elif cfg.client_secret is not None:
+                self._signer = Signer.hmac(cfg.client_secret.value, cfg.key_id)
 
         def file(key: str) -> CredentialFile | None:
             path = getattr(cfg, key)
