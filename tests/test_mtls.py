@@ -25,6 +25,7 @@ from tests.helpers.assertion_issuer import (
 from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, proxy_config, write_config
 from tests.helpers.fakes import TOKEN, FakeUpstream, assert_no_secret
+from tests.helpers.forward import Upstream, ca_context, forward_config, proxy_url
 from tests.helpers.idp import config
 from tests.helpers.keys import Pki, make_key, pki
 from tests.helpers.logs import CapturedLogs, failures
@@ -253,3 +254,58 @@ def test_route_client_certificate_problems_exit_2_naming_the_key(
     pem = "".join(line for line in tls.proxy.key.read_text().splitlines()
                   if not line.startswith("-----"))
     assert_no_secret(out, err, extra=[pem])
+
+
+# -- certificate-bound tokens, end to end -----------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_certificate_bound_token_is_presented_with_the_certificate_it_is_bound_to(
+    aiohttp_server: AiohttpServer, issuers: StartIssuer, make_proxy: MakeProxy,
+    fake_upstream: FakeUpstream, tmp_path: Path, http: aiohttp.ClientSession, tls: Pki,
+) -> None:
+    """RFC 8705 end to end: the token endpoint issues the token to the certificate of the
+    tls_client_auth handshake; the upstream requires a client certificate and accepts the
+    token only with the one it was issued to -- which the route presents."""
+    issuer = await issuers(tls=mtls_context(tls.server, tls.proxy.ca))
+    issuer.register(Client(CLIENT_ID, "tls_client_auth", cert_cn=tls.proxy.cn))
+    server, peers = await mtls_upstream(aiohttp_server, fake_upstream, tls)
+    raw = config(provider_at(issuer, tls.server.ca, client_id=CLIENT_ID,
+                             client_auth="tls_client_auth", **client_cert(tls.proxy)),
+                 f"https://127.0.0.1:{server.port}/", tmp_path)
+    raw["routes"][0].update(ca_file=str(tls.server.ca), **client_cert(tls.proxy))
+    daemon = await make_proxy(raw)
+    await wait_ready(daemon)
+    resp = await fetch(http, daemon, "/echo")
+    assert 200 == resp.status, resp.text
+    issued = issuer.check_bearer(bearer(fake_upstream.last))
+    # The binding: the certificate the token was issued to is the one it came with.
+    assert issued.call.peer_cn == peers[-1] == tls.proxy.cn
+
+
+@pytest.mark.slow
+async def test_an_intercepted_host_presents_its_client_certificate_to_the_upstream(
+    aiohttp_server: AiohttpServer, make_proxy: MakeProxy, fake_upstream: FakeUpstream,
+    tmp_path: Path, tls: Pki,
+) -> None:
+    """The forward proxy's intercept entries take the route keys: tls_client_cert_file and
+    tls_client_key_file make the intercepted host's upstream connection mTLS; without them
+    the upstream refuses the handshake (502)."""
+    server, peers = await mtls_upstream(aiohttp_server, fake_upstream, tls)
+    entry: dict[str, Any] = {"host": "127.0.0.1", "port": server.port, "provider": "api",
+                             "ca_file": str(tls.server.ca)}
+    answers = []
+    for cert in (None, tls.proxy):
+        raw = forward_config(tmp_path, Upstream(fake_upstream, tls.server, server.port, 0))
+        raw["forward_proxy"]["intercept"] = [{**entry, **({} if cert is None
+                                                          else client_cert(cert))}]
+        daemon = await make_proxy(raw)
+        ctx = ca_context(tmp_path)
+        async with aiohttp.ClientSession() as s, s.get(
+                f"https://127.0.0.1:{server.port}/echo", proxy=proxy_url(daemon),
+                ssl=ctx) as resp:
+            answers.append(resp.status)
+        await daemon.stop()
+    assert [502, 200] == answers
+    assert [tls.proxy.cn] == peers
+    assert [f"Bearer {TOKEN}"] == fake_upstream.last.header("Authorization")

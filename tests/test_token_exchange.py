@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from pathlib import Path
 
 import aiohttp
@@ -33,7 +34,7 @@ from tests.helpers.assertion_issuer import (
 )
 from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, write_config
-from tests.helpers.fakes import CLIENT_SECRET, FakeUpstream, JumpClock
+from tests.helpers.fakes import CLIENT_SECRET, FakeUpstream, JumpClock, assert_no_secret
 from tests.helpers.idp import advance, config
 from tests.helpers.keys import (
     K8S_ISSUER,
@@ -44,7 +45,7 @@ from tests.helpers.keys import (
     write_file,
 )
 from tests.helpers.logs import CapturedLogs, failures
-from tests.helpers.wait import settle, wait_for, wait_ready
+from tests.helpers.wait import readyz, settle, wait_for, wait_ready
 from tokenproxy.cli import main
 from tokenproxy.config import build_config
 
@@ -462,3 +463,51 @@ async def test_the_online_check_never_spends_a_refresh_token_through_a_chain(
     assert [] == [c for c in issuer.calls if c.form.get("grant_type") == "refresh_token"]
     assert "api: not exchanged (its subject 'user' would rotate the refresh token" in out, err
     assert 0 == code, out
+
+
+async def test_no_subject_actor_assertion_or_token_in_logs_metrics_or_problems(
+    issuers: StartIssuer, make_proxy: MakeProxy, upstream: object, fake_upstream: FakeUpstream,
+    clock: JumpClock, tmp_path: Path, http: aiohttp.ClientSession, logs: CapturedLogs,
+) -> None:
+    """The leak sweep over the asserted grants: an exchange from a file with an actor token,
+    a chained exchange, jwt-bearer from a file and signed here; then the files gone and the
+    endpoint refusing (invalid_grant). Neither the subject, the actor, the assertions, the
+    signing key nor any issued token is in a log line, the metrics, /readyz or an answer."""
+    issuer = await issuers()
+    k8s = make_key(tmp_path / "keys", "p256", slot=1)
+    signer = make_key(tmp_path / "keys", "ed25519", slot=2)
+    issuer.trust(K8S_ISSUER, k8s.public, kid="k8s-key", audience=None)
+    issuer.trust("jb", signer.public, kid=KID, own=True)
+    issuer.register(Client("jb", "none"))
+    subject = external_jwt(k8s, clock.time(), aud=issuer.audience)
+    actor = external_jwt(k8s, clock.time(), aud=issuer.audience)
+    subject_file = write_file(tmp_path / "t" / "subject", subject + "\n")
+    actor_file = write_file(tmp_path / "t" / "actor", actor + "\n")
+    bearer_file = write_file(tmp_path / "t" / "assertion", subject + "\n")
+    up = fake_upstream.url("/")
+    raw = config(provider_at(issuer, grant_type="token_exchange",
+                             subject_token_file=str(subject_file),
+                             actor_token_file=str(actor_file)), up, tmp_path)
+    raw["providers"].update(
+        chained=provider_at(issuer, grant_type="token_exchange", subject_token_provider="idp"),
+        jbf=provider_at(issuer, grant_type="jwt_bearer", assertion_file=str(bearer_file)),
+        jbs=provider_at(issuer, grant_type="jwt_bearer", client_id="jb",
+                        private_key_file=str(signer.path), key_id=KID))
+    raw["routes"] += [{"prefix": f"/{n}", "upstream": up, "provider": n}
+                      for n in ("chained", "jbf", "jbs")]
+    daemon = await make_proxy(raw)
+    await wait_ready(daemon)
+    routes = ("/x", "/chained/x", "/jbf/x", "/jbs/x")
+    for route in routes:
+        await through(http, daemon, fake_upstream, issuer, route)
+    subject_file.unlink()
+    bearer_file.unlink()
+    issuer.faults = [(400, {"error": "invalid_grant", "error_description": "nope"})] * 20
+    expire(clock)
+    bodies = [(await fetch(http, daemon, route)).body for route in routes]
+    async with http.get(f"http://127.0.0.1:{daemon.admin_port}/metrics") as r:
+        metrics = await r.text()
+    _, ready = await readyz(daemon)
+    assert_no_secret(logs.text, metrics, json.dumps(ready), *bodies, extra=[
+        subject, actor, signer.secret_text, k8s.secret_text, *issuer.tokens(),
+        *[c.form.get("assertion", "") for c in issuer.calls]])

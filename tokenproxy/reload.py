@@ -66,7 +66,7 @@ class ProviderPlan:
         same_store = new.state_path == old.state_path and new.shared_state == old.shared_state
         if not same_store or not old.persists_tokens:
             store = await open_token_store(new, factory.metrics)
-        plan = cls(factory.with_store(store), {})
+        plan = cls(factory.renewed(store), {})
 
         def unchanged(name: str) -> bool:
             running = current.get(name)

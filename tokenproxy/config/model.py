@@ -100,6 +100,10 @@ class ProviderBase:
     kind: ClassVar[str]
     name: str = field(metadata=COMPUTED)     # the key it is listed under
     refresh_margin: float = 60.0
+    # The content of the key, certificate and CA files it names, digested: a file rotated
+    # in place makes the provider another one to a reload (which reads them again), though
+    # no key of the config changed.
+    files_digest: str = field(default="", metadata=COMPUTED)
 
     def identity(self) -> dict[str, str]:
         """What makes a provider the same one across reloads and restarts (no secrets)."""

@@ -4,11 +4,14 @@ later."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
 import re
 import ssl
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -42,6 +45,19 @@ def read_named_file(path: Path, where: str) -> bytes:
     if len(data) > MAX_NAMED_FILE:
         raise ConfigError(f"{where}: {path} is larger than {MAX_NAMED_FILE // 1024} KiB")
     return data
+
+
+def files_digest(paths: Iterable[Path | None]) -> str:
+    """A digest of the files' contents (read as at load; an unreadable one counts as empty:
+    loading has reported it already)."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            h.update(str(path).encode() + b"\0")
+            with contextlib.suppress(ConfigError):
+                h.update(read_named_file(path, "file"))
+            h.update(b"\0")
+    return h.hexdigest()[:32]
 
 
 def read_secret_file(path: Path, where: str) -> str:

@@ -26,6 +26,7 @@ from tokenproxy.config.model import (
 from tokenproxy.config.named_files import (
     ca_file,
     client_certificate,
+    files_digest,
     read_secret_file,
     readable_file,
 )
@@ -158,7 +159,9 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
     _mutual_tls(provider, m, endpoint)
     provider = _signing(provider, m)
     _grant_inputs(provider, m)
-    return provider
+    return replace(provider, files_digest=files_digest(
+        (provider.ca_file, provider.private_key_file, provider.assertion_certificate_file,
+         provider.tls_client_cert_file, provider.tls_client_key_file)))
 
 
 def _grant_type(m: Section) -> GrantType:
@@ -315,13 +318,15 @@ def _json(name: str, m: Section) -> JsonProvider:
             )
         if login.refresh_token is None:
             raise ConfigError(f"{m.path('login.refresh_token')}: refresh needs a refresh token")
+    ca = m.optional("ca_file", ca_file)
     return JsonProvider(
         name=name,
         refresh_margin=m.parse("refresh_margin", parse_duration),
         login=login,
         refresh=refresh,
         timeout=m.parse("timeout", parse_positive_duration),
-        ca_file=m.optional("ca_file", ca_file),
+        ca_file=ca,
+        files_digest=files_digest((ca,)),
     )
 
 

@@ -86,9 +86,9 @@ class SourceFactory:
         self.store = store
         self._ssl: dict[ClientTls, ssl.SSLContext] = {}
 
-    def with_store(self, store: TokenStore | None) -> SourceFactory:
-        if store is self.store:
-            return self
+    def renewed(self, store: TokenStore | None) -> SourceFactory:
+        """The factory for a reloaded config: the same clients and *store*, and TLS contexts
+        built anew, so a CA file or client certificate rotated in place is read again."""
         return SourceFactory(clock=self._clock, metrics=self.metrics, redactor=self._redactor,
                              session=self._session, store=store)
 
