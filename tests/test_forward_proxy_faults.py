@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import ipaddress
 import socket
 import ssl
 import struct
@@ -482,3 +483,46 @@ async def test_a_connect_after_stop_gets_no_tunnel(
             head = await asyncio.wait_for(reader.read(), TIMEOUT)
         writer.close()
     assert not head.startswith(b"HTTP/1.1 200"), head
+
+
+def _loopback_hostname() -> str | None:
+    """This machine's name when it resolves to loopback only (as /etc/hosts commonly has it),
+    and is not 'localhost' itself: a listed name that leads back here."""
+    name = socket.gethostname().lower()
+    try:
+        infos = socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    local = all(ipaddress.ip_address(str(i[4][0])).is_loopback for i in infos)
+    return name if local and name not in ("localhost", "localhost.") else None
+
+
+LOOPBACK_NAME = _loopback_hostname()
+
+
+@pytest.mark.skipif(LOOPBACK_NAME is None, reason="this machine's name does not resolve to "
+                    "loopback alone")
+async def test_a_tunnel_name_that_resolves_to_this_machine_is_refused(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
+) -> None:
+    """A listed tunnel name (a wildcard's subdomain, which whoever owns the domain points
+    anywhere) that resolves to loopback opened a tunnel to this machine's own services;
+    'localhost' listed as such still does."""
+    assert LOOPBACK_NAME is not None
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1024):
+            w.write(data)
+        w.close()
+
+    async with raw_server(echo) as port:
+        raw = forward_config(tmp_path, tls_upstream)
+        raw["forward_proxy"]["tunnel"] = [f"{LOOPBACK_NAME}:{port}", f"localhost:{port}"]
+        daemon = await make_proxy(raw)
+        reader, writer = await asyncio.open_connection("127.0.0.1", fport(daemon))
+        writer.write(f"CONNECT {LOOPBACK_NAME}:{port} HTTP/1.1\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 403"), head
+        _r, w = await connect(daemon, f"localhost:{port}")   # asserts the 200
+        w.close()

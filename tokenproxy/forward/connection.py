@@ -18,6 +18,7 @@ import base64
 import binascii
 import hmac
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Final, cast
@@ -26,9 +27,17 @@ from tokenproxy import log
 from tokenproxy.config.model import InterceptHost, LimitsConfig
 from tokenproxy.errors import RequestRejected
 from tokenproxy.forward.service import Forward
-from tokenproxy.forward.targets import TUNNEL, Target, absolute_target, connect_target
+from tokenproxy.forward.targets import (
+    TUNNEL,
+    Target,
+    absolute_target,
+    connect_target,
+    local_address,
+    names_local,
+)
 from tokenproxy.forward.tunnel import Idle, Pipe
 from tokenproxy.proxy.fast_path import wire
+from tokenproxy.proxy.fast_path.connect import AddrInfo, open_connection
 from tokenproxy.proxy.rules.headers import connection_listed
 from tokenproxy.proxy.rules.problem import Problem
 from tokenproxy.proxy.rules.security import FORWARDING_HEADERS
@@ -282,8 +291,21 @@ class ForwardConnection(asyncio.Protocol):
         client = Pipe(self._release)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                upstream, far = await loop.create_connection(
-                    lambda: Pipe(lambda: None), where.host, where.port)
+                infos = await loop.getaddrinfo(where.host, where.port, type=socket.SOCK_STREAM)
+            # A listed name (a wildcard's, say) that resolves to this machine would open a
+            # tunnel to its loopback services: only a host that names a local address itself
+            # is taken there.
+            usable: list[AddrInfo] = [
+                i for i in infos if names_local(where.host) or not local_address(str(i[4][0]))]
+            if not usable:
+                transport.resume_reading()
+                forward.count("refused")
+                self._refuse(Problem(403, "forward_refused",
+                                     f"{where.host} resolves to a local address"))
+                return
+            far = await open_connection(usable, where.host, None, lambda: Pipe(lambda: None))
+            assert far.transport is not None
+            upstream = far.transport
         except (OSError, TimeoutError):
             forward.count("failed")
             transport.resume_reading()

@@ -117,3 +117,18 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def local_address(address: str) -> bool:
+    """Loopback, unspecified or link-local (where cloud metadata services answer): addresses
+    a tunnel reaches only when its host names one itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified or ip.is_link_local
+
+
+def names_local(host: str) -> bool:
+    """Whether a tunnel's host is itself local: ``localhost`` or a local address literal."""
+    return host in ("localhost", "localhost.") or local_address(host)
