@@ -827,7 +827,7 @@ def test_static_token_must_be_printable(token: str) -> None:
          "providers.corp.token_url: not an absolute http(s) URL"),
         (oauth2(grant_type="implicit"),
          "providers.corp.grant_type: expected one of client_credentials, password, refresh_token,"
-         " token_exchange, jwt_bearer"),
+         " token_exchange, jwt_bearer, device_code, authorization_code"),
         (oauth2(grant_type="password", username="u"),
          "providers.corp.password: grant_type password needs username and password"),
         (oauth2(grant_type="password", password=PASSWORD),

@@ -25,6 +25,7 @@ from tokenproxy.memory import tune_allocator
 from tokenproxy.online import check_providers
 from tokenproxy.process import make_undumpable
 from tokenproxy.run import serve
+from tokenproxy.terminal import visible
 from tokenproxy.tokens.factory import obtain_token, open_state_store
 
 T = TypeVar("T")
@@ -32,6 +33,7 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 
 def llhttp_parser_loaded() -> bool:
@@ -69,7 +71,8 @@ $XDG_CONFIG_HOME/tokenproxy/config.yaml (~/.config/...), /etc/tokenproxy/config.
 -c may come before or after the command. The configuration reference is docs/configuration.md.
 
 exit codes: 0 ok; 1 failed (a token could not be obtained, an online check failed, the HTTP
-stack is unsafe); 2 bad configuration (the message names the key)
+stack is unsafe, a login was denied or expired, status found a login required); 2 bad
+configuration (the message names the key); 130 a login interrupted (nothing stored)
 """
 
 
@@ -117,6 +120,18 @@ def _parser() -> argparse.ArgumentParser:
                          "command's lifetime, instead of using the running one")
     exec_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                          help="the command and its arguments, after --")
+    login = command("login", "log in as yourself to the providers a person logs in to (device "
+                    "code or browser login; all of them that need it when none is named); "
+                    "a running daemon picks the login up within a second")
+    login.add_argument("provider", nargs="*", help="provider names")
+    login.add_argument("--no-browser", action="store_true",
+                       help="print the URL to open instead of opening a browser")
+    logout = command("logout", "revoke the stored refresh token at the issuer (RFC 7009, when "
+                     "it publishes a revocation endpoint) and delete the stored tokens")
+    logout.add_argument("provider", nargs="*", help="provider names (default: all that a "
+                        "person logs in to)")
+    command("status", "one line per provider: who is logged in, until when, or what is "
+            "needed; exit 1 when a login is required")
     demo = sub.add_parser("demo", help="run a self-contained demo with short-lived tokens")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
     return parser
@@ -128,12 +143,6 @@ def _load(path_arg: str | None) -> Config:
 
 def _host_list(hosts: frozenset[str] | None) -> str:
     return "*" if hosts is None else ",".join(sorted(hosts))
-
-
-def visible(text: str) -> str:
-    """*text* with control characters escaped: what an issuer or token endpoint sent must not
-    drive the terminal it is printed on (clear it, retitle it, hide a line)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def summary(cfg: Config) -> list[str]:
@@ -326,6 +335,25 @@ def _demo(args: argparse.Namespace) -> int:
     return run_async(run_demo(args.port, redactor, allocator_tuned=tuned))
 
 
+def _login_command(args: argparse.Namespace, out: TextIO) -> int:
+    from tokenproxy.login import LoginFailed
+    from tokenproxy.login.run import run_login_command
+
+    cfg = _load(args.config)
+    redactor = log.Redactor(config_secrets(cfg))
+    log.configure("warning", "console", redactor=redactor)
+    try:
+        return run_async(run_login_command(
+            cfg, args.command, getattr(args, "provider", []), out=out, redactor=redactor,
+            no_browser=getattr(args, "no_browser", False)))
+    except LoginFailed as exc:
+        sys.stderr.write(f"tokenproxy: {exc}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        sys.stderr.write("tokenproxy: interrupted; nothing was stored\n")
+        return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -342,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ca(args, sys.stdout)
         if args.command == "exec":
             return _exec(args, sys.argv[1:] if argv is None else argv)
+        if args.command in ("login", "logout", "status"):
+            return _login_command(args, sys.stdout)
         return _run(args)
     except ConfigError as exc:
         sys.stderr.write(f"tokenproxy: {exc}\n")

@@ -99,6 +99,14 @@ class Unauthenticated(TokenError):
     cause = "unauthenticated"
 
 
+class LoginRequired(TokenError):
+    """A provider a person logs in to (device code, browser login) has no usable refresh
+    token: only `tokenproxy login` helps, and the daemon picks its result up by itself."""
+
+    status = 503
+    cause = "login_required"
+
+
 class ProviderMisconfigured(TokenError):
     """The provider's configuration does not lead to a token endpoint (discovery found no
     usable metadata at the issuer); only a corrected config helps."""

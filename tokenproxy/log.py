@@ -34,6 +34,7 @@ SHARED_STATE_UNAVAILABLE: Final = "shared_state_unavailable"
 SHARED_STATE_RESTORED: Final = "shared_state_restored"
 ASSERTION_EXPIRED: Final = "assertion_expired"
 KEY_FILE_READABLE: Final = "key_file_readable"
+LOGIN_REQUIRED: Final = "login_required"
 
 MASK: Final = "***"
 SENSITIVE_KEYS: Final = frozenset({

@@ -124,12 +124,16 @@ class StaticProvider(ProviderBase):
 
 
 GrantType = Literal["client_credentials", "password", "refresh_token", "token_exchange",
-                    "jwt_bearer"]
-# RFC 8693 and RFC 7523 name their grants by URN; either form is taken, the short one kept.
+                    "jwt_bearer", "device_code", "authorization_code"]
+# RFC 8693, RFC 7523 and RFC 8628 name their grants by URN; either form is taken, the short
+# one kept.
 GRANT_URNS: Final = MappingProxyType({
     "urn:ietf:params:oauth:grant-type:token-exchange": "token_exchange",
     "urn:ietf:params:oauth:grant-type:jwt-bearer": "jwt_bearer",
+    "urn:ietf:params:oauth:grant-type:device_code": "device_code",
 })
+# Grants a person completes (`tokenproxy login`); the daemon only refreshes what they gave.
+INTERACTIVE_GRANTS: Final = frozenset({"device_code", "authorization_code"})
 # Grants whose inputs are made elsewhere and change (a rotated file, another provider's
 # token): done again at each renewal, never by a refresh token.
 ASSERTED_GRANTS: Final = frozenset({"token_exchange", "jwt_bearer"})
@@ -180,10 +184,21 @@ class OAuth2Provider(ProviderBase):
     assertion_file: Path | None = None
     issuer_claim: str | None = None
     subject_claim: str | None = None
+    # device_code (RFC 8628) and authorization_code with PKCE (docs/login.md): endpoints
+    # when the issuer publishes no metadata, and the loopback redirect.
+    device_authorization_url: HttpUrl | None = None
+    authorization_url: HttpUrl | None = None
+    revocation_url: HttpUrl | None = None
+    redirect_port: int = 0
+    redirect_path: str = "/callback"
 
     @property
     def asserted(self) -> bool:
         return self.grant_type in ASSERTED_GRANTS
+
+    @property
+    def interactive(self) -> bool:
+        return self.grant_type in INTERACTIVE_GRANTS
 
     def identity(self) -> dict[str, str]:
         where = self.token_url or self.issuer

@@ -12,6 +12,7 @@ from typing import Any, Final, cast
 from tokenproxy.config.model import (
     ASSERTED_GRANTS,
     GRANT_URNS,
+    INTERACTIVE_GRANTS,
     JWT_TOKEN_TYPE,
     CommandProvider,
     GrantType,
@@ -127,7 +128,7 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
         client_id=client_id,
         client_secret=m.secret("client_secret"),
         client_auth=(m.choice("client_auth") if m.has("client_auth") or grant not in
-                     ASSERTED_GRANTS else "none"),
+                     ASSERTED_GRANTS | INTERACTIVE_GRANTS else "none"),
         scope=scope,
         params=m.parse("params", _str_pairs),
         username=username,
@@ -154,6 +155,11 @@ def _oauth2(name: str, m: Section) -> OAuth2Provider:
         assertion_file=m.optional("assertion_file", _path),
         issuer_claim=_printable(m, "issuer_claim"),
         subject_claim=_printable(m, "subject_claim"),
+        device_authorization_url=m.optional("device_authorization_url", parse_http_url),
+        authorization_url=m.optional("authorization_url", _authorization_url),
+        revocation_url=m.optional("revocation_url", parse_http_url),
+        redirect_port=m.parse("redirect_port", _redirect_port),
+        redirect_path=m.parse("redirect_path", _redirect_path),
     )
     _client_auth(provider, m)
     _mutual_tls(provider, m, endpoint)
@@ -259,9 +265,28 @@ def _grant_inputs(p: OAuth2Provider, m: Section) -> None:
             for key in own:
                 if m.has(key):
                     raise ConfigError(f"{m.path(key)}: used only with grant_type {grant}")
+    logins = {"device_code": ("device_authorization_url",),
+              "authorization_code": ("authorization_url", "redirect_port", "redirect_path")}
+    for grant, own in logins.items():
+        if p.grant_type != grant:
+            for key in own:
+                if m.has(key):
+                    raise ConfigError(f"{m.path(key)}: used only with grant_type {grant}")
+    if p.interactive:
+        if p.client_id is None:
+            raise ConfigError(f"{m.path('client_id')}: grant_type {p.grant_type} needs the "
+                              "client_id registered for tokenproxy")
+        needed = ("device_authorization_url" if p.grant_type == "device_code"
+                  else "authorization_url")
+        if p.issuer is None and getattr(p, needed) is None:
+            raise ConfigError(f"{m.path(needed)}: grant_type {p.grant_type} needs issuer "
+                              f"(discovery) or {needed}")
     if p.asserted and p.refresh_token is not None:
         raise ConfigError(f"{m.path('refresh_token')}: grant_type {p.grant_type} is done "
                           "again at each renewal and takes no refresh token")
+    if p.interactive and p.refresh_token is not None:
+        raise ConfigError(f"{m.path('refresh_token')}: grant_type {p.grant_type} gets its "
+                          "refresh token from `tokenproxy login`, not from the config")
 
 
 def check_chains(providers: Mapping[str, Provider]) -> None:
@@ -288,6 +313,24 @@ def subject_chain(providers: Mapping[str, Provider], name: str) -> list[str]:
         out.append(p.subject_token_provider)
         p = providers[p.subject_token_provider]
     return out
+
+
+def _authorization_url(raw: object, where: str) -> HttpUrl:
+    # RFC 6749 section 3.1: it may carry a query (a tenant, say), which is kept.
+    return parse_http_url(raw, where, allow_query=True)
+
+
+def _redirect_port(raw: object, where: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 65535:
+        raise ConfigError(f"{where}: expected a port from 0 (any free one) to 65535")
+    return raw
+
+
+def _redirect_path(raw: object, where: str) -> str:
+    if (not isinstance(raw, str) or not raw.startswith("/") or len(raw) > 256
+            or any(c in raw for c in "?#% ") or not is_header_value(raw)):
+        raise ConfigError(f"{where}: expected a plain path starting with /")
+    return raw
 
 
 def _printable(m: Section, key: str) -> str | None:

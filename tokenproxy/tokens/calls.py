@@ -31,6 +31,10 @@ class Grantor(Protocol):
     @property
     def initial_refresh_token(self) -> str | None: ...
 
+    @property
+    def interactive(self) -> bool:
+        """A person logs in (`tokenproxy login`); the daemon only refreshes."""
+
     async def login(self) -> Grant: ...
 
     async def refresh(self, refresh_token: str) -> Grant: ...

@@ -59,6 +59,7 @@ class CommandGrantor:
 
     can_refresh = False
     can_login = True
+    interactive = False
     initial_refresh_token: str | None = None
     login_grant = refresh_grant = "command"
 

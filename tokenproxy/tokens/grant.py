@@ -25,6 +25,7 @@ class Grant:
     expires_in: float | None = None
     refresh_token: str | None = field(default=None, repr=False)
     expires_in_ignored: bool = False   # an expires_in was sent but was unusable
+    id_token: str | None = field(default=None, repr=False)   # OpenID Connect: who logged in
 
 
 class GrantFailed(Exception):
@@ -46,6 +47,10 @@ class GrantRejected(Exception):
         self.reason = reason
         self.error = error
         self.grant: str | None = None
+
+
+class LoginNeeded(GrantRejected):
+    """No refresh token for a provider a person logs in to: nothing the daemon can call."""
 
 
 def _no_constants(name: str) -> Any:
@@ -143,4 +148,6 @@ def grant_from(
         raw = resolve_pointer(doc, expires_pointer)
         expires = parse_expires_in(raw)
         ignored = raw is not None and expires is None
-    return Grant(token, expires, refresh, ignored)
+    id_token = resolve_pointer(doc, "/id_token")
+    return Grant(token, expires, refresh, ignored,
+                 id_token if isinstance(id_token, str) and len(id_token) <= 16384 else None)

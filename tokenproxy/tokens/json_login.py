@@ -35,6 +35,7 @@ class JsonGrantor:
         self._ssl = ssl_context
 
     can_login = True
+    interactive = False
     initial_refresh_token: str | None = None
     login_grant = "json_login"
     refresh_grant = "json_refresh"

@@ -29,6 +29,7 @@ from typing import Any, Final
 from tokenproxy import log
 from tokenproxy.clock import Clock
 from tokenproxy.errors import (
+    LoginRequired,
     ProviderMisconfigured,
     SharedStateDown,
     TokenUnavailable,
@@ -39,7 +40,7 @@ from tokenproxy.metrics import Metrics
 from tokenproxy.tokens.calls import Grantor, TokenCalls
 from tokenproxy.tokens.discovery import DiscoveryFailed
 from tokenproxy.tokens.expiry import lifetime, refresh_delay
-from tokenproxy.tokens.grant import GrantFailed, GrantRejected
+from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected, LoginNeeded
 from tokenproxy.tokens.guard import UnauthorizedGuard
 from tokenproxy.tokens.source import Target, Token, Trigger
 from tokenproxy.tokens.state import StateLockTimeout, StoredTokens, identity_key
@@ -51,6 +52,7 @@ from tokenproxy.tokens.store import (
 )
 from tokenproxy.tokens.subject import Subject
 
+LOGIN_POLL: Final = 1.0
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 60.0
 # How soon a provider that must not refresh without the shared state looks at it again.
@@ -123,6 +125,11 @@ class TokenManager:
         self._next_attempt = 0.0
         self._unauthenticated = False   # or misconfigured: stuck until a reload either way
         self._misconfigured = False
+        # A person must log in (`tokenproxy login`): stuck, but the store is looked at every
+        # LOGIN_POLL seconds for what such a login wrote.
+        self._login_required = False
+        self._login_since = 0.0
+        self._account: str | None = None   # who logged in, kept with the tokens
         self._last_error: str | None = None
         self._shared_problem: str | None = None   # why the shared state cannot be used now
         # The shared-state version this replica last read or wrote (0: none yet). Replicas'
@@ -165,6 +172,7 @@ class TokenManager:
         self._obtained_mono, self._obtained_wall = old._obtained_mono, old._obtained_wall
         self._generation = old._generation
         self._version = old._version
+        self._account = old._account
         if self._subject is not None and old._subject is not None:
             self._subject.used = old._subject.used
         if self._config_seed == old._config_seed:
@@ -239,6 +247,8 @@ class TokenManager:
         if tok is not None:
             return tok
         tok = self._token
+        if self._login_required:
+            raise self._login_error()
         if self._unauthenticated:
             raise self._unauthenticated_error()
         self._raise_if_backing_off()
@@ -257,6 +267,8 @@ class TokenManager:
         self._guard.refused(target)
 
     async def renew(self, stale: Token, trigger: Trigger, target: Target) -> Token | None:
+        if self._login_required:
+            raise self._login_error()
         if self._unauthenticated:
             raise self._unauthenticated_error()
         now = self._clock.monotonic()
@@ -286,7 +298,9 @@ class TokenManager:
     def describe(self) -> dict[str, Any]:
         now = self._clock.monotonic()
         tok = self._token
-        if self._unauthenticated:
+        if self._login_required:
+            state = "login_required"
+        elif self._unauthenticated:
             state = "misconfigured" if self._misconfigured else "unauthenticated"
         elif tok is not None and not tok.expired(now):
             state = "valid"
@@ -371,6 +385,10 @@ class TokenManager:
             self._next_attempt = self._clock.monotonic() + exc.retry_after
             raise
         except GrantRejected as exc:
+            if self._calls.grantor.interactive and not isinstance(exc, DiscoveryFailed):
+                # No refresh token, or a rejected one: a person logs in again, never a loop.
+                self._become_login_required(exc.reason, exc.grant)
+                raise self._login_error() from None
             self._become_unauthenticated(exc.reason, exc.grant,
                                          misconfigured=isinstance(exc, DiscoveryFailed))
             raise self._unauthenticated_error() from None
@@ -394,6 +412,98 @@ class TokenManager:
             self._metrics.token_refresh_duration.labels(self.name).observe(
                 time.perf_counter() - started)
             self._wake.set()
+
+    def _login_error(self) -> LoginRequired:
+        return LoginRequired(self.name, f"provider {self.name!r} needs a person to log in: "
+                             f"run: tokenproxy login {self.name}")
+
+    def _become_login_required(self, reason: str, grant: str | None) -> None:
+        """Stuck until `tokenproxy login` stores new tokens, which _run picks up."""
+        self._unauthenticated = self._login_required = True
+        self._login_since = self._clock.time()   # only a login stored after this is taken
+        self._token = None
+        if self._refresh_token:
+            self._forget_refresh()   # rejected, or logged out: never presented again
+        self._last_error = f"run: tokenproxy login {self.name}"
+        self._metrics.provider_authenticated.labels(self.name).set(0)
+        self._metrics.token_expiry.labels(self.name).set(0)
+        self._log.warning(log.LOGIN_REQUIRED, reason=reason, grant=grant,
+                          next_step=f"tokenproxy login {self.name}")
+
+    async def _pick_up_login(self) -> None:
+        """What `tokenproxy login` stored, if it did: taken, and the provider serves again."""
+        store = self._store
+        if store is None:
+            return
+        with contextlib.suppress(SharedStateUnavailable):
+            stored = await store.read(self._key)
+            if (stored is None or stored.obtained_at <= self._login_since
+                    or not (stored.access_token or stored.refresh_token)):
+                return
+            adopted = self._adopt_stored(stored)
+            if stored.refresh_token:
+                self._refresh_token = stored.refresh_token
+                self._rejected_refresh = None
+            if adopted is None and not self._refresh_token:
+                return
+            self._unauthenticated = self._login_required = False
+            self._last_error = None
+            self._failures = 0
+            self._next_attempt = 0.0
+            self._metrics.provider_authenticated.labels(self.name).set(1)
+            self._calls.count("manual", store.adopted_grant, "success")
+            self._log.info(log.TOKEN_REFRESHED, trigger="manual", grant=store.adopted_grant,
+                           expires_in=self._rounded_lifetime(), account=self._account)
+
+    @property
+    def key(self) -> str:
+        """Where the store keeps this provider's tokens."""
+        return self._key
+
+    async def _notice_logout(self) -> None:
+        """What `tokenproxy logout` left (an entry without tokens, newer than ours): the
+        tokens in hand are dropped, and the provider needs a login again."""
+        store = self._store
+        if store is None or self._login_required:
+            return
+        with contextlib.suppress(SharedStateUnavailable):
+            stored = await store.read(self._key)
+            if (stored is not None and not stored.access_token and not stored.refresh_token
+                    and stored.obtained_at > self._obtained_wall):
+                self._refresh_token = None
+                self._become_login_required("logged out", None)
+
+    async def store_logout(self) -> None:
+        """`tokenproxy logout`: an entry without tokens in place of the stored ones."""
+        store = self._store
+        assert store is not None, "an interactive provider keeps its tokens in a store"
+        now_wall = self._clock.time()
+        for _ in range(3):
+            async with store.locked(self._key, self._lock_timeout):
+                stored = await store.read(self._key)
+                entry = StoredTokens(obtained_at=now_wall,
+                                     version=0 if stored is None else stored.version)
+                if await store.write(self._key, entry) is not None:
+                    return
+
+    async def store_login(self, grant: Grant, account: str | None) -> None:
+        """A login a person completed (`tokenproxy login`): stored where the daemon keeps
+        this provider's tokens, under its lock, in place of what was there."""
+        store = self._store
+        assert store is not None, "an interactive provider keeps its tokens in a store"
+        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
+        life = lifetime(grant.expires_in, grant.access_token, now_wall)
+        self._account = account
+        for _ in range(3):   # a fenced store refuses a write that raced another: read again
+            async with store.locked(self._key, self._lock_timeout):
+                stored = await store.read(self._key)
+                entry = StoredTokens(grant.access_token,
+                                     None if life is None else now_wall + life,
+                                     grant.refresh_token, now_wall, None, account,
+                                     version=0 if stored is None else stored.version)
+                if await store.write(self._key, entry) is not None:
+                    break
+        self._install(grant.access_token, grant.refresh_token, life, now_mono, now_wall)
 
     def _become_unauthenticated(self, reason: str, grant: str | None, *,
                                 misconfigured: bool = False) -> None:
@@ -462,6 +572,9 @@ class TokenManager:
                 await self._doubt_refresh(store, stored, version)
         # expires_in counts from when the issuer answered, which is after we asked: timing the
         # lifetime from the request (not the answer) keeps our expiry no later than the issuer's.
+        if self._calls.grantor.interactive and not self._refresh_token:
+            raise LoginNeeded("no refresh token: nobody has logged in (or the last login "
+                              "ended)")
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         self._calling = True
         grant, used_refresh, grant_type = await self._calls.exchange(
@@ -473,7 +586,8 @@ class TokenManager:
             life = self._default_lifetime
         # The rotated refresh token is stored before the new access token is used.
         entry = StoredTokens(grant.access_token, None if life is None else now_wall + life,
-                             refresh_token, now_wall, self._entry_seed(), version=version)
+                             refresh_token, now_wall, self._entry_seed(), self._account,
+                             version=version)
         if store is not None and not await self._persist(store, entry):
             return await self._fenced_out(trigger, store, grant.access_token, refresh_token,
                                           life, now_mono, now_wall)
@@ -576,6 +690,8 @@ class TokenManager:
         token when it is newer than *stale* and not itself due for a refresh."""
         if stored.seed != self._config_seed and self._config_seed is not None:
             return None   # the config carries a new refresh token: it wins over the file
+        if stored.account is not None:
+            self._account = stored.account
         if self._subject is not None and stored.seed != _seed(self._subject.current()):
             return None   # exchanged from another subject token than the one there is now
         if self._store is not None and self._store.fenced:
@@ -642,6 +758,10 @@ class TokenManager:
 
     async def _run(self) -> None:
         while True:
+            if self._login_required:
+                await self._nap(LOGIN_POLL)
+                await self._pick_up_login()
+                continue
             if self._unauthenticated and not self._misconfigured:
                 await self._nap(None)   # only new credentials (a reload) help
                 continue
@@ -675,7 +795,13 @@ class TokenManager:
                 continue
             due = self._due()
             if due is None or now < due:
-                await self._nap(None if due is None else due - now)
+                wait = None if due is None else due - now
+                if self._calls.grantor.interactive:
+                    # A person's tokens: `tokenproxy logout` is noticed within LOGIN_POLL.
+                    await self._nap(LOGIN_POLL if wait is None else min(wait, LOGIN_POLL))
+                    await self._notice_logout()
+                else:
+                    await self._nap(wait)
                 continue
             with contextlib.suppress(*_REFRESH_ERRORS):
                 await self._refresh("expiry", waiter=False)

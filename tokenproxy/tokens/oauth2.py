@@ -17,8 +17,8 @@ from tokenproxy.config.model import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE
 from tokenproxy.log import Redactor
 from tokenproxy.tokens.credential_files import CredentialFile
 from tokenproxy.tokens.discovery import ServerMetadata, discover
-from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected, grant_from
-from tokenproxy.tokens.http import call, raise_for_answer
+from tokenproxy.tokens.grant import Grant, GrantFailed, GrantRejected, LoginNeeded, grant_from
+from tokenproxy.tokens.http import Answer, call, raise_for_answer
 from tokenproxy.tokens.subject import Subject
 
 if TYPE_CHECKING:
@@ -75,6 +75,11 @@ class OAuth2Grantor:
         """The asserted grants are done again at each renewal: their inputs may have moved."""
         return not self._cfg.asserted
 
+    @property
+    def interactive(self) -> bool:
+        """Device code and browser login: a person logs in (`tokenproxy login`, login/)."""
+        return self._cfg.interactive
+
     refresh_grant = "refresh_token"
 
     @property
@@ -83,8 +88,9 @@ class OAuth2Grantor:
 
     @property
     def can_login(self) -> bool:
-        """A fresh login needs credentials; a refresh_token grant has only its refresh token."""
-        return self._cfg.grant_type != "refresh_token"
+        """A fresh login needs credentials; a refresh_token grant has only its refresh token,
+        and an interactive one needs a person."""
+        return self._cfg.grant_type != "refresh_token" and not self._cfg.interactive
 
     @property
     def initial_refresh_token(self) -> str | None:
@@ -153,6 +159,8 @@ class OAuth2Grantor:
 
     async def login(self) -> Grant:
         cfg = self._cfg
+        if cfg.interactive:
+            raise LoginNeeded(f"{cfg.grant_type}: a person logs in with `tokenproxy login`")
         if cfg.grant_type == "password":
             assert cfg.username is not None
             assert cfg.password is not None
@@ -167,6 +175,47 @@ class OAuth2Grantor:
                 "jwt_bearer grant")
         return await self._request({"grant_type": "client_credentials"},
                                    "client_credentials grant")
+
+    # -- for the interactive logins (login/) ----------------------------------------------
+
+    async def login_endpoint(self, kind: str) -> str | None:
+        """``device_authorization``, ``authorization`` or ``revocation``: configured, or from
+        the issuer's metadata (discovered with the token endpoint); None when unknown."""
+        configured = {"device_authorization": self._cfg.device_authorization_url,
+                      "authorization": self._cfg.authorization_url,
+                      "revocation": self._cfg.revocation_url}.get(kind)
+        if configured is not None:
+            return configured.url
+        await self.endpoint()
+        if self.metadata is None:
+            return None
+        found: str | None = getattr(self.metadata, f"{kind}_endpoint")
+        return found
+
+    async def post(self, url: str, form: dict[str, str], what: str) -> Answer:
+        """A form POST to one of the issuer's endpoints, the client authenticated as for the
+        token endpoint (device authorization, revocation)."""
+        form = dict(form)
+        headers = {"Accept": "application/json"}
+        await self._client_auth(form, headers, url)
+        return await call(self._session, "POST", url, within=self._cfg.timeout,
+                          ssl_context=self._ssl, data=form, headers=headers)
+
+    async def userinfo(self, url: str, access_token: str) -> object:
+        """The OpenID Connect userinfo document for *access_token*; None when it fails (it
+        only says who logged in)."""
+        try:
+            answer = await call(self._session, "GET", url, within=self._cfg.timeout,
+                                ssl_context=self._ssl,
+                                headers={"Accept": "application/json",
+                                         "Authorization": f"Bearer {access_token}"})
+            return answer.json() if answer.status == 200 else None
+        except GrantFailed:
+            return None
+
+    async def redeem(self, form: dict[str, str], what: str) -> Grant:
+        """A token request of a login flow (device code polling, code redemption)."""
+        return await self._request(form, what)
 
     async def refresh(self, refresh_token: str) -> Grant:
         return await self._request(

@@ -51,6 +51,8 @@ class StoredTokens:
     refresh_token: str | None = field(default=None, repr=False)
     obtained_at: float = 0.0
     seed: str | None = None   # fingerprint of the configured refresh token this descends from
+    # Who logged in (`tokenproxy login`: the ID token's email or name), for `tokenproxy status`.
+    account: str | None = None
     # Shared state only (not in the file): the version read, which a write must still find,
     # and the fingerprint of a refresh token a holder began spending and did not replace.
     version: int = field(default=0, compare=False)
@@ -63,7 +65,7 @@ class StoredTokens:
             "refresh_token": self.refresh_token,
             "obtained_at": self.obtained_at,
             "seed": self.seed,
-        }
+        } | ({} if self.account is None else {"account": self.account})
 
     @classmethod
     def from_json(cls, doc: object) -> StoredTokens | None:
@@ -80,11 +82,13 @@ class StoredTokens:
             return None
         if isinstance(obtained, bool) or not isinstance(obtained, int | float):
             return None
-        seed = doc.get("seed")
+        seed, account = doc.get("seed"), doc.get("account")
         if seed is not None and not isinstance(seed, str):
             return None
+        if account is not None and (not isinstance(account, str) or len(account) > 256):
+            account = None   # display only: a strange one is dropped, not the tokens
         return cls(access, None if expires is None else float(expires), refresh, float(obtained),
-                   seed)
+                   seed, account)
 
 
 class StateFileError(Exception):

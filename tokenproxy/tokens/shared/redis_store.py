@@ -256,7 +256,8 @@ class RedisStore:
         if entry is None:
             self._unreadable(name, "unknown contents")
         return StoredTokens(entry.access_token, entry.expires_at, entry.refresh_token,
-                            entry.obtained_at, entry.seed, version=version, spending=mark)
+                            entry.obtained_at, entry.seed, entry.account, version=version,
+                            spending=mark)
 
     def _unreadable(self, name: str, reason: str) -> NoReturn:
         self._stats.errors.labels("decrypt").inc()
