@@ -1419,3 +1419,16 @@ def test_what_a_token_call_would_send_is_checked_when_loading(
     body, a control character in a URL -- is one config error naming the key, not a failure
     of every call (nor a traceback) later."""
     assert error_of(with_provider("api", provider)).startswith(message)
+
+
+@pytest.mark.parametrize("value", ["ghp_0123456789abcdefghij0123456789abcd",
+                                   "v1.MjAyNi0xMi0wNyBhIHJlZnJlc2ggdG9rZW4",
+                                   "relative/secret.txt"])
+def test_a_file_key_holding_a_secret_does_not_repeat_it(value: str) -> None:
+    """client_secret_file given the secret itself: the message said 'cannot read <the
+    secret>'. A file that is not there is named only by an absolute path."""
+    message = error_of(with_provider("corp", oauth2(client_secret=None,
+                                                    client_secret_file=value)))
+    assert message.startswith("providers.corp.client_secret_file: cannot read the file named "
+                              "there"), message
+    assert value not in message

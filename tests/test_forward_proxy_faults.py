@@ -526,3 +526,30 @@ async def test_a_tunnel_name_that_resolves_to_this_machine_is_refused(
         assert head.startswith(b"HTTP/1.1 403"), head
         _r, w = await connect(daemon, f"localhost:{port}")   # asserts the 200
         w.close()
+
+
+@pytest.mark.parametrize("readd", [False, True], ids=["removed", "removed-and-back"])
+async def test_a_handshake_across_the_sections_removal_reaches_no_retired_service(
+    make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path, readd: bool,
+) -> None:
+    """A client in its TLS handshake while a reload removed forward_proxy was handed, after
+    the handshake, to the retired (drained) service: served 404s by something no reload or
+    shutdown reached, even after stop(). It is now cut once its handshake ends."""
+    raw = forward_config(tmp_path, tls_upstream)
+    daemon = await make_proxy(raw)
+    authority = tls_upstream.authority
+    reader, writer = await connect(daemon, authority)   # 200; its handshake not begun
+    gone = copy.deepcopy(raw)
+    del gone["forward_proxy"]
+    await daemon.reload(build_config(gone, {}))
+    if readd:
+        await daemon.reload(build_config(raw, {}))
+    answer = b""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError,
+                             TimeoutError):
+        await asyncio.wait_for(writer.start_tls(ca_context(tmp_path),
+                                                server_hostname="localhost"), TIMEOUT)
+        answer = await get(reader, writer, "/echo", authority)
+    writer.close()
+    assert b"" == answer
+    assert [] == tls_upstream.fake.seen

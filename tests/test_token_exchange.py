@@ -444,17 +444,20 @@ async def test_a_reload_changing_the_subjects_identity_drops_the_exchanged_token
     assert seen == len(fake_upstream.seen)
 
 
+@pytest.mark.parametrize("grant", ["refresh_token", "client_credentials"])
 async def test_the_online_check_never_spends_a_refresh_token_through_a_chain(
-    issuers: StartIssuer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    issuers: StartIssuer, tmp_path: Path, capsys: pytest.CaptureFixture[str], grant: str,
 ) -> None:
     """check-config --online exchanged a chained provider's subject by asking its source,
-    which, for a refresh_token provider, spent and rotated the daemon's refresh token."""
+    which spends the configured refresh token first (a refresh_token provider, or any other
+    that carries one) and rotated the daemon's."""
     issuer = await issuers()
+    issuer.register(Client("user-client", "none"))
     raw = config(provider_at(issuer, client_id="api-client", grant_type="token_exchange",
                              subject_token_provider="user"), "http://127.0.0.1:9/", tmp_path)
     raw["providers"] = {"api": raw["providers"]["idp"],
                         "user": provider_at(issuer, client_id="user-client",
-                                            grant_type="refresh_token", client_auth="none",
+                                            grant_type=grant, client_auth="none",
                                             refresh_token="the-daemons-refresh-token")}
     raw["routes"] = [{"prefix": "/", "upstream": "http://127.0.0.1:9/", "provider": "api"}]
     path = write_config(tmp_path / "cfg", raw)
@@ -511,3 +514,34 @@ async def test_no_subject_actor_assertion_or_token_in_logs_metrics_or_problems(
     assert_no_secret(logs.text, metrics, json.dumps(ready), *bodies, extra=[
         subject, actor, signer.secret_text, k8s.secret_text, *issuer.tokens(),
         *[c.form.get("assertion", "") for c in issuer.calls]])
+
+
+
+async def test_a_stored_chained_token_without_its_subjects_fingerprint_is_not_taken(
+    issuers: StartIssuer, make_proxy: MakeProxy, upstream: object, fake_upstream: FakeUpstream,
+    tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    """An entry without a seed (as written before entries were tied to their subject) was
+    adopted when the subject had no token at hand at load, and then never re-exchanged:
+    the token exchanged from the subject's old token served on after the subject got a new
+    one."""
+    issuer = await issuers()
+    key = make_key(tmp_path / "keys", "p256")
+    raw = chain_config(issuer, key, fake_upstream.url("/"), tmp_path, 0)
+    first = await make_proxy(raw)
+    await wait_ready(first)
+    old = await through(http, first, fake_upstream, issuer, "/b")
+    await first.stop()
+    state = Path(str(raw["state_path"]))
+    doc = json.loads(state.read_text())
+    entries = doc["providers"]
+    [api] = [k for k, v in entries.items() if v.get("access_token") == old.token]
+    entries[api]["seed"] = None
+    for k in [k for k in entries if k != api]:
+        del entries[k]   # the subject's own entry gone: no token at hand when api loads
+    state.write_text(json.dumps(doc))
+    second = await make_proxy(raw)
+    await wait_ready(second)
+    new = await through(http, second, fake_upstream, issuer, "/b")
+    assert new.token != old.token
+    assert new.call.form["subject_token"] != old.call.form["subject_token"]

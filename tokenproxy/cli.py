@@ -71,8 +71,8 @@ $XDG_CONFIG_HOME/tokenproxy/config.yaml (~/.config/...), /etc/tokenproxy/config.
 -c may come before or after the command. The configuration reference is docs/configuration.md.
 
 exit codes: 0 ok; 1 failed (a token could not be obtained, an online check failed, the HTTP
-stack is unsafe, a login was denied or expired, status found a login required); 2 bad
-configuration (the message names the key); 130 a login interrupted (nothing stored)
+stack is unsafe, a login was denied or expired, status found a login required);
+2 bad configuration (the message names the key); 130 a login interrupted (nothing stored)
 """
 
 

@@ -111,11 +111,12 @@ def _left(entries: dict[str, StoredTokens]) -> dict[str, float | None]:
 
 
 def _spender(providers: Mapping[str, Provider], name: str) -> str | None:
-    """The provider *name* is exchanged from (directly or not) whose token only its refresh
-    token gets: asking it would rotate the refresh token the daemon holds."""
+    """The provider *name* is exchanged from (directly or not) that holds a refresh token,
+    which its source spends first: asking it would rotate the one the daemon holds."""
     for member in subject_chain(providers, name)[1:]:
         p = providers[member]
-        if isinstance(p, OAuth2Provider) and p.grant_type == "refresh_token":
+        if isinstance(p, OAuth2Provider) and (p.grant_type == "refresh_token"
+                                              or p.refresh_token is not None):
             return member
     return None
 

@@ -23,13 +23,23 @@ MAX_NAMED_FILE: Final = 1024 * 1024
 _CREDENTIAL_SHAPE: Final = re.compile(r"-----BEGIN|^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.")
 
 
+def _named(path: Path) -> str:
+    """*path* for a message about a file that is not there, when it looks like a path: a
+    secret given where its file belongs (``client_secret_file: ghp_...``) is not repeated."""
+    text = str(path)
+    if (text.startswith("/") and not _CREDENTIAL_SHAPE.search(text)
+            and all(0x20 < ord(c) < 0x7F for c in text)):
+        return text
+    return "the file named there"
+
+
 def read_named_file(path: Path, where: str) -> bytes:
     """The bytes of the regular file at *path* (symlinks followed), bounded. Opened without
     blocking, so a FIFO put in its place cannot hang the process."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{where}: cannot read {_named(path)}: {exc.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):

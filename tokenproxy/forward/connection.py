@@ -248,6 +248,7 @@ class ForwardConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             service = forward.service(entry, where, tls=True)
+            service_key = (where.host, where.port, True)
             context = forward.tls_context(where.host)
         except Exception as exc:   # the CA could not sign: a 502 of ours, not a crash
             self._log.error("forward_tls_failed", target=where.authority,
@@ -273,7 +274,11 @@ class ForwardConnection(asyncio.Protocol):
             return
         finally:
             service.pending -= 1
-        if tls is None or forward.hosts.closing:
+        now = self._current()
+        if (tls is None or forward.hosts.closing or now is None
+                or now.hosts.services.get(service_key) is not service):
+            # Stopped, or the service was retired by a reload during the handshake: the
+            # stream would reach nothing a reload or shutdown sees again.
             if tls is not None:
                 tls.abort()
             self._release()

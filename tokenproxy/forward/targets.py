@@ -126,6 +126,8 @@ def local_address(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped   # ::ffff:127.0.0.1 connects to 127.0.0.1
     return ip.is_loopback or ip.is_unspecified or ip.is_link_local
 
 

@@ -692,7 +692,8 @@ class TokenManager:
             return None   # the config carries a new refresh token: it wins over the file
         if stored.account is not None:
             self._account = stored.account
-        if self._subject is not None and stored.seed != _seed(self._subject.current()):
+        if self._subject is not None and (stored.seed is None
+                                          or stored.seed != _seed(self._subject.current())):
             return None   # exchanged from another subject token than the one there is now
         if self._store is not None and self._store.fenced:
             # Another version than the last one seen is another replica's (or Redis lost ours
