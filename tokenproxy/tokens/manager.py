@@ -58,7 +58,7 @@ BACKOFF_MAX: Final = 60.0
 # How soon a provider that must not refresh without the shared state looks at it again.
 SHARED_RETRY: Final = 1.0
 # What a refresh raises to its waiters; the background loop carries on after each.
-_REFRESH_ERRORS: Final = (TokenUnavailable, Unauthenticated, ProviderMisconfigured)
+_REFRESH_ERRORS: Final = (TokenUnavailable, Unauthenticated, ProviderMisconfigured, LoginRequired)
 
 
 def _seed(refresh_token: str | None) -> str | None:
@@ -128,7 +128,7 @@ class TokenManager:
         # A person must log in (`tokenproxy login`): stuck, but the store is looked at every
         # LOGIN_POLL seconds for what such a login wrote.
         self._login_required = False
-        self._login_since = 0.0
+        self._dropped: str | None = None   # the access token in hand when it began
         self._account: str | None = None   # who logged in, kept with the tokens
         self._last_error: str | None = None
         self._shared_problem: str | None = None   # why the shared state cannot be used now
@@ -420,7 +420,8 @@ class TokenManager:
     def _become_login_required(self, reason: str, grant: str | None) -> None:
         """Stuck until `tokenproxy login` stores new tokens, which _run picks up."""
         self._unauthenticated = self._login_required = True
-        self._login_since = self._clock.time()   # only a login stored after this is taken
+        # Not taken back from the store: only a login's new tokens end this state.
+        self._dropped = None if self._token is None else self._token.value
         self._token = None
         if self._refresh_token:
             self._forget_refresh()   # rejected, or logged out: never presented again
@@ -437,14 +438,19 @@ class TokenManager:
             return
         with contextlib.suppress(SharedStateUnavailable):
             stored = await store.read(self._key)
-            if (stored is None or stored.obtained_at <= self._login_since
-                    or not (stored.access_token or stored.refresh_token)):
+            if stored is None:
                 return
-            adopted = self._adopt_stored(stored)
-            if stored.refresh_token:
+            fresh_refresh = (stored.refresh_token is not None
+                             and _seed(stored.refresh_token) != self._rejected_refresh)
+            fresh_access = (stored.access_token is not None
+                            and stored.access_token != self._dropped)
+            if not (fresh_refresh or fresh_access):
+                return   # what was there when the login ended (or nothing)
+            adopted = self._adopt_stored(stored) if fresh_access else None
+            if fresh_refresh:
                 self._refresh_token = stored.refresh_token
                 self._rejected_refresh = None
-            if adopted is None and not self._refresh_token:
+            if adopted is None and not fresh_refresh:
                 return
             self._unauthenticated = self._login_required = False
             self._last_error = None
