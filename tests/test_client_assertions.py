@@ -551,6 +551,7 @@ async def test_no_key_secret_assertion_or_token_in_logs_metrics_or_problems(
 # -- hostile files where the config names one -------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["pem-as-path", "jwt-as-path", "fifo", "device",
                                   "encrypted-tls-key"])
 def test_a_hostile_named_file_is_a_config_error_that_quotes_nothing(

@@ -268,6 +268,7 @@ async def test_a_handed_over_body_never_taints_aiohttps_pool(
     assert TOKEN.encode() not in answer.raw, "another client saw the token"
 
 
+@pytest.mark.slow
 @FAST
 @pytest.mark.parametrize("retry_on", [[401], []], ids=["buffered", "streamed"])
 async def test_a_body_that_ends_early_reaches_no_other_client_on_the_fast_path(

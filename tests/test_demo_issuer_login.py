@@ -410,6 +410,7 @@ async def test_authorization_code_clients(start: StartIdp, http: aiohttp.ClientS
     {"code_challenge_method": "plain"},
     {"code_challenge": "too-short"},
 ], ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.slow
 async def test_authorize_refuses_bad_requests_without_redirecting(
     start: StartIdp, http: aiohttp.ClientSession, params: dict[str, str]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tokenproxy import log
@@ -59,6 +60,7 @@ def test_every_problem_cause_is_in_the_reference() -> None:
     assert [] == sorted(set(TITLES) - _backticked(DOCS / "errors.md"))
 
 
+@pytest.mark.slow
 def test_nothing_points_outside_the_repository() -> None:
     """Code, tests, docs and the project file speak for themselves: no pointer at a spec or
     notes a user of tokenproxy does not have, nor at issue numbers."""

@@ -528,6 +528,7 @@ def test_its_own_key_is_never_read_or_written_through_a_symlink(files: CAFiles, 
 # -- an operator's CA -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_operator_ca_is_loaded_and_signs(tmp_path: Path, now: JumpClock) -> None:
     files, cert, _ = operator_ca(tmp_path / "op", use_rsa=True)
     before = (files.cert.read_bytes(), files.key.read_bytes())
@@ -653,6 +654,7 @@ def test_no_key_material_in_logs_reprs_or_errors(files: CAFiles, now: JumpClock,
     assert "ca.key" not in repr(ca)
 
 
+@pytest.mark.slow
 def test_the_module_does_not_log() -> None:
     """Its caller logs ``created``; a module holding keys has no logger to misuse."""
     tree = ast.parse(Path(ca_module.__file__).read_text(encoding="utf-8"))

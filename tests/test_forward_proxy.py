@@ -59,6 +59,7 @@ async def test_curl_through_the_proxy_gets_the_token_attached(
     assert '"raw_path": "/echo?q=1"' in out
 
 
+@pytest.mark.slow
 async def test_an_intercepted_request_is_in_the_access_log_under_its_entry(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path, logs: CapturedLogs,
 ) -> None:
@@ -92,6 +93,7 @@ async def test_upstream_tls_is_verified_for_intercepted_hosts(
     assert [] == tls_upstream.fake.seen
 
 
+@pytest.mark.slow
 async def test_an_intercepted_ip_literal_gets_the_token(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:
@@ -171,6 +173,7 @@ async def test_other_destinations_get_a_403_naming_the_host(
 
 
 
+@pytest.mark.slow
 async def test_a_reload_changes_what_is_intercepted_and_makes_the_ca_again(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:
@@ -199,6 +202,7 @@ async def test_a_reload_changes_what_is_intercepted_and_makes_the_ca_again(
     assert "403" in err
 
 
+@pytest.mark.slow
 async def test_a_reload_reaches_connections_already_open(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:
@@ -229,6 +233,7 @@ async def test_a_reload_reaches_connections_already_open(
         assert seen == len(tls_upstream.fake.seen)
 
 
+@pytest.mark.slow
 async def test_a_wildcard_entry_is_one_route_label_whatever_names_clients_ask_for(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:

@@ -74,6 +74,7 @@ async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWrit
 # -- reloads ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_connect_read_after_a_reload_does_not_pin_the_old_token_for_every_later_client(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:
@@ -223,6 +224,7 @@ async def test_a_tunnel_closed_both_ways_gives_its_slot_back_at_once(
                        "the finished tunnel's slot given back", timeout=3.0)
 
 
+@pytest.mark.slow
 async def test_stop_closes_open_tunnels(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
 ) -> None:
@@ -528,6 +530,7 @@ async def test_a_tunnel_name_that_resolves_to_this_machine_is_refused(
         w.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readd", [False, True], ids=["removed", "removed-and-back"])
 async def test_a_handshake_across_the_sections_removal_reaches_no_retired_service(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path, readd: bool,

@@ -161,6 +161,7 @@ def idp_config(tmp_path: Path, t: TlsIdp, **top: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_a_401_is_refreshed_and_retried_with_its_body_inside_intercepted_tls(
     make_proxy: MakeProxy, tls_idp: TlsIdp, tmp_path: Path,
@@ -190,6 +191,7 @@ async def test_a_401_is_refreshed_and_retried_with_its_body_inside_intercepted_t
     assert [] == [t for t in [*idp.issuer._access, first.bearer] if t in received]
 
 
+@pytest.mark.slow
 async def test_a_401_the_retry_cannot_cure_is_passed_back_inside_intercepted_tls(
     make_proxy: MakeProxy, tls_idp: TlsIdp, tmp_path: Path,
 ) -> None:
@@ -248,6 +250,7 @@ async def test_server_sent_events_arrive_as_they_are_sent(
     assert arrivals[2][0] - arrivals[0][0] > 0.35, arrivals
 
 
+@pytest.mark.slow
 async def test_an_upload_streams_to_the_upstream_before_it_ends(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
 ) -> None:
@@ -277,6 +280,7 @@ async def test_an_upload_streams_to_the_upstream_before_it_ends(
     assert [f"Bearer {TOKEN}"] == up.fake.last.header("Authorization")
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_a_websocket_through_the_intercepted_connection_carries_the_token(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
@@ -417,6 +421,7 @@ async def test_unlisted_targets_are_refused_naming_them(
     assert [] == up.fake.seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["LOCALHOST", "localhost.", "LocalHost."])
 async def test_case_and_trailing_dot_spellings_of_a_listed_name_are_that_name(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, name: str,
@@ -582,6 +587,7 @@ async def test_an_absolute_form_request_is_one_request_per_connection(
     assert ["/echo?1"] == [s.raw_path for s in up.fake.seen]
 
 
+@pytest.mark.slow
 async def test_fields_the_connection_header_names_are_not_forwarded_in_absolute_form(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
 ) -> None:
@@ -692,6 +698,7 @@ async def test_a_tls_handshake_that_never_finishes_is_cut_at_header_timeout(
     assert [] == up.fake.seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sni", ["example.org", "other.localhost", "ip6-localhost"])
 async def test_a_client_hello_naming_another_host_is_refused(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, sni: str,
@@ -944,6 +951,7 @@ async def test_with_the_client_key_a_connect_and_an_absolute_form_request_are_se
 # -- what the requests inside may say -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("host", "status", "cause"), [
     ("example.org", 403, "forbidden_host"),
     ("127.0.0.1", 403, "forbidden_host"),
@@ -976,6 +984,7 @@ async def test_a_request_inside_naming_another_host_is_refused(
     assert [] == up.fake.seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", ["Origin: https://evil.example", "Origin: null",
                                    "Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-site"])
 async def test_a_browser_request_inside_is_refused_as_cross_site(
@@ -992,6 +1001,7 @@ async def test_a_browser_request_inside_is_refused_as_cross_site(
     assert [] == up.fake.seen
 
 
+@pytest.mark.slow
 async def test_an_absolute_form_request_inside_goes_nowhere_else(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
 ) -> None:
@@ -1008,6 +1018,7 @@ async def test_an_absolute_form_request_inside_goes_nowhere_else(
     assert [] == up.fake.seen
 
 
+@pytest.mark.slow
 async def test_the_token_reaches_the_client_only_where_the_upstream_echoes_it(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path,
 ) -> None:
@@ -1034,6 +1045,7 @@ async def test_the_token_reaches_the_client_only_where_the_upstream_echoes_it(
 # -- the CA key ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_ca_key_is_private_and_in_no_log_line_nor_answer(
     make_proxy: MakeProxy, up: Upstream, tmp_path: Path, logs: CapturedLogs,
 ) -> None:
@@ -1152,6 +1164,7 @@ async def served_leaf(daemon: Daemon, authority: str) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
+@pytest.mark.slow
 async def test_a_daemon_running_past_a_day_serves_a_leaf_that_is_still_valid(
     up: Upstream, tmp_path: Path,
 ) -> None:

@@ -52,6 +52,7 @@ def test_the_two_paths_do_not_import_each_other(path: Path) -> None:
     assert set() == {m for m in imports(path) if m.startswith(other)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", modules("tokens"), ids=lambda p: p.name)
 def test_tokens_know_nothing_of_the_request_paths(path: Path) -> None:
     assert set() == {m for m in imports(path) if m.startswith(("tokenproxy.proxy",

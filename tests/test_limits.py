@@ -27,7 +27,7 @@ from tests.helpers.config import (
 )
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, FakeUpstream, assert_no_secret
 from tests.helpers.metrics import count, metric
-from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, get
+from tests.helpers.rawhttp import RawConnection, assert_problem, exchange, first_answer, get
 from tests.helpers.rawupstream import (
     MakeRaw,
     UpConn,
@@ -92,7 +92,7 @@ class TestHeaderSize:
     ) -> None:
         """A head just under max_header_size, with one long line, is forwarded."""
         daemon = await start(make_proxy, upstream, limits=SMALL_HEAD)
-        resp, _ = await exchange(daemon.port(),
+        resp = await first_answer(daemon.port(),
                                  get("/status/200", "localhost", "X-Big: " + "b" * 3500))
         assert 200 == resp.status
         [seen] = fake_upstream.seen
@@ -118,10 +118,10 @@ class TestHeaderSize:
         upstream = await aiohttp_server(fake_upstream.app(), max_line_size=32768,
                                         max_field_size=32768)
         daemon = await start(make_proxy, upstream)
-        resp, _ = await exchange(daemon.port(),
+        resp = await first_answer(daemon.port(),
                                  get("/status/200", "localhost", "X-Big: " + "b" * 9000))
         assert 200 == resp.status
-        resp, _ = await exchange(daemon.port(),
+        resp = await first_answer(daemon.port(),
                                  get("/status/200", "localhost", "X-Big: " + "b" * 17000))
         assert_problem(resp, 431, "header_too_large")
         assert 1 == len(fake_upstream.seen)
@@ -571,6 +571,7 @@ BUDGET_CASES = ["client-gone-mid-body", pytest.param("body-stalls-408", marks=py
                 "reload-mid-request"]
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 @pytest.mark.parametrize("case", BUDGET_CASES)
 async def test_the_replay_budget_returns_to_zero_whatever_ends_a_request(

@@ -94,6 +94,7 @@ async def test_mtls_alongside_private_key_jwt(
     assert issuer.token_url == call.assertion_claims["aud"]
 
 
+@pytest.mark.slow
 async def test_token_endpoint_requiring_a_certificate_refuses_a_daemon_without_one(
     issuers: StartIssuer, make_proxy: MakeProxy, upstream: object, fake_upstream: FakeUpstream,
     tmp_path: Path, http: aiohttp.ClientSession, logs: CapturedLogs, tls: Pki,
@@ -160,6 +161,7 @@ def mtls_route(server: TestServer, tls: Pki, cert: ClientCert | None) -> dict[st
     return raw
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_route_presents_its_client_certificate_to_the_upstream(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, fake_upstream: FakeUpstream,
@@ -177,6 +179,7 @@ async def test_route_presents_its_client_certificate_to_the_upstream(
     assert [tls.proxy.cn] * 3 == peers
 
 
+@pytest.mark.slow
 @pytest.mark.both_paths
 async def test_route_without_client_certificate_gets_502_from_an_mtls_upstream(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, fake_upstream: FakeUpstream,

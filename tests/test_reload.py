@@ -19,7 +19,7 @@ from tests.helpers.fakes import CLIENT_SECRET, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.idp import StartIdp, oauth2_config
 from tests.helpers.metrics import metric
 from tests.helpers.net import busy_port
-from tests.helpers.rawhttp import exchange, get
+from tests.helpers.rawhttp import first_answer, get
 from tests.helpers.rawupstream import MakeRaw, RawUpstream, response, serving
 from tests.helpers.wait import wait_for, wait_ready
 from tokenproxy.config import build_config
@@ -226,7 +226,7 @@ async def test_reload_of_token_providers_under_load_fails_no_request(
 async def _serves_with(daemon: Daemon, up: RawUpstream, token: str) -> None:
     """A request on the daemon's first listener reaches the upstream with *token*."""
     before = len(up.requests)
-    resp, _ = await exchange(daemon.port(), get("/x"))
+    resp = await first_answer(daemon.port(), get("/x"))
     assert 200 == resp.status
     assert f"Bearer {token}" == up.requests[before].get("Authorization")
 

@@ -379,6 +379,7 @@ async def test_a_provider_without_refresh_token_refreshes_locally_while_redis_is
     assert 2 == len(set(idp.tap.bearers()))
 
 
+@pytest.mark.slow
 async def test_a_command_provider_runs_its_command_while_redis_is_down(
     make_proxy: MakeProxy, redis_server: RedisServer, upstream: TestServer,
     fake_upstream: FakeUpstream, tmp_path: Path, clock: FakeClock,
@@ -596,6 +597,7 @@ def test_bad_shared_state_settings_name_the_key(shared: dict[str, Any], error: s
     assert str(caught.value).startswith(error)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "unix:///run/redis.sock"])
 def test_a_ca_file_without_tls_is_a_config_error(url: str, cert: tuple[Path, Path]) -> None:
     """redis-py would refuse ssl_ca_certs for a plain connection at start, with a traceback:

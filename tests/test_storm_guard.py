@@ -124,6 +124,7 @@ async def test_a_polled_scope_path_does_not_spend_the_heal(
     assert calls + 1 == len(idp.calls.seen)
 
 
+@pytest.mark.slow
 async def test_interleaved_scope_401s_under_concurrency_stay_bounded(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
 ) -> None:
@@ -241,6 +242,7 @@ async def test_a_hostile_client_forces_at_most_one_refresh_per_window_from_one_p
     assert 60 / 6 == refreshes(daemon, "unauthorized")
 
 
+@pytest.mark.slow
 async def test_a_client_walking_refused_paths_forces_at_most_two_refreshes_per_window(
     start: StartIdp, make_proxy: MakeProxy, tmp_path: Path, http: aiohttp.ClientSession,
     clock: JumpClock,

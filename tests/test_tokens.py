@@ -201,6 +201,7 @@ async def test_rfc6749_error_body_named_but_never_echoed(
     assert CLIENT_SECRET not in json.dumps(doc)
 
 
+@pytest.mark.slow
 async def test_token_answer_split_over_several_reads(
     aiohttp_server: AiohttpServer, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
@@ -356,6 +357,7 @@ def command_config(argv: list[str], upstream: TestServer, tmp_path: Path,
     return config(prov, upstream_url(upstream, "/echo/"), tmp_path)
 
 
+@pytest.mark.slow
 async def test_command_text_output_cached_for_cache_for(
     make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path, upstream: TestServer,
     http: aiohttp.ClientSession,
@@ -374,6 +376,7 @@ async def test_command_text_output_cached_for_cache_for(
     assert "2" == (tmp_path / "runs").read_text()
 
 
+@pytest.mark.slow
 async def test_command_json_output_with_expires_in(
     make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path, upstream: TestServer,
     http: aiohttp.ClientSession,
@@ -569,6 +572,7 @@ async def test_expiry_from_jwt_exp(
     assert 2 == len(idp.calls.seen)
 
 
+@pytest.mark.slow
 async def test_jwt_exp_used_when_expires_in_is_unusable(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
     upstream: TestServer, logs: CapturedLogs,
@@ -679,6 +683,7 @@ async def test_command_stderr_flood_does_not_block_it(
 # -- proactive refresh -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_proactive_refresh_capped_at_half_the_lifetime(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
     http: aiohttp.ClientSession,
@@ -1111,6 +1116,7 @@ async def test_outage_during_proactive_refresh_keeps_the_valid_token_in_use(
     assert "failures" not in (await readyz(daemon))[1]["providers"]["idp"]
 
 
+@pytest.mark.slow
 async def test_backoff_doubles_up_to_a_minute(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path
 ) -> None:

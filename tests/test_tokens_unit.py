@@ -60,6 +60,7 @@ class TestStrictJson:
         """1e999 is valid JSON text that json turns into inf; the expiry parser must cope."""
         assert math.inf == strict_json(b'{"expires_in": 1e999}')["expires_in"]
 
+    @pytest.mark.slow
     @given(st.binary(max_size=200))
     @settings(max_examples=300, deadline=None)
     def test_any_bytes_parse_or_fail_cleanly(self, data: bytes) -> None:
@@ -547,6 +548,7 @@ class TestStateStore:
         await asyncio.wait_for(task, 5)
         assert ["first done", "second"] == order
 
+    @pytest.mark.slow
     async def test_lock_is_released_by_a_cancelled_waiter(self, tmp_path: Path) -> None:
         """A task cancelled while waiting for the file lock does not keep it forever."""
         path = tmp_path / "state.json"

@@ -15,7 +15,7 @@ from tests.helpers.config import MakeProxy, proxy_config
 from tests.helpers.fakes import TOKEN
 from tests.helpers.metrics import count
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import exchange, get
+from tests.helpers.rawhttp import first_answer, get
 from tests.helpers.rawupstream import MakeRaw, Script, UpConn, read_request, reset
 from tokenproxy.errors import UpstreamErrorKind
 from tokenproxy.proxy.failures import UpstreamBroke, failure_kind, upstream_error
@@ -96,6 +96,6 @@ async def test_upstream_failures_are_classified_alike_on_both_paths(
         url = up.url().replace("http://", "https://") if fault == "tls" else up.url()
     route = {"prefix": "/", "upstream": url, "provider": "api", "timeout": "1s"}
     daemon = await make_proxy(proxy_config(url, TOKEN, routes=[route]))
-    resp, _ = await exchange(daemon.port(), get("/x"))
+    resp = await first_answer(daemon.port(), get("/x"))
     assert status == resp.status
     assert 1 == count(daemon, "tokenproxy_upstream_errors_total", route="/", kind=kind)

@@ -18,7 +18,7 @@ from tests.helpers.config import MakeProxy, proxy_config, upstream_url
 from tests.helpers.fakes import CLIENT_KEY, TOKEN, TOKEN_2, FakeUpstream
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.net import closed_port
-from tests.helpers.rawhttp import exchange, get
+from tests.helpers.rawhttp import first_answer, get
 from tests.helpers.rawupstream import MakeRaw, Req, connected, response, serving, start_proxy
 from tests.helpers.wait import wait_for
 from tokenproxy.daemon import Daemon
@@ -297,6 +297,7 @@ class TestWebSocket:
 # -- handshakes the upstream redirects or refuses, over a raw upstream ------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("header", ["X-Api-Key", "Authorization"])
 async def test_a_websocket_handshake_redirect_is_passed_back_not_followed(
     make_proxy: MakeProxy, raw_upstream: MakeRaw, header: str,
@@ -328,7 +329,7 @@ async def test_a_refused_websocket_handshake_names_no_server_version(
     aiohttp/...`` (it names versions), as every other answer."""
     up = await raw_upstream(serving(lambda r: response(b"no", "403 Forbidden")))
     daemon = await start_proxy(make_proxy, up)
-    resp, _ = await exchange(daemon.port(), get(
+    resp = await first_answer(daemon.port(), get(
         "/ws", "localhost", *(f"{name}: {value}" for name, value in UPGRADE.items())))
     assert 403 == resp.status
     assert [] == resp.header("Server")
