@@ -396,3 +396,42 @@ async def test_token_says_to_log_in_when_nobody_has(
 
     assert 1 == await asyncio.to_thread(main, ["token", "-c", str(config), "me"])
     assert "run: tokenproxy login me" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+async def test_the_demo_offers_a_login_as_yourself_that_works(tmp_path: Path) -> None:
+    """`tokenproxy demo` prints a `tokenproxy login` line for its own device-code provider
+    (its issuer approves at once); run as printed, the running demo then serves /me as the
+    person who logged in."""
+    from tests.helpers.net import free_port
+
+    port = free_port()
+    out = tmp_path / "demo.out"
+    with out.open("wb") as fh, (tmp_path / "demo.err").open("wb") as err:
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tokenproxy", "demo", "--port", str(port),
+            stdin=asyncio.subprocess.DEVNULL, stdout=fh, stderr=err, env=child_env(tmp_path))
+    try:
+        await wait_for(lambda: "tokenproxy login -c" in out.read_text(), "the demo banner", 15)
+        line = re.search(r"tokenproxy login -c (\S+) me", out.read_text())
+        assert line is not None
+        assert f"curl http://127.0.0.1:{port}/me/hello" in out.read_text()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/me/hello") as resp:
+                assert 503 == resp.status
+            login = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tokenproxy", "login", "-c", line[1], "--no-browser",
+                "me", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=child_env(tmp_path), cwd=tmp_path)
+            said, err_text = await asyncio.wait_for(login.communicate(), 30)
+            assert 0 == login.returncode, err_text
+            assert b"me: logged in as demo@example.com" in said
+
+            async def served() -> bool:
+                async with http.get(f"http://127.0.0.1:{port}/me/hello") as r:
+                    return r.status == 200 and (await r.json())["hello"] == "demo"
+
+            await wait_for(served, "the demo serving /me after the login", 10)
+    finally:
+        demo.terminate()
+        await asyncio.wait_for(demo.wait(), 15)

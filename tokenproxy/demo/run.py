@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -37,14 +38,25 @@ def demo_config(issuer_url: str, port: int, state_dir: Path) -> dict[str, object
                 "password": "demo-password",
                 "refresh_margin": "4s",
             },
+            # Logging in as yourself: `tokenproxy login -c <this config> me`; the demo's
+            # issuer approves the device code at once.
+            "me": {
+                "type": "oauth2",
+                "issuer": issuer_url,
+                "client_id": "demo-cli",
+                "grant_type": "device_code",
+                "scope": "openid offline_access",
+                "refresh_margin": "4s",
+            },
         },
-        "routes": [{"prefix": "/", "upstream": f"{issuer_url}/api/", "provider": "demo"}],
+        "routes": [{"prefix": "/me", "upstream": f"{issuer_url}/api/me/", "provider": "me"},
+                   {"prefix": "/", "upstream": f"{issuer_url}/api/", "provider": "demo"}],
     }
 
 
 async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout, *,
                    allocator_tuned: bool = False) -> int:
-    issuer = Issuer(lifetime=DEMO_LIFETIME)
+    issuer = Issuer(lifetime=DEMO_LIFETIME, auto_approve=True, device_interval=1)
     runner = web.AppRunner(issuer.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -52,7 +64,11 @@ async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout, *,
     issuer.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         with tempfile.TemporaryDirectory(prefix="tokenproxy-demo-") as state_dir:
-            cfg = build_config(demo_config(issuer.base_url, port, Path(state_dir)), {})
+            raw = demo_config(issuer.base_url, port, Path(state_dir))
+            config_file = Path(state_dir) / "demo.json"   # JSON is YAML: `login -c` reads it
+            config_file.write_text(json.dumps(raw))
+            config_file.chmod(0o600)
+            cfg = build_config(raw, {}, source=config_file)
 
             def banner(daemon: Daemon) -> None:
                 # Printed once the proxy listens, so the curl line works when it appears.
@@ -65,6 +81,10 @@ async def run_demo(port: int, redactor: Redactor, out: TextIO = sys.stdout, *,
                     "(also /healthz, /readyz)\n"
                     f"  Issuer:  {issuer.base_url}  (the API behind the proxy answers 401 "
                     "without a token)\n\n"
+                    "Logging in as yourself works too (a device code the demo's issuer "
+                    "approves at once):\n"
+                    f"  tokenproxy login -c {config_file} me\n"
+                    f"  curl http://127.0.0.1:{daemon.port()}/me/hello\n\n"
                     "Stop with Ctrl-C.\n\n"
                 )
                 out.flush()
