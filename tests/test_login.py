@@ -26,70 +26,22 @@ from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.daemon_proc import child_env
 from tests.helpers.fakes import JumpClock
-from tests.helpers.idp import Idp, StartIdp
+from tests.helpers.idp import StartIdp
+from tests.helpers.login import (
+    INTERVAL,
+    LOGIN_POLL,
+    browser_started,
+    device_login,
+    follow,
+    login,
+    login_config,
+    picked_up,
+    printed_url,
+)
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.wait import readyz, settle, wait_for
-from tokenproxy.config import build_config
-from tokenproxy.daemon import Daemon
 from tokenproxy.demo.issuer import DEVICE_GRANT
-from tokenproxy.log import Redactor
 from tokenproxy.login import LoginFailed
-from tokenproxy.login.run import run_login_command
-
-LOGIN_POLL = 1.0
-INTERVAL = 5
-
-
-def me(idp: Idp, grant: str = "device_code", **extra: Any) -> dict[str, Any]:
-    return {"type": "oauth2", "issuer": idp.url, "client_id": "demo-cli", "grant_type": grant,
-            "scope": "openid offline_access", **extra}
-
-
-def login_config(idp: Idp, tmp_path: Path, **provider: Any) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
-        "state_path": str(tmp_path / "state" / "state.json"),
-        "providers": {"me": me(idp, **provider)},
-        "routes": [{"prefix": "/", "upstream": idp.url + "/api/", "provider": "me"}],
-    }
-
-
-async def login(raw: dict[str, Any], clock: JumpClock, *names: str, command: str = "login",
-                out: io.StringIO | None = None) -> int:
-    return await run_login_command(build_config(raw, {}), command, list(names),
-                                   out=out or io.StringIO(), redactor=Redactor(),
-                                   no_browser=True, clock=clock)
-
-
-async def device_login(idp: Idp, raw: dict[str, Any], clock: JumpClock,
-                       out: io.StringIO | None = None) -> int:
-    """`tokenproxy login me`, the person approving the code at the issuer."""
-    out = out or io.StringIO()
-    task = asyncio.ensure_future(login(raw, clock, "me", out=out))
-    await wait_for(lambda: bool(idp.issuer.pending_user_codes) or task.done(),
-                   "the device code shown")
-    [code] = idp.issuer.pending_user_codes
-    assert code in out.getvalue()
-    idp.issuer.approve(code)
-    for _ in range(20):
-        if task.done():
-            break
-        await clock.tick(INTERVAL)
-        await settle()
-    return await asyncio.wait_for(task, 5)
-
-
-async def picked_up(clock: JumpClock, http: aiohttp.ClientSession, daemon: Daemon,
-                    path: str = "/hello") -> dict[str, Any]:
-    """Move the clock a login poll on; the daemon then serves: the API's answer."""
-    for _ in range(5):
-        await clock.tick(LOGIN_POLL)
-        await settle()
-        resp = await fetch(http, daemon, path)
-        if resp.status == 200:
-            answer: dict[str, Any] = json.loads(resp.body)
-            return answer
-    raise AssertionError(f"the login was not picked up: {resp.status} {resp.text}")
 
 
 def problem(body: bytes) -> dict[str, Any]:
@@ -199,32 +151,6 @@ async def test_a_denied_or_expired_device_login_fails_and_stores_nothing(
 # -- browser login ---------------------------------------------------------------------------
 
 
-def printed_url(out: io.StringIO) -> str:
-    found = re.search(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)", out.getvalue())
-    assert found is not None, out.getvalue()
-    return found[1]
-
-
-async def browser_started(idp: Idp, raw: dict[str, Any], clock: JumpClock
-                          ) -> tuple[asyncio.Future[int], io.StringIO]:
-    out = io.StringIO()
-    task = asyncio.ensure_future(login(raw, clock, "me", out=out))
-    await wait_for(lambda: "/oauth/authorize?" in out.getvalue() or task.done(),
-                   "the authorization URL printed")
-    return task, out
-
-
-async def follow(url: str) -> tuple[int, str, str | None]:
-    """What a browser does: the authorization URL, then the redirect it answers with."""
-    async with aiohttp.ClientSession() as browser:
-        async with browser.get(url, allow_redirects=False) as resp:
-            location = resp.headers.get("Location")
-        if location is None:
-            return resp.status, "", None
-        async with browser.get(location, allow_redirects=False) as back:
-            return back.status, await back.text(), location
-
-
 async def test_browser_login_with_pkce_then_the_daemon_serves(
     start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
     http: aiohttp.ClientSession,
@@ -239,7 +165,7 @@ async def test_browser_login_with_pkce_then_the_daemon_serves(
     assert query is None   # the browser has not been there yet
     status, page, location = await follow(url)
     assert 200 == status
-    assert "You are logged in" in page
+    assert "you can close this tab" in page
     assert location is not None
     assert location.startswith("http://127.0.0.1:")
     assert 0 == await asyncio.wait_for(task, 5)
@@ -382,7 +308,7 @@ async def test_exit_status_of_a_login_that_does_not_happen(
         if proc.returncode is None:
             proc.kill()
     assert (1 if ending == "denied" else 130) == proc.returncode, err
-    assert (b"denied" if ending == "denied" else b"nothing was stored") in err
+    assert (b"denied" if ending == "denied" else b"was not stored") in err
     state = tmp_path / "state" / "state.json"
     assert not state.exists() or "access_token" not in state.read_text()
 

@@ -350,7 +350,7 @@ def _login_command(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.write(f"tokenproxy: {exc}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        sys.stderr.write("tokenproxy: interrupted; nothing was stored\n")
+        sys.stderr.write("tokenproxy: interrupted; the login under way was not stored\n")
         return EXIT_INTERRUPTED
 
 

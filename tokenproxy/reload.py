@@ -71,13 +71,13 @@ class ProviderPlan:
         def unchanged(name: str) -> bool:
             running = current.get(name)
             # A provider whose credentials were rejected starts over with the new config.
-            stuck = isinstance(running, TokenManager) and running.unauthenticated
+            stuck = isinstance(running, TokenManager) and running.stuck
             return (running is not None and old.providers.get(name) == new.providers[name]
                     and same_store and not stuck)
 
         for name, provider in new.providers.items():
             before, running = old.providers.get(name), current.get(name)
-            stuck = isinstance(running, TokenManager) and running.unauthenticated
+            stuck = isinstance(running, TokenManager) and running.stuck
             # A provider exchanged from another is rebuilt with it: its subject is looked
             # up in the new sources (inheriting the token, so nothing is fetched for that).
             if running is not None and all(unchanged(n)

@@ -25,8 +25,11 @@ class LoopbackCallback:
     to send, ``await back.wait(seconds)`` for the code. Raises LoginFailed (flows.py) for an
     error answer, a mixed-up issuer, or no answer in time."""
 
-    def __init__(self, port: int, path: str, state: str, issuer: str | None) -> None:
+    def __init__(self, port: int, path: str, state: str, issuer: str | None,
+                 require_iss: bool = False) -> None:
         self._port = port
+        # RFC 9207 section 2.4: an issuer that says it sends iss must have sent it.
+        self._require_iss = require_iss and issuer is not None
         self._path = path
         self._state = state
         self._issuer = issuer
@@ -43,7 +46,14 @@ class LoopbackCallback:
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._port, reuse_address=False)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise LoginFailed(f"cannot listen on 127.0.0.1:{self._port} for the browser's "
+                              f"answer ({exc.strerror}): set redirect_port to a free port, "
+                              "or 0") from None
         sockets = self._runner.addresses
         self.port = int(sockets[0][1])
         return self
@@ -82,6 +92,11 @@ class LoopbackCallback:
             # refused, and the real answer still awaited.
             return self._page(400, "That is not an answer to the login tokenproxy started.")
         iss = query.get("iss")
+        if iss is None and self._require_iss:
+            self._answer.set_exception(LoginFailed(
+                "the answer does not say which issuer sent it, though the issuer publishes "
+                "that it does (RFC 9207): refused"))
+            return self._page(400, "The answer did not name its issuer; the login failed.")
         if iss is not None and self._issuer is not None and (
                 iss.rstrip("/") != self._issuer.rstrip("/")):
             self._answer.set_exception(LoginFailed(
@@ -97,7 +112,8 @@ class LoopbackCallback:
         if not code:
             return self._page(400, "That answer carries no code.")
         self._answer.set_result(code)
-        return self._page(200, "You are logged in. You can close this tab.")
+        return self._page(200, "tokenproxy has the answer; you can close this tab. The "
+                          "terminal says whether the login succeeded.")
 
 
 def _description(text: str | None) -> str:

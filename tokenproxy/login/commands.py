@@ -100,6 +100,7 @@ class Session:
 
 async def log_in(session: Session, p: OAuth2Provider, term: Terminal) -> str:
     """One provider's login, stored; returns who logged in (or "?" when nothing says)."""
+    await session.stored(p)   # the store answers, before a person spends time on a login
     grantor = session.grantor(p)
     try:
         if p.grant_type == "device_code":
@@ -145,24 +146,25 @@ def _claims(id_token: str) -> dict[str, Any] | None:
 
 
 async def log_out(session: Session, p: OAuth2Provider) -> str:
-    """Revoke the stored refresh token where the issuer says how (RFC 7009), then clear what
-    is stored; a running daemon drops the provider's tokens within a second."""
-    stored = await session.stored(p)
-    note = "nothing was stored"
-    if stored is not None and stored.refresh_token:
-        grantor = session.grantor(p)
+    """Clear what is stored (a running daemon drops the provider's tokens within a second),
+    then revoke the refresh token that was there where the issuer says how (RFC 7009). The
+    deletion comes first: an issuer that cannot be reached must not keep the login alive."""
+    stored = await session.manager(p).store_logout()
+    if stored is None or not stored.refresh_token:
+        return "nothing was stored"
+    grantor = session.grantor(p)
+    try:
         url = await grantor.login_endpoint("revocation")
         if url is None:
-            note = ("the issuer publishes no revocation endpoint: the refresh token was "
+            return ("the issuer publishes no revocation endpoint: the refresh token was "
                     "deleted here, not revoked")
-        else:
-            answer = await grantor.post(url, {"token": stored.refresh_token,
-                                              "token_type_hint": "refresh_token"},
-                                        "revocation")
-            note = ("revoked at the issuer" if answer.status == 200
-                    else f"the issuer answered {answer.status} to the revocation")
-    await session.manager(p).store_logout()
-    return note
+        answer = await grantor.post(url, {"token": stored.refresh_token,
+                                          "token_type_hint": "refresh_token"}, "revocation")
+    except (GrantFailed, GrantRejected) as exc:
+        return f"deleted here, not revoked at the issuer ({visible(exc.reason)})"
+    if answer.status == 200:
+        return "revoked at the issuer"
+    return f"deleted here; the issuer answered {answer.status} to the revocation"
 
 
 def describe(p: Any, stored: StoredTokens | None, now: float) -> str:
@@ -202,8 +204,9 @@ async def status_lines(session: Session, now: float) -> tuple[list[str], bool]:
                 stored = await session.store.read(session.manager_key(p))
             except SharedStateUnavailable as exc:
                 lines.append(f"{p.name}: the shared state does not answer ({exc})")
+                needed = True   # cannot tell: not a success
                 continue
         line = describe(p, stored, now)
-        needed = needed or "login required" in line
+        needed = needed or "login required" in line or "then run tokenproxy login" in line
         lines.append(line)
     return lines, needed

@@ -27,6 +27,7 @@ DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
 DEFAULT_INTERVAL: Final = 5.0     # RFC 8628 section 3.2
 SLOW_DOWN_STEP: Final = 5.0       # RFC 8628 section 3.5
 MAX_DEVICE_WAIT: Final = 1800.0   # whatever expires_in says
+MAX_INTERVAL: Final = 60.0        # an interval beyond (meant in milliseconds?) is taken as this
 BROWSER_WAIT: Final = 300.0       # five minutes for the person at the browser
 
 
@@ -62,8 +63,9 @@ async def device_login(grantor: OAuth2Grantor, cfg: OAuth2Provider, term: Termin
     if started.verification_uri_complete:
         term.say(f"(or open {visible(started.verification_uri_complete)}, which has the code "
                  "in it)")
-    if term.open_browser is not None and started.verification_uri_complete:
-        term.open_browser(started.verification_uri_complete)
+    complete = started.verification_uri_complete
+    if term.open_browser is not None and complete and _openable(complete, url):
+        term.open_browser(complete)
     return await _poll(grantor, started, term)
 
 
@@ -72,7 +74,10 @@ async def _poll(grantor: OAuth2Grantor, started: DeviceStart, term: Terminal) ->
     deadline = clock.monotonic() + started.expires_in
     interval = started.interval
     while True:
-        await clock.sleep(interval)
+        left = deadline - clock.monotonic()
+        if left <= 0:
+            raise LoginFailed("the code expired before the login was completed")
+        await clock.sleep(min(interval, left))
         if clock.monotonic() >= deadline:
             raise LoginFailed("the code expired before the login was completed")
         try:
@@ -83,7 +88,7 @@ async def _poll(grantor: OAuth2Grantor, started: DeviceStart, term: Terminal) ->
             if exc.error == "authorization_pending":
                 continue
             if exc.error == "slow_down":
-                interval += SLOW_DOWN_STEP
+                interval = min(interval + SLOW_DOWN_STEP, MAX_INTERVAL)
                 continue
             if exc.error == "access_denied":
                 raise LoginFailed("the login was denied") from None
@@ -119,7 +124,15 @@ class DeviceStart:
         return cls(device, user, uri,
                    complete if isinstance(complete, str) and len(complete) <= 4096 else None,
                    min(_seconds(doc.get("expires_in"), 600.0), MAX_DEVICE_WAIT),
-                   max(_seconds(doc.get("interval"), DEFAULT_INTERVAL), 1.0))
+                   min(max(_seconds(doc.get("interval"), DEFAULT_INTERVAL), 1.0),
+                       MAX_INTERVAL))
+
+
+def _openable(url: str, issuer_endpoint: str) -> bool:
+    """Only a web page is handed to the browser: https, or http where the issuer itself is
+    (a file:// or another scheme's handler is no place an issuer sends a person)."""
+    scheme = url.split(":", 1)[0].lower()
+    return scheme == "https" or (scheme == "http" and issuer_endpoint.startswith("http:"))
 
 
 def _text(value: object) -> str | None:
@@ -150,7 +163,9 @@ async def browser_login(grantor: OAuth2Grantor, cfg: OAuth2Provider, term: Termi
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(24)
     issuer = cfg.issuer.url if cfg.issuer is not None else None
-    async with LoopbackCallback(cfg.redirect_port, cfg.redirect_path, state, issuer) as back:
+    require_iss = grantor.metadata is not None and grantor.metadata.iss_parameter_supported
+    async with LoopbackCallback(cfg.redirect_port, cfg.redirect_path, state, issuer,
+                                require_iss) as back:
         redirect_uri = back.redirect_uri
         assert cfg.client_id is not None
         query = {"response_type": "code", "client_id": cfg.client_id,

@@ -13,6 +13,8 @@ from tokenproxy.login import LoginFailed
 from tokenproxy.login.commands import Session, interactive, log_in, log_out, status_lines
 from tokenproxy.login.flows import Terminal
 from tokenproxy.terminal import visible
+from tokenproxy.tokens.state import StateLockTimeout
+from tokenproxy.tokens.store import SharedStateUnavailable, StoreWriteFailed
 
 
 def _open(url: str) -> bool:
@@ -27,6 +29,15 @@ async def run_login_command(cfg: Config, command: str, names: Sequence[str], *, 
                             clock: Clock | None = None) -> int:
     """0 done; 1 a login failed, or status found one required (LoginFailed for the rest)."""
     clock = clock or SystemClock()
+    try:
+        return await _run(cfg, command, names, out=out, redactor=redactor,
+                          no_browser=no_browser, clock=clock)
+    except (SharedStateUnavailable, StoreWriteFailed, StateLockTimeout) as exc:
+        raise LoginFailed(f"the token store: {exc}") from None
+
+
+async def _run(cfg: Config, command: str, names: Sequence[str], *, out: TextIO,
+               redactor: Redactor, no_browser: bool, clock: Clock) -> int:
     async with Session(cfg, redactor, clock) as session:
         if command == "status":
             lines, needed = await status_lines(session, clock.time())

@@ -52,6 +52,8 @@ class ServerMetadata:
     device_authorization_endpoint: str | None = None
     revocation_endpoint: str | None = None
     userinfo_endpoint: str | None = None
+    # RFC 9207: the issuer puts iss in its authorization answers.
+    iss_parameter_supported: bool = False
 
 
 def discovery_urls(issuer: str) -> list[str]:
@@ -106,6 +108,8 @@ def parse_metadata(doc: object, issuer: HttpUrl) -> ServerMetadata:
             doc, "device_authorization_endpoint", issuer),
         revocation_endpoint=_optional_endpoint(doc, "revocation_endpoint", issuer),
         userinfo_endpoint=_optional_endpoint(doc, "userinfo_endpoint", issuer),
+        iss_parameter_supported=doc.get("authorization_response_iss_parameter_supported")
+        is True,
     )
 
 

@@ -189,6 +189,12 @@ class TokenManager:
     def unauthenticated(self) -> bool:
         return self._unauthenticated
 
+    @property
+    def stuck(self) -> bool:
+        """Only a reload with new credentials helps (a provider a person logs in to is not
+        stuck: a login heals it, with no reload)."""
+        return self._unauthenticated and not self._login_required
+
     async def start(self) -> None:
         """Load persisted tokens, then fetch or refresh in the background (trigger initial)."""
         self._metrics.provider_authenticated.labels(self.name).set(1)
@@ -388,6 +394,7 @@ class TokenManager:
             if self._calls.grantor.interactive and not isinstance(exc, DiscoveryFailed):
                 # No refresh token, or a rejected one: a person logs in again, never a loop.
                 self._become_login_required(exc.reason, exc.grant)
+                await self._clear_rejected_login()
                 raise self._login_error() from None
             self._become_unauthenticated(exc.reason, exc.grant,
                                          misconfigured=isinstance(exc, DiscoveryFailed))
@@ -431,56 +438,93 @@ class TokenManager:
         self._log.warning(log.LOGIN_REQUIRED, reason=reason, grant=grant,
                           next_step=f"tokenproxy login {self.name}")
 
-    async def _pick_up_login(self) -> None:
+    def _pick_up_login(self, stored: StoredTokens) -> None:
         """What `tokenproxy login` stored, if it did: taken, and the provider serves again."""
-        store = self._store
-        if store is None:
+        fresh_refresh = (stored.refresh_token is not None
+                         and _seed(stored.refresh_token) != self._rejected_refresh)
+        fresh_access = stored.access_token is not None and stored.access_token != self._dropped
+        if not (fresh_refresh or fresh_access):
+            return   # what was there when the login ended (or nothing)
+        adopted = self._adopt_stored(stored) if fresh_access else None
+        if fresh_refresh:
+            self._refresh_token = stored.refresh_token
+            self._rejected_refresh = None
+        if adopted is None and not fresh_refresh:
             return
-        with contextlib.suppress(SharedStateUnavailable):
+        self._unauthenticated = self._login_required = False
+        self._last_error = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._metrics.provider_authenticated.labels(self.name).set(1)
+        if self._store is not None:
+            self._calls.count("manual", self._store.adopted_grant, "success")
+            self._log.info(log.TOKEN_REFRESHED, trigger="manual",
+                           grant=self._store.adopted_grant, expires_in=self._rounded_lifetime(),
+                           account=self._account)
+
+    def _stored_newer(self, stored: StoredTokens) -> bool:
+        """Written after what we hold: by version where the store keeps one (replicas' wall
+        clocks disagree), else by time (one machine's clock)."""
+        if self._store is not None and self._store.fenced:
+            return stored.version != self._version
+        return stored.obtained_at > self._obtained_wall
+
+    async def _wait(self, seconds: float | None) -> None:
+        """_nap; a provider a person logs in to also looks at the store every LOGIN_POLL
+        meanwhile, where `tokenproxy login` and `logout` (here or on another machine sharing
+        the state) leave their word."""
+        if not self._calls.grantor.interactive:
+            await self._nap(seconds)
+            return
+        await self._nap(LOGIN_POLL if seconds is None else min(seconds, LOGIN_POLL))
+        await self._sync_with_store()
+
+    async def _sync_with_store(self) -> None:
+        store = self._store
+        if store is None or self._inflight is not None:
+            return
+        try:
             stored = await store.read(self._key)
-            if stored is None:
-                return
-            fresh_refresh = (stored.refresh_token is not None
-                             and _seed(stored.refresh_token) != self._rejected_refresh)
-            fresh_access = (stored.access_token is not None
-                            and stored.access_token != self._dropped)
-            if not (fresh_refresh or fresh_access):
-                return   # what was there when the login ended (or nothing)
-            adopted = self._adopt_stored(stored) if fresh_access else None
-            if fresh_refresh:
-                self._refresh_token = stored.refresh_token
-                self._rejected_refresh = None
-            if adopted is None and not fresh_refresh:
-                return
-            self._unauthenticated = self._login_required = False
-            self._last_error = None
-            self._failures = 0
-            self._next_attempt = 0.0
-            self._metrics.provider_authenticated.labels(self.name).set(1)
-            self._calls.count("manual", store.adopted_grant, "success")
-            self._log.info(log.TOKEN_REFRESHED, trigger="manual", grant=store.adopted_grant,
-                           expires_in=self._rounded_lifetime(), account=self._account)
+        except SharedStateUnavailable:
+            return
+        if stored is None:
+            return
+        if self._login_required:
+            self._pick_up_login(stored)
+            return
+        if not self._stored_newer(stored):
+            return
+        if not stored.access_token and not stored.refresh_token:
+            self._become_login_required("logged out", None)   # here or elsewhere
+        elif self._token is None or stored.access_token != self._token.value:
+            self._adopt_stored(stored)   # a login as someone else, another replica's refresh
+
+    async def _clear_rejected_login(self) -> None:
+        """The refresh token was rejected: the stored entry says so too (tokens gone, who
+        logged in kept), so that `status`, `login` and a restart agree with this daemon."""
+        store = self._store
+        if store is None or self._rejected_refresh is None:
+            return
+        with contextlib.suppress(SharedStateUnavailable, StateLockTimeout, StoreWriteFailed):
+            async with store.locked(self._key, self._lock_timeout):
+                stored = await store.read(self._key)
+                if (stored is not None and stored.refresh_token is not None
+                        and _seed(stored.refresh_token) == self._rejected_refresh):
+                    entry = StoredTokens(obtained_at=self._clock.time(), account=stored.account,
+                                         version=stored.version)
+                    version = await store.write(self._key, entry)
+                    if version is not None:
+                        self._version = version
+                    self._obtained_wall = entry.obtained_at
 
     @property
     def key(self) -> str:
         """Where the store keeps this provider's tokens."""
         return self._key
 
-    async def _notice_logout(self) -> None:
-        """What `tokenproxy logout` left (an entry without tokens, newer than ours): the
-        tokens in hand are dropped, and the provider needs a login again."""
-        store = self._store
-        if store is None or self._login_required:
-            return
-        with contextlib.suppress(SharedStateUnavailable):
-            stored = await store.read(self._key)
-            if (stored is not None and not stored.access_token and not stored.refresh_token
-                    and stored.obtained_at > self._obtained_wall):
-                self._refresh_token = None
-                self._become_login_required("logged out", None)
-
-    async def store_logout(self) -> None:
-        """`tokenproxy logout`: an entry without tokens in place of the stored ones."""
+    async def store_logout(self) -> StoredTokens | None:
+        """`tokenproxy logout`: an entry without tokens in place of the stored ones, which it
+        returns (their refresh token is the one to revoke: read under the same lock)."""
         store = self._store
         assert store is not None, "an interactive provider keeps its tokens in a store"
         now_wall = self._clock.time()
@@ -488,9 +532,11 @@ class TokenManager:
             async with store.locked(self._key, self._lock_timeout):
                 stored = await store.read(self._key)
                 entry = StoredTokens(obtained_at=now_wall,
+                                     account=None if stored is None else stored.account,
                                      version=0 if stored is None else stored.version)
                 if await store.write(self._key, entry) is not None:
-                    return
+                    return stored
+        raise StoreWriteFailed("the shared state kept refusing the write")
 
     async def store_login(self, grant: Grant, account: str | None) -> None:
         """A login a person completed (`tokenproxy login`): stored where the daemon keeps
@@ -509,6 +555,8 @@ class TokenManager:
                                      version=0 if stored is None else stored.version)
                 if await store.write(self._key, entry) is not None:
                     break
+        else:
+            raise StoreWriteFailed("the shared state kept refusing the write")
         self._install(grant.access_token, grant.refresh_token, life, now_mono, now_wall)
 
     def _become_unauthenticated(self, reason: str, grant: str | None, *,
@@ -568,6 +616,11 @@ class TokenManager:
             stored = await store.read(self._key)
             if stored is not None:
                 version = stored.version
+                if (self._calls.grantor.interactive and not stored.access_token
+                        and not stored.refresh_token and self._stored_newer(stored)):
+                    # Logged out since (here or elsewhere): the refresh token in memory is
+                    # not spent to undo it.
+                    raise LoginNeeded("logged out")
                 adopted = self._adopt_stored(stored, stale=stale)
                 if adopted is not None:
                     self._calls.count(trigger, store.adopted_grant, "success")
@@ -766,8 +819,7 @@ class TokenManager:
     async def _run(self) -> None:
         while True:
             if self._login_required:
-                await self._nap(LOGIN_POLL)
-                await self._pick_up_login()
+                await self._wait(LOGIN_POLL)
                 continue
             if self._unauthenticated and not self._misconfigured:
                 await self._nap(None)   # only new credentials (a reload) help
@@ -778,7 +830,7 @@ class TokenManager:
                 continue
             now = self._clock.monotonic()
             if now < self._next_attempt:
-                await self._nap(self._next_attempt - now)
+                await self._wait(self._next_attempt - now)
                 continue
             tok = self._token
             if tok is not None and self._subject_moved():
@@ -794,7 +846,7 @@ class TokenManager:
                 continue
             if tok is None or tok.expired(now):
                 if tok is not None and self._margin <= 0 and self._shared_problem is None:
-                    await self._nap(None)   # demand-only: a request will refresh it
+                    await self._wait(None)   # demand-only: a request will refresh it
                     continue
                 trigger: Trigger = "initial" if tok is None and self._generation == 0 else "expiry"
                 with contextlib.suppress(*_REFRESH_ERRORS):
@@ -802,13 +854,7 @@ class TokenManager:
                 continue
             due = self._due()
             if due is None or now < due:
-                wait = None if due is None else due - now
-                if self._calls.grantor.interactive:
-                    # A person's tokens: `tokenproxy logout` is noticed within LOGIN_POLL.
-                    await self._nap(LOGIN_POLL if wait is None else min(wait, LOGIN_POLL))
-                    await self._notice_logout()
-                else:
-                    await self._nap(wait)
+                await self._wait(None if due is None else due - now)
                 continue
             with contextlib.suppress(*_REFRESH_ERRORS):
                 await self._refresh("expiry", waiter=False)
