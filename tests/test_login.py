@@ -26,7 +26,7 @@ from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.daemon_proc import child_env
 from tests.helpers.fakes import JumpClock
-from tests.helpers.idp import StartIdp
+from tests.helpers.idp import StartIdp, respond_json
 from tests.helpers.login import (
     INTERVAL,
     LOGIN_POLL,
@@ -40,8 +40,11 @@ from tests.helpers.login import (
 )
 from tests.helpers.logs import CapturedLogs
 from tests.helpers.wait import readyz, settle, wait_for
+from tokenproxy.config import build_config
 from tokenproxy.demo.issuer import DEVICE_GRANT
+from tokenproxy.log import Redactor
 from tokenproxy.login import LoginFailed
+from tokenproxy.login.run import run_login_command
 
 
 def problem(body: bytes) -> dict[str, Any]:
@@ -136,7 +139,11 @@ async def test_a_denied_or_expired_device_login_fails_and_stores_nothing(
     await wait_for(lambda: bool(idp.issuer.pending_user_codes), "the device code shown")
     if how == "deny":
         idp.issuer.deny(idp.issuer.pending_user_codes[0])
-        await clock.tick(INTERVAL)
+        for _ in range(10):   # the command may not be asleep yet when the clock first moves
+            await clock.tick(INTERVAL)
+            await settle()
+            if task.done():
+                break
     else:
         for _ in range(130):
             await clock.tick(INTERVAL)
@@ -361,3 +368,110 @@ async def test_the_demo_offers_a_login_as_yourself_that_works(tmp_path: Path) ->
     finally:
         demo.terminate()
         await asyncio.wait_for(demo.wait(), 15)
+
+
+# -- what else the issue asks of a login ------------------------------------------------------
+
+
+async def test_the_device_flow_polls_at_the_issuers_interval_and_never_opens_a_browser(
+    start: StartIdp, clock: JumpClock, tmp_path: Path,
+) -> None:
+    """The first poll comes `interval` seconds in, not sooner; the code is printed, and no
+    browser is opened (the device flow is for where there is none at hand)."""
+    idp = await start()
+    idp.issuer.device_interval = 2
+    opened: list[str] = []
+    out = io.StringIO()
+    task = asyncio.ensure_future(run_login_command(
+        build_config(login_config(idp, tmp_path), {}), "login", ["me"], out=out,
+        redactor=Redactor(), clock=clock, opener=lambda url: opened.append(url) or True))
+    await wait_for(lambda: bool(idp.issuer.pending_user_codes) and clock.napping() > 0,
+                   "the device code shown, the command waiting")
+    [code] = idp.issuer.pending_user_codes
+    lines = out.getvalue().splitlines()
+    assert any(code in line and f"{idp.url}/device " in line + " " for line in lines), lines
+    idp.issuer.approve(code)
+    await clock.tick(1.9)
+    await settle()
+    assert 0 == idp.calls.grants().count(DEVICE_GRANT)
+    await clock.tick(0.1)
+    assert 0 == await asyncio.wait_for(task, 5)
+    assert [] == opened
+
+
+@pytest.mark.parametrize(("answers", "message"), [
+    ([(200, "authorization_pending"), (200, "slow_down"), (200, "access_denied")], "denied"),
+    ([(400, "expired_token")], "the code expired"),
+])
+async def test_errors_the_token_endpoint_gives_while_polling(
+    start: StartIdp, clock: JumpClock, tmp_path: Path, answers: list[tuple[int, str]],
+    message: str,
+) -> None:
+    """As RFC 8628 says, and as GitHub does it too: its device flow answers its errors with
+    HTTP 200. expired_token ends the login before the code's own deadline."""
+    idp = await start()
+    for status, error in answers:
+        idp.calls.queue.append(respond_json({"error": error}, status))
+    idp.calls.queue.insert(0, None)   # the device authorization itself, answered by the issuer
+    task = asyncio.ensure_future(login(login_config(idp, tmp_path), clock, "me"))
+    for _ in range(10):
+        await clock.tick(INTERVAL + 10)
+        await settle()
+        if task.done():
+            break
+    with pytest.raises(LoginFailed, match=message):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_browser_is_opened_and_the_wait_ends_after_five_minutes(
+    start: StartIdp, clock: JumpClock, tmp_path: Path,
+) -> None:
+    idp = await start()
+    opened: list[str] = []
+    out = io.StringIO()
+    task = asyncio.ensure_future(run_login_command(
+        build_config(login_config(idp, tmp_path, grant="authorization_code"), {}), "login",
+        ["me"], out=out, redactor=Redactor(), clock=clock,
+        opener=lambda url: opened.append(url) or True))
+    await wait_for(lambda: bool(opened) and clock.napping() > 0,
+                   "the browser opened, the command waiting")
+    assert opened[0].startswith(f"{idp.url}/oauth/authorize?")
+    assert "Your browser was opened" in out.getvalue()
+    await clock.tick(299)
+    await settle()
+    assert not task.done()
+    await clock.tick(1)
+    with pytest.raises(LoginFailed, match="within 5 minutes"):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_two_logins_use_fresh_state_and_pkce(
+    start: StartIdp, clock: JumpClock, tmp_path: Path,
+) -> None:
+    idp = await start()
+    raw = login_config(idp, tmp_path, grant="authorization_code")
+    for _ in range(2):
+        idp.issuer.approve_next = "demo"
+        task, out = await browser_started(idp, raw, clock)
+        await follow(printed_url(out))
+        assert 0 == await asyncio.wait_for(task, 5)
+    first, second = idp.issuer.authorize_requests
+    assert first["state"] != second["state"]
+    assert first["code_challenge"] != second["code_challenge"]
+    assert len(first["state"]) >= 32
+
+
+async def test_login_without_a_name_logs_in_where_one_is_needed_and_says_who_from_userinfo(
+    start: StartIdp, clock: JumpClock, tmp_path: Path,
+) -> None:
+    """Two providers, one logged in: `tokenproxy login` alone logs in to the other. Without
+    an ID token, who logged in comes from userinfo."""
+    idp = await start()
+    idp.issuer.id_tokens = False
+    raw = login_config(idp, tmp_path)
+    raw["providers"]["you"] = dict(raw["providers"]["me"])
+    assert 0 == await device_login(idp, raw, clock)            # "me"
+    out = io.StringIO()
+    assert 0 == await device_login(idp, raw, clock, out, names=())
+    assert "you: logged in as demo@example.com" in out.getvalue()
+    assert "me: logged in" not in out.getvalue()

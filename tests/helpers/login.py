@@ -48,10 +48,10 @@ async def login(raw: dict[str, Any], clock: JumpClock, *names: str, command: str
 
 
 async def device_login(idp: Idp, raw: dict[str, Any], clock: JumpClock,
-                       out: io.StringIO | None = None) -> int:
-    """`tokenproxy login me`, the person approving the code at the issuer."""
+                       out: io.StringIO | None = None, names: tuple[str, ...] = ("me",)) -> int:
+    """`tokenproxy login me` (or *names*), the person approving the code at the issuer."""
     out = out or io.StringIO()
-    task = asyncio.ensure_future(login(raw, clock, "me", out=out))
+    task = asyncio.ensure_future(login(raw, clock, *names, out=out))
     await wait_for(lambda: bool(idp.issuer.pending_user_codes) or task.done(),
                    "the device code shown")
     [code] = idp.issuer.pending_user_codes

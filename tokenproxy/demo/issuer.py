@@ -164,6 +164,7 @@ class Issuer:
         self.device_interval = device_interval
         self.code_lifetime = code_lifetime
         self.send_iss = send_iss
+        self.id_tokens = True   # tests: False leaves who logged in to userinfo
         # Test knobs: the next N device-code polls answer slow_down; the next authorization
         # request is approved for this user, or denied (deny_next wins).
         self.slow_down_next = 0
@@ -196,7 +197,8 @@ class Issuer:
             doc["refresh_token"] = refresh
         if family.client is not None:      # an interactive login of the public client
             doc["scope"] = family.scope or DEFAULT_SCOPE
-            doc["id_token"] = self.id_token(family.user, family.client)
+            if self.id_tokens:
+                doc["id_token"] = self.id_token(family.user, family.client)
         return doc
 
     def id_token(self, user: str, audience: str) -> str:

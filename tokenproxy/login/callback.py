@@ -6,12 +6,12 @@ and closes. Anything else gets a short page and changes nothing."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from types import TracebackType
 from typing import Final
 
 from aiohttp import web
 
+from tokenproxy.clock import Clock
 from tokenproxy.login import LoginFailed
 from tokenproxy.terminal import visible
 
@@ -64,22 +64,27 @@ class LoopbackCallback:
             await self._runner.cleanup()
             self._runner = None
 
-    async def wait(self, seconds: float) -> str:
+    async def wait(self, seconds: float, clock: Clock) -> str:
+        """The code, once the answer came; LoginFailed after *seconds* of *clock*."""
+        timer = asyncio.ensure_future(clock.sleep(seconds))
+
+        def expire(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and not self._answer.done():
+                self._answer.set_exception(LoginFailed(
+                    f"no answer from the browser within {seconds / 60:g} minutes"))
+
+        timer.add_done_callback(expire)
         try:
-            async with asyncio.timeout(seconds):
-                return await asyncio.shield(self._answer)
-        except TimeoutError:
-            raise LoginFailed(f"no answer from the browser within {seconds / 60:g} "
-                              "minutes") from None
+            return await asyncio.shield(self._answer)
+        finally:
+            timer.cancel()
 
     def _page(self, status: int, text: str) -> web.Response:
         return web.Response(status=status, text=PAGE.format(text), content_type="text/html",
                             headers={"Cache-Control": "no-store", "Connection": "close"})
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        if not peer or not ipaddress.ip_address(str(peer[0])).is_loopback:
-            return self._page(403, "Not from this machine.")
+        # Bound to 127.0.0.1 alone (__aenter__): nothing from another machine gets here.
         if request.method != "GET" or request.path != self._path:
             return self._page(404, "Nothing here.")
         if self._answer.done():

@@ -5,6 +5,7 @@ browser and a loopback redirect (RFC 8252). Each ends with a Grant; storing it i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import math
@@ -63,9 +64,8 @@ async def device_login(grantor: OAuth2Grantor, cfg: OAuth2Provider, term: Termin
     if started.verification_uri_complete:
         term.say(f"(or open {visible(started.verification_uri_complete)}, which has the code "
                  "in it)")
-    complete = started.verification_uri_complete
-    if term.open_browser is not None and complete and _openable(complete, url):
-        term.open_browser(complete)
+    # Printed, not opened: the device flow is for where there is no browser at hand (an
+    # SSH session, whose "browser" would be a console one taking over the terminal).
     return await _poll(grantor, started, term)
 
 
@@ -172,11 +172,14 @@ async def browser_login(grantor: OAuth2Grantor, cfg: OAuth2Provider, term: Termi
                  "redirect_uri": redirect_uri, "state": state, "code_challenge": challenge,
                  "code_challenge_method": "S256"} | ({"scope": cfg.scope} if cfg.scope else {})
         target = url + ("&" if "?" in url else "?") + urlencode(query)
-        opened = term.open_browser is not None and term.open_browser(target)
+        opener = term.open_browser
+        # In a thread: a browser that takes a while to start must not stall the listener.
+        opened = opener is not None and _openable(target, url) and await asyncio.to_thread(
+            opener, target)
         term.say(("Your browser was opened to log in to " if opened else
                   "To log in to ") + f"{cfg.name}" + (", or" if opened else ",") +
                  f" open:\n  {visible(target)}")
-        code = await back.wait(BROWSER_WAIT)
+        code = await back.wait(BROWSER_WAIT, term.clock)
     return await grantor.redeem({"grant_type": "authorization_code", "code": code,
                                  "redirect_uri": redirect_uri, "code_verifier": verifier},
                                 "authorization code grant")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import webbrowser
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from tokenproxy.clock import Clock, SystemClock
@@ -26,18 +26,19 @@ def _open(url: str) -> bool:
 
 async def run_login_command(cfg: Config, command: str, names: Sequence[str], *, out: TextIO,
                             redactor: Redactor, no_browser: bool = False,
-                            clock: Clock | None = None) -> int:
+                            clock: Clock | None = None,
+                            opener: Callable[[str], bool] = _open) -> int:
     """0 done; 1 a login failed, or status found one required (LoginFailed for the rest)."""
     clock = clock or SystemClock()
     try:
         return await _run(cfg, command, names, out=out, redactor=redactor,
-                          no_browser=no_browser, clock=clock)
+                          opener=None if no_browser else opener, clock=clock)
     except (SharedStateUnavailable, StoreWriteFailed, StateLockTimeout) as exc:
         raise LoginFailed(f"the token store: {exc}") from None
 
 
 async def _run(cfg: Config, command: str, names: Sequence[str], *, out: TextIO,
-               redactor: Redactor, no_browser: bool, clock: Clock) -> int:
+               redactor: Redactor, opener: Callable[[str], bool] | None, clock: Clock) -> int:
     async with Session(cfg, redactor, clock) as session:
         if command == "status":
             lines, needed = await status_lines(session, clock.time())
@@ -52,7 +53,7 @@ async def _run(cfg: Config, command: str, names: Sequence[str], *, out: TextIO,
             for p in providers:
                 out.write(f"{p.name}: logged out; {await log_out(session, p)}\n")
             return 0
-        term = Terminal(out, None if no_browser else _open, clock)
+        term = Terminal(out, opener, clock)
         if not names:   # all of them that need it: no refresh token stored
             providers = [p for p in providers
                          if (stored := await session.stored(p)) is None

@@ -129,10 +129,30 @@ def error_code(answer: Answer) -> str | None:
     return None
 
 
+def _error_in_success(answer: Answer) -> str | None:
+    if b'"error"' not in answer.body:
+        return None
+    try:
+        doc = answer.json()
+    except GrantFailed:
+        return None
+    if not isinstance(doc, dict) or "access_token" in doc:
+        return None
+    code = doc.get("error")
+    if not isinstance(code, str) or not code.isascii() or not code.isprintable():
+        return None
+    return code[:64]
+
+
 def raise_for_answer(answer: Answer, what: str) -> None:
-    """Map a non-2xx answer: credential rejections vs. failures worth retrying later."""
+    """Map a non-2xx answer: credential rejections vs. failures worth retrying later. A 2xx
+    whose JSON is an OAuth error and no token (GitHub answers its device flow so) is taken
+    for the 400 it means."""
     if 200 <= answer.status < 300:
-        return
+        code = _error_in_success(answer)
+        if code is None:
+            return
+        raise GrantRejected(f"{what}: status {answer.status} with error ({code})", code)
     code = error_code(answer)
     reason = f"{what}: status {answer.status}" + (f" ({code})" if code else "")
     if code in REJECTING_ERRORS or answer.status in (400, 401, 403):
