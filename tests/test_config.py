@@ -1432,3 +1432,54 @@ def test_a_file_key_holding_a_secret_does_not_repeat_it(value: str) -> None:
     assert message.startswith("providers.corp.client_secret_file: cannot read the file named "
                               "there"), message
     assert value not in message
+
+
+def _login(**keys: Any) -> dict[str, Any]:
+    return {k: v for k, v in {"type": "oauth2", "issuer": "https://login.example.com",
+                              "client_id": "tokenproxy-cli", "grant_type": "device_code",
+                              "client_secret": None, **keys}.items() if v is not None}
+
+
+@pytest.mark.parametrize(("provider", "message"), [
+    (_login(client_id=None),
+     "providers.corp.client_id: grant_type device_code needs the client_id registered for "
+     "tokenproxy"),
+    (_login(issuer=None, token_url="https://login.example.com/token"),
+     "providers.corp.device_authorization_url: grant_type device_code needs issuer "
+     "(discovery) or device_authorization_url"),
+    (_login(grant_type="authorization_code", issuer=None,
+            token_url="https://login.example.com/token"),
+     "providers.corp.authorization_url: grant_type authorization_code needs issuer "
+     "(discovery) or authorization_url"),
+    (_login(redirect_port=8400),
+     "providers.corp.redirect_port: used only with grant_type authorization_code"),
+    (_login(grant_type="authorization_code", device_authorization_url="https://x/device"),
+     "providers.corp.device_authorization_url: used only with grant_type device_code"),
+    (_login(grant_type="authorization_code", redirect_port=70000),
+     "providers.corp.redirect_port: expected a port from 0 (any free one) to 65535"),
+    (_login(grant_type="authorization_code", redirect_path="callback"),
+     "providers.corp.redirect_path: expected a plain path starting with /"),
+    (_login(grant_type="authorization_code", redirect_path="/cb?x=1"),
+     "providers.corp.redirect_path: expected a plain path starting with /"),
+    (_login(refresh_token="rt-0123456789"),
+     "providers.corp.refresh_token: grant_type device_code gets its refresh token from "
+     "`tokenproxy login`, not from the config"),
+])
+def test_login_grant_requirements(provider: dict[str, Any], message: str) -> None:
+    assert message == error_of(with_provider("corp", provider))
+
+
+def test_login_grants_load_with_their_defaults() -> None:
+    raw = base()
+    raw["providers"].update(
+        me=_login(grant_type="urn:ietf:params:oauth:grant-type:device_code"),
+        web=_login(grant_type="authorization_code", redirect_port=8400,
+                   authorization_url="https://login.example.com/authorize?tenant=x"))
+    cfg = build_config(raw, HOME)
+    me, web = cfg.providers["me"], cfg.providers["web"]
+    assert isinstance(me, OAuth2Provider)
+    assert isinstance(web, OAuth2Provider)
+    assert ("device_code", "none", True) == (me.grant_type, me.client_auth, me.interactive)
+    assert (8400, "/callback") == (web.redirect_port, web.redirect_path)
+    assert web.authorization_url is not None
+    assert web.authorization_url.url.endswith("?tenant=x")

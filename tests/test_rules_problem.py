@@ -75,5 +75,5 @@ def test_every_cause_has_a_title() -> None:
             "header_too_large", "request_timeout",
             "expectation_failed", "upstream_unreachable", "upstream_timeout",
             "token_unavailable", "shared_state_unavailable", "unauthenticated",
-            "provider_misconfigured", "internal"} == set(TITLES)
+            "provider_misconfigured", "login_required", "internal"} == set(TITLES)
     assert all(title and title[0].isupper() for title in TITLES.values())

@@ -8,6 +8,7 @@ TokenProxyError
     ├── TokenUnavailable   endpoint unreachable, failing, bad answer, or in backoff -> 503
     │   └── SharedStateDown    a refresh token must not be spent without the shared lock -> 503
     ├── Unauthenticated    credentials rejected -> 502, type ending /unauthenticated
+    ├── LoginRequired      a provider a person logs in to has no login -> 503
     └── ProviderMisconfigured  the issuer publishes no usable metadata -> 502
 
 Messages never include token-endpoint bodies, header values or query strings.

@@ -32,6 +32,7 @@ TITLES: Final = {
     "shared_state_unavailable": "Shared token state unavailable",
     "unauthenticated": "Credentials rejected by the token endpoint",
     "provider_misconfigured": "Token provider misconfigured",
+    "login_required": "A person must log in (tokenproxy login)",
     "internal": "Internal error",
 }
 # Framing and size errors leave the connection in doubt: it is closed after the answer.
