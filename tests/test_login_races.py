@@ -7,8 +7,11 @@ taken."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import io
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from aiohttp import web
 from tests.helpers.client import fetch
 from tests.helpers.config import MakeProxy, write_config
 from tests.helpers.fakes import PASSWORD, JumpClock
-from tests.helpers.idp import Idp, StartIdp
+from tests.helpers.idp import Idp, StartIdp, mint, respond
 from tests.helpers.login import (
     INTERVAL,
     LOGIN_POLL,
@@ -286,3 +289,126 @@ async def test_status_exits_1_when_the_shared_state_does_not_answer(
     assert "does not answer" in out.getvalue()
     config = write_config(tmp_path / "cfg", raw)
     assert config.exists()
+
+
+# -- a second adversarial pass -----------------------------------------------------------------
+
+
+async def test_a_logout_that_waited_for_the_lock_behind_a_refresh_is_not_lost(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The state file has no version: a logout that read the clock, then waited for the
+    lock while the daemon's refresh took it, was no newer than the daemon's entry by time,
+    and the daemon took it for old news. Tried until the daemon gets the lock first (flock
+    does not queue fairly), at most 8 times; every outcome must be a logout."""
+    idp = await start(lifetime=600.0)
+    raw = login_config(idp, tmp_path)
+    daemon = await make_proxy(raw)
+    source: Any = daemon.source("me")
+    states = []
+    for _ in range(8):
+        idp.calls.default = None
+        assert 0 == await device_login(idp, raw, clock)
+        await picked_up(clock, http, daemon)
+        idp.calls.default = revocation_fails()
+        lock = source._store.state._lock_path(source.key)
+        fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)      # someone (a status, another command) holds it
+        logout = asyncio.ensure_future(login(raw, clock, "me", command="logout"))
+        await asyncio.sleep(0.1)            # the logout waits for the lock
+        refreshes = idp.calls.grants().count("refresh_token")
+        renewal = asyncio.ensure_future(source._refresh("expiry", waiter=False))
+        await asyncio.sleep(0.1)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        assert 0 == await logout
+        with contextlib.suppress(Exception):
+            await renewal
+        await ticks(clock)
+        states.append(source.describe()["state"])
+        assert not stored(tmp_path).get("refresh_token")
+        if idp.calls.grants().count("refresh_token") > refreshes:
+            break   # the daemon did refresh while the logout waited: the case in question
+    assert ["login_required"] * len(states) == states
+
+
+async def test_an_error_field_in_a_json_login_answer_is_not_an_oauth_error(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """An app's login API (Go, `Error string` without omitempty) answers 200 with the token
+    and "error": "": that is a success, not an OAuth error (those are the token endpoint's)."""
+    idp = await start()
+
+    async def app_login(request: web.Request, grant: str) -> web.StreamResponse | None:
+        if grant != "json_login":
+            return None
+        token = mint(idp.issuer)["access_token"]
+        return web.json_response({"token": token, "expiresIn": 600, "error": ""})
+
+    idp.calls.default = app_login
+    provider = {"type": "json", "login": {"url": idp.url + "/auth/login", "json": {},
+                                          "access_token": "/token", "expires_in": "/expiresIn"}}
+    daemon = await make_proxy(login_config(idp, tmp_path) | {
+        "providers": {"me": provider}})
+    assert 200 == (await fetch(http, daemon, "/hello")).status
+
+
+async def test_an_outage_answered_with_200_is_retried_not_a_logout(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """200 {"error": "temporarily_unavailable"} to a refresh logged the person out for good
+    and cleared the store; the same at 503 was retried. Both are retried now."""
+    idp = await start(lifetime=60.0)
+    raw = login_config(idp, tmp_path)
+    daemon = await make_proxy(raw)
+    assert 0 == await device_login(idp, raw, clock)
+    await picked_up(clock, http, daemon)
+    idp.calls.default = respond(200, '{"error": "temporarily_unavailable"}')
+    await ticks(clock, 8, 10)
+    assert "login_required" != daemon.source("me").describe()["state"]
+    idp.calls.default = None
+    await ticks(clock, 40, 2)
+    assert 200 == (await fetch(http, daemon, "/hello")).status
+
+
+@pytest.mark.parametrize(("status", "body", "kind"), [
+    (403, "<html><h1>Access denied</h1> Ray ID: 1234</html>", "text/html"),
+    (401, "Unauthorized", "text/plain"),
+])
+async def test_a_refusal_without_an_oauth_error_is_not_a_logout(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession, status: int, body: str, kind: str,
+) -> None:
+    """A WAF's 403 page or a proxy's bare 401 to one refresh: not the issuer ending the login
+    (it names an OAuth error when it does), so retried, and the stored login kept."""
+    idp = await start(lifetime=60.0)
+    raw = login_config(idp, tmp_path)
+    daemon = await make_proxy(raw)
+    assert 0 == await device_login(idp, raw, clock)
+    await picked_up(clock, http, daemon)
+    idp.calls.queue.append(respond(status, body, content_type=kind))
+    await ticks(clock, 6, 10)
+    assert "login_required" != daemon.source("me").describe()["state"]
+    assert stored(tmp_path).get("refresh_token")
+
+
+async def test_a_readable_state_file_is_said_once_not_every_second(
+    start: StartIdp, make_proxy: MakeProxy, clock: JumpClock, tmp_path: Path,
+    http: aiohttp.ClientSession, logs: CapturedLogs,
+) -> None:
+    """The store is read every second for a person's tokens; a file problem was logged at
+    every read (110 lines in 10 s with 11 such providers)."""
+    idp = await start(lifetime=3600.0)
+    raw = login_config(idp, tmp_path)
+    for n in range(5):
+        raw["providers"][f"me{n}"] = dict(raw["providers"]["me"])
+    daemon = await make_proxy(raw)
+    assert 0 == await device_login(idp, raw, clock)
+    await picked_up(clock, http, daemon)
+    os.chmod(tmp_path / "state" / "state.json", 0o644)
+    before = len(logs.events("state_file_permissions"))
+    await ticks(clock, 10)
+    assert len(logs.events("state_file_permissions")) - before <= 1

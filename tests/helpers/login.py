@@ -52,10 +52,14 @@ async def device_login(idp: Idp, raw: dict[str, Any], clock: JumpClock,
     """`tokenproxy login me` (or *names*), the person approving the code at the issuer."""
     out = out or io.StringIO()
     task = asyncio.ensure_future(login(raw, clock, *names, out=out))
-    await wait_for(lambda: bool(idp.issuer.pending_user_codes) or task.done(),
-                   "the device code shown")
+    def shown() -> bool:
+        codes = idp.issuer.pending_user_codes
+        return task.done() or (len(codes) == 1 and codes[0] in out.getvalue())
+
+    await wait_for(shown, "the device code shown")
+    if task.done():
+        return await task
     [code] = idp.issuer.pending_user_codes
-    assert code in out.getvalue()
     idp.issuer.approve(code)
     for _ in range(20):
         if task.done():

@@ -55,7 +55,7 @@ async def device_login(grantor: OAuth2Grantor, cfg: OAuth2Provider, term: Termin
     answer = await grantor.post(url, {"scope": cfg.scope} if cfg.scope else {},
                                 "device authorization")
     try:
-        raise_for_answer(answer, "device authorization")
+        raise_for_answer(answer, "device authorization", oauth=True)
     except GrantRejected as exc:
         raise LoginFailed(exc.reason) from None
     started = DeviceStart.parse(answer.json())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,6 +130,15 @@ def error_code(answer: Answer) -> str | None:
     return None
 
 
+# RFC 6749 section 5.2's error code characters.
+_ERROR_CODE: Final = re.compile(r"[\x20\x21\x23-\x5B\x5D-\x7E]{1,64}")
+# What a 2xx carrying an OAuth error can mean as a refusal (GitHub answers its device flow and
+# refresh errors with 200): RFC 6749's, RFC 8628's while polling, GitHub's own.
+REFUSING_IN_2XX: Final = REJECTING_ERRORS | {
+    "authorization_pending", "slow_down", "expired_token", "bad_refresh_token",
+    "bad_verification_code", "incorrect_client_credentials", "incorrect_device_code"}
+
+
 def _error_in_success(answer: Answer) -> str | None:
     if b'"error"' not in answer.body:
         return None
@@ -139,20 +149,21 @@ def _error_in_success(answer: Answer) -> str | None:
     if not isinstance(doc, dict) or "access_token" in doc:
         return None
     code = doc.get("error")
-    if not isinstance(code, str) or not code.isascii() or not code.isprintable():
-        return None
-    return code[:64]
+    return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
 
 
-def raise_for_answer(answer: Answer, what: str) -> None:
-    """Map a non-2xx answer: credential rejections vs. failures worth retrying later. A 2xx
-    whose JSON is an OAuth error and no token (GitHub answers its device flow so) is taken
-    for the 400 it means."""
+def raise_for_answer(answer: Answer, what: str, *, oauth: bool = False) -> None:
+    """Map a non-2xx answer: credential rejections vs. failures worth retrying later. With
+    *oauth* (an OAuth token endpoint), a 2xx whose JSON is an OAuth error and no token is taken
+    for the error it is: a refusal for the codes that mean one, else a failure to retry."""
     if 200 <= answer.status < 300:
-        code = _error_in_success(answer)
+        code = _error_in_success(answer) if oauth else None
         if code is None:
             return
-        raise GrantRejected(f"{what}: status {answer.status} with error ({code})", code)
+        reason = f"{what}: status {answer.status} with error ({code})"
+        if code in REFUSING_IN_2XX:
+            raise GrantRejected(reason, code)
+        raise GrantFailed(reason)
     code = error_code(answer)
     reason = f"{what}: status {answer.status}" + (f" ({code})" if code else "")
     if code in REJECTING_ERRORS or answer.status in (400, 401, 403):

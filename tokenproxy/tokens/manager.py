@@ -61,6 +61,17 @@ SHARED_RETRY: Final = 1.0
 _REFRESH_ERRORS: Final = (TokenUnavailable, Unauthenticated, ProviderMisconfigured, LoginRequired)
 
 
+def _after(clock: Clock, stored: StoredTokens | None) -> float:
+    """Now, and never before the entry it replaces (a clock behind, or the same instant)."""
+    now = clock.time()
+    return now if stored is None else max(now, stored.obtained_at + 0.001)
+
+
+def _mark(entry: StoredTokens) -> tuple[float, str | None, str | None]:
+    """What tells one stored entry from another (without holding its secrets twice)."""
+    return entry.obtained_at, _seed(entry.access_token), _seed(entry.refresh_token)
+
+
 def _seed(refresh_token: str | None) -> str | None:
     """A fingerprint of the configured refresh token: a new one in the config beats the file."""
     if refresh_token is None:
@@ -129,6 +140,8 @@ class TokenManager:
         # LOGIN_POLL seconds for what such a login wrote.
         self._login_required = False
         self._dropped: str | None = None   # the access token in hand when it began
+        # The stored entry this process last wrote or took (the state file has no version).
+        self._last_mark: tuple[float, str | None, str | None] | None = None
         self._account: str | None = None   # who logged in, kept with the tokens
         self._last_error: str | None = None
         self._shared_problem: str | None = None   # why the shared state cannot be used now
@@ -463,11 +476,12 @@ class TokenManager:
                            account=self._account)
 
     def _stored_newer(self, stored: StoredTokens) -> bool:
-        """Written after what we hold: by version where the store keeps one (replicas' wall
-        clocks disagree), else by time (one machine's clock)."""
+        """Written by someone else since we last wrote or took it: by version where the
+        store keeps one, else by what the entry is (the state file keeps no version, and a
+        time compare loses a write that waited for the lock behind ours)."""
         if self._store is not None and self._store.fenced:
             return stored.version != self._version
-        return stored.obtained_at > self._obtained_wall
+        return _mark(stored) != self._last_mark
 
     async def _wait(self, seconds: float | None) -> None:
         """_nap; a provider a person logs in to also looks at the store every LOGIN_POLL
@@ -487,8 +501,8 @@ class TokenManager:
             stored = await store.read(self._key)
         except SharedStateUnavailable:
             return
-        if stored is None:
-            return
+        if stored is None or self._inflight is not None:
+            return   # a refresh began meanwhile: it re-reads under the lock itself
         if self._login_required:
             self._pick_up_login(stored)
             return
@@ -512,6 +526,7 @@ class TokenManager:
                         and _seed(stored.refresh_token) == self._rejected_refresh):
                     entry = StoredTokens(obtained_at=self._clock.time(), account=stored.account,
                                          version=stored.version)
+                    self._last_mark = _mark(entry)
                     version = await store.write(self._key, entry)
                     if version is not None:
                         self._version = version
@@ -527,11 +542,10 @@ class TokenManager:
         returns (their refresh token is the one to revoke: read under the same lock)."""
         store = self._store
         assert store is not None, "an interactive provider keeps its tokens in a store"
-        now_wall = self._clock.time()
         for _ in range(3):
             async with store.locked(self._key, self._lock_timeout):
                 stored = await store.read(self._key)
-                entry = StoredTokens(obtained_at=now_wall,
+                entry = StoredTokens(obtained_at=_after(self._clock, stored),
                                      account=None if stored is None else stored.account,
                                      version=0 if stored is None else stored.version)
                 if await store.write(self._key, entry) is not None:
@@ -543,12 +557,12 @@ class TokenManager:
         this provider's tokens, under its lock, in place of what was there."""
         store = self._store
         assert store is not None, "an interactive provider keeps its tokens in a store"
-        now_mono, now_wall = self._clock.monotonic(), self._clock.time()
-        life = lifetime(grant.expires_in, grant.access_token, now_wall)
         self._account = account
         for _ in range(3):   # a fenced store refuses a write that raced another: read again
             async with store.locked(self._key, self._lock_timeout):
                 stored = await store.read(self._key)
+                now_mono, now_wall = self._clock.monotonic(), _after(self._clock, stored)
+                life = lifetime(grant.expires_in, grant.access_token, now_wall)
                 entry = StoredTokens(grant.access_token,
                                      None if life is None else now_wall + life,
                                      grant.refresh_token, now_wall, None, account,
@@ -720,6 +734,7 @@ class TokenManager:
 
     async def _persist(self, store: TokenStore, entry: StoredTokens) -> bool:
         """False only when a fenced store refused the write: newer tokens are stored."""
+        self._last_mark = _mark(entry)
         try:
             version = await store.write(self._key, entry)
         except StoreWriteFailed as exc:
@@ -749,8 +764,7 @@ class TokenManager:
         token when it is newer than *stale* and not itself due for a refresh."""
         if stored.seed != self._config_seed and self._config_seed is not None:
             return None   # the config carries a new refresh token: it wins over the file
-        if stored.account is not None:
-            self._account = stored.account
+        account = stored.account
         if self._subject is not None and (stored.seed is None
                                           or stored.seed != _seed(self._subject.current())):
             return None   # exchanged from another subject token than the one there is now
@@ -790,6 +804,9 @@ class TokenManager:
             0.0 if remaining is None or self._lifetime is None else self._lifetime - remaining)
         self._obtained_wall = stored.obtained_at
         self._metrics.token_expiry.labels(self.name).set(stored.expires_at or 0)
+        self._last_mark = _mark(stored)
+        if account is not None:
+            self._account = account   # only with the tokens it names
         if self._subject is not None:
             self._subject.used = self._subject.current()
         self._tell_watchers()

@@ -146,8 +146,14 @@ class OAuth2Grantor:
         answer = await call(self._session, "POST", url, within=cfg.timeout,
                             ssl_context=self._ssl, data=form, headers=headers)
         try:
-            raise_for_answer(answer, what)
+            raise_for_answer(answer, what, oauth=True)
         except GrantRejected as exc:
+            if self.interactive and exc.error is None:
+                # A person's refresh refused without an OAuth error (a WAF's 403 page, a
+                # proxy's 401): not the issuer ending the login, so retried, not logged out.
+                failed = GrantFailed(exc.reason)
+                failed.refused = True
+                raise failed from None
             if not self._inputs_change:
                 raise
             failed = GrantFailed(exc.reason)

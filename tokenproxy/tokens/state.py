@@ -178,6 +178,7 @@ class StateStore:
         self._mutexes: dict[str, asyncio.Lock] = {}
         self._log = get_logger()
         self._cleaned = False
+        self._last_said: tuple[str, tuple[tuple[str, Any], ...]] | None = None
 
     # -- trust -------------------------------------------------------------------------------
 
@@ -211,9 +212,18 @@ class StateStore:
         finally:
             os.close(fd)
 
+    def _once(self, event: str, level: str, **fields: Any) -> None:
+        """Log a problem of the file once until it changes: the store is read every second
+        for a person's tokens, and the same line each time would drown the log."""
+        said = (event, tuple(sorted(fields.items())))
+        if said == self._last_said:
+            return
+        self._last_said = said
+        getattr(self._log, level)(event, **fields)
+
     def _unsafe(self, exc: UnsafeStateFile) -> None:
         # Never the contents: they may hold tokens, and they are someone else's anyway.
-        self._log.error("state_file_unsafe", path=str(exc.path), reason=exc.problem)
+        self._once("state_file_unsafe", "error", path=str(exc.path), reason=exc.problem)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -244,8 +254,8 @@ class StateStore:
             self._unsafe(exc)
             return {}
         except OSError as exc:
-            self._log.warning("state_file_unreadable", path=str(self.path),
-                              error=exc.strerror or type(exc).__name__)
+            self._once("state_file_unreadable", "warning", path=str(self.path),
+                       error=exc.strerror or type(exc).__name__)
             return {}
 
     def _read_all(self, dir_fd: int, *, set_aside: bool) -> dict[str, StoredTokens]:
@@ -254,8 +264,10 @@ class StateStore:
             _check_file(self.path, st)
             # Readable by others is only warned about: every write replaces it with a 0600 file.
             if st.st_mode & 0o077:
-                self._log.warning("state_file_permissions", path=str(self.path),
-                                  mode=oct(st.st_mode & 0o777))
+                self._once("state_file_permissions", "warning", path=str(self.path),
+                           mode=oct(st.st_mode & 0o777))
+            else:
+                self._last_said = None
             raw = fh.read(4 * 1024 * 1024 + 1)
         try:
             doc = json.loads(raw.decode("utf-8"))
