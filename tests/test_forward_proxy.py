@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +21,11 @@ from tests.helpers.config import MakeProxy
 from tests.helpers.fakes import TOKEN, TOKEN_2
 from tests.helpers.forward import (
     Upstream,
+    ca_context,
     ca_file,
     forward_config,
     fport,
+    get_via,
     proxy_url,
 )
 from tests.helpers.logs import CapturedLogs
@@ -66,11 +67,9 @@ async def test_an_intercepted_request_is_in_the_access_log_under_its_entry(
     """One ``request`` line per intercepted request, as for a route: the entry's host as the
     route, the path without its query, the status."""
     daemon = await make_proxy(forward_config(tmp_path, tls_upstream))
-    url = f"https://localhost:{tls_upstream.port}/echo?secret-query=1"
-    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
-    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
-                                                   ssl=ctx) as resp:
-        assert 200 == resp.status
+    status, _ = await get_via(daemon, tmp_path,
+                              f"https://localhost:{tls_upstream.port}/echo?secret-query=1")
+    assert 200 == status
     [line] = [e for e in logs.events("request") if e.get("route") == "localhost"]
     assert ("GET", "/echo", 200) == (line["method"], line["path"], line["status"])
     assert "secret-query" not in logs.text
@@ -84,12 +83,9 @@ async def test_upstream_tls_is_verified_for_intercepted_hosts(
     raw = forward_config(tmp_path, tls_upstream)
     del raw["forward_proxy"]["intercept"][0]["ca_file"]
     daemon = await make_proxy(raw)
-    url = f"https://localhost:{tls_upstream.port}/echo"
-    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
-    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
-                                                   ssl=ctx) as resp:
-        assert 502 == resp.status
-        assert "upstream_unreachable" in await resp.text()
+    status, text = await get_via(daemon, tmp_path, f"https://localhost:{tls_upstream.port}/echo")
+    assert 502 == status
+    assert "upstream_unreachable" in text
     assert [] == tls_upstream.fake.seen
 
 
@@ -103,11 +99,8 @@ async def test_an_intercepted_ip_literal_gets_the_token(
     raw["forward_proxy"]["intercept"] = [{"host": "127.0.0.1", "port": tls_upstream.port,
                                           "provider": "api", "ca_file": str(tls_upstream.tls.ca)}]
     daemon = await make_proxy(raw)
-    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
-    async with aiohttp.ClientSession() as s, s.get(
-            f"https://127.0.0.1:{tls_upstream.port}/echo", proxy=proxy_url(daemon),
-            ssl=ctx) as resp:
-        assert 200 == resp.status
+    status, _ = await get_via(daemon, tmp_path, f"https://127.0.0.1:{tls_upstream.port}/echo")
+    assert 200 == status
     assert [f"Bearer {TOKEN}"] == tls_upstream.fake.last.header("Authorization")
 
 
@@ -122,7 +115,7 @@ async def test_requests_and_aiohttp_through_the_proxy(
         verify=str(ca_file(tmp_path)), timeout=10)
     assert 200 == answer.status_code
     assert b"body-bytes" == tls_upstream.fake.last.body
-    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+    ctx = ca_context(tmp_path)
     async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
                                                    ssl=ctx) as resp:
         assert 200 == resp.status
@@ -212,7 +205,7 @@ async def test_a_reload_reaches_connections_already_open(
     raw = forward_config(tmp_path, tls_upstream)
     daemon = await make_proxy(raw)
     url = f"https://localhost:{tls_upstream.port}/echo"
-    ctx = ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+    ctx = ca_context(tmp_path)
     connector = aiohttp.TCPConnector(limit=1)   # one connection, kept alive across the reload
     async with aiohttp.ClientSession(connector=connector) as s:
         async with s.get(url, proxy=proxy_url(daemon), ssl=ctx) as resp:
@@ -251,7 +244,7 @@ async def test_a_wildcard_entry_is_one_route_label_whatever_names_clients_ask_fo
             assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
             tls_reader, tls_writer = await asyncio.wait_for(asyncio.open_connection(
                 sock=writer.get_extra_info("socket").dup(),
-                ssl=ssl.create_default_context(cafile=str(ca_file(tmp_path))),
+                ssl=ca_context(tmp_path),
                 server_hostname=f"n{n}.example.test"), 5)
             tls_writer.write(f"GET /x HTTP/1.1\r\nHost: n{n}.example.test\r\n"
                              "Connection: close\r\n\r\n".encode())

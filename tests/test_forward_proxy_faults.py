@@ -71,6 +71,15 @@ async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWrit
             await asyncio.wait_for(server.wait_closed(), 1)
 
 
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A tunnel host: what comes in goes back."""
+    with contextlib.suppress(Exception):
+        while data := await r.read(1024):
+            w.write(data)
+            await w.drain()
+    w.close()
+
+
 # -- reloads ---------------------------------------------------------------------------------
 
 
@@ -230,13 +239,6 @@ async def test_stop_closes_open_tunnels(
 ) -> None:
     """Daemon.stop() drains the listeners' and the intercepted hosts' connections, but nothing
     holds the tunnels: after stop() returns they still relay bytes (and hold their slots)."""
-
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await r.read(1024):
-                w.write(data)
-                await w.drain()
-        w.close()
 
     async with raw_server(echo) as port:
         raw = forward_config(tmp_path, tls_upstream)
@@ -466,12 +468,6 @@ async def test_a_connect_after_stop_gets_no_tunnel(
 ) -> None:
     """A connection accepted before stop() whose CONNECT came after it was still decided: a
     tunnel opened, and relayed, after the daemon had stopped."""
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(1024):
-            w.write(data)
-            await w.drain()
-        w.close()
-
     async with raw_server(echo) as port:
         raw = forward_config(tmp_path, tls_upstream)
         raw["forward_proxy"]["tunnel"] = [f"localhost:{port}"]
@@ -511,11 +507,6 @@ async def test_a_tunnel_name_that_resolves_to_this_machine_is_refused(
     anywhere) that resolves to loopback opened a tunnel to this machine's own services;
     'localhost' listed as such still does."""
     assert LOOPBACK_NAME is not None
-
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(1024):
-            w.write(data)
-        w.close()
 
     async with raw_server(echo) as port:
         raw = forward_config(tmp_path, tls_upstream)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from pytest_aiohttp import AiohttpServer
 
 from tests.helpers.fakes import TOKEN, FakeUpstream
@@ -80,3 +81,11 @@ def ca_file(tmp_path: Path) -> Path:
 
 def ca_context(tmp_path: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file(tmp_path)))
+
+
+async def get_via(daemon: Daemon, tmp_path: Path, url: str) -> tuple[int, str]:
+    """GET *url* through the forward proxy, trusting its CA (aiohttp's CONNECT): the status
+    and the body."""
+    async with aiohttp.ClientSession() as s, s.get(url, proxy=proxy_url(daemon),
+                                                   ssl=ca_context(tmp_path)) as resp:
+        return resp.status, await resp.text()

@@ -519,18 +519,40 @@ class TokenManager:
         store = self._store
         if store is None or self._rejected_refresh is None:
             return
+        def cleared(stored: StoredTokens | None) -> StoredTokens | None:
+            if (stored is None or stored.refresh_token is None
+                    or _seed(stored.refresh_token) != self._rejected_refresh):
+                return None   # a login stored since: kept
+            return StoredTokens(obtained_at=_after(self._clock, stored),
+                                account=stored.account, version=stored.version)
+
         with contextlib.suppress(SharedStateUnavailable, StateLockTimeout, StoreWriteFailed):
+            written = await self._replace_stored(cleared)
+            if written is not None:
+                self._last_mark = _mark(written[1])
+                self._obtained_wall = written[1].obtained_at
+
+    async def _replace_stored(
+        self, make: Callable[[StoredTokens | None], StoredTokens | None],
+    ) -> tuple[StoredTokens | None, StoredTokens] | None:
+        """Under the provider's lock, the entry *make* builds from the stored one written in
+        its place (read again and retried when a fenced store refused the write: another
+        holder wrote meanwhile). Returns (what was stored, what was written), or None when
+        *make* wrote nothing."""
+        store = self._store
+        assert store is not None
+        for _ in range(3):
             async with store.locked(self._key, self._lock_timeout):
                 stored = await store.read(self._key)
-                if (stored is not None and stored.refresh_token is not None
-                        and _seed(stored.refresh_token) == self._rejected_refresh):
-                    entry = StoredTokens(obtained_at=self._clock.time(), account=stored.account,
-                                         version=stored.version)
-                    self._last_mark = _mark(entry)
-                    version = await store.write(self._key, entry)
-                    if version is not None:
+                entry = make(stored)
+                if entry is None:
+                    return None
+                version = await store.write(self._key, entry)
+                if version is not None:
+                    if store.fenced:
                         self._version = version
-                    self._obtained_wall = entry.obtained_at
+                    return stored, entry
+        raise StoreWriteFailed("the shared state kept refusing the write")
 
     @property
     def key(self) -> str:
@@ -540,38 +562,33 @@ class TokenManager:
     async def store_logout(self) -> StoredTokens | None:
         """`tokenproxy logout`: an entry without tokens in place of the stored ones, which it
         returns (their refresh token is the one to revoke: read under the same lock)."""
-        store = self._store
-        assert store is not None, "an interactive provider keeps its tokens in a store"
-        for _ in range(3):
-            async with store.locked(self._key, self._lock_timeout):
-                stored = await store.read(self._key)
-                entry = StoredTokens(obtained_at=_after(self._clock, stored),
-                                     account=None if stored is None else stored.account,
-                                     version=0 if stored is None else stored.version)
-                if await store.write(self._key, entry) is not None:
-                    return stored
-        raise StoreWriteFailed("the shared state kept refusing the write")
+        assert self._store is not None, "an interactive provider keeps its tokens in a store"
+        written = await self._replace_stored(lambda stored: StoredTokens(
+            obtained_at=_after(self._clock, stored),
+            account=None if stored is None else stored.account,
+            version=0 if stored is None else stored.version))
+        assert written is not None
+        return written[0]
 
     async def store_login(self, grant: Grant, account: str | None) -> None:
         """A login a person completed (`tokenproxy login`): stored where the daemon keeps
         this provider's tokens, under its lock, in place of what was there."""
-        store = self._store
-        assert store is not None, "an interactive provider keeps its tokens in a store"
+        assert self._store is not None, "an interactive provider keeps its tokens in a store"
         self._account = account
-        for _ in range(3):   # a fenced store refuses a write that raced another: read again
-            async with store.locked(self._key, self._lock_timeout):
-                stored = await store.read(self._key)
-                now_mono, now_wall = self._clock.monotonic(), _after(self._clock, stored)
-                life = lifetime(grant.expires_in, grant.access_token, now_wall)
-                entry = StoredTokens(grant.access_token,
-                                     None if life is None else now_wall + life,
-                                     grant.refresh_token, now_wall, None, account,
-                                     version=0 if stored is None else stored.version)
-                if await store.write(self._key, entry) is not None:
-                    break
-        else:
-            raise StoreWriteFailed("the shared state kept refusing the write")
-        self._install(grant.access_token, grant.refresh_token, life, now_mono, now_wall)
+
+        def logged_in(stored: StoredTokens | None) -> StoredTokens:
+            now_wall = _after(self._clock, stored)
+            life = lifetime(grant.expires_in, grant.access_token, now_wall)
+            return StoredTokens(grant.access_token, None if life is None else now_wall + life,
+                                grant.refresh_token, now_wall, None, account,
+                                version=0 if stored is None else stored.version)
+
+        written = await self._replace_stored(logged_in)
+        assert written is not None
+        entry = written[1]
+        life = None if entry.expires_at is None else entry.expires_at - entry.obtained_at
+        self._install(grant.access_token, grant.refresh_token, life, self._clock.monotonic(),
+                      entry.obtained_at)
 
     def _become_unauthenticated(self, reason: str, grant: str | None, *,
                                 misconfigured: bool = False) -> None:
