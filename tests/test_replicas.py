@@ -326,7 +326,11 @@ async def test_three_replicas_share_one_refresh_per_expiry_and_survive_a_redis_r
     assert len(rotations) >= 10, f"{len(rotations)} rotations outside the outage"
     starts = [c.start for c in calls]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) > 0.85 * REFRESH_EVERY, f"two calls for one expiry: gaps {gaps}"
+    # Two calls for one expiry would put two calls within one refresh period: any three
+    # calls in a row then span less than two periods. (A single gap is no measure: a call
+    # that reaches the busy test process late shortens the gap after it by as much.)
+    spans = [a + b for a, b in itertools.pairwise(gaps)]
+    assert min(spans) > 2 * 0.85 * REFRESH_EVERY, f"two calls for one expiry: gaps {gaps}"
     # -- the cut call's caller could not store its answer; it alone used that token
     assert shared is not None
     assert cut.access is not None
