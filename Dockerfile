@@ -4,7 +4,9 @@
 #     -v "$PWD/config.yaml:/etc/tokenproxy/config.yaml:ro" --network container:app tokenproxy
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# The wheel stage is named so that a build may replace it with wheels made elsewhere:
+#   podman build --build-context wheels=DIR .   (DIR/wheels holds tokenproxy's and its deps')
+FROM ${PYTHON_IMAGE} AS wheels
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY tokenproxy ./tokenproxy
@@ -12,7 +14,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 # Byte-compiled at install time: the root filesystem may be read-only at run time.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/tokenproxy-*.whl \
     && mkdir -p /var/lib/tokenproxy /etc/tokenproxy \
     && chown 65532:65532 /var/lib/tokenproxy \

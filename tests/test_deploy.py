@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from tokenproxy.config import OAuth2Provider, build_config, parse_yaml
@@ -172,6 +174,33 @@ def test_compose_example_is_valid(tmp_path: Path) -> None:
     raw = parse_yaml((ROOT / "examples/compose-config.yaml").read_text(), "compose-config")
     # The image sets STATE_DIRECTORY: the file names no state_path of its own.
     build_config(_with_secret_file(raw, secret), {"STATE_DIRECTORY": "/var/lib/tokenproxy"})
+
+
+KUBERNETES = sorted((ROOT / "examples/kubernetes").glob("*.yaml"))
+# Native sidecars (an init container with restartPolicy: Always) need Kubernetes 1.29.
+KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+
+
+@pytest.mark.parametrize("manifest", KUBERNETES, ids=lambda p: p.name)
+def test_kubernetes_examples_match_the_api_schemas(manifest: Path) -> None:
+    """Every object of every Kubernetes example is valid against the API's schemas (shipped
+    by kubernetes-validate; strict: an unknown field fails) from 1.29 to the latest."""
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    assert docs
+    for version in KUBERNETES_VERSIONS:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kubernetes_validation_catches_a_misspelt_field() -> None:
+    """The check above can fail: a misspelt field of the sidecar is refused."""
+    docs = list(yaml.safe_load_all((ROOT / "examples/kubernetes/tokenproxy-sidecar.yaml")
+                                   .read_text()))
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [sidecar] = deployment["spec"]["template"]["spec"]["initContainers"]
+    sidecar["restartPolicyy"] = sidecar.pop("restartPolicy")
+    with pytest.raises(kubernetes_validate.ValidationError, match="restartPolicyy"):
+        kubernetes_validate.validate(deployment, "1.29", strict=True)
 
 
 # -- replicas sharing one Redis (shared_state) ----------------------------------------------

@@ -1,0 +1,322 @@
+"""Podman for the container tests: the real Dockerfile built from this checkout and run as
+root without a Docker engine, a registry or systemd.
+
+- ``Podman`` runs the ``podman`` command with a containers.conf of the tests' own (pointed to
+  by CONTAINERS_CONF, never the system's: cgroupfs, runc, no default ulimits, slirp4netns with
+  access to the host's loopback as the default network) and a storage of its own under the
+  cache directory, so the machine's images and containers are never touched.
+- ``base_image`` makes a Debian base with Python from Debian's packages (mmdebstrap, then
+  ``podman import``, then a venv first on PATH so that ``python`` and ``pip`` behave as in the
+  official slim images), once per Debian release: it stays in the cache.
+- ``tokenproxy_image`` builds the Dockerfile on that base (``PYTHON_IMAGE``), its ``wheels``
+  stage replaced by wheels built on the host (pip inside a build cannot verify the package
+  index's TLS on these machines), once per content of the checkout.
+- ``Container`` is one running container: its logs, exit code, diff, healthcheck, stop.
+
+Containers reach the test's servers on the host's 127.0.0.1 as ``HOST`` (slirp4netns's
+``allow_host_loopback``: the container has a loopback of its own, as in a pod, and nothing
+listens anywhere but on 127.0.0.1). Every command has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PODMAN = "podman"
+RELEASE = "bookworm"                       # the Debian release of the base image
+BASE = f"localhost/tokenproxy-test-base:{RELEASE}"
+IMAGE = "localhost/tokenproxy-test"
+HOST = "10.0.2.2"      # the host's 127.0.0.1 as a container sees it (slirp4netns)
+MISSING = ("podman is not installed: the container tests build and run the image with "
+           "Debian's podman (.ci/run installs it when missing: apt-get install podman runc "
+           "slirp4netns mmdebstrap podman-compose)")
+CONTAINERS_CONF = """\
+# The container tests' own settings (CONTAINERS_CONF), as root without systemd.
+[containers]
+default_ulimits = []
+netns = "slirp4netns"
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"
+network_cmd_options = ["allow_host_loopback=true"]
+"""
+# The base: Python from Debian's packages in a venv, first on PATH as in python:*-slim.
+BASE_CONTAINERFILE = f"""\
+FROM {BASE}-raw
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+"""
+# Left out of the base: package caches and lists, documentation, translations.
+DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*",
+                 "/usr/share/info/*")
+# What the image is built from; a change to any of it builds a new image.
+INPUTS = ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "tokenproxy")
+LOCK_TIMEOUT = 600.0    # another test process building the same image
+COMMAND_TIMEOUT = 60.0
+
+
+def cache_dir() -> Path:
+    """Where the base image and the built images are kept between runs:
+    $TOKENPROXY_TEST_CACHE, else $XDG_CACHE_HOME/tokenproxy-tests, else ~/.cache/..."""
+    if os.environ.get("TOKENPROXY_TEST_CACHE"):
+        return Path(os.environ["TOKENPROXY_TEST_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "tokenproxy-tests"
+
+
+def podman_binary() -> str:
+    """The podman on PATH; skips the test (the one reason to) when there is none."""
+    binary = shutil.which(PODMAN)
+    if binary is None:
+        pytest.skip(MISSING)
+    return binary
+
+
+def required(tool: str, package: str) -> str:
+    """A tool the tests need besides podman; fails (never skips) when it is missing."""
+    binary = shutil.which(tool)
+    if binary is None:
+        pytest.fail(f"{tool} is not installed: apt-get install {package} (.ci/run does)",
+                    pytrace=False)
+    return binary
+
+
+class Podman:
+    """The podman command with the tests' containers.conf and storage."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        conf = home / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
+        self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
+        self.binary = podman_binary()
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.home / "storage"),
+                "--runroot", str(self.home / "run"), "--storage-driver", "overlay", *args]
+
+    def run(self, *args: str, timeout: float = COMMAND_TIMEOUT, check: bool = True,
+            stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+        """``podman ARGS``: its output; fails the test on a non-zero exit (with *check*) or
+        when it takes longer than *timeout* seconds."""
+        try:
+            result = subprocess.run(self.argv(*args), env=self.env, stdin=stdin,
+                                    capture_output=True, text=True, timeout=timeout,
+                                    check=False)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"podman {' '.join(args)} took over {timeout} s") from None
+        if check and result.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    async def arun(self, *args: str, timeout: float = COMMAND_TIMEOUT,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+        """run() off the event loop, so that the test's servers keep answering meanwhile."""
+        return await asyncio.to_thread(self.run, *args, timeout=timeout, check=check)
+
+    def exists(self, image: str) -> bool:
+        return self.run("image", "exists", image, check=False).returncode == 0
+
+    def size(self, image: str) -> int:
+        """The image's size in bytes, as ``podman images`` shows it."""
+        return int(self.run("image", "inspect", "--format", "{{.Size}}", image).stdout)
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive lock on *path* across processes (the two xdist workers), waited for at
+    most *timeout* seconds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{path} stayed locked for {timeout} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def debian_mirror(release: str = RELEASE) -> str | None:
+    """The Debian mirror this machine's apt uses for *release* (deb822 .sources or one-line
+    sources.list), or None for mmdebstrap's default."""
+    texts = [p.read_text() for p in [Path("/etc/apt/sources.list"),
+                                     *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+             if p.is_file() and p.suffix in (".list", ".sources")]
+    for text in texts:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+            if release in fields.get("Suites", "").split() and "URIs" in fields:
+                return fields["URIs"].split()[0]
+        for m in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
+            if m[2] == release:
+                return m[1]
+    return None
+
+
+@dataclass
+class Timings:
+    """Seconds each step took in this process (0 when the cache had the result)."""
+
+    bootstrap: float = 0.0
+    base: float = 0.0
+    wheels: float = 0.0
+    build: float = 0.0
+
+
+def base_image(podman: Podman, timings: Timings) -> str:
+    """The Debian base with Python (BASE), made once per release and kept in the cache."""
+    with locked(podman.home / "base.lock"):
+        if podman.exists(BASE):
+            return BASE
+        mmdebstrap = required("mmdebstrap", "mmdebstrap")
+        with tempfile.TemporaryDirectory(dir=podman.home) as tmp:
+            tar = Path(tmp) / "rootfs.tar"
+            mirror = debian_mirror()
+            started = time.monotonic()
+            subprocess.run(
+                [mmdebstrap, "--quiet", "--variant=minbase",
+                 "--include=python3,python3-venv,ca-certificates",
+                 *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
+                 RELEASE, str(tar), *([mirror] if mirror else [])],
+                check=True, capture_output=True, timeout=300)
+            timings.bootstrap = time.monotonic() - started
+            started = time.monotonic()
+            podman.run("import", str(tar), f"{BASE}-raw", timeout=120)
+            (Path(tmp) / "Containerfile").write_text(BASE_CONTAINERFILE)
+            podman.run("build", "--isolation=chroot", "--format", "docker",
+                       "-t", BASE, tmp, timeout=120)
+            podman.run("rmi", f"{BASE}-raw")   # the layer stays, under BASE
+            timings.base = time.monotonic() - started
+    return BASE
+
+
+def inputs_digest(root: Path = ROOT) -> str:
+    """A digest of everything the image is built from in the checkout."""
+    digest = hashlib.sha256()
+    for name in INPUTS:
+        path = root / name
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       ) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def tokenproxy_image(podman: Podman, timings: Timings) -> str:
+    """The Dockerfile built from this checkout on the base, once per content of the checkout
+    (older builds are removed)."""
+    base = base_image(podman, timings)
+    image = f"{IMAGE}:{inputs_digest()}"
+    with locked(podman.home / "image.lock"):
+        if podman.exists(image):
+            return image
+        with tempfile.TemporaryDirectory(dir=podman.home) as ctx:
+            started = time.monotonic()
+            # The base's Python is Debian's 3.11.2: redis wants async-timeout below 3.11.3,
+            # which pip on a newer host Python leaves out.
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
+                            f"{ctx}/wheels", str(ROOT), "async-timeout>=4.0.3"],
+                           check=True, capture_output=True, timeout=300)
+            timings.wheels = time.monotonic() - started
+            started = time.monotonic()
+            podman.run("build", "--isolation=chroot", "--format", "docker",
+                       "--build-arg", f"PYTHON_IMAGE={base}", "--build-context",
+                       f"wheels={ctx}", "-t", image, str(ROOT), timeout=180)
+            timings.build = time.monotonic() - started
+        for line in podman.run("images", "--format", "{{.Repository}}:{{.Tag}}",
+                               IMAGE).stdout.split():
+            if line != image:
+                podman.run("rmi", line, check=False)
+    return image
+
+
+# -- containers --------------------------------------------------------------------------
+
+
+@dataclass
+class Container:
+    """One container, by name."""
+
+    podman: Podman
+    name: str
+
+    def inspect(self, template: str) -> str:
+        return self.podman.run("inspect", "--format", template, self.name).stdout.strip()
+
+    @property
+    def running(self) -> bool:
+        return self.inspect("{{.State.Running}}") == "true"
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.inspect("{{.State.ExitCode}}"))
+
+    @property
+    def pid(self) -> int:
+        return int(self.inspect("{{.State.Pid}}"))
+
+    def logs(self) -> str:
+        result = self.podman.run("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines named *name*."""
+        out = []
+        for line in self.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if isinstance(ev, dict) and ev.get("event") == name:
+                    out.append(ev)
+        return out
+
+    async def healthcheck(self) -> subprocess.CompletedProcess[str]:
+        """``podman healthcheck run``: the image's HEALTHCHECK run once (exit 0: healthy)."""
+        return await self.podman.arun("healthcheck", "run", self.name, check=False, timeout=20)
+
+    async def diff(self) -> list[str]:
+        """``podman diff``: the paths changed in the container's filesystem."""
+        result = await self.podman.arun("diff", "--format", "json", self.name)
+        doc = json.loads(result.stdout or "{}")
+        return sorted({p for kind in ("changed", "added", "deleted") for p in doc.get(kind) or []})
+
+    async def stop(self, timeout: int) -> float:
+        """``podman stop -t TIMEOUT`` (SIGTERM, SIGKILL after *timeout* s): seconds taken."""
+        started = time.monotonic()
+        await self.podman.arun("stop", "-t", str(timeout), self.name, timeout=timeout + 30)
+        return time.monotonic() - started
+
+    def remove(self) -> None:
+        self.podman.run("rm", "--force", "--time", "0", self.name, check=False)
+
+
+def volume_path(podman: Podman, volume: str) -> Path:
+    """Where a named volume's files are on the host."""
+    return Path(podman.run("volume", "inspect", "--format", "{{.Mountpoint}}",
+                           volume).stdout.strip())

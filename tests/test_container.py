@@ -1,0 +1,325 @@
+"""The sidecar image, built from this checkout's Dockerfile and run for real with podman
+(tests/helpers/podman.py): as uid 65532 on a read-only root, beside an app container in its
+network namespace, against the suite's fake upstream and the demo issuer (rotating refresh
+tokens) listening on the host's 127.0.0.1.
+
+The first run on a machine makes the Debian base image (about 30 s) and every change to the
+checkout rebuilds the image (about 10 s); both are kept in the cache directory
+(tests/helpers/podman.py: cache_dir) for the runs after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from tests.helpers.fakes import CLIENT_SECRET, PASSWORD, FakeUpstream, assert_no_secret
+from tests.helpers.idp import Idp, StartIdp
+from tests.helpers.podman import (
+    BASE,
+    HOST,
+    ROOT,
+    Container,
+    Podman,
+    Timings,
+    cache_dir,
+    podman_binary,
+    tokenproxy_image,
+    volume_path,
+)
+from tests.helpers.wait import wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("podman") is None,
+                       reason="podman is not installed (apt-get install podman; .ci/run does)"),
+    # The first test of a fresh machine makes the base image and builds the image.
+    pytest.mark.timeout(300),
+]
+
+UID = 65532
+STATE = "/var/lib/tokenproxy"
+GRACE = 5            # shutdown_grace of the containers' config, in seconds
+# The app beside tokenproxy: one GET, its status and body as JSON on stdout.
+APP = """\
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
+        print(json.dumps({"status": r.status, "body": r.read().decode()}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"status": e.code, "body": e.read().decode()}))
+"""
+
+
+@pytest.fixture(name="podman", scope="session")
+def _podman() -> Podman:
+    podman_binary()
+    return Podman(cache_dir() / "podman")
+
+
+@pytest.fixture(name="image", scope="session")
+def _image(podman: Podman) -> str:
+    """The image of this checkout (built once per content, the base once per release)."""
+    timings = Timings()
+    image = tokenproxy_image(podman, timings)
+    (podman.home / "timings.json").write_text(json.dumps(vars(timings)))
+    return image
+
+
+def on_host(url: str) -> str:
+    """*url* of a server on the host's 127.0.0.1 as a container reaches it."""
+    return url.replace("127.0.0.1", HOST)
+
+
+def sidecar_config(idp: Idp, upstream: str, **provider: Any) -> dict[str, Any]:
+    """The Compose example's config, pointed at the test's issuer and upstream."""
+    return {
+        "listen": "127.0.0.1:8080",
+        "admin_listen": "127.0.0.1:9100",
+        "shutdown_grace": f"{GRACE}s",
+        "providers": {"idp": {"type": "oauth2", "token_url": on_host(idp.token_url),
+                              "client_id": idp.issuer.client_id,
+                              "client_secret": CLIENT_SECRET, **provider}},
+        "routes": [{"prefix": "/", "upstream": on_host(upstream), "provider": "idp"}],
+    }
+
+
+class Sidecar:
+    """tokenproxy containers of one test, each with its config and the state volume, and
+    app containers in their network namespace; all removed at the end."""
+
+    def __init__(self, podman: Podman, image: str, tmp_path: Path) -> None:
+        self.podman, self.image, self.tmp_path = podman, image, tmp_path
+        self.tag = uuid.uuid4().hex[:8]
+        self.volume = f"tp-state-{self.tag}"
+        self.containers: list[Container] = []
+
+    async def start(self, raw: dict[str, Any]) -> Container:
+        """A tokenproxy container as the README runs it (read-only root, the state volume,
+        the config mounted read-only), once its admin port answers."""
+        config = self.tmp_path / f"config-{len(self.containers)}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        os.chown(config, UID, UID)       # holds secrets: readable by the daemon alone
+        config.chmod(0o600)
+        tp = Container(self.podman, f"tp-{self.tag}-{len(self.containers)}")
+        self.containers.append(tp)
+        await self.podman.arun(
+            "run", "--detach", "--name", tp.name, "--read-only", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "--volume", f"{self.volume}:{STATE}",
+            "--volume", f"{config}:/etc/tokenproxy/config.yaml:ro", self.image)
+
+        def listening() -> bool:
+            if not tp.running:
+                raise AssertionError(f"tokenproxy exited {tp.exit_code}:\n{tp.logs()}")
+            return bool(tp.events("listening"))
+
+        await wait_for(listening, "tokenproxy to listen in its container", 20, every=0.2)
+        return tp
+
+    async def app(self, tp: Container, url: str, timeout: float = 10
+                  ) -> tuple[int, str]:
+        """An app container in *tp*'s network namespace GETs *url*: (status, body)."""
+        result = await self.podman.arun(
+            "run", "--rm", "--network", f"container:{tp.name}", "--no-healthcheck",
+            "--entrypoint", "python", self.image, "-c", APP, url, str(timeout),
+            timeout=timeout + 30)
+        doc = json.loads(result.stdout)
+        return int(doc["status"]), str(doc["body"])
+
+    async def ready(self, tp: Container, timeout: float = 20) -> None:
+        """Until /readyz answers 200 (the first token is in)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (await self.app(tp, "http://127.0.0.1:9100/readyz"))[0] != 200:
+            if loop.time() > deadline:
+                raise AssertionError(f"not ready after {timeout} s:\n{tp.logs()}")
+            await asyncio.sleep(0.2)
+
+    def close(self, extra: tuple[str, ...]) -> None:
+        logs = "".join(c.logs() for c in self.containers)
+        for c in self.containers:
+            c.remove()
+        self.podman.run("volume", "rm", "--force", self.volume, check=False)
+        assert_no_secret(logs, extra=extra)
+
+
+@pytest.fixture(name="sidecar")
+async def _sidecar(podman: Podman, image: str, tmp_path: Path
+                   ) -> AsyncIterator[Callable[[Idp], Sidecar]]:
+    """Sidecar containers for the test; removed at its end, their logs swept for the suite's
+    secrets and the issuer's tokens."""
+    made: list[tuple[Sidecar, Idp]] = []
+
+    def make(idp: Idp) -> Sidecar:
+        made.append((Sidecar(podman, image, tmp_path), idp))
+        return made[-1][0]
+
+    yield make
+    for s, idp in made:
+        await asyncio.to_thread(s.close, (*idp.issuer._access, *idp.issuer._refresh))
+
+
+def test_image_runs_version(podman: Podman, image: str) -> None:
+    """IMAGE --version: the entrypoint is tokenproxy, of this checkout's version."""
+    out = podman.run("run", "--rm", "--no-healthcheck", image, "--version").stdout
+    assert f"tokenproxy {version('tokenproxy')}" == out.strip()
+
+
+async def test_sidecar_adds_the_token_read_only_as_65532(
+        sidecar: Callable[[Idp], Sidecar], start: StartIdp, upstream: TestServer,
+        fake_upstream: FakeUpstream) -> None:
+    """An app container in tokenproxy's network namespace calls 127.0.0.1:8080 and the
+    upstream gets the issuer's token; the daemon runs as 65532 with no capabilities, cannot
+    write its root filesystem, and changed nothing outside the state volume and /tmp."""
+    idp = await start()
+    s = sidecar(idp)
+    tp = await s.start(sidecar_config(idp, fake_upstream.url("/")))
+    status, body = await s.app(tp, "http://127.0.0.1:8080/echo/users/me")
+    assert 200 == status, body
+    [token] = fake_upstream.last.header("Authorization")
+    assert token.removeprefix("Bearer ") in idp.issuer._access
+    assert "/echo/users/me" == json.loads(body)["raw_path"]
+
+    status_lines = Path(f"/proc/{tp.pid}/status").read_text().splitlines()
+    ids = {k: v.split() for k, _, v in (line.partition(":") for line in status_lines)}
+    assert [str(UID)] * 4 == ids["Uid"]
+    assert [str(UID)] * 4 == ids["Gid"]
+    assert "0000000000000000" == ids["CapEff"][0]
+
+    write = await s.podman.arun("exec", tp.name, "python", "-c",
+                                "open('/etc/tokenproxy/x', 'w')", check=False)
+    assert "Read-only file system" in write.stderr
+    # The state file is on the volume, 0600 in a 0700 directory, both the daemon's.
+    state = volume_path(s.podman, s.volume)
+    assert (UID, 0o700) == (state.stat().st_uid, state.stat().st_mode & 0o777)
+    state_file = state / "state.json"
+    assert (UID, 0o600) == (state_file.stat().st_uid, state_file.stat().st_mode & 0o777)
+    # podman diff: nothing outside the state volume and /tmp but the config file's mount
+    # point (which podman itself creates, with the directories above it).
+    mounts = [Path(m["Destination"]) for m in json.loads(tp.inspect("{{json .Mounts}}"))]
+    changed = await tp.diff()
+    assert [] == [p for p in changed if not p.startswith((STATE, "/tmp"))
+                  and not any(Path(p) == m or Path(p) in m.parents for m in mounts)], changed
+    assert "/etc/tokenproxy/config.yaml" in changed     # the diff does show the mount point
+
+
+async def test_healthcheck_passes_and_fails_while_the_daemon_does_not_answer(
+        sidecar: Callable[[Idp], Sidecar], start: StartIdp, upstream: TestServer,
+        fake_upstream: FakeUpstream) -> None:
+    """The Dockerfile's HEALTHCHECK (podman healthcheck run) passes once the daemon serves,
+    fails while it does not answer (stopped with SIGSTOP), and passes again after SIGCONT."""
+    idp = await start()
+    s = sidecar(idp)
+    tp = await s.start(sidecar_config(idp, fake_upstream.url("/")))
+    check = await tp.healthcheck()
+    assert 0 == check.returncode, check.stdout + check.stderr
+    await s.podman.arun("kill", "--signal", "STOP", tp.name)
+    try:
+        check = await tp.healthcheck()
+        assert 1 == check.returncode, check.stdout + check.stderr
+        assert "unhealthy" == check.stdout.strip()
+    finally:
+        await s.podman.arun("kill", "--signal", "CONT", tp.name)
+    check = await tp.healthcheck()
+    assert 0 == check.returncode, check.stdout + check.stderr
+    assert ("healthy", "0") == (tp.inspect("{{.State.Health.Status}}"),
+                                tp.inspect("{{.State.Health.FailingStreak}}"))
+
+
+async def test_sigterm_drains_an_in_flight_request(
+        sidecar: Callable[[Idp], Sidecar], start: StartIdp, upstream: TestServer,
+        fake_upstream: FakeUpstream) -> None:
+    """podman stop (SIGTERM) while a slow request is in flight: the app still gets its answer,
+    and the container exits 0 within shutdown_grace."""
+    idp = await start()
+    s = sidecar(idp)
+    tp = await s.start(sidecar_config(idp, fake_upstream.url("/")))
+    await s.ready(tp)
+    slow = asyncio.create_task(s.app(tp, "http://127.0.0.1:8080/slow?delay=2"))
+    try:
+        await wait_for(lambda: any(r.raw_path.startswith("/slow") for r in fake_upstream.seen),
+                       "the slow request at the upstream", 15, every=0.05)
+        took = await tp.stop(timeout=GRACE + 5)
+        assert (200, "slow") == await asyncio.wait_for(slow, 15)
+    finally:
+        slow.cancel()
+    assert 0 == tp.exit_code, tp.logs()
+    assert took < GRACE, tp.logs()
+    [shutdown] = tp.events("shutdown")
+    assert ("SIGTERM", GRACE) == (shutdown["signal"], shutdown["grace_s"])
+
+
+async def test_restart_reuses_the_rotated_refresh_token_on_the_volume(
+        sidecar: Callable[[Idp], Sidecar], start: StartIdp) -> None:
+    """The daemon logs in once (password grant), refreshes (the issuer rotates the refresh
+    token), is stopped; a new container on the same state volume goes on with the rotated
+    refresh token: no new login, and the issuer's API accepts what it then gets (a spent
+    refresh token would have revoked the whole family)."""
+    idp = await start(lifetime=3.0)
+    s = sidecar(idp)
+    raw = sidecar_config(idp, idp.url + "/api/", grant_type="password", username="demo",
+                         password=PASSWORD, refresh_margin="1s")
+    tp = await s.start(raw)
+    await wait_for(lambda: "refresh_token" in idp.calls.grants(),
+                   "a refresh (rotating the refresh token)", 20, every=0.1)
+    await tp.stop(timeout=GRACE + 5)
+    assert 0 == tp.exit_code, tp.logs()
+    assert "password" == idp.calls.grants()[0]
+    [family] = {id(f): f for f in idp.issuer._refresh.values()}.values()
+    rotated = family.live_refresh
+    assert rotated is not None
+    assert rotated in (volume_path(s.podman, s.volume) / "state.json").read_text()
+    before = len(idp.calls.seen)
+
+    again = await s.start(raw)
+    await wait_for(lambda: len(idp.calls.seen) > before, "the restarted daemon's refresh", 20,
+                   every=0.1)
+    after = idp.calls.seen[before:]
+    assert "password" not in [c.grant for c in after]
+    assert ("refresh_token", rotated) == (after[0].grant, after[0].form["refresh_token"])
+    status, body = await s.app(again, "http://127.0.0.1:8080/whoami")
+    assert 200 == status, body
+    assert not family.revoked
+
+
+def test_image_size(podman: Podman, image: str) -> None:
+    """What tokenproxy adds to its base (README: Container and sidecar) stays small."""
+    added = podman.size(image) - podman.size(BASE)
+    assert 0 < added < 80_000_000, added
+
+
+# -- the Compose example -------------------------------------------------------------------
+
+
+def test_compose_example_config(tmp_path: Path) -> None:
+    """podman-compose reads the Compose example, its secret file in place, and keeps what
+    makes it a sidecar. (podman-compose from PyPI: Debian bookworm's 1.0.3 has no ``config``.)"""
+    compose = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+    assert compose is not None, "podman-compose is installed with the test extra"
+    shutil.copy(ROOT / "Dockerfile", tmp_path)
+    work = Path(shutil.copytree(ROOT / "examples", tmp_path / "examples"))
+    (work / "client_secret").write_text("x")
+    result = subprocess.run([compose, "-f", "docker-compose.yaml", "config"], cwd=work,
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env=Podman(tmp_path / "podman").env)
+    assert 0 == result.returncode, result.stdout + result.stderr
+    doc = yaml.safe_load(result.stdout)
+    service = doc["services"]["tokenproxy"]
+    assert "service:app" == service["network_mode"]
+    assert str(tmp_path) == service["build"]["context"]      # the checkout's Dockerfile
+    assert (True, ["ALL"]) == (service["read_only"], service["cap_drop"])
+    assert "tokenproxy-state:/var/lib/tokenproxy" in service["volumes"]
+    assert "ports" not in service
