@@ -3,7 +3,7 @@
 network namespace, against the suite's fake upstream and the demo issuer (rotating refresh
 tokens) listening on the host's 127.0.0.1.
 
-The first run on a machine makes the Debian base image (about 30 s) and every change to the
+The first run on a machine makes the Debian base image (about a minute) and every change to the
 checkout rebuilds the image (about 10 s); both are kept in the cache directory
 (tests/helpers/podman.py: cache_dir) for the runs after it.
 """
