@@ -26,8 +26,10 @@ VOLUME ["/var/lib/tokenproxy"]
 USER 65532:65532
 # The proxy port is meant for containers sharing the network namespace (a pod, or
 # `--network container:app`); it is deliberately not EXPOSEd.
+# Healthy means ready: every provider holds a valid token (/readyz, 503 until then), which is
+# what an app waiting on this container (Compose's depends_on: service_healthy) needs.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/healthz', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/readyz', timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tokenproxy"]
 CMD ["run", "-c", "/etc/tokenproxy/config.yaml"]

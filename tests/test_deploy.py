@@ -81,11 +81,12 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_dockerfile_is_non_root_with_healthcheck_and_state_volume() -> None:
-    """The final stage runs as a numeric non-root user, checks /healthz, stops on SIGTERM."""
+    """The final stage runs as a numeric non-root user, reports healthy once ready (/readyz),
+    stops on SIGTERM and declares the state volume (tests/test_container.py runs it)."""
     text = (ROOT / "Dockerfile").read_text()
     final = text[text.rindex("\nFROM "):]
     assert re.search(r"^USER 65532:65532$", final, re.M)
-    assert "/healthz" in final
+    assert "/readyz" in final
     assert "HEALTHCHECK" in final
     assert re.search(r"^STOPSIGNAL SIGTERM$", final, re.M)
     assert 'VOLUME ["/var/lib/tokenproxy"]' in final

@@ -46,6 +46,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent.parent
 PODMAN = "podman"
 RELEASE = "bookworm"                       # the Debian release of the base image
+BASE_PYTHON = "3.11"                       # its Python
 BASE_NAME = "localhost/tokenproxy-test-base"
 IMAGE = "localhost/tokenproxy-test"
 HOST = "10.0.2.2"      # the host's 127.0.0.1 as a container sees it (slirp4netns)
@@ -83,7 +84,7 @@ BASE = f"{BASE_NAME}:{RELEASE}-" + hashlib.sha256(
     repr((PACKAGES, SETUP, PATH)).encode()).hexdigest()[:12]
 # What the image is built from; a change to any of it builds a new image.
 INPUTS = ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "tokenproxy")
-LOCK_TIMEOUT = 600.0    # another test process building the same image
+LOCK_TIMEOUT = 240.0    # another test process building the same image (within the test's 300)
 COMMAND_TIMEOUT = 60.0
 
 
@@ -120,13 +121,22 @@ class Podman:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         conf = home / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
+        if not conf.is_file() or conf.read_text() != CONTAINERS_CONF:
+            # Replaced whole: another test process's podman may be reading it.
+            tmp = home / f"containers.conf.{os.getpid()}"
+            tmp.write_text(CONTAINERS_CONF)
+            tmp.replace(conf)
         self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
         self.binary = podman_binary()
 
+    @property
+    def storage(self) -> list[str]:
+        """The global options that keep podman on the tests' storage."""
+        return ["--root", str(self.home / "storage"), "--runroot", str(self.home / "run"),
+                "--storage-driver", "overlay"]
+
     def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.home / "storage"),
-                "--runroot", str(self.home / "run"), "--storage-driver", "overlay", *args]
+        return [self.binary, *self.storage, *args]
 
     def run(self, *args: str, timeout: float = COMMAND_TIMEOUT, check: bool = True,
             stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
@@ -187,7 +197,7 @@ def debian_mirror(release: str = RELEASE) -> str | None:
         for stanza in re.split(r"\n\s*\n", text):
             fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
             if release in fields.get("Suites", "").split() and "URIs" in fields:
-                return fields["URIs"].split()[0]
+                return str(fields["URIs"].split()[0])
         for m in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
             if m[2] == release:
                 return m[1]
@@ -229,9 +239,9 @@ def base_image(podman: Podman, timings: Timings) -> str:
     return BASE
 
 
-def inputs_digest(root: Path = ROOT) -> str:
-    """A digest of everything the image is built from in the checkout."""
-    digest = hashlib.sha256()
+def inputs_digest(root: Path = ROOT, base: str = "") -> str:
+    """A digest of everything the image is built from: the checkout's files and the base."""
+    digest = hashlib.sha256(base.encode() + b"\0")
     for name in INPUTS:
         path = root / name
         files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
@@ -245,17 +255,13 @@ def tokenproxy_image(podman: Podman, timings: Timings) -> str:
     """The Dockerfile built from this checkout on the base, once per content of the checkout
     (older builds are removed)."""
     base = base_image(podman, timings)
-    image = f"{IMAGE}:{inputs_digest()}"
+    image = f"{IMAGE}:{inputs_digest(base=base)}"
     with locked(podman.home / "image.lock"):
         if podman.exists(image):
             return image
         with tempfile.TemporaryDirectory(dir=podman.home) as ctx:
             started = time.monotonic()
-            # The base's Python is Debian's 3.11.2: redis wants async-timeout below 3.11.3,
-            # which pip on a newer host Python leaves out.
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
-                            f"{ctx}/wheels", str(ROOT), "async-timeout>=4.0.3"],
-                           check=True, capture_output=True, timeout=300)
+            wheels(Path(ctx) / "wheels")
             timings.wheels = time.monotonic() - started
             started = time.monotonic()
             podman.run("build", "--isolation=chroot", "--format", "docker",
@@ -264,6 +270,23 @@ def tokenproxy_image(podman: Podman, timings: Timings) -> str:
             timings.build = time.monotonic() - started
         remove_others(podman, IMAGE, image)
     return image
+
+
+def wheels(into: Path) -> None:
+    """tokenproxy's wheel and its dependencies', built by the host's pip for the base's Python
+    (BASE_PYTHON): the host's must be the same version, or the compiled ones would not install
+    (cross-platform downloads need every dependency as a wheel on the index, which the package
+    mirrors of these machines do not all have)."""
+    host = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if host != BASE_PYTHON:
+        pytest.fail(f"the container tests build wheels for the image's Python {BASE_PYTHON} on "
+                    f"the host, whose Python is {host}: run them with Python {BASE_PYTHON}",
+                    pytrace=False)
+    # Debian's 3.11.2: redis wants async-timeout below 3.11.3, which the host's newer 3.11
+    # leaves out.
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel",
+                    "--quiet", "--wheel-dir", str(into), str(ROOT), "async-timeout>=4.0.3"],
+                   check=True, capture_output=True, timeout=300)
 
 
 def remove_others(podman: Podman, name: str, keep: str) -> None:
