@@ -54,6 +54,7 @@ pytestmark = [
 UID = 65532
 STATE = "/var/lib/tokenproxy"
 GRACE = 5            # shutdown_grace of the containers' config, in seconds
+DELAY = 2            # the slow request's, in seconds
 # The app beside tokenproxy: one GET, its status and body as JSON on stdout.
 APP = """\
 import json, sys, urllib.error, urllib.request
@@ -68,7 +69,9 @@ except urllib.error.HTTPError as e:
 @pytest.fixture(name="podman", scope="session")
 def _podman() -> Podman:
     podman_binary()
-    return Podman(cache_dir() / "podman")
+    podman = Podman(cache_dir() / "podman")
+    podman.sweep()
+    return podman
 
 
 @pytest.fixture(name="image", scope="session")
@@ -78,6 +81,16 @@ def _image(podman: Podman) -> str:
     image = tokenproxy_image(podman, timings)
     (podman.home / "timings.json").write_text(json.dumps(vars(timings)))
     return image
+
+
+async def listening(tp: Container) -> None:
+    """Until the daemon in *tp* logs that it listens; fails at once if it exits."""
+    async def up() -> bool:
+        if not await asyncio.to_thread(lambda: tp.running):
+            raise AssertionError(f"tokenproxy exited {tp.exit_code}:\n{tp.logs()}")
+        return bool(await asyncio.to_thread(tp.events, "listening"))
+
+    await wait_for(up, "tokenproxy to listen in its container", 20, every=0.2)
 
 
 def on_host(url: str) -> str:
@@ -108,33 +121,40 @@ class Sidecar:
         self.volume = f"tp-state-{self.tag}"
         self.containers: list[Container] = []
 
-    async def start(self, raw: dict[str, Any]) -> Container:
+    async def start(self, raw: dict[str, Any], *, read_only: bool = True) -> Container:
         """A tokenproxy container as the README runs it (read-only root, the state volume,
-        the config mounted read-only), once its admin port answers."""
+        the config mounted read-only), once it listens."""
         config = self.tmp_path / f"config-{len(self.containers)}.yaml"
         config.write_text(yaml.safe_dump(raw))
         os.chown(config, UID, UID)       # holds secrets: readable by the daemon alone
         config.chmod(0o600)
         tp = Container(self.podman, f"tp-{self.tag}-{len(self.containers)}")
         self.containers.append(tp)
+        if len(self.containers) == 1:
+            await self.podman.arun("volume", "create", "--label", self.podman.run_label,
+                                   self.volume)
+        # Read-only as Docker and Kubernetes make it: podman's --read-only alone would add
+        # writable tmpfs on /tmp, /var/tmp and /run. Without it (read_only=False), the test
+        # can see what the daemon writes (podman diff). --passwd=false: podman would add uid
+        # 65532 to /etc/passwd and /etc/group, which Docker does not.
+        root = ["--read-only", "--read-only-tmpfs=false"] if read_only else []
         await self.podman.arun(
-            "run", "--detach", "--name", tp.name, "--read-only", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges", "--volume", f"{self.volume}:{STATE}",
+            "run", "--detach", "--name", tp.name, "--label", self.podman.run_label, *root,
+            "--passwd=false",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            # The HEALTHCHECK is run by the test (podman healthcheck run), not by a timer.
+            "--health-interval", "disable",
+            "--volume", f"{self.volume}:{STATE}",
             "--volume", f"{config}:/etc/tokenproxy/config.yaml:ro", self.image)
-
-        def listening() -> bool:
-            if not tp.running:
-                raise AssertionError(f"tokenproxy exited {tp.exit_code}:\n{tp.logs()}")
-            return bool(tp.events("listening"))
-
-        await wait_for(listening, "tokenproxy to listen in its container", 20, every=0.2)
+        await listening(tp)
         return tp
 
     async def app(self, tp: Container, url: str, timeout: float = 10
                   ) -> tuple[int, str]:
         """An app container in *tp*'s network namespace GETs *url*: (status, body)."""
         result = await self.podman.arun(
-            "run", "--rm", "--network", f"container:{tp.name}", "--no-healthcheck",
+            "run", "--rm", "--label", self.podman.run_label, "--network",
+            f"container:{tp.name}", "--no-healthcheck",
             "--entrypoint", "python", self.image, "-c", APP, url, str(timeout),
             timeout=timeout + 30)
         doc = json.loads(result.stdout)
@@ -174,24 +194,29 @@ async def _sidecar(podman: Podman, image: str, tmp_path: Path
 
 
 def test_image_runs_version(podman: Podman, image: str) -> None:
-    """IMAGE --version: the entrypoint is tokenproxy, of this checkout's version."""
+    """IMAGE --version: the entrypoint is tokenproxy, of this checkout's version; the state
+    directory is the image's volume."""
     out = podman.run("run", "--rm", "--no-healthcheck", image, "--version").stdout
     assert f"tokenproxy {version('tokenproxy')}" == out.strip()
+    # The state directory is a declared volume: a run without -v still keeps it off the root.
+    volumes = json.loads(podman.run("image", "inspect", "--format", "{{json .Config.Volumes}}",
+                                    image).stdout)
+    assert [STATE] == list(volumes)
 
 
 async def test_sidecar_adds_the_token_read_only_as_65532(
         sidecar: Callable[[Idp], Sidecar], start: StartIdp, upstream: TestServer,
         fake_upstream: FakeUpstream) -> None:
     """An app container in tokenproxy's network namespace calls 127.0.0.1:8080 and the
-    upstream gets the issuer's token; the daemon runs as 65532 with no capabilities, cannot
-    write its root filesystem, and changed nothing outside the state volume and /tmp."""
+    upstream gets the issuer's token; the daemon runs as 65532 with no capabilities and
+    cannot write its root filesystem, /tmp included (as with Docker's --read-only)."""
     idp = await start()
     s = sidecar(idp)
     tp = await s.start(sidecar_config(idp, fake_upstream.url("/")))
     status, body = await s.app(tp, "http://127.0.0.1:8080/echo/users/me")
     assert 200 == status, body
     [token] = fake_upstream.last.header("Authorization")
-    assert token.removeprefix("Bearer ") in idp.issuer._access
+    assert token.removeprefix("Bearer ") in idp.issuer._access, "not the issuer's token"
     assert "/echo/users/me" == json.loads(body)["raw_path"]
 
     status_lines = Path(f"/proc/{tp.pid}/status").read_text().splitlines()
@@ -200,18 +225,20 @@ async def test_sidecar_adds_the_token_read_only_as_65532(
     assert [str(UID)] * 4 == ids["Gid"]
     assert "0000000000000000" == ids["CapEff"][0]
 
-    write = await s.podman.arun("exec", tp.name, "python", "-c",
-                                "open('/etc/tokenproxy/x', 'w')", check=False)
-    assert "Read-only file system" in write.stderr
+    for path in ("/etc/tokenproxy/x", "/tmp/x"):      # no tmpfs either, as under Docker
+        write = await s.podman.arun("exec", tp.name, "python", "-c", f"open('{path}', 'w')",
+                                    check=False)
+        assert "Read-only file system" in write.stderr, (path, write.stderr)
     # The state file is on the volume, 0600 in a 0700 directory, both the daemon's.
     state = volume_path(s.podman, s.volume)
     assert (UID, 0o700) == (state.stat().st_uid, state.stat().st_mode & 0o777)
     state_file = state / "state.json"
     assert (UID, 0o600) == (state_file.stat().st_uid, state_file.stat().st_mode & 0o777)
-    # podman diff: nothing outside the state volume and /tmp but the config file's mount
-    # point (which podman itself creates, with the directories above it).
-    mounts = [Path(m["Destination"]) for m in json.loads(tp.inspect("{{json .Mounts}}"))]
-    changed = await tp.diff()
+
+
+def assert_writes_only_state_and_tmp(changed: list[str], mounts: list[Path]) -> None:
+    """podman diff of a container run without --read-only: nothing outside the state volume
+    and /tmp, but the mount points podman itself creates (with the directories above them)."""
     assert [] == [p for p in changed if not p.startswith((STATE, "/tmp"))
                   and not any(Path(p) == m or Path(p) in m.parents for m in mounts)], changed
     assert "/etc/tokenproxy/config.yaml" in changed     # the diff does show the mount point
@@ -257,16 +284,21 @@ async def test_sigterm_drains_an_in_flight_request(
     s = sidecar(idp)
     tp = await s.start(sidecar_config(idp, fake_upstream.url("/")))
     await s.ready(tp)
-    slow = asyncio.create_task(s.app(tp, "http://127.0.0.1:8080/slow?delay=2"))
+    slow = asyncio.create_task(s.app(tp, f"http://127.0.0.1:8080/slow?delay={DELAY}"))
+    loop = asyncio.get_running_loop()
     try:
         await wait_for(lambda: any(r.raw_path.startswith("/slow") for r in fake_upstream.seen),
                        "the slow request at the upstream", 15, every=0.05)
+        answered = loop.time() + DELAY      # the upstream answers by then (or a poll earlier)
         took = await tp.stop(timeout=GRACE + 5)
+        stopped = loop.time()
         assert (200, "slow") == await asyncio.wait_for(slow, 15)
     finally:
         slow.cancel()
     assert 0 == tp.exit_code, tp.logs()
     assert took < GRACE, tp.logs()
+    # Exited as soon as the answer went out, not at the end of the grace period.
+    assert stopped - answered < 1.5, (stopped - answered, tp.logs())
     [shutdown] = tp.events("shutdown")
     assert ("SIGTERM", GRACE) == (shutdown["signal"], shutdown["grace_s"])
 
@@ -274,23 +306,28 @@ async def test_sigterm_drains_an_in_flight_request(
 async def test_restart_reuses_the_rotated_refresh_token_on_the_volume(
         sidecar: Callable[[Idp], Sidecar], start: StartIdp) -> None:
     """The daemon logs in once (password grant), refreshes (the issuer rotates the refresh
-    token), is stopped; a new container on the same state volume goes on with the rotated
-    refresh token: no new login, and the issuer's API accepts what it then gets (a spent
-    refresh token would have revoked the whole family)."""
+    token), is stopped, having written nothing outside the state volume and /tmp (podman
+    diff; run without --read-only for that); a new container on the same state volume goes
+    on with the rotated refresh token: no new login, and the issuer's API accepts what it
+    then gets (a spent refresh token would have revoked the whole family)."""
     idp = await start(lifetime=3.0)
     s = sidecar(idp)
     raw = sidecar_config(idp, idp.url + "/api/", grant_type="password", username="demo",
                          password=PASSWORD, refresh_margin="1s")
-    tp = await s.start(raw)
+    tp = await s.start(raw, read_only=False)
     await wait_for(lambda: "refresh_token" in idp.calls.grants(),
                    "a refresh (rotating the refresh token)", 20, every=0.1)
     await tp.stop(timeout=GRACE + 5)
     assert 0 == tp.exit_code, tp.logs()
+    # A login, a refresh, a state file written twice and a shutdown: written where allowed.
+    mounts = [Path(m["Destination"]) for m in json.loads(tp.inspect("{{json .Mounts}}"))]
+    assert_writes_only_state_and_tmp(await tp.diff(), mounts)
     assert "password" == idp.calls.grants()[0]
     [family] = {id(f): f for f in idp.issuer._refresh.values()}.values()
     rotated = family.live_refresh
     assert rotated is not None
-    assert rotated in (volume_path(s.podman, s.volume) / "state.json").read_text()
+    assert rotated in (volume_path(s.podman, s.volume) / "state.json").read_text(), \
+        "the rotated refresh token is not in the state file on the volume"
     before = len(idp.calls.seen)
 
     again = await s.start(raw)
@@ -350,6 +387,10 @@ async def test_compose_example_runs(podman: Podman, image: str, start: StartIdp,
                network_mode="slirp4netns:allow_host_loopback=true")
     del tokenproxy["build"]
     tokenproxy["image"] = image
+    label = dict([podman.run_label.split("=", 1)])     # for the sweep, if this run dies
+    for service in (app, tokenproxy):
+        service["labels"] = label
+    doc["volumes"]["tokenproxy-state"] = {"labels": label}
     (work / "docker-compose.yaml").write_text(yaml.safe_dump(doc))
     config = yaml.safe_load((work / "compose-config.yaml").read_text())
     provider = config["providers"]["api"]
@@ -374,19 +415,13 @@ async def test_compose_example_runs(podman: Podman, image: str, start: StartIdp,
     try:
         up = await compose("up", "--detach")
         assert 0 == up.returncode, up.stdout + up.stderr
-
-        def listening() -> bool:
-            if not tp.running:
-                raise AssertionError(f"tokenproxy exited {tp.exit_code}:\n{tp.logs()}")
-            return bool(tp.events("listening"))
-
-        await wait_for(listening, "tokenproxy to listen in its container", 20, every=0.2)
+        await listening(tp)
         call = await podman.arun("exec", f"{project}_app_1", "python", "-c", APP,
                                  "http://127.0.0.1:8080/echo/users/me", "10")
         answer = json.loads(call.stdout)
         assert 200 == answer["status"], answer
         [token] = fake_upstream.last.header("Authorization")
-        assert token.removeprefix("Bearer ") in idp.issuer._access
+        assert token.removeprefix("Bearer ") in idp.issuer._access, "not the issuer's token"
         assert "container:" in tp.inspect("{{.HostConfig.NetworkMode}}")
         assert "true" == tp.inspect("{{.HostConfig.ReadonlyRootfs}}")
     finally:

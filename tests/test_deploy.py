@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.helpers.podman import WHEEL_INPUTS
 from tokenproxy.config import OAuth2Provider, build_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,18 @@ def test_dockerfile_is_non_root_with_healthcheck_and_state_volume() -> None:
     assert "/etc/tokenproxy/config.yaml" in final
     assert "gcc" not in final
     assert "build-essential" not in final
+
+
+def test_dockerfile_wheels_stage_copies_what_the_container_tests_build_from() -> None:
+    """The container tests replace the wheels stage with wheels built on the host from
+    WHEEL_INPUTS (pip cannot reach the index from a build here): the stage must copy exactly
+    those and make its wheels in /wheels, or the image they test is not the one users build."""
+    text = (ROOT / "Dockerfile").read_text()
+    stage = text[text.index(" AS wheels\n"):text.index("\nFROM ", text.index(" AS wheels"))]
+    copied = {name.rstrip("/") for line in re.findall(r"^COPY (.+)$", stage, re.M)
+              for name in line.split()[:-1]}
+    assert set(WHEEL_INPUTS) == copied
+    assert re.search(r"^RUN pip wheel .*--wheel-dir /wheels \.$", stage, re.M)
 
 
 def _with_secret_file(raw: Any, secret_path: Path) -> Any:

@@ -77,13 +77,22 @@ SETUP = ('chroot "$1" python3 -m venv /opt/venv',
          'mkdir -p "$1/etc/ssl/certs"',
          'cat "$1"/usr/share/ca-certificates/mozilla/*.crt'
          ' > "$1/etc/ssl/certs/ca-certificates.crt"')
+# A mirror that does not answer fails the download in about a minute, not five.
+APT_OPTIONS = ('Acquire::http::Timeout "20"', 'Acquire::https::Timeout "20"',
+               'Acquire::Retries "1"')
 # The venv first on PATH, as Python is in the official slim images.
 PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # One base per release and recipe: a change to the recipe makes a new one.
 BASE = f"{BASE_NAME}:{RELEASE}-" + hashlib.sha256(
     repr((PACKAGES, SETUP, PATH)).encode()).hexdigest()[:12]
+# What the Dockerfile's wheels stage copies (tests/test_deploy.py holds the two together).
+WHEEL_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "tokenproxy")
 # What the image is built from; a change to any of it builds a new image.
-INPUTS = ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "tokenproxy")
+INPUTS = ("Dockerfile", *WHEEL_INPUTS)
+# Every container and volume the tests make carries LABEL=<run>: a later run removes what an
+# interrupted one left (sweep), and never what a run still going has made.
+LABEL = "tokenproxy-test-run"
+LEFTOVER_AGE = 900.0    # seconds: older than any test's containers
 LOCK_TIMEOUT = 240.0    # another test process building the same image (within the test's 300)
 COMMAND_TIMEOUT = 60.0
 
@@ -158,6 +167,26 @@ class Podman:
         """run() off the event loop, so that the test's servers keep answering meanwhile."""
         return await asyncio.to_thread(self.run, *args, timeout=timeout, check=check)
 
+    @property
+    def run_label(self) -> str:
+        """``LABEL=<this test run>`` (the xdist workers of one run share it)."""
+        return f"{LABEL}={os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"
+
+    def sweep(self) -> None:
+        """Removes the containers and volumes that other, interrupted runs left behind (made
+        more than LEFTOVER_AGE seconds ago by another run)."""
+        now = time.time()
+        mine = self.run_label.partition("=")[2]
+        ps = self.run("ps", "--all", "--filter", f"label={LABEL}", "--format", "json")
+        for c in json.loads(ps.stdout or "[]"):
+            old = now - c.get("Created", now) > LEFTOVER_AGE
+            if old and c.get("Labels", {}).get(LABEL) != mine:
+                self.run("rm", "--force", "--depend", "--time", "0", c["Id"], check=False)
+        vols = self.run("volume", "ls", "--filter", f"label={LABEL}", "--format", "json")
+        for v in json.loads(vols.stdout or "[]"):
+            if v.get("Labels", {}).get(LABEL) != mine:
+                self.run("volume", "rm", v["Name"], check=False)   # refused while in use
+
     def exists(self, image: str) -> bool:
         return self.run("image", "exists", image, check=False).returncode == 0
 
@@ -220,16 +249,26 @@ def base_image(podman: Podman, timings: Timings) -> str:
     with locked(podman.home / "base.lock"):
         if podman.exists(BASE):
             return BASE
+        # Another test process of this run failed to make it just now: the same answer, at
+        # once, rather than every process waiting out a dead mirror in turn.
+        failed = podman.home / "base.failed"
+        if failed.is_file() and time.time() - failed.stat().st_mtime < LEFTOVER_AGE:
+            raise AssertionError(f"(another test process, just now) {failed.read_text()}")
         mmdebstrap = required("mmdebstrap", "mmdebstrap")
         with tempfile.TemporaryDirectory(dir=podman.home) as tmp:
             tar = Path(tmp) / "rootfs.tar"
             mirror = debian_mirror()
             started = time.monotonic()
-            subprocess.run(
-                [mmdebstrap, "--quiet", "--variant=extract", f"--include={','.join(PACKAGES)}",
-                 *(f"--extract-hook={command}" for command in SETUP),
-                 RELEASE, str(tar), *([mirror] if mirror else [])],
-                check=True, capture_output=True, timeout=300)
+            try:
+                checked([mmdebstrap, "--quiet", "--variant=extract",
+                         f"--include={','.join(PACKAGES)}",
+                         *(f"--aptopt={option}" for option in APT_OPTIONS),
+                         *(f"--extract-hook={command}" for command in SETUP),
+                         RELEASE, str(tar), *([mirror] if mirror else [])], "mmdebstrap", 180)
+            except AssertionError as exc:
+                failed.write_text(str(exc))
+                raise
+            failed.unlink(missing_ok=True)
             timings.bootstrap = time.monotonic() - started
             started = time.monotonic()
             podman.run("import", "--change", f"ENV PATH={PATH}", str(tar), BASE,
@@ -255,7 +294,8 @@ def tokenproxy_image(podman: Podman, timings: Timings) -> str:
     """The Dockerfile built from this checkout on the base, once per content of the checkout
     (older builds are removed)."""
     base = base_image(podman, timings)
-    image = f"{IMAGE}:{inputs_digest(base=base)}"
+    # Tagged per checkout too: another checkout sharing the cache keeps its own image.
+    image = f"{IMAGE}:{checkout_tag()}-{inputs_digest(base=base)}"
     with locked(podman.home / "image.lock"):
         if podman.exists(image):
             return image
@@ -268,8 +308,12 @@ def tokenproxy_image(podman: Podman, timings: Timings) -> str:
                        "--build-arg", f"PYTHON_IMAGE={base}", "--build-context",
                        f"wheels={ctx}", "-t", image, str(ROOT), timeout=180)
             timings.build = time.monotonic() - started
-        remove_others(podman, IMAGE, image)
+        remove_others(podman, IMAGE, image, prefix=f"{IMAGE}:{checkout_tag()}-")
     return image
+
+
+def checkout_tag() -> str:
+    return hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]
 
 
 def wheels(into: Path) -> None:
@@ -282,18 +326,40 @@ def wheels(into: Path) -> None:
         pytest.fail(f"the container tests build wheels for the image's Python {BASE_PYTHON} on "
                     f"the host, whose Python is {host}: run them with Python {BASE_PYTHON}",
                     pytrace=False)
-    # Debian's 3.11.2: redis wants async-timeout below 3.11.3, which the host's newer 3.11
-    # leaves out.
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel",
-                    "--quiet", "--wheel-dir", str(into), str(ROOT), "async-timeout>=4.0.3"],
-                   check=True, capture_output=True, timeout=300)
+    # Built from a copy of what the Dockerfile's stage copies: a build/ left in the checkout
+    # would put files in the wheel that the checkout no longer has.
+    with tempfile.TemporaryDirectory() as src:
+        for name in WHEEL_INPUTS:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, Path(src) / name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / name, Path(src) / name)
+        # Debian's 3.11.2: redis wants async-timeout below 3.11.3, which the host's newer 3.11
+        # leaves out.
+        checked([sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet",
+                 "--wheel-dir", str(into), src, "async-timeout>=4.0.3"], "pip wheel", 300)
 
 
-def remove_others(podman: Podman, name: str, keep: str) -> None:
-    """Removes the images named *name* but for *keep* (older builds in the cache)."""
+def checked(argv: list[str], what: str, timeout: float) -> None:
+    """Runs *argv*; fails the test with the end of its output when it fails or takes longer
+    than *timeout* seconds."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} took over {timeout} s") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise AssertionError(f"{what} exited {done.returncode}:\n{tail}")
+
+
+def remove_others(podman: Podman, name: str, keep: str, prefix: str = "") -> None:
+    """Removes the images named *name* (and tagged *prefix*...) but for *keep*: older builds
+    in the cache."""
     for line in podman.run("images", "--format", "{{.Repository}}:{{.Tag}}",
                            name).stdout.split():
-        if line != keep:
+        if line != keep and line.startswith(prefix):
             podman.run("rmi", line, check=False)
 
 
@@ -353,7 +419,8 @@ class Container:
         return time.monotonic() - started
 
     def remove(self) -> None:
-        self.podman.run("rm", "--force", "--time", "0", self.name, check=False)
+        """Removes the container and any sharing its network namespace (--depend)."""
+        self.podman.run("rm", "--force", "--depend", "--time", "0", self.name, check=False)
 
 
 def volume_path(podman: Podman, volume: str) -> Path:
