@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final
 from tokenproxy import log
 from tokenproxy.errors import RequestRejected, TokenError, UpstreamError
 from tokenproxy.proxy.failures import UpstreamBroke, upstream_error
-from tokenproxy.proxy.fast_path import wire
+from tokenproxy.proxy.fast_path import splice, wire
 from tokenproxy.proxy.fast_path.body import DISCARD_LIMIT, RequestBody
 from tokenproxy.proxy.fast_path.head import Request
 from tokenproxy.proxy.fast_path.upstream import ResponseHead, UpstreamConn
@@ -230,6 +230,10 @@ class Exchange:
             transport.write(out)
             self._release(conn)
             return keep
+        if not chunked and not resp.chunked:
+            fds = self._splice_fds(conn, resp.length)
+            if fds is not None:
+                return await self._splice_down(conn, out, fds, keep)
 
         def sink(data: bytes) -> None:
             outcome.bytes += len(data)
@@ -251,6 +255,59 @@ class Exchange:
             return False
         if chunked:
             transport.write(wire.CHUNKED_END)
+        self._release(conn)
+        return keep
+
+    def _splice_fds(self, conn: UpstreamConn, length: bytes | None) -> tuple[int, int, int] | None:
+        """(upstream fd, client fd, body bytes still unread) when the rest of this body can be
+        spliced: a Content-Length body with at least SPLICE_MIN bytes to come, plain sockets
+        both sides (no TLS), and nothing of ours still waiting in the client's write buffer."""
+        if length is None or not length.isdigit():
+            return None
+        left = int(length) - conn.pending_size
+        client = self._conn
+        transport = client.transport
+        if (left < splice.SPLICE_MIN or client.write_paused or transport is None
+                or transport.get_write_buffer_size()):
+            return None
+        src = splice.plain_fd(conn.transport)
+        dst = splice.plain_fd(transport)
+        if src is None or dst is None:
+            return None
+        return src, dst, left
+
+    async def _splice_down(self, conn: UpstreamConn, out: bytes, fds: tuple[int, int, int],
+                           keep: bool) -> bool:
+        """The rest of a download by splice(2) (splice.py): the head and the body bytes parsed
+        so far go first, written by the relay itself, then the socket's bytes straight across."""
+        outcome, client = self._outcome, self._conn
+        src, dst, left = fds
+        held = conn.take_for_splice()
+        outcome.bytes += len(held)
+        relay = splice.Relay(client.loop, src, dst, left, prefix=out + held,
+                             stall=client.env.limits().send_timeout)
+        try:
+            await relay.done
+        except splice.SourceClosed as exc:
+            forget_frames(exc)
+            outcome.bytes += relay.written
+            # As on the copy path: a truncated body must look truncated to the client.
+            self._req.proxy.body_failed(outcome.route, exc)
+            client.abort()
+            conn.abort()
+            return False
+        except (splice.SinkClosed, splice.SinkStalled) as exc:
+            forget_frames(exc)
+            outcome.bytes += relay.written
+            if isinstance(exc, splice.SinkStalled):
+                log.get_logger().info("send_timeout", timeout_s=client.env.limits().send_timeout)
+            client.abort()   # the client left, or took nothing for send_timeout
+            conn.abort()     # its answer is unfinished: never back to the pool
+            return False
+        finally:
+            relay.stop()   # a cancelled exchange closes the duplicates and the pipe at once
+        outcome.bytes += left
+        conn.spliced()
         self._release(conn)
         return keep
 

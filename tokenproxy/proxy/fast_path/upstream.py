@@ -67,6 +67,8 @@ class UpstreamConn(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._read_paused = False
+        self._keep_alive = False       # the answer in progress allows another on this connection
+        self._spliced = False          # its body is being spliced: reading stays paused
         self.on_writable: Callable[[bool], None] | None = None   # upload back-pressure
 
     # -- the exchange ------------------------------------------------------------------------
@@ -86,6 +88,7 @@ class UpstreamConn(asyncio.Protocol):
         self._sink = None
         self._pending = []
         self._pending_size = 0
+        self._spliced = False
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -101,6 +104,32 @@ class UpstreamConn(asyncio.Protocol):
             self.resume_reading()
         return held
 
+    @property
+    def pending_size(self) -> int:
+        """Body bytes parsed and held until the relay attaches."""
+        return self._pending_size
+
+    def take_for_splice(self) -> bytes:
+        """Pause reading for good and hand over the body bytes parsed so far: the rest of the
+        body is read from the socket by a splice relay (splice.py), never by this protocol."""
+        self.pause_reading()
+        self._spliced = True
+        held = b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        return held
+
+    def spliced(self) -> None:
+        """The relay read the rest of the body: the answer is complete. The parser still
+        waits for those bytes, so a new one takes the next answer."""
+        self._spliced = False
+        self._answered = True
+        self.reusable = self._keep_alive and not self._last_use
+        if self._parser is not None:
+            self._parser = httptools.HttpResponseParser(self)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
     def detach(self) -> None:
         """Forget the relay's sink (it holds the client's transport) while idle in the pool."""
         self._sink = None
@@ -113,7 +142,8 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self.closed:
+        if (self._read_paused and not self._spliced and self.transport is not None
+                and not self.closed):
             self._read_paused = False
             self.transport.resume_reading()
 
@@ -139,6 +169,7 @@ class UpstreamConn(asyncio.Protocol):
         # failed exchange's traceback, frames and buffers to this object.
         self.head = self.done = None
         self.on_writable = None
+        self._spliced = False
         self._sink = None   # body bytes already held stay: a complete answer is still relayed
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -234,6 +265,7 @@ class UpstreamConn(asyncio.Protocol):
                 chunked = value.strip().lower().endswith(b"chunked")
         self._framed = (chunked or length is not None or status in NO_BODY_STATUSES
                         or self._head_request)
+        self._keep_alive = parser.should_keep_alive()
         head = ResponseHead(status, self._reason.strip(), self._headers, length, chunked)
         assert self.head is not None
         assert self.done is not None

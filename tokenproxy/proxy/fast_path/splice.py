@@ -1,0 +1,233 @@
+"""A body of known length moved between two sockets by splice(2): the bytes never enter
+user space (Linux; os.splice, Python 3.10+).
+
+The transports own the sockets, so a relay works on duplicates of their descriptors (the loops
+refuse a reader on a descriptor a transport watches): the source transport is paused and the
+sink transport's write buffer empty for the whole relay, so neither reads nor writes behind
+the other's back. One pipe per relay, of PIPE_SIZE: a slow sink holds at most that much here
+(the rest stays in the kernel's socket buffers, and the sender is held back by TCP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+from typing import Final
+
+from tokenproxy.proxy.failures import UpstreamBroke
+
+# TOKENPROXY_SPLICE=0 is a measurement lever: the copy path everywhere.
+AVAILABLE: Final = hasattr(os, "splice") and os.environ.get("TOKENPROXY_SPLICE", "1") != "0"
+PIPE_SIZE: Final = 1024 * 1024
+# Bodies shorter than this are copied: a pipe and two duplicates cost more than they save.
+SPLICE_MIN: Final = 1024 * 1024
+_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# Only plain sockets: a TLS transport says it has a socket too, but its bytes are encrypted.
+_PLAIN: Final = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocketTransport"})
+
+
+class SourceClosed(UpstreamBroke):
+    """The source ended (or broke) before the whole body came."""
+
+
+class SinkClosed(ConnectionError):
+    """The sink stopped taking bytes (closed, reset)."""
+
+
+class SinkStalled(TimeoutError):
+    """The sink took nothing for the stall timeout."""
+
+
+def plain_fd(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor of a plain-socket transport that splice can use, else None."""
+    if not AVAILABLE or transport is None or transport.is_closing():
+        return None
+    if type(transport).__name__ not in _PLAIN:
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM:
+        return None
+    fd: int = sock.fileno()
+    return fd if fd >= 0 else None
+
+
+class Relay:
+    """Move *prefix* (bytes already in user space) then *count* bytes from *src* to *dst*.
+
+    *src* and *dst* are descriptors owned by transports; the relay duplicates them and closes
+    its duplicates and its pipe when it ends (done, failed or stopped). `done` resolves when
+    every byte is written, or fails with SourceClosed, SinkClosed or SinkStalled (no progress
+    writing for *stall* seconds, when given).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, count: int,
+                 prefix: bytes = b"", stall: float | None = None) -> None:
+        assert AVAILABLE
+        self._loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.left = count            # still to read from src
+        self.written = 0             # body bytes written to dst (the prefix not counted)
+        self._prefix = memoryview(prefix) if prefix else None
+        self._in_pipe = 0
+        self._stall = stall
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_write = loop.time()
+        self._reading = self._writing = False
+        self._src = self._dst = self._pr = self._pw = -1
+        try:
+            self._src = os.dup(src)
+            self._dst = os.dup(dst)
+            self._pr, self._pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            # Over pipe-user-pages-soft the size stays the default 64 KiB, which still works.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._pw, _F_SETPIPE_SZ, PIPE_SIZE)
+            self._cap = fcntl.fcntl(self._pw, _F_GETPIPE_SZ)
+        except BaseException:
+            self._close_fds()
+            raise
+        if stall is not None:
+            self._timer = loop.call_later(stall, self._check_stall)
+        self._step()
+
+    def stop(self) -> None:
+        """End now (idempotent); `done` is cancelled if it was pending."""
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_fds()
+        if not self.done.done():
+            self.done.cancel()
+
+    @property
+    def read(self) -> int:
+        """Body bytes taken from src so far (written, or lost in the pipe if stopped)."""
+        return self.written + self._in_pipe
+
+    # -- the loop's callbacks ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        if self._src < 0:
+            return   # stopped
+        want_read = want_write = False
+        try:
+            if self._prefix is not None and not self._write_prefix():
+                self._watch(False, True)
+                return
+            while True:
+                moved = False
+                if self.left and self._in_pipe < self._cap:
+                    try:
+                        room = min(self.left, self._cap - self._in_pipe)
+                        n = os.splice(self._src, self._pw, room, None, None, _FLAGS)
+                    except BlockingIOError:
+                        # The socket has nothing, or the pipe has no free slot: only an empty
+                        # pipe makes it the socket's doing (a full one waits for the sink).
+                        want_read = self._in_pipe == 0
+                    except OSError as exc:
+                        raise SourceClosed(f"the source broke: {exc.strerror}") from None
+                    else:
+                        if n == 0:
+                            raise SourceClosed("the source closed before the body ended")
+                        self.left -= n
+                        self._in_pipe += n
+                        moved = True
+                if self._in_pipe:
+                    try:
+                        n = os.splice(self._pr, self._dst, self._in_pipe, None, None, _FLAGS)
+                    except BlockingIOError:
+                        want_write = True
+                    except OSError as exc:
+                        raise SinkClosed(exc.errno, exc.strerror) from None
+                    else:
+                        self._in_pipe -= n
+                        self.written += n
+                        self._last_write = self._loop.time()
+                        moved = True
+                if not self.left and not self._in_pipe:
+                    self._finish(None)
+                    return
+                if not moved:
+                    break
+                want_read = want_write = False
+        except (SourceClosed, SinkClosed) as exc:
+            self._finish(exc)
+            return
+        self._watch(want_read, want_write)
+
+    def _write_prefix(self) -> bool:
+        prefix = self._prefix
+        assert prefix is not None
+        while prefix:
+            try:
+                n = os.write(self._dst, prefix)
+            except BlockingIOError:
+                self._prefix = prefix
+                return False
+            except OSError as exc:
+                raise SinkClosed(exc.errno, exc.strerror) from None
+            prefix = prefix[n:]
+            self._last_write = self._loop.time()
+        self._prefix = None
+        return True
+
+    def _check_stall(self) -> None:
+        self._timer = None
+        if self._src < 0 or self._stall is None:
+            return
+        left = self._last_write + self._stall - self._loop.time()
+        if left > 0.001:
+            self._timer = self._loop.call_later(left, self._check_stall)
+            return
+        self._finish(SinkStalled())
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _watch(self, read: bool, write: bool) -> None:
+        if read != self._reading:
+            self._reading = read
+            if read:
+                self._loop.add_reader(self._src, self._step)
+            else:
+                self._loop.remove_reader(self._src)
+        if write != self._writing:
+            self._writing = write
+            if write:
+                self._loop.add_writer(self._dst, self._step)
+            else:
+                self._loop.remove_writer(self._dst)
+
+    def _unwatch(self) -> None:
+        if self._src >= 0:
+            self._watch(False, False)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close_fds()
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                # Raised and caught in _step: its traceback holds _step's frame, which holds
+                # this relay, whose future holds the exception -- a cycle the owner would
+                # extend through its own frames (see exchange.forget_frames).
+                exc.__traceback__ = exc.__context__ = None
+                self.done.set_exception(exc)
+                self.done.exception()   # retrieved: a stopped relay's owner may not look
+
+    def _close_fds(self) -> None:
+        for fd in (self._src, self._dst, self._pr, self._pw):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._src = self._dst = self._pr = self._pw = -1
