@@ -32,6 +32,7 @@ from tokenproxy.proxy.fast_path.body import DISCARD_LIMIT, RequestBody
 from tokenproxy.proxy.fast_path.exchange import Exchange
 from tokenproxy.proxy.fast_path.head import Request, classify
 from tokenproxy.proxy.fast_path.pool import UpstreamPool
+from tokenproxy.proxy.fast_path.splice import Relay, SourceClosed
 from tokenproxy.proxy.fast_path.upstream import UpstreamConn
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class FastConnection(asyncio.Protocol):
         self._private: UpstreamConn | None = None
         self.write_paused = False
         self._read_pauses: set[str] = set()
+        self.upload: Relay | None = None   # the body being spliced to the upstream, if any
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class FastConnection(asyncio.Protocol):
         self.env.forget(self)
         # Cut every reference the exchange could close a cycle through: the client's
         # transport, the task (its traceback holds our frames), the upstream connection.
+        self.end_upload()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -350,6 +353,32 @@ class FastConnection(asyncio.Protocol):
                     self._next_head()
         return rest
 
+    def upload_ended(self, done: asyncio.Future[None]) -> None:
+        """The splice relay of an upload ended by itself (all sent, or a side broke)."""
+        if self.upload is not None and self.upload.done is done:
+            self.end_upload()
+
+    def end_upload(self) -> None:
+        """End a spliced upload (at once if still running): the body's count catches up, and
+        the client's bytes are read by the transport again."""
+        relay, self.upload = self.upload, None
+        if relay is None:
+            return
+        relay.stop()
+        done = relay.done
+        failed = done.cancelled() or done.exception() is not None
+        body = self.body
+        if body is not None:
+            body.remaining = relay.left
+            if failed and body.target is not None:
+                body.target.no_reuse()   # the upstream may lack bytes the pipe held
+            if body.remaining == 0 and not body.complete.done():
+                body.complete.set_result(None)
+        if not done.cancelled() and isinstance(done.exception(), SourceClosed):
+            self.abort()   # the client closed or broke in the middle of its body
+            return
+        self.resume_reading("splice")
+
     def upload_writable(self, writable: bool) -> None:
         if writable:
             self.resume_reading("upstream")
@@ -402,6 +431,7 @@ class FastConnection(asyncio.Protocol):
 
     def finish(self, keep: bool, *, linger: bool = True) -> None:
         self._task = None
+        self.end_upload()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()   # not released: the exchange failed somewhere in between

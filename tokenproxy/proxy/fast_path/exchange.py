@@ -198,14 +198,42 @@ class Exchange:
         """Send the head, what the client sent so far, and pipe the rest as it comes."""
         body = self._body
         assert body is not None
+        if self._splice_up(conn, head, body):
+            return
         conn.write(head + body.take())
         body.target = conn
         conn.on_writable = self._conn.upload_writable
         self._conn.resume_reading("hold")
 
+    def _splice_up(self, conn: UpstreamConn, head: bytes, body: RequestBody) -> bool:
+        """Send the rest of a streamed upload by splice(2) when it can (see _splice_fds): the
+        client's transport pauses until the relay ends (FastConnection.end_upload)."""
+        client = self._conn
+        if body.remaining < splice.SPLICE_MIN or conn.transport is None:
+            return False
+        if conn.transport.get_write_buffer_size() or client.upload is not None:
+            return False
+        src = splice.plain_fd(client.transport)
+        dst = splice.plain_fd(conn.transport)
+        if src is None or dst is None:
+            return False
+        try:
+            relay = splice.Relay(client.loop, src, dst, body.remaining)
+        except OSError:
+            return False   # out of descriptors, say: the copy path still works
+        client.pause_reading("splice")
+        body.target = conn
+        client.upload = relay
+        relay.done.add_done_callback(client.upload_ended)
+        relay.start(head + body.take())
+        client.resume_reading("hold")   # "splice" holds it while the relay reads
+        return True
+
     async def _relay(self, conn: UpstreamConn, resp: ResponseHead, done: asyncio.Future[None],
                      token: Token) -> bool:
         req, outcome, client = self._req, self._outcome, self._conn
+        if client.upload is not None and self._body is not None:
+            self._body.remaining = client.upload.left   # an answer before the upload ended
         proxy = req.proxy
         compiled = req.compiled
         status = resp.status
@@ -230,10 +258,9 @@ class Exchange:
             transport.write(out)
             self._release(conn)
             return keep
-        if not chunked and not resp.chunked:
-            fds = self._splice_fds(conn, resp.length)
-            if fds is not None:
-                return await self._splice_down(conn, out, fds, keep)
+        relay = None if chunked or resp.chunked else self._splice_relay(conn, resp.length)
+        if relay is not None:
+            return await self._splice_down(conn, out, relay, keep)
 
         def sink(data: bytes) -> None:
             outcome.bytes += len(data)
@@ -258,10 +285,10 @@ class Exchange:
         self._release(conn)
         return keep
 
-    def _splice_fds(self, conn: UpstreamConn, length: bytes | None) -> tuple[int, int, int] | None:
-        """(upstream fd, client fd, body bytes still unread) when the rest of this body can be
-        spliced: a Content-Length body with at least SPLICE_MIN bytes to come, plain sockets
-        both sides (no TLS), and nothing of ours still waiting in the client's write buffer."""
+    def _splice_relay(self, conn: UpstreamConn, length: bytes | None) -> splice.Relay | None:
+        """A relay for the rest of this body, when it can be spliced: a Content-Length body
+        with at least SPLICE_MIN bytes to come, plain sockets both sides (no TLS), and nothing
+        of ours still waiting in the client's write buffer."""
         if length is None or not length.isdigit():
             return None
         left = int(length) - conn.pending_size
@@ -274,19 +301,21 @@ class Exchange:
         dst = splice.plain_fd(transport)
         if src is None or dst is None:
             return None
-        return src, dst, left
+        try:
+            return splice.Relay(client.loop, src, dst, left, stall=client.env.limits().send_timeout)
+        except OSError:
+            return None   # out of descriptors, say: the copy path still works
 
-    async def _splice_down(self, conn: UpstreamConn, out: bytes, fds: tuple[int, int, int],
+    async def _splice_down(self, conn: UpstreamConn, out: bytes, relay: splice.Relay,
                            keep: bool) -> bool:
         """The rest of a download by splice(2) (splice.py): the head and the body bytes parsed
         so far go first, written by the relay itself, then the socket's bytes straight across."""
         outcome, client = self._outcome, self._conn
-        src, dst, left = fds
+        left = relay.left
         held = conn.take_for_splice()
         outcome.bytes += len(held)
-        relay = splice.Relay(client.loop, src, dst, left, prefix=out + held,
-                             stall=client.env.limits().send_timeout)
         try:
+            relay.start(out + held)
             await relay.done
         except splice.SourceClosed as exc:
             forget_frames(exc)
@@ -313,6 +342,7 @@ class Exchange:
 
     def _release(self, conn: UpstreamConn) -> None:
         client = self._conn
+        client.end_upload()
         body = self._body
         if body is not None and body.target is conn:
             body.target = None

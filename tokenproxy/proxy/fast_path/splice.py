@@ -61,20 +61,21 @@ def plain_fd(transport: asyncio.BaseTransport | None) -> int | None:
 class Relay:
     """Move *prefix* (bytes already in user space) then *count* bytes from *src* to *dst*.
 
-    *src* and *dst* are descriptors owned by transports; the relay duplicates them and closes
-    its duplicates and its pipe when it ends (done, failed or stopped). `done` resolves when
+    *src* and *dst* are descriptors owned by transports; the relay duplicates them (OSError
+    if it cannot: the caller copies instead) and closes its duplicates and its pipe when it
+    ends (done, failed or stopped). It moves nothing before start(). `done` resolves when
     every byte is written, or fails with SourceClosed, SinkClosed or SinkStalled (no progress
     writing for *stall* seconds, when given).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, count: int,
-                 prefix: bytes = b"", stall: float | None = None) -> None:
+                 stall: float | None = None) -> None:
         assert AVAILABLE
         self._loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
         self.left = count            # still to read from src
         self.written = 0             # body bytes written to dst (the prefix not counted)
-        self._prefix = memoryview(prefix) if prefix else None
+        self._prefix: memoryview | None = None
         self._in_pipe = 0
         self._stall = stall
         self._timer: asyncio.TimerHandle | None = None
@@ -92,8 +93,12 @@ class Relay:
         except BaseException:
             self._close_fds()
             raise
-        if stall is not None:
-            self._timer = loop.call_later(stall, self._check_stall)
+
+    def start(self, prefix: bytes = b"") -> None:
+        if prefix:
+            self._prefix = memoryview(prefix)
+        if self._stall is not None:
+            self._timer = self._loop.call_later(self._stall, self._check_stall)
         self._step()
 
     def stop(self) -> None:

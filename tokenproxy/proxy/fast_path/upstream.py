@@ -119,6 +119,11 @@ class UpstreamConn(asyncio.Protocol):
         self._pending_size = 0
         return held
 
+    def no_reuse(self) -> None:
+        """The request went out incomplete: this connection carries no other."""
+        self._last_use = True
+        self.reusable = False
+
     def spliced(self) -> None:
         """The relay read the rest of the body: the answer is complete. The parser still
         waits for those bytes, so a new one takes the next answer."""
