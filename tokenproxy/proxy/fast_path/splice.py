@@ -25,6 +25,7 @@ PIPE_SIZE: Final = 1024 * 1024
 # Bodies shorter than this are copied: a pipe and two duplicates cost more than they save.
 SPLICE_MIN: Final = 1024 * 1024
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_MORE: Final = getattr(os, "SPLICE_F_MORE", 4)
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # Only plain sockets: a TLS transport says it has a socket too, but its bytes are encrypted.
@@ -146,7 +147,10 @@ class Relay:
                         moved = True
                 if self._in_pipe:
                     try:
-                        n = os.splice(self._pr, self._dst, self._in_pipe, None, None, _FLAGS)
+                        # More to come: TCP may hold a partial segment (MSG_MORE), so the
+                        # peer gets full-sized segments rather than one per pipe buffer.
+                        flags = _FLAGS | _MORE if self.left else _FLAGS
+                        n = os.splice(self._pr, self._dst, self._in_pipe, None, None, flags)
                     except BlockingIOError:
                         want_write = True
                     except OSError as exc:
