@@ -9,14 +9,17 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 
 import pytest
 
 from tests.helpers.config import SHORT_TIMERS, MakeProxy
+from tests.helpers.logs import CapturedLogs
 from tests.helpers.net import stalled_socket
 from tests.helpers.rawhttp import get
 from tests.helpers.rawupstream import (
     MakeRaw,
+    Req,
     UpConn,
     connected,
     download_head,
@@ -28,6 +31,7 @@ from tests.helpers.rawupstream import (
     serving,
     start_proxy,
 )
+from tests.helpers.wait import wait_for
 from tokenproxy.proxy.fast_path import splice
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="no os.splice here")
@@ -147,3 +151,158 @@ async def test_an_early_answer_ends_a_spliced_upload(
         with contextlib.suppress(ConnectionError):
             assert b"" == await asyncio.wait_for(conn.reader.read(), 10), "then it closes"
     await asyncio.wait_for(up.conns[0].ended.wait(), 5)
+
+
+# A whole second answer the upstream sends after the body it announced.
+FAKE = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nFAKE"
+
+
+def overlong(req: Req) -> bytes:
+    return response(BODY) + FAKE if req.target == "/big" else response(b"real")
+
+
+async def test_bytes_past_the_content_length_are_never_the_next_answer(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
+    """The upstream appends a whole answer to the body it announced, in the same write; the
+    client has pipelined a second request. The extra bytes must not answer it (the copy
+    path's parser refuses them; the relay never parses them): the connection is not reused."""
+    up = await raw_upstream(serving(overlong))
+    daemon = await start_proxy(make_proxy, up)
+    async with connected(daemon.port()) as conn:
+        await conn.send(get("/big") + get("/second"))
+        first = await conn.response(timeout=10)
+        assert (200, BODY) == (first.status, first.body)
+        second = await conn.response(timeout=10)
+        assert (200, b"real") == (second.status, second.body)
+    assert 2 == len(up.conns), "the connection that sent too much was used again"
+
+
+@pytest.mark.slow
+async def test_bytes_past_the_content_length_never_reach_another_client(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
+    """One client downloads bodies the upstream follows with a fake answer while others send
+    small requests on the same upstream pool: none of them gets the fake."""
+    up = await raw_upstream(serving(overlong))
+    daemon = await start_proxy(make_proxy, up)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2.0
+    answers: list[bytes] = []
+
+    async def downloads() -> None:
+        for _ in range(20):
+            if loop.time() > deadline:
+                return
+            async with connected(daemon.port()) as conn:
+                await conn.send(get("/big"))
+                assert BODY == (await conn.response(timeout=10)).body
+
+    async def small() -> None:
+        async with connected(daemon.port()) as conn:
+            while loop.time() < deadline:
+                await conn.send(get("/small"))
+                answers.append((await conn.response(timeout=10)).body)
+
+    await asyncio.gather(downloads(), *(small() for _ in range(3)))
+    assert answers
+    assert {b"real"} == set(answers)
+
+
+@pytest.mark.slow
+async def test_an_upstream_pausing_mid_body_is_waited_for_not_blamed_on_the_client(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, logs: CapturedLogs
+) -> None:
+    """The upstream sends half the body, then nothing for longer than send_timeout, then the
+    rest: the client, reading all along, gets it whole (as on the copy path, which has no
+    upstream read timeout either); send_timeout is for clients that stop reading."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        await read_request(reader, conn)
+        writer.write(download_head(BIG) + BODY[:BIG // 2])
+        await writer.drain()
+        await asyncio.sleep(1.0)                 # send_timeout is 0.3 s
+        writer.write(BODY[BIG // 2:])
+        await writer.drain()
+
+    up = await raw_upstream(script)
+    daemon = await start_proxy(make_proxy, up, limits=SHORT_TIMERS)
+    async with connected(daemon.port()) as conn:
+        await conn.send(get("/big"))
+        assert BODY == (await conn.response(timeout=10)).body
+    assert "send_timeout" not in [e["event"] for e in logs.events()]
+
+
+@pytest.mark.slow
+async def test_what_the_upstream_sent_reaches_the_client_while_it_pauses(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
+    """A few bytes of a big body, then a pause: they reach the client at once, not held back
+    for a fuller segment (a corked socket lets them wait 200 ms)."""
+    first = 3000
+    sent = asyncio.Event()
+    sent_at: list[float] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: UpConn) -> None:
+        await read_request(reader, conn)
+        writer.write(download_head(BIG))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(BODY[:first])
+        await writer.drain()
+        sent_at.append(asyncio.get_running_loop().time())
+        sent.set()
+        await asyncio.sleep(2)
+        writer.write(BODY[first:])
+        await writer.drain()
+
+    up = await raw_upstream(script)
+    daemon = await start_proxy(make_proxy, up, limits={"send_timeout": "10s"})
+    async with connected(daemon.port()) as conn:
+        await conn.send(get("/big"))
+        await conn.response(timeout=5, head_only=True)
+        await asyncio.wait_for(conn.reader.readexactly(first), 5)
+        took = asyncio.get_running_loop().time() - sent_at[0]
+        assert took < 0.15, f"{took:.3f} s after the upstream sent them"
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", "200 OK"), ("GET", "304 Not Modified"),
+                                                ("GET", "204 No Content")])
+async def test_answers_without_a_body_are_not_relayed_whatever_their_content_length(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw, method: str, status: str
+) -> None:
+    """A HEAD answer, a 304 or a 204 announcing a big Content-Length has no body: nothing is
+    waited for, and the next answer on the connection is the next one."""
+    head = f"HTTP/1.1 {status}\r\nContent-Length: {BIG}\r\n\r\n".encode()
+    up = await raw_upstream(serving(lambda req: head if req.target == "/big"
+                                    else response(b"small")))
+    daemon = await start_proxy(make_proxy, up)
+    async with connected(daemon.port()) as conn:
+        await conn.send(get("/big", method=method))
+        assert int(status[:3]) == (await conn.response(timeout=5, head_only=True)).status
+        await conn.send(get("/small"))
+        assert b"small" == (await conn.response(timeout=5)).body
+
+
+@pytest.mark.slow
+async def test_downloads_abandoned_mid_body_leave_no_descriptor_behind(
+    make_proxy: MakeProxy, raw_upstream: MakeRaw
+) -> None:
+    """Forty clients leave at different points of a spliced download: the relays' pipes and
+    duplicated descriptors are all closed."""
+    up = await raw_upstream(serving(lambda req: response(BODY)))
+    daemon = await start_proxy(make_proxy, up)
+    async with connected(daemon.port()) as conn:   # the pool and the loop's own, warmed
+        await conn.send(get("/big"))
+        await conn.response(timeout=10)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(40):
+        async with connected(daemon.port()) as conn:
+            await conn.send(get("/big"))
+            await conn.response(timeout=10, head_only=True)
+            await conn.reader.readexactly(1000 * (i + 1))
+            conn.writer.transport.abort()
+    await up.stop()
+    await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before,
+                   "the descriptors of the abandoned downloads to be closed", 5, every=0.05)

@@ -302,7 +302,8 @@ class Exchange:
         if src is None or dst is None:
             return None
         try:
-            return splice.Relay(client.loop, src, dst, left, stall=client.env.limits().send_timeout)
+            return splice.Relay(client.loop, src, dst, left,
+                                stall=client.env.limits().send_timeout, check_trailing=True)
         except OSError:
             return None   # out of descriptors, say: the copy path still works
 
@@ -336,7 +337,7 @@ class Exchange:
         finally:
             relay.stop()   # a cancelled exchange closes the duplicates and the pipe at once
         outcome.bytes += left
-        conn.spliced()
+        conn.spliced(relay.trailing)
         self._release(conn)
         return keep
 

@@ -65,17 +65,22 @@ class Relay:
     *src* and *dst* are descriptors owned by transports; the relay duplicates them (OSError
     if it cannot: the caller copies instead) and closes its duplicates and its pipe when it
     ends (done, failed or stopped). It moves nothing before start(). `done` resolves when
-    every byte is written, or fails with SourceClosed, SinkClosed or SinkStalled (no progress
-    writing for *stall* seconds, when given).
+    every byte is written, or fails with SourceClosed, SinkClosed or SinkStalled (*stall*
+    seconds waiting for the sink to take bytes, when given: a quiet source is not the sink's
+    doing, and is waited for as the copy path waits).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, count: int,
-                 stall: float | None = None) -> None:
+                 stall: float | None = None, *, check_trailing: bool = False) -> None:
         assert AVAILABLE
         self._loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
         self.left = count            # still to read from src
         self.written = 0             # body bytes written to dst (the prefix not counted)
+        # With check_trailing, whether src had more waiting (a byte or its end) once the
+        # count was read: an answer longer than it said, never to be taken for the next one.
+        self.trailing = False
+        self._check_trailing = check_trailing
         self._prefix: memoryview | None = None
         self._in_pipe = 0
         self._stall = stall
@@ -147,9 +152,12 @@ class Relay:
                         moved = True
                 if self._in_pipe:
                     try:
-                        # More to come: TCP may hold a partial segment (MSG_MORE), so the
-                        # peer gets full-sized segments rather than one per pipe buffer.
-                        flags = _FLAGS | _MORE if self.left else _FLAGS
+                        # More to come at once (the source filled the pipe): TCP may hold
+                        # a partial segment (MSG_MORE), so the peer gets full-sized segments
+                        # rather than one per pipe buffer. Not otherwise: a source that sent
+                        # less may pause, and what it sent would wait for the cork timer.
+                        more = self.left and self._in_pipe >= self._cap
+                        flags = _FLAGS | _MORE if more else _FLAGS
                         n = os.splice(self._pr, self._dst, self._in_pipe, None, None, flags)
                     except BlockingIOError:
                         want_write = True
@@ -191,6 +199,10 @@ class Relay:
         self._timer = None
         if self._src < 0 or self._stall is None:
             return
+        if not self._writing:
+            # Not waiting for the sink (a quiet source, or between steps): not its stall.
+            self._timer = self._loop.call_later(self._stall, self._check_stall)
+            return
         left = self._last_write + self._stall - self._loop.time()
         if left > 0.001:
             self._timer = self._loop.call_later(left, self._check_stall)
@@ -209,6 +221,7 @@ class Relay:
         if write != self._writing:
             self._writing = write
             if write:
+                self._last_write = self._loop.time()   # a stall counts from here
                 self._loop.add_writer(self._dst, self._step)
             else:
                 self._loop.remove_writer(self._dst)
@@ -219,6 +232,8 @@ class Relay:
 
     def _finish(self, exc: BaseException | None) -> None:
         self._unwatch()
+        if exc is None and self._check_trailing:
+            self.trailing = not _quiet(self._src)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -240,3 +255,17 @@ class Relay:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._src = self._dst = self._pr = self._pw = -1
+
+
+def _quiet(fd: int) -> bool:
+    """Nothing waiting on socket *fd*: no byte, no end, no error (a peek; nothing is read)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()     # the descriptor stays the relay's, closed with the others
+    return False          # a byte, or the end of the stream

@@ -124,11 +124,15 @@ class UpstreamConn(asyncio.Protocol):
         self._last_use = True
         self.reusable = False
 
-    def spliced(self) -> None:
+    def spliced(self, trailing: bool) -> None:
         """The relay read the rest of the body: the answer is complete. The parser still
-        waits for those bytes, so a new one takes the next answer."""
+        waits for those bytes, so a new one takes the next answer. *trailing*: the upstream
+        sent more than the answer said (or ended); the connection is never used again, as
+        the copy path's parser would refuse the extra bytes."""
         self._spliced = False
         self._answered = True
+        if trailing:
+            self._last_use = True
         self.reusable = self._keep_alive and not self._last_use
         if self._parser is not None:
             self._parser = httptools.HttpResponseParser(self)
