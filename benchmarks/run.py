@@ -610,8 +610,8 @@ def main() -> int:
                     help="also measure the static variant of the tokenproxy checkout in DIR")
     ap.add_argument("--levers", action="store_true",
                     help="also measure static with one lever off at a time: the aiohttp path "
-                         "instead of the fast path, no access log, asyncio's loop instead of "
-                         "uvloop (adds about a minute)")
+                         "instead of the fast path, large bodies copied instead of spliced, no "
+                         "access log, asyncio's loop instead of uvloop (adds about a minute)")
     ap.add_argument("--no-intercept", action="store_true",
                     help="skip the intercepted-HTTPS measurement (about a minute and a half)")
     args = ap.parse_args()
@@ -694,6 +694,7 @@ def main() -> int:
                 # One lever off at a time, against the static variant above.
                 variants += [
                     ("static, aiohttp path", None, {"TOKENPROXY_FAST_PATH": "0"}, "info", False),
+                    ("static, no splice", None, {"TOKENPROXY_SPLICE": "0"}, "info", False),
                     ("static, no access log", None, {}, "warning", False),
                     ("static, asyncio loop", None, {}, "info", True),
                 ]

@@ -42,7 +42,7 @@ from tests.helpers.idp import (
 from tokenproxy import __version__
 from tokenproxy.cli import http_stack_problem, llhttp_parser_loaded, main, summary
 from tokenproxy.config import build_config, load_config
-from tokenproxy.daemon import fast_path_setting
+from tokenproxy.daemon import switch_setting
 
 ROUTES = [
     {"prefix": "/", "upstream": "https://api.example.com/v1/", "provider": "fixed"},
@@ -442,23 +442,26 @@ class TestHttpStackCheck:
     (None, True), ("1", True), ("on", True), ("TRUE", True), ("yes", True),
     ("0", False), ("off", False), ("False", False), (" no ", False),
 ])
-def test_fast_path_setting(value: str | None, expected: bool) -> None:
-    env = {} if value is None else {"TOKENPROXY_FAST_PATH": value}
-    assert expected is fast_path_setting(env)
+@pytest.mark.parametrize("name", ["TOKENPROXY_FAST_PATH", "TOKENPROXY_SPLICE"])
+def test_switch_setting(name: str, value: str | None, expected: bool) -> None:
+    env = {} if value is None else {name: value}
+    assert expected is switch_setting(env, name)
 
 
-def test_unknown_fast_path_value_exits_2_before_starting(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("name", ["TOKENPROXY_FAST_PATH", "TOKENPROXY_SPLICE"])
+def test_unknown_switch_value_exits_2_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    name: str,
 ) -> None:
-    """A typo ("disable") must not leave an operator believing the fast path is off."""
+    """A typo ("disable") must not leave an operator believing the switch is off."""
     path = tmp_path / "tokenproxy.yaml"
     path.write_text("admin_listen: null\n" + SIX_LINES, encoding="utf-8")
     monkeypatch.setenv("API_TOKEN", TOKEN)
-    monkeypatch.setenv("TOKENPROXY_FAST_PATH", "disable")
+    monkeypatch.setenv(name, "disable")
     assert 2 == main(["run", "-c", str(path)])
     _, err = capsys.readouterr()
     assert 1 == len(err.splitlines())
-    assert err.startswith("tokenproxy: TOKENPROXY_FAST_PATH: expected 1/0")
+    assert err.startswith(f"tokenproxy: {name}: expected 1/0")
 
 
 # ---------------------------------------------------------------- options and --online

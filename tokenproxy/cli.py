@@ -18,7 +18,7 @@ from tokenproxy.config import Config, OAuth2Provider, find_config_file, load_con
 from tokenproxy.config.providers import subject_chain
 from tokenproxy.config.secrets import config_secrets, exposed_warning, readable_key_warnings
 from tokenproxy.config.shared_state import redacted_url
-from tokenproxy.daemon import fast_path_setting
+from tokenproxy.daemon import FAST_PATH_ENV, SPLICE_ENV, switch_setting
 from tokenproxy.demo.run import run_demo
 from tokenproxy.errors import ConfigError, TokenError, TokenProxyError
 from tokenproxy.memory import tune_allocator
@@ -235,7 +235,8 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    fast_path_setting(os.environ)   # a bad value is a config error: refused before starting
+    for switch in (FAST_PATH_ENV, SPLICE_ENV):   # a bad value is refused before starting
+        switch_setting(os.environ, switch)
     problem = http_stack_problem(aiohttp.__version__, llhttp_parser_loaded())
     if problem is not None and os.environ.get(ALLOW_UNSAFE_ENV) != "1":
         sys.stderr.write(f"tokenproxy: {problem}, or set {ALLOW_UNSAFE_ENV}=1 to run anyway.\n")

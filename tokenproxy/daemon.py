@@ -42,20 +42,21 @@ if TYPE_CHECKING:
     from tokenproxy.forward.service import Forward, Hosts, Inner, MakeInner
 
 FAST_PATH_ENV = "TOKENPROXY_FAST_PATH"
+SPLICE_ENV = "TOKENPROXY_SPLICE"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
 _OFF: Final = frozenset({"0", "false", "no", "off"})
 
 
-def fast_path_setting(environ: Mapping[str, str]) -> bool:
-    """TOKENPROXY_FAST_PATH: on unless 0/false/no/off; anything else is refused (exit 2), so a
-    typo cannot leave an operator believing the fast path is off."""
-    raw = environ.get(FAST_PATH_ENV)
+def switch_setting(environ: Mapping[str, str], name: str) -> bool:
+    """A switch in the environment (TOKENPROXY_FAST_PATH, TOKENPROXY_SPLICE): on unless
+    0/false/no/off; anything else is refused (exit 2), so a typo cannot leave an operator
+    believing it is off."""
+    raw = environ.get(name)
     if raw is None or raw.strip().lower() in _ON:
         return True
     if raw.strip().lower() in _OFF:
         return False
-    raise ConfigError(f"{FAST_PATH_ENV}: expected 1/0, true/false, yes/no or on/off, "
-                      f"not {raw!r}")
+    raise ConfigError(f"{name}: expected 1/0, true/false, yes/no or on/off, not {raw!r}")
 # The admin listener serves a few scrapers and probes, not traffic.
 ADMIN_MAX_CONNECTIONS = 64
 
@@ -91,6 +92,7 @@ class Daemon:
         clock: Clock | None = None,
         redactor: Redactor | None = None,
         fast_path: bool | None = None,
+        splice: bool | None = None,
         allocator_tuned: bool = False,
         certificate_clock: Clock | None = None,
     ) -> None:
@@ -98,7 +100,10 @@ class Daemon:
         self.allocator_tuned = allocator_tuned   # said in the listening event (memory.py)
         # TOKENPROXY_FAST_PATH=0 serves every request through aiohttp (for comparison, or as
         # an escape hatch); the answers are the same, only slower.
-        self.fast_path = fast_path_setting(os.environ) if fast_path is None else fast_path
+        self.fast_path = (switch_setting(os.environ, FAST_PATH_ENV) if fast_path is None
+                          else fast_path)
+        # TOKENPROXY_SPLICE=0: large bodies copied through Python too (a measurement lever).
+        self.splice = switch_setting(os.environ, SPLICE_ENV) if splice is None else splice
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock if clock is not None else SystemClock()
         # The forward proxy's certificates are checked by clients against their clocks: the
@@ -241,7 +246,7 @@ class Daemon:
                                 handler_cancellation=True)
             slow = self._factory(server)
             env = FastEnv(proxy=proxy, limits=lambda: self.config.limits, slow=slow,
-                          pool=serving.fast.pool, owns_pool=False)
+                          pool=serving.fast.pool, owns_pool=False, splice=self.splice)
 
             async def drain(grace: float) -> None:
                 server.pre_shutdown()
@@ -306,7 +311,7 @@ class Daemon:
             admin_gate=ConnectionGate(ADMIN_MAX_CONNECTIONS,
                                       reusable=guarded_connections(admin_server)),
             fast=FastEnv(proxy=current, limits=lambda: self.config.limits,
-                         slow=self._factory(server), pool=UpstreamPool()),
+                         slow=self._factory(server), pool=UpstreamPool(), splice=self.splice),
         )
         return serving
 

@@ -58,6 +58,8 @@ class FastEnv:
     # The pool is the daemon's, shared with other environments (each intercepted host of
     # the forward proxy has one): such an environment ends its connections, not the pool.
     owns_pool: bool = True
+    # Large bodies by splice(2) between the sockets (splice.py), where the system has it.
+    splice: bool = True
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def forget(self, conn: FastConnection) -> None:

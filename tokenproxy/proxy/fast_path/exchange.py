@@ -209,7 +209,7 @@ class Exchange:
         """Send the rest of a streamed upload by splice(2) when it can (see _splice_fds): the
         client's transport pauses until the relay ends (FastConnection.end_upload)."""
         client = self._conn
-        if body.remaining < splice.SPLICE_MIN or conn.transport is None:
+        if not client.env.splice or body.remaining < splice.SPLICE_MIN or conn.transport is None:
             return False
         if conn.transport.get_write_buffer_size() or client.upload is not None:
             return False
@@ -294,8 +294,8 @@ class Exchange:
         left = int(length) - conn.pending_size
         client = self._conn
         transport = client.transport
-        if (left < splice.SPLICE_MIN or client.write_paused or transport is None
-                or transport.get_write_buffer_size()):
+        if (not client.env.splice or left < splice.SPLICE_MIN or client.write_paused
+                or transport is None or transport.get_write_buffer_size()):
             return None
         src = splice.plain_fd(conn.transport)
         dst = splice.plain_fd(transport)

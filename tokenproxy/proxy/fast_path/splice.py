@@ -19,8 +19,7 @@ from typing import Final
 
 from tokenproxy.proxy.failures import UpstreamBroke
 
-# TOKENPROXY_SPLICE=0 is a measurement lever: the copy path everywhere.
-AVAILABLE: Final = hasattr(os, "splice") and os.environ.get("TOKENPROXY_SPLICE", "1") != "0"
+AVAILABLE: Final = hasattr(os, "splice")   # Linux, Python 3.10+
 PIPE_SIZE: Final = 1024 * 1024
 # Bodies shorter than this are copied: a pipe and two duplicates cost more than they save.
 SPLICE_MIN: Final = 1024 * 1024
