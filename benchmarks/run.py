@@ -17,10 +17,13 @@ one replica alone (skipped when redis-server is not installed).
 For each: req/s and p50/p99 at 64 connections, p50 at 1 connection, download and upload MB/s of
 a large body (uploads go to a sink that reads every byte before answering) -- the first ones of
 the freshly started process apart, since a heap that earlier load grew flatters later ones --,
-CPU per request and peak RSS of the proxy; medians of --repeat runs; ratios to direct and to
-nginx. --baseline DIR measures the static variant of another checkout (its tokenproxy package
-first on PYTHONPATH) right after this one's, for before/after figures from one run. The
-upstream and the load generator share one core, the proxy gets the other (when there are two).
+CPU per request, CPU per large transfer and peak RSS of the proxy, how busy the load's core was
+during the transfers; medians of --repeat runs; ratios to direct and to nginx. --baseline DIR
+measures the static variant of another checkout (its tokenproxy package first on PYTHONPATH)
+right after this one's, for before/after figures from one run. The upstream and the load
+generator share one core, the proxy gets the other (when there are two); with that core 100 %
+busy a transfer measures curl and the upstream, whatever the proxy: --shared-cores pins
+nothing, so that a proxy's CPU per byte shows in its transfer rate.
 Last, intercepted HTTPS (benchmarks/intercept.py; about a minute and a half, a few seconds
 with --quick, skipped with --no-intercept): a client behind HTTPS_PROXY reaching the same
 upstream over TLS through tokenproxy's forward proxy (CONNECT, TLS ended with a leaf of
@@ -101,6 +104,16 @@ def pin_threads(pid: int, core: int | None) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of all of *pid*'s threads in ms, to the nanosecond (schedstat): a transfer
+    takes tens of ms, the clock ticks of /proc/PID/stat are 10 ms."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e6
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -261,6 +274,11 @@ class Result:
     first_down_mbs: list[float] = field(default_factory=list)   # of the fresh process
     first_up_mbs: list[float] = field(default_factory=list)
     cpu_us_per_req: list[float] = field(default_factory=list)
+    # The proxy's CPU per large transfer, and how busy the load's core was meanwhile (with
+    # pinning: at 100 % the transfer measures that core, not the proxy).
+    down_cpu_ms: list[float] = field(default_factory=list)
+    up_cpu_ms: list[float] = field(default_factory=list)
+    load_core_busy: list[float] = field(default_factory=list)
     errors: int = 0
     peak_rss_mb: float | None = None
 
@@ -369,7 +387,7 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
     curl_headers = [item for name, value in headers.items() for item in ("-H", f"{name}: {value}")]
     if big and shutil.which("curl"):
         # Before any other load: what a process that just started does.
-        transfers(res, url, args, load_core, curl_headers, upload_url, first=True)
+        transfers(res, url, pid, args, load_core, curl_headers, upload_url, first=True)
     for _ in range(args.repeat):
         cpu0 = cpu_seconds(pid) if pid else 0.0
         heavy = load(url + SMALL_PATH, 64, args.seconds, load_core, headers)
@@ -384,26 +402,45 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
         res.p99_1c_us.append(one.p99_us)
         res.errors += one.errors
         if big and shutil.which("curl"):
-            transfers(res, url, args, load_core, curl_headers, upload_url, first=False)
+            transfers(res, url, pid, args, load_core, curl_headers, upload_url, first=False)
     if pid:
         res.peak_rss_mb = peak_rss_mb(pid)
 
 
-def transfers(res: Result, url: str, args: argparse.Namespace, load_core: int | None,
-              curl_headers: list[str], upload_url: str | None, *, first: bool) -> None:
-    """One large download and one large upload, each checked for size and status."""
+def core_times(core: int) -> tuple[int, int]:
+    """(total, idle) jiffies of one core, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            f = [int(x) for x in line.split()[1:]]
+            return sum(f), f[3] + f[4]
+    return 0, 0
+
+
+def transfers(res: Result, url: str, pid: int | None, args: argparse.Namespace,
+              load_core: int | None, curl_headers: list[str], upload_url: str | None, *,
+              first: bool) -> None:
+    """One large download and one large upload, each checked for size and status; the
+    proxy's CPU for each (*pid*) and how busy the load's core was."""
     size = args.big_mib * 1024 * 1024
     prefix = "first_" if first else ""
     for attr, direction, extra in (
-        ("down_mbs", "download", [url + "/big"]),
-        ("up_mbs", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
-                              upload_url or url + "/upload"]),
+        ("down", "download", [url + "/big"]),
+        ("up", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
+                          upload_url or url + "/upload"]),
     ):
+        cpu0 = cpu_ms(pid) if pid else 0.0
+        core0 = core_times(load_core) if load_core is not None else (0, 0)
         mbs = curl_speed([*curl_headers, *extra], load_core, size, direction)
         if mbs is None:
             res.errors += 1
-        else:
-            getattr(res, prefix + attr).append(mbs)
+            continue
+        getattr(res, f"{prefix}{attr}_mbs").append(mbs)
+        if pid:
+            getattr(res, f"{attr}_cpu_ms").append(cpu_ms(pid) - cpu0)
+        if load_core is not None:
+            total, idle = (b - a for a, b in zip(core0, core_times(load_core), strict=True))
+            if total:
+                res.load_core_busy.append(100 * (1 - idle / total))
 
 
 async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> float:
@@ -612,6 +649,10 @@ def main() -> int:
                     help="also measure static with one lever off at a time: the aiohttp path "
                          "instead of the fast path, large bodies copied instead of spliced, no "
                          "access log, asyncio's loop instead of uvloop (adds about a minute)")
+    ap.add_argument("--shared-cores", action="store_true",
+                    help="pin nothing: the proxy, the upstream and the load share every core "
+                         "(by default the proxy has a core of its own, and a large transfer is "
+                         "limited by the other one, which curl and the upstream share)")
     ap.add_argument("--no-intercept", action="store_true",
                     help="skip the intercepted-HTTPS measurement (about a minute and a half)")
     args = ap.parse_args()
@@ -623,6 +664,8 @@ def main() -> int:
               "curl, util-linux); falling back where possible", file=sys.stderr)
     cores = sorted(os.sched_getaffinity(0))
     up_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
+    if args.shared_cores:
+        up_core = proxy_core = None
     procs = Procs()
     results: list[Result] = []
     storm: dict[str, float] = {}
@@ -799,13 +842,16 @@ def report(results: list[Result], storm: dict[str, float], replica: dict[str, An
     direct, nginx = by.get("direct"), by.get("nginx")
     base_p50 = direct.median("p50_1c_us") if direct else None
     cpu = cpu_model()
+    layout = ("nothing pinned (--shared-cores)" if args.shared_cores else
+              "the proxy on a core of its own, curl and the upstream on the other")
     print(f"\ntokenproxy benchmark — {os.cpu_count()} cores ({cpu}), Python "
           f"{platform.python_version()}, {args.repeat} repeat(s) of {args.seconds:g} s, "
-          f"{args.big_mib} MiB bodies; medians; took {elapsed:.0f} s\n")
+          f"{args.big_mib} MiB bodies, {layout}; medians; took {elapsed:.0f} s\n")
     head = ("| variant | req/s @64 | × direct | × nginx | p50 @64 | p99 @64 | p50 @1 | p99 @1 | "
             "added p50 @1 | "
             "download MB/s | × nginx | upload MB/s | × nginx | first down / up MB/s | × nginx | "
-            "CPU µs/req | × nginx | peak RSS MB | errors |")
+            "CPU µs/req | × nginx | CPU ms per transfer down / up | × nginx | load core busy | "
+            "peak RSS MB | errors |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
@@ -827,7 +873,11 @@ def report(results: list[Result], storm: dict[str, float], replica: dict[str, An
               f"{ratio(upl, 'up_mbs', nginx)} | {_fmt(first_down, ',.0f')} / "
               f"{_fmt(first_up, ',.0f')} | {ratio(first_down, 'first_down_mbs', nginx)} / "
               f"{ratio(first_up, 'first_up_mbs', nginx)} | {_fmt(cpu_req, '.1f')} | "
-              f"{ratio(cpu_req, 'cpu_us_per_req', nginx)} | {_fmt(r.peak_rss_mb, '.0f')} | "
+              f"{ratio(cpu_req, 'cpu_us_per_req', nginx)} | "
+              f"{_fmt(r.median('down_cpu_ms'), '.0f')} / {_fmt(r.median('up_cpu_ms'), '.0f')} | "
+              f"{ratio(r.median('down_cpu_ms'), 'down_cpu_ms', nginx)} / "
+              f"{ratio(r.median('up_cpu_ms'), 'up_cpu_ms', nginx)} | "
+              f"{_fmt(r.median('load_core_busy'), '.0f')} % | {_fmt(r.peak_rss_mb, '.0f')} | "
               f"{r.errors} |")
     baseline = next((r for r in results if r.name.startswith("static, baseline")), None)
     static = by.get("static")
