@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 
 import pytest
 
@@ -306,3 +307,17 @@ async def test_downloads_abandoned_mid_body_leave_no_descriptor_behind(
     await up.stop()
     await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before,
                    "the descriptors of the abandoned downloads to be closed", 5, every=0.05)
+
+
+async def test_a_relay_whose_pipe_would_be_too_small_is_not_made() -> None:
+    """Past its pipe-user-pages-soft, a user's new pipes hold 8 KiB, where splicing is slower
+    than copying: the relay refuses (OSError, the caller copies) and keeps no descriptor."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    with a, b:
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="copy path"):
+            splice.Relay(loop, a.fileno(), b.fileno(), BIG, min_pipe=2 * splice.PIPE_SIZE)
+        assert before == len(os.listdir("/proc/self/fd"))
+        relay = splice.Relay(loop, a.fileno(), b.fileno(), BIG)   # the usual size is made
+        relay.stop()

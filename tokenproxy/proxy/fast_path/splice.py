@@ -21,6 +21,9 @@ from tokenproxy.proxy.failures import UpstreamBroke
 
 AVAILABLE: Final = hasattr(os, "splice")   # Linux, Python 3.10+
 PIPE_SIZE: Final = 1024 * 1024
+# A user past pipe-user-pages-soft (64 MiB of pipes by default: 64 relays at once, when not
+# root) gets 8 KiB pipes, at half the rate of the copy path: below this, copy instead.
+MIN_PIPE: Final = 64 * 1024
 # Bodies shorter than this are copied: a pipe and two duplicates cost more than they save.
 SPLICE_MIN: Final = 1024 * 1024
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -62,15 +65,17 @@ class Relay:
     """Move *prefix* (bytes already in user space) then *count* bytes from *src* to *dst*.
 
     *src* and *dst* are descriptors owned by transports; the relay duplicates them (OSError
-    if it cannot: the caller copies instead) and closes its duplicates and its pipe when it
-    ends (done, failed or stopped). It moves nothing before start(). `done` resolves when
-    every byte is written, or fails with SourceClosed, SinkClosed or SinkStalled (*stall*
-    seconds waiting for the sink to take bytes, when given: a quiet source is not the sink's
-    doing, and is waited for as the copy path waits).
+    if it cannot, or if its pipe would be smaller than *min_pipe*: the caller copies instead)
+    and closes its duplicates and its pipe when it ends (done, failed or stopped). It moves
+    nothing before start(). `done` resolves when every byte is written, or fails with
+    SourceClosed, SinkClosed or SinkStalled (*stall* seconds waiting for the sink to take
+    bytes, when given: a quiet source is not the sink's doing, and is waited for as the copy
+    path waits).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: int, dst: int, count: int,
-                 stall: float | None = None, *, check_trailing: bool = False) -> None:
+                 stall: float | None = None, *, check_trailing: bool = False,
+                 min_pipe: int = MIN_PIPE) -> None:
         assert AVAILABLE
         self._loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
@@ -91,10 +96,12 @@ class Relay:
             self._src = os.dup(src)
             self._dst = os.dup(dst)
             self._pr, self._pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            # Over pipe-user-pages-soft the size stays the default 64 KiB, which still works.
+            # Refused past pipe-user-pages-max (or pipe-max-size): the pipe keeps its size.
             with contextlib.suppress(OSError):
                 fcntl.fcntl(self._pw, _F_SETPIPE_SZ, PIPE_SIZE)
             self._cap = fcntl.fcntl(self._pw, _F_GETPIPE_SZ)
+            if self._cap < min_pipe:
+                raise OSError(f"a pipe of {self._cap} bytes: the copy path is faster")
         except BaseException:
             self._close_fds()
             raise
