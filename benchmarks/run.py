@@ -462,6 +462,79 @@ async def _storm(url: str, n: int, headers: dict[str, str] | None = None) -> flo
     return elapsed
 
 
+def interleaved_transfers(procs: Procs, d: Path, args: argparse.Namespace, up: int, sink: int,
+                          proxy_core: int | None, load_core: int | None) -> dict[str, Any]:
+    """Large transfers through nginx and through tokenproxy (static) in turns, so that both
+    meet the same machine: each of --transfer-rounds rounds starts both afresh, takes each
+    one's first download and upload (of a process that has served nothing), then two more of
+    each, alternating which goes first; ratios are taken within a round. Never raises."""
+    if not shutil.which("nginx") or not shutil.which("curl"):
+        return {"skipped": "nginx and curl are needed"}
+    size = args.big_mib * 1024 * 1024
+    kinds = ("first_down", "first_up", "down", "up")
+    out: dict[str, Any] = {"rounds": [], "errors": 0}
+    try:
+        for r in range(args.transfer_rounds):
+            nport, port, admin = free_port(), free_port(), free_port()
+            (d / f"x{r}.conf").write_text(NGINX_PROXY.format(dir=d, port=nport, up=up,
+                                                             sink=sink, token=TOKEN))
+            nginx = procs.start(["nginx", "-c", str(d / f"x{r}.conf"), "-p", str(d)],
+                                proxy_core)
+            (d / f"x{r}.json").write_text(json.dumps(tokenproxy_config(
+                port, admin, up, sink, d / f"x{r}.state", None)))
+            with (d / f"x{r}.log").open("wb") as log_file:
+                tp = procs.start([sys.executable, "-m", "tokenproxy", "run", "-c",
+                                  str(d / f"x{r}.json")], proxy_core, stderr=log_file)
+            wait_port(nport)
+            wait_port(port)
+            wait_port(admin)
+            time.sleep(0.5)
+            pids = {"nginx": nginx_worker(nginx.pid), "tokenproxy": tp.pid}
+            urls = {"nginx": f"http://127.0.0.1:{nport}", "tokenproxy": f"http://127.0.0.1:{port}"}
+            got: dict[str, dict[str, list[float]]] = {
+                who: {k: [] for k in (*kinds, "cpu_ms")} for who in urls}
+            order = ["tokenproxy", "nginx"] if r % 2 else ["nginx", "tokenproxy"]
+            for kind in ("first_down", "first_up", "down", "up", "down", "up"):
+                for who in order:
+                    extra = ([urls[who] + "/big"] if kind.endswith("down") else
+                             ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
+                              urls[who] + "/upload"])
+                    cpu0 = cpu_ms(pids[who])
+                    mbs = curl_speed(extra, load_core, size,
+                                     "download" if kind.endswith("down") else "upload")
+                    if mbs is None:
+                        out["errors"] += 1
+                        continue
+                    got[who][kind].append(mbs)
+                    got[who]["cpu_ms"].append(cpu_ms(pids[who]) - cpu0)
+                order.reverse()
+            out["rounds"].append(got)
+            procs.stop_all([tp, nginx])
+    except Exception as exc:   # reported: the other figures stand
+        out["error"] = repr(exc)
+    ratios: dict[str, list[float]] = {k: [] for k in (*kinds, "cpu_ms")}
+    for got in out["rounds"]:
+        for k in ratios:
+            mine, theirs = got["tokenproxy"][k], got["nginx"][k]
+            if mine and theirs:
+                ratios[k].append(statistics.median(mine) / statistics.median(theirs))
+    out["ratios"] = ratios
+    return out
+
+
+def describe_transfers(x: dict[str, Any], args: argparse.Namespace) -> str:
+    if "skipped" in x:
+        return f"interleaved transfers: skipped ({x['skipped']})"
+    names = {"first_down": "first download", "first_up": "first upload",
+             "down": "download", "up": "upload", "cpu_ms": "CPU per transfer"}
+    parts = [f"{names[k]} {statistics.median(v):.2f} (lowest {min(v):.2f})"
+             for k, v in x["ratios"].items() if v]
+    return (f"interleaved transfers, tokenproxy (static) against nginx, {len(x['rounds'])} "
+            f"rounds of fresh processes, {args.big_mib} MiB, median ratio of the rounds: "
+            + "; ".join(parts) + f"; errors {x['errors']}" + (f"; {x['error']}" if "error" in x
+                                                               else ""))
+
+
 def replica_storm(procs: Procs, d: Path, args: argparse.Namespace, up: int, sink: int,
                   token_port: int, lifetime: float, core: int | None,
                   redis_core: int | None) -> dict[str, Any]:
@@ -649,6 +722,9 @@ def main() -> int:
                     help="also measure static with one lever off at a time: the aiohttp path "
                          "instead of the fast path, large bodies copied instead of spliced, no "
                          "access log, asyncio's loop instead of uvloop (adds about a minute)")
+    ap.add_argument("--transfer-rounds", type=int, default=4,
+                    help="rounds of the interleaved transfer comparison (fresh nginx and "
+                         "tokenproxy each round)")
     ap.add_argument("--shared-cores", action="store_true",
                     help="pin nothing: the proxy, the upstream and the load share every core "
                          "(by default the proxy has a core of its own, and a large transfer is "
@@ -658,6 +734,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.big_mib, args.storm = 1.0, 1, 16, 200
+        args.transfer_rounds = 1
     missing = [tool for tool in ("wrk", "nginx", "curl", "taskset") if not shutil.which(tool)]
     if missing:
         print(f"note: not installed: {', '.join(missing)} (Debian packages wrk, nginx-light, "
@@ -671,6 +748,7 @@ def main() -> int:
     storm: dict[str, float] = {}
     replica: dict[str, Any] = {}
     intercepted: dict[str, Any] = {}
+    transfers_x: dict[str, Any] = {"skipped": "not reached", "rounds": [], "ratios": {}}
     started = time.monotonic()
     with workdir() as d:
         d.chmod(0o755)   # nginx workers run as an unprivileged user and must read big.bin
@@ -796,6 +874,9 @@ def main() -> int:
                      "ratio": elapsed / ideal}
             procs.stop(proc)
 
+            # Large transfers again, nginx and tokenproxy in turns (both meet the same machine).
+            transfers_x = interleaved_transfers(procs, d, args, up, sink, proxy_core, up_core)
+
             # The same storm across three replicas sharing one Redis; the same token server.
             replica = replica_storm(procs, d, args, up, sink, slow_token, lifetime,
                                     proxy_core, up_core)
@@ -807,11 +888,14 @@ def main() -> int:
         finally:
             procs.stop_all()
     report(results, storm, replica, intercepted, args, time.monotonic() - started)
+    print(f"\n{describe_transfers(transfers_x, args)}")
     if args.json:
         args.json.write_text(json.dumps({"results": [asdict(r) for r in results],
                                          "storm": storm, "replica_storm": replica,
-                                         "intercepted_https": intercepted}, indent=1))
+                                         "intercepted_https": intercepted,
+                                         "interleaved_transfers": transfers_x}, indent=1))
     errors = (sum(r.errors for r in results) + int(replica.get("errors", 0))
+              + int(transfers_x.get("errors", 0))
               + int(intercepted.get("errors", 0)))
     if errors:
         print(f"\n{errors} failed requests or transfers: the figures above are not valid",
