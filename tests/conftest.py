@@ -4,15 +4,17 @@ The helpers behind them are in tests/helpers/."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
@@ -100,6 +102,15 @@ async def _upstream(aiohttp_server: AiohttpServer, fake_upstream: FakeUpstream) 
     """The fake upstream on 127.0.0.1, started."""
     fake_upstream.server = await aiohttp_server(fake_upstream.app(), auto_decompress=False)
     return fake_upstream.server
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                   ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``both_loops`` run on asyncio's loop and on uvloop (the daemon's, with
+    `tokenproxy run`); the others on asyncio's."""
+    if item.get_closest_marker("both_loops") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
