@@ -200,8 +200,8 @@ def test_image_runs_version(podman: Podman, image: str) -> None:
     assert f"tokenproxy {version('tokenproxy')}" == out.strip()
     # The state directory is a declared volume: a run without -v still keeps it off the root.
     volumes = json.loads(podman.run("image", "inspect", "--format", "{{json .Config.Volumes}}",
-                                    image).stdout)
-    assert [STATE] == list(volumes)
+                                    image).stdout) or {}
+    assert [STATE] == list(volumes), "the image declares no state volume"
 
 
 async def test_sidecar_adds_the_token_read_only_as_65532(
