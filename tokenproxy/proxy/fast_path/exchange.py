@@ -206,21 +206,17 @@ class Exchange:
         self._conn.resume_reading("hold")
 
     def _splice_up(self, conn: UpstreamConn, head: bytes, body: RequestBody) -> bool:
-        """Send the rest of a streamed upload by splice(2) when it can (see _splice_fds): the
-        client's transport pauses until the relay ends (FastConnection.end_upload)."""
+        """Send the rest of a streamed upload by splice(2) when it can (splice.between: plain
+        sockets both sides), with nothing of ours still waiting in the upstream's write buffer:
+        the client's transport pauses until the relay ends (FastConnection.end_upload)."""
         client = self._conn
         if not client.env.splice or body.remaining < splice.SPLICE_MIN or conn.transport is None:
             return False
         if conn.transport.get_write_buffer_size() or client.upload is not None:
             return False
-        src = splice.plain_fd(client.transport)
-        dst = splice.plain_fd(conn.transport)
-        if src is None or dst is None:
+        relay = splice.between(client.loop, client.transport, conn.transport, body.remaining)
+        if relay is None:
             return False
-        try:
-            relay = splice.Relay(client.loop, src, dst, body.remaining)
-        except OSError:
-            return False   # out of descriptors, say: the copy path still works
         client.pause_reading("splice")
         body.target = conn
         client.upload = relay
@@ -297,15 +293,8 @@ class Exchange:
         if (not client.env.splice or left < splice.SPLICE_MIN or client.write_paused
                 or transport is None or transport.get_write_buffer_size()):
             return None
-        src = splice.plain_fd(conn.transport)
-        dst = splice.plain_fd(transport)
-        if src is None or dst is None:
-            return None
-        try:
-            return splice.Relay(client.loop, src, dst, left,
-                                stall=client.env.limits().send_timeout, check_trailing=True)
-        except OSError:
-            return None   # out of descriptors, say: the copy path still works
+        return splice.between(client.loop, conn.transport, transport, left,
+                              client.env.limits().send_timeout, check_trailing=True)
 
     async def _splice_down(self, conn: UpstreamConn, out: bytes, relay: splice.Relay,
                            keep: bool) -> bool:

@@ -61,6 +61,21 @@ def plain_fd(transport: asyncio.BaseTransport | None) -> int | None:
     return fd if fd >= 0 else None
 
 
+def between(loop: asyncio.AbstractEventLoop, src: asyncio.BaseTransport | None,
+            dst: asyncio.BaseTransport | None, count: int, stall: float | None = None, *,
+            check_trailing: bool = False) -> Relay | None:
+    """A relay of *count* bytes from transport *src* to *dst*, or None where the copy path
+    must do: a side that is not a plain socket, or a relay that cannot be made (out of
+    descriptors, a pipe too small)."""
+    src_fd, dst_fd = plain_fd(src), plain_fd(dst)
+    if src_fd is None or dst_fd is None:
+        return None
+    try:
+        return Relay(loop, src_fd, dst_fd, count, stall, check_trailing=check_trailing)
+    except OSError:
+        return None
+
+
 class Relay:
     """Move *prefix* (bytes already in user space) then *count* bytes from *src* to *dst*.
 
