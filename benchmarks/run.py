@@ -101,11 +101,6 @@ def pin_threads(pid: int, core: int | None) -> None:
                 os.sched_setaffinity(int(tid), {core})
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_ms(pid: int) -> float:
     """CPU time of all of *pid*'s threads in ms, to the nanosecond (schedstat): a transfer
     takes tens of ms, the clock ticks of /proc/PID/stat are 10 ms."""
@@ -242,6 +237,15 @@ def load(url: str, conns: int, seconds: float, core: int | None,
     if shutil.which("wrk"):
         return wrk(url, conns, seconds, core, headers)
     return asyncio.run(_py_load(url, conns, seconds, headers))
+
+
+def transfer_args(url: str, direction: str, args: argparse.Namespace,
+                  upload_url: str | None = None) -> list[str]:
+    """curl's arguments for one large download of *url*/big, or upload of the big file to
+    *upload_url* (default *url*/upload)."""
+    if direction == "download":
+        return [url + "/big"]
+    return ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:", upload_url or url + "/upload"]
 
 
 def curl_speed(args: list[str], core: int | None, size: int, direction: str) -> float | None:
@@ -389,10 +393,10 @@ def measure(res: Result, url: str, pid: int | None, args: argparse.Namespace,
         # Before any other load: what a process that just started does.
         transfers(res, url, pid, args, load_core, curl_headers, upload_url, first=True)
     for _ in range(args.repeat):
-        cpu0 = cpu_seconds(pid) if pid else 0.0
+        cpu0 = cpu_ms(pid) if pid else 0.0
         heavy = load(url + SMALL_PATH, 64, args.seconds, load_core, headers)
         if pid:
-            res.cpu_us_per_req.append((cpu_seconds(pid) - cpu0) * 1e6 / max(1, heavy.requests))
+            res.cpu_us_per_req.append((cpu_ms(pid) - cpu0) * 1e3 / max(1, heavy.requests))
         res.rps.append(heavy.rps)
         res.p50_us.append(heavy.p50_us)
         res.p99_us.append(heavy.p99_us)
@@ -423,13 +427,10 @@ def transfers(res: Result, url: str, pid: int | None, args: argparse.Namespace,
     proxy's CPU for each (*pid*) and how busy the load's core was."""
     size = args.big_mib * 1024 * 1024
     prefix = "first_" if first else ""
-    for attr, direction, extra in (
-        ("down", "download", [url + "/big"]),
-        ("up", "upload", ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
-                          upload_url or url + "/upload"]),
-    ):
+    for attr, direction in (("down", "download"), ("up", "upload")):
         cpu0 = cpu_ms(pid) if pid else 0.0
         core0 = core_times(load_core) if load_core is not None else (0, 0)
+        extra = transfer_args(url, direction, args, upload_url)
         mbs = curl_speed([*curl_headers, *extra], load_core, size, direction)
         if mbs is None:
             res.errors += 1
@@ -496,12 +497,10 @@ def interleaved_transfers(procs: Procs, d: Path, args: argparse.Namespace, up: i
             order = ["tokenproxy", "nginx"] if r % 2 else ["nginx", "tokenproxy"]
             for kind in ("first_down", "first_up", "down", "up", "down", "up"):
                 for who in order:
-                    extra = ([urls[who] + "/big"] if kind.endswith("down") else
-                             ["-X", "POST", "-T", str(args.bigfile), "-H", "Expect:",
-                              urls[who] + "/upload"])
+                    direction = "download" if kind.endswith("down") else "upload"
                     cpu0 = cpu_ms(pids[who])
-                    mbs = curl_speed(extra, load_core, size,
-                                     "download" if kind.endswith("down") else "upload")
+                    mbs = curl_speed(transfer_args(urls[who], direction, args), load_core,
+                                     size, direction)
                     if mbs is None:
                         out["errors"] += 1
                         continue
