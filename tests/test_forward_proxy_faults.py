@@ -16,6 +16,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -127,6 +128,16 @@ async def test_a_connect_read_after_a_reload_does_not_pin_the_old_token_for_ever
     assert TOKEN not in str(later)
 
 
+def more_hosts(raw: dict[str, Any], upstream: Upstream) -> list[int]:
+    """MAX_HOSTS more intercepted ports on localhost, added to *raw*: never contacted (a
+    CONNECT alone makes a host's service), and none of them the upstream's own, an ephemeral
+    port that may fall in their range (a host listed twice is refused)."""
+    ports = [p for p in range(40000, 40000 + MAX_HOSTS + 1) if p != upstream.port][:MAX_HOSTS]
+    raw["forward_proxy"]["intercept"] += [
+        {"host": "localhost", "port": port, "provider": "api"} for port in ports]
+    return ports
+
+
 @pytest.mark.slow
 async def test_max_hosts_eviction_does_not_cut_a_busy_hosts_open_connection(
     make_proxy: MakeProxy, tls_upstream: Upstream, tmp_path: Path,
@@ -135,11 +146,7 @@ async def test_max_hosts_eviction_does_not_cut_a_busy_hosts_open_connection(
     made, however busy, is the first drained when MAX_HOSTS others are asked for (a wildcard
     entry makes one per name a client invents), and its open keep-alive connection is cut."""
     raw = forward_config(tmp_path, tls_upstream, limits={"max_connections": 4096})
-    # MAX_HOSTS more intercepted ports on localhost (never contacted: a CONNECT alone makes
-    # the host's service).
-    base = 40000
-    raw["forward_proxy"]["intercept"] += [
-        {"host": "localhost", "port": base + i, "provider": "api"} for i in range(MAX_HOSTS)]
+    ports = more_hosts(raw, tls_upstream)
     daemon = await make_proxy(raw)
     authority = tls_upstream.authority
     reader, writer = await connect(daemon, authority)
@@ -147,8 +154,8 @@ async def test_max_hosts_eviction_does_not_cut_a_busy_hosts_open_connection(
         await asyncio.wait_for(writer.start_tls(ca_context(tmp_path),
                                                 server_hostname="localhost"), TIMEOUT)
         assert b" 200 " in (await get(reader, writer, "/echo", authority))[:20]
-        for i in range(MAX_HOSTS):
-            _r, w = await connect(daemon, f"localhost:{base + i}")
+        for i, port in enumerate(ports):
+            _r, w = await connect(daemon, f"localhost:{port}")
             w.close()
             if i == MAX_HOSTS // 2:   # the host is in use all along
                 assert b" 200 " in (await get(reader, writer, "/echo", authority))[:20]
@@ -347,15 +354,13 @@ async def test_a_host_in_its_clients_tls_handshake_is_not_evicted(
     token through a reload that removed the host."""
     raw = forward_config(tmp_path, tls_upstream,
                          limits={"max_connections": 4096, "header_timeout": "60s"})
-    base = 40000
-    raw["forward_proxy"]["intercept"] += [
-        {"host": "localhost", "port": base + i, "provider": "api"} for i in range(MAX_HOSTS)]
+    ports = more_hosts(raw, tls_upstream)
     daemon = await make_proxy(raw)
     authority = tls_upstream.authority
     reader, writer = await connect(daemon, authority)   # 200; its handshake not begun
     try:
-        for i in range(MAX_HOSTS):
-            _r, w = await connect(daemon, f"localhost:{base + i}")
+        for port in ports:
+            _r, w = await connect(daemon, f"localhost:{port}")
             w.close()
         await asyncio.wait_for(writer.start_tls(ca_context(tmp_path),
                                                 server_hostname="localhost"), TIMEOUT)

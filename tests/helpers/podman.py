@@ -207,6 +207,8 @@ def locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                # flock has no timeout of its own: polled, so that a stuck holder fails the
+                # test with the lock's name rather than hanging it.
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{path} stayed locked for {timeout} s") from None
                 time.sleep(0.2)
